@@ -1,0 +1,360 @@
+"""The U-REPA training objective (U-REPA paper, Eqs. 1-5; REPA paper, Eq. 4 for the interpolant).
+
+    L = L_velocity + lambda(t) * (L_REPA + w * L_ML)                                    (Eq. 5)
+
+Conventions: t = 1 is pure noise (`x_t = alpha_t * x + sigma_t * eps`), the model predicts the
+velocity `d x_t / dt`, and every alignment feature is a `(N, T, D)` tensor: N images, T tokens, D
+channels. Several encoders are passed as lists with one tensor per encoder (D may differ between
+encoders) and their terms are averaged, as REPA does.
+
+Everything that is a similarity (normalisation, cosine, similarity matrices) runs in at least fp32
+with autocast switched off locally: fp16 overflows on ||z||^2 of large features (NaN losses are a
+known complaint about REPA's loss under mixed precision).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+PATH_TYPES = ("linear", "cosine")
+WEIGHTINGS = ("uniform", "lognormal")
+MANIFOLD_MODES = ("token", "sample", "batch")
+
+# One tensor (N, T, D) for a single encoder, or one per encoder.
+Features = Tensor | Sequence[Tensor]
+
+_NORM_EPS = 1e-6  # cosine of a (near-)zero vector is 0 instead of NaN
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over all non-batch dimensions: (N, ...) -> (N,)."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+# --------------------------------------------------------------------------------------------
+# Interpolant and time sampling
+# --------------------------------------------------------------------------------------------
+
+def interpolant(t: Tensor, path_type: str = "linear") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt) for `x_t = alpha_t x + sigma_t eps`.
+
+    linear: alpha = 1 - t, sigma = t (SiT/REPA default). cosine: alpha = cos(pi t / 2),
+    sigma = sin(pi t / 2). All four outputs have the shape of t.
+    """
+    if path_type == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path_type == "cosine":
+        half_pi = math.pi / 2
+        cos, sin = torch.cos(half_pi * t), torch.sin(half_pi * t)
+        return cos, sin, -half_pi * sin, half_pi * cos
+    raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
+
+
+def sample_time(
+    n: int,
+    weighting: str = "uniform",
+    path_type: str = "linear",
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Draw n training times t in [0, 1]: (n,).
+
+    uniform: t ~ U(0, 1).
+    lognormal: REPA's option "following EDM": the noise-to-signal ratio sigma_t / alpha_t is
+    log-normal, log(ratio) ~ N(p_mean, p_std^2), and t is the time with that ratio: for the linear
+    path ratio = t / (1 - t), so t = sigmoid(N(p_mean, p_std^2)) (a logit-normal); for the cosine
+    path ratio = tan(pi t / 2), so t = (2 / pi) * atan(ratio). REPA's released loss reads
+    `self.P_mean` / `self.P_std` without ever setting them (the option crashes there); we use EDM's
+    values, p_mean = -1.2 and p_std = 1.2, which put the median t at sigmoid(-1.2) = 0.23 on the
+    linear path. p_mean = 0, p_std = 1 gives SD3's logit-normal instead.
+    """
+    if weighting == "uniform":
+        return torch.rand(n, device=device, dtype=dtype)
+    if weighting == "lognormal":
+        log_ratio = torch.randn(n, device=device, dtype=dtype) * p_std + p_mean
+        if path_type == "linear":
+            return torch.sigmoid(log_ratio)  # = ratio / (1 + ratio), without overflow
+        if path_type == "cosine":
+            return torch.atan(log_ratio.exp()) * (2 / math.pi)
+        raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# lambda(t) schedules (appendix, Table 10). t = 1 is noise. Each is multiplied by proj_coeff.
+# --------------------------------------------------------------------------------------------
+
+def _constant(t: Tensor) -> Tensor:
+    """constant: 1 (the paper's default)."""
+    return torch.ones_like(t)
+
+
+def _rise(t: Tensor) -> Tensor:
+    """max(1, t + 0.5): 1 up to t = 0.5, then rising to 1.5 at pure noise."""
+    return torch.clamp(t + 0.5, min=1.0)
+
+
+def _fall(t: Tensor) -> Tensor:
+    """max(1, -t + 1.5): 1.5 at clean data, falling to 1 at t = 0.5, then 1."""
+    return torch.clamp(-t + 1.5, min=1.0)
+
+
+def _dip(t: Tensor) -> Tensor:
+    """min(1, max(-2t + 1.5, 2t - 0.5)): 1 outside [0.25, 0.75], a V down to 0.5 at t = 0.5."""
+    return torch.clamp(torch.maximum(-2 * t + 1.5, 2 * t - 0.5), max=1.0)
+
+
+LAMBDA_SCHEDULES: dict[str, Callable[[Tensor], Tensor]] = {
+    "constant": _constant,
+    "rise": _rise,
+    "fall": _fall,
+    "dip": _dip,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Alignment terms on (N, T, D) features
+# --------------------------------------------------------------------------------------------
+
+def _fp32(x: Tensor) -> Tensor:
+    """x in at least fp32: fp16/bf16 go up to fp32, float64 stays float64 (for gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _unit(z: Tensor) -> Tensor:
+    """Unit vectors along the last dim, in at least fp32."""
+    return F.normalize(_fp32(z), dim=-1, eps=_NORM_EPS)
+
+
+def _no_autocast(x: Tensor) -> torch.autocast:
+    """Switch autocast off on x's device, so that matmuls of fp32 unit vectors stay fp32."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def _encoder_pairs(zs: Features, zs_tilde: Features) -> list[tuple[Tensor, Tensor]]:
+    """Pair encoder targets with predictions, checking that each pair has the same shape."""
+    zs = [zs] if isinstance(zs, Tensor) else list(zs)
+    zs_tilde = [zs_tilde] if isinstance(zs_tilde, Tensor) else list(zs_tilde)
+    if len(zs) != len(zs_tilde) or not zs:
+        raise ValueError(f"need one prediction per encoder: {len(zs)} targets, "
+                         f"{len(zs_tilde)} predictions")
+    for z, z_tilde in zip(zs, zs_tilde):
+        if z.ndim != 3 or z.shape != z_tilde.shape:
+            raise ValueError(f"features must be (N, T, D) and match: target {tuple(z.shape)}, "
+                             f"prediction {tuple(z_tilde.shape)}")
+    return list(zip(zs, zs_tilde))
+
+
+def repa_loss_per_sample(zs: Features, zs_tilde: Features) -> Tensor:
+    """Eq. 1 per image: minus the mean token cosine similarity, averaged over encoders: (N,).
+
+    zs: encoder targets y_* (N, T, D_k) per encoder; zs_tilde: projected model features
+    h_phi(h_t), same shapes.
+    """
+    pairs = _encoder_pairs(zs, zs_tilde)
+    per_encoder = []
+    with _no_autocast(pairs[0][0]):
+        for z, z_tilde in pairs:
+            cos = (_unit(z) * _unit(z_tilde)).sum(dim=-1)  # (N, T)
+            per_encoder.append(-cos.mean(dim=1))
+    return torch.stack(per_encoder).mean(dim=0)
+
+
+def repa_loss(zs: Features, zs_tilde: Features) -> Tensor:
+    """Eq. 1: -mean over encoders, images and tokens of cos(y_*, h_phi(h_t)): a 0-dim tensor."""
+    return repa_loss_per_sample(zs, zs_tilde).mean()
+
+
+def _row_sq_diff(a_rows: Tensor, a: Tensor, b_rows: Tensor, b: Tensor) -> Tensor:
+    """Mean over columns of the squared difference of two cosine-similarity matrices: (B, R).
+
+    a_rows (B, R, Da) are some rows of a (B, M, Da); likewise b_rows and b. All are unit vectors,
+    so a_rows @ a^T is the (B, R, M) block of the M x M similarity matrix (Eq. 4).
+    """
+    sim_target = a_rows @ a.transpose(1, 2)       # (B, R, M)
+    sim_pred = b_rows @ b.transpose(1, 2)         # (B, R, M)
+    return (sim_target - sim_pred).square().mean(dim=-1)
+
+
+def _gram_sq_diff(a: Tensor, b: Tensor, chunk_size: int) -> Tensor:
+    """Per-row mean squared difference of the M x M similarity matrices of a and b: (B, M).
+
+    a: (B, M, Da), b: (B, M, Db), unit rows. Rows are processed in blocks of chunk_size, each block
+    under activation checkpointing, so neither the forward nor the saved-for-backward memory ever
+    holds more than a (B, chunk_size, M) block of the similarity matrices.
+    """
+    m = a.shape[1]
+    if m <= chunk_size:
+        return _row_sq_diff(a, a, b, b)
+    # A loop over row blocks, not over images or tokens: each block is one batched matmul.
+    rows = [
+        checkpoint(_row_sq_diff, a[:, i:i + chunk_size], a, b[:, i:i + chunk_size], b,
+                   use_reentrant=False)
+        for i in range(0, m, chunk_size)
+    ]
+    return torch.cat(rows, dim=1)
+
+
+def _manifold_one_encoder(z: Tensor, z_tilde: Tensor, mode: str, chunk_size: int) -> Tensor:
+    """Eqs. 3-4 for one encoder, per image: (N, T, D) x 2 -> (N,)."""
+    n, t, _ = z.shape
+    a, b = _unit(z), _unit(z_tilde)
+    if mode == "token":
+        # N matrices T x T: tokens i, j of the same image.
+        rows = _gram_sq_diff(a, b, chunk_size)                                 # (N, T)
+    elif mode == "sample":
+        # T matrices N x N: images i, j at the same token position; image n owns row n.
+        rows = _gram_sq_diff(a.transpose(0, 1), b.transpose(0, 1), chunk_size).T  # (N, T)
+    elif mode == "batch":
+        # One (N T) x (N T) matrix over every token of the local batch; image n owns its T rows.
+        rows = _gram_sq_diff(a.reshape(1, n * t, -1), b.reshape(1, n * t, -1),
+                             chunk_size).view(n, t)                            # (N, T)
+    else:
+        raise ValueError(f"manifold mode must be one of {MANIFOLD_MODES}, got {mode!r}")
+    return rows.mean(dim=1)
+
+
+def manifold_loss_per_sample(
+    zs: Features, zs_tilde: Features, mode: str = "token", chunk_size: int = 1024
+) -> Tensor:
+    """Manifold loss L_ML (Eqs. 3-4) per image, averaged over encoders: (N,).
+
+    d = (cos(y_i, y_j) - cos(h_i, h_j))^2 for pairs (i, j) of feature vectors, averaged over all
+    pairs (the diagonal contributes 0). Eq. 3 prints a minus sign in front of the expectation;
+    d is a squared distance, so the term is minimised here, without that sign.
+
+    mode picks the pairs:
+      token  (default) each image's T x T matrix of its own tokens (Eq. 4 read literally).
+             Image n's value is the mean over its T^2 entries.
+      sample at each token position the N x N matrix over the images of the batch. The matrix
+             is symmetric; image n owns row n of every one of the T matrices, and its value is
+             the mean over those T * N entries.
+      batch  one (N T) x (N T) matrix over all tokens of the local batch. Image n owns the T
+             rows of its tokens, and its value is the mean over those T * N T entries.
+    In every mode the mean of the per-image values is the mean over all entries, and a
+    per-image weight lambda(t_n) scales image n's rows: a pair (i, j) of different images is
+    weighted by the average of their two weights.
+
+    Cost: token 2 N T^2 D multiply-adds, sample 2 T N^2 D, batch 2 (N T)^2 D; with
+    backward and the checkpoint's recomputation about 3 times that. Batch mode at N = 32,
+    T = 256 (N T = 8192), D = 768: 0.1 TMAC forward, about 3 % of an SiT-XL/2 training step on
+    the same images. Memory: the full matrices would take (N T)^2 * 4 B = 256 MiB each; rows are
+    processed in blocks of chunk_size under checkpointing, so the transient memory is about
+    4 * chunk_size * N T * 4 B (128 MiB at chunk_size = 1024) and only the (N T, D) unit
+    features are kept for the backward pass.
+    """
+    pairs = _encoder_pairs(zs, zs_tilde)
+    per_encoder = []
+    with _no_autocast(pairs[0][0]):
+        for z, z_tilde in pairs:
+            per_encoder.append(_manifold_one_encoder(z, z_tilde, mode, chunk_size))
+    return torch.stack(per_encoder).mean(dim=0)
+
+
+def manifold_loss(
+    zs: Features, zs_tilde: Features, mode: str = "token", chunk_size: int = 1024
+) -> Tensor:
+    """Manifold loss L_ML (Eqs. 3-4), mean over encoders and images: a 0-dim tensor."""
+    return manifold_loss_per_sample(zs, zs_tilde, mode, chunk_size).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# The full objective (Eq. 5)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SILoss:
+    """U-REPA objective (Eq. 5): L = L_velocity + proj_coeff * lambda(t) * (L_REPA + w * L_ML).
+
+    path_type: interpolant, "linear" or "cosine" (t = 1 is noise).
+    weighting: time sampling, "uniform" or "lognormal" (see `sample_time`).
+    proj_coeff: lambda of Eqs. 2 and 5 (REPA's --proj-coeff). 0 switches off and skips both
+        alignment terms (the plain SiT objective).
+    manifold_coeff: w of Eq. 5 (Table 8's best, 3). 0 switches off and skips the manifold term.
+    manifold_mode: which similarity matrices L_ML compares: "token", "sample" or "batch".
+    lambda_schedule: name in LAMBDA_SCHEDULES (Table 10), applied per image, times proj_coeff.
+    p_mean, p_std: the log-normal time distribution (weighting="lognormal" only).
+    chunk_size: rows per block of the similarity matrices (matters in batch mode).
+    """
+
+    path_type: str = "linear"
+    weighting: str = "uniform"
+    proj_coeff: float = 0.5
+    manifold_coeff: float = 3.0
+    manifold_mode: str = "token"
+    lambda_schedule: str = "constant"
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        for name, value, choices in [
+            ("path_type", self.path_type, PATH_TYPES),
+            ("weighting", self.weighting, WEIGHTINGS),
+            ("manifold_mode", self.manifold_mode, MANIFOLD_MODES),
+            ("lambda_schedule", self.lambda_schedule, tuple(LAMBDA_SCHEDULES)),
+        ]:
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if self.proj_coeff < 0 or self.manifold_coeff < 0 or self.chunk_size < 1:
+            raise ValueError("proj_coeff and manifold_coeff must be >= 0, chunk_size >= 1")
+
+    def __call__(
+        self,
+        model: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor]]],
+        x: Tensor,
+        y: Tensor,
+        zs: Sequence[Tensor] = (),
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """One evaluation of Eq. 5 on a batch; no host synchronisation.
+
+        model: `model(x_t, t, y) -> (v, zs_tilde)`, zs_tilde one (N, T_k, D_k) per encoder.
+        x: scaled latents (N, C, H, W). y: class labels (N,), passed through untouched: label
+        dropout for classifier-free guidance happens in the model's label embedder, only there.
+        zs: encoder targets, one (N, T_k, D_k) per encoder. t (N,) and noise (like x) are drawn
+        here unless given (tests, exact reproducibility).
+        Returns 0-dim tensors: "velocity", "repa", "manifold" (unweighted batch means),
+        "total" (the loss to minimise) and "cos_sim" (mean token cosine similarity, detached).
+        """
+        n = x.shape[0]
+        if t is None:
+            t = sample_time(n, self.weighting, self.path_type, self.p_mean, self.p_std,
+                            device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        if noise is None:
+            noise = torch.randn_like(x)
+
+        alpha, sigma, d_alpha, d_sigma = (c.view(n, *[1] * (x.ndim - 1))
+                                          for c in interpolant(t, self.path_type))
+        x_t = alpha * x + sigma * noise              # (N, C, H, W)
+        v_target = d_alpha * x + d_sigma * noise     # d x_t / dt
+        v_pred, zs_tilde = model(x_t, t, y)
+        velocity = mean_flat((_fp32(v_pred) - _fp32(v_target)).square())  # (N,)
+
+        zero = velocity.new_zeros(n)
+        repa, manifold, total = zero, zero, velocity
+        if self.proj_coeff > 0:  # a weight of 0 removes the term and its computation
+            repa = repa_loss_per_sample(zs, zs_tilde)                            # (N,)
+            if self.manifold_coeff > 0:
+                manifold = manifold_loss_per_sample(zs, zs_tilde, self.manifold_mode,
+                                                    self.chunk_size)             # (N,)
+            lam = self.proj_coeff * LAMBDA_SCHEDULES[self.lambda_schedule](_fp32(t))
+            total = velocity + lam * (repa + self.manifold_coeff * manifold)     # Eq. 5
+
+        return {
+            "velocity": velocity.mean(),
+            "repa": repa.mean(),
+            "manifold": manifold.mean(),
+            "total": total.mean(),
+            # Fig. 3's metric; 0 - x rather than -x so that it reads 0, not -0, when alignment is off
+            "cos_sim": 0 - repa.detach().mean(),
+        }
