@@ -146,11 +146,11 @@ def _encoder_pairs(zs: Features, zs_tilde: Features) -> list[tuple[Tensor, Tenso
     if len(zs) != len(zs_tilde) or not zs:
         raise ValueError(f"need one prediction per encoder: {len(zs)} targets, "
                          f"{len(zs_tilde)} predictions")
-    for z, z_tilde in zip(zs, zs_tilde):
+    for z, z_tilde in zip(zs, zs_tilde, strict=True):
         if z.ndim != 3 or z.shape != z_tilde.shape:
             raise ValueError(f"features must be (N, T, D) and match: target {tuple(z.shape)}, "
                              f"prediction {tuple(z_tilde.shape)}")
-    return list(zip(zs, zs_tilde))
+    return list(zip(zs, zs_tilde, strict=True))
 
 
 def repa_loss_per_sample(zs: Features, zs_tilde: Features) -> Tensor:
@@ -243,13 +243,15 @@ def manifold_loss_per_sample(
     per-image weight lambda(t_n) scales image n's rows: a pair (i, j) of different images is
     weighted by the average of their two weights.
 
-    Cost: token 2 N T^2 D multiply-adds, sample 2 T N^2 D, batch 2 (N T)^2 D; with
-    backward and the checkpoint's recomputation about 3 times that. Batch mode at N = 32,
-    T = 256 (N T = 8192), D = 768: 0.1 TMAC forward, about 3 % of an SiT-XL/2 training step on
-    the same images. Memory: the full matrices would take (N T)^2 * 4 B = 256 MiB each; rows are
-    processed in blocks of chunk_size under checkpointing, so the transient memory is about
-    4 * chunk_size * N T * 4 B (128 MiB at chunk_size = 1024) and only the (N T, D) unit
-    features are kept for the backward pass.
+    Cost (multiply-adds, forward): token 2 N T^2 D, sample 2 T N^2 D, batch 2 (N T)^2 D;
+    backward plus the checkpoint's recomputation bring the total to about 3 times that. Batch
+    mode at N = 32, T = 256 (N T = 8192), D = 768 is 0.1 TMAC forward, 0.3 TMAC in all: under
+    3 % of the multiply-adds of an SiT-XL/2 training step on the same 32 images (about 11 TMAC),
+    but in fp32 rather than bf16, so expect a larger share of the step time (an estimate; not
+    timed on a GPU). Memory: one full (N T)^2 matrix takes 256 MiB in fp32 and autograd would
+    keep one per term; instead rows go in blocks of chunk_size under activation checkpointing,
+    so the transient memory is about 4 * chunk_size * N T * 4 B (128 MiB at chunk_size = 1024)
+    and only the (N T, D) unit features are kept for the backward pass.
     """
     pairs = _encoder_pairs(zs, zs_tilde)
     per_encoder = []
@@ -273,6 +275,8 @@ def manifold_loss(
 @dataclass
 class SILoss:
     """U-REPA objective (Eq. 5): L = L_velocity + proj_coeff * lambda(t) * (L_REPA + w * L_ML).
+
+    Named after REPA's SILoss; unlike it, a call returns a dict of named 0-dim tensors.
 
     path_type: interpolant, "linear" or "cosine" (t = 1 is noise).
     weighting: time sampling, "uniform" or "lognormal" (see `sample_time`).
@@ -338,7 +342,7 @@ class SILoss:
         x_t = alpha * x + sigma * noise              # (N, C, H, W)
         v_target = d_alpha * x + d_sigma * noise     # d x_t / dt
         v_pred, zs_tilde = model(x_t, t, y)
-        velocity = mean_flat((_fp32(v_pred) - _fp32(v_target)).square())  # (N,)
+        velocity = mean_flat((_fp32(v_pred) - _fp32(v_target)).square())  # (N,) REPA Eq. 4
 
         zero = velocity.new_zeros(n)
         repa, manifold, total = zero, zero, velocity
@@ -355,6 +359,5 @@ class SILoss:
             "repa": repa.mean(),
             "manifold": manifold.mean(),
             "total": total.mean(),
-            # Fig. 3's metric; 0 - x rather than -x so that it reads 0, not -0, when alignment is off
-            "cos_sim": 0 - repa.detach().mean(),
+            "cos_sim": 0 - repa.detach().mean(),  # Fig. 3's metric (0 - x: no "-0" when off)
         }

@@ -57,7 +57,8 @@ def naive_manifold(z, z_tilde, mode: str) -> np.ndarray:
 
 def _features(shape, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+    return (torch.randn(shape, generator=g, dtype=dtype),
+            torch.randn(shape, generator=g, dtype=dtype))
 
 
 # ------------------------------------------------------------------------------------------
@@ -287,8 +288,8 @@ def test_total_equals_equation_5_by_hand(path_type, mode, schedule):
     vel = ((v - target) ** 2).mean(dim=(1, 2, 3)).numpy()
     zs_np = [z.numpy() for z in zs]
     zt_np = [z.numpy() for z in zs_tilde]
-    repa = np.mean([naive_repa(a, b) for a, b in zip(zs_np, zt_np)], axis=0)
-    ml = np.mean([naive_manifold(a, b, mode) for a, b in zip(zs_np, zt_np)], axis=0)
+    repa = np.mean([naive_repa(a, b) for a, b in zip(zs_np, zt_np, strict=True)], axis=0)
+    ml = np.mean([naive_manifold(a, b, mode) for a, b in zip(zs_np, zt_np, strict=True)], axis=0)
     lam = np.array([0.5 * PRINTED[schedule](ti) for ti in t.tolist()])
     total = np.mean(vel + lam * (repa + 3.0 * ml))
 
