@@ -1,0 +1,162 @@
+"""What SiT and SiT↓ share: conditioning, alignment tap + projector heads, and the output head.
+
+A subclass builds its trunk and implements `forward_trunk(x, c) -> (tokens, tapped)` and
+`tap_grid(k)`; everything around the trunk — patch embedding, timestep/label embedding, projector
+heads, final layer, initialisation — lives here, so the two models differ only in their trunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from models.layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
+from models.projector import ALIGN_RESOLUTIONS, Projector, pool_tokens, resample_scale
+
+
+class AlignedDiffusionTransformer(nn.Module):
+    """Base class. Forward: `model(x, t, y) -> (v, zs)`.
+
+    x: (N, C, H, W) latents, t: (N,) times in [0, 1] (t = 1 is noise), y: (N,) labels in
+    [0, num_classes] (num_classes is the null class). v has the shape of x; zs holds one
+    (N, T_enc, D_enc) projected feature tensor per entry of `z_dims`, on the encoder's token grid
+    (or, with `align_resolution="pool"`, on the tap's grid: see `align_targets`).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        patch_size: int,
+        in_channels: int,
+        hidden_size: int,
+        depth: int,
+        num_classes: int,
+        class_dropout_prob: float,
+        z_dims: list[int] | tuple[int, ...],
+        encoder_depth: int,
+        projector_dim: int,
+        projector_upsample: str,
+        projector_kernel: str,
+        align_resolution: str,
+        time_aware_projector: bool,
+        encoder_grid: int | None,
+    ):
+        super().__init__()
+        if not 1 <= encoder_depth <= depth:
+            raise ValueError(
+                f"encoder_depth={encoder_depth} is out of range: this model has {depth} blocks, "
+                f"so the alignment tap must be a block index in 1..{depth}"
+            )
+        if align_resolution not in ALIGN_RESOLUTIONS:
+            raise ValueError(
+                f"align_resolution must be one of {ALIGN_RESOLUTIONS}, got {align_resolution!r}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = in_channels  # velocity only, no learned sigma
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_classes = num_classes
+        self.z_dims = list(z_dims)
+        self.encoder_depth = encoder_depth
+        self.align_resolution = align_resolution
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # DINOv2 sees a 256-px image at 224 px: 16×16 patches of 14, i.e. the latent side / 2.
+        # Patch-4/8 models therefore project their coarser grid up to it (REPA's cannot).
+        self.encoder_grid = encoder_grid or input_size // 2
+        self.build_trunk()
+
+        self.tap_grid_size = self.tap_grid(encoder_depth)
+        scale = resample_scale(self.tap_grid_size, self.encoder_grid)
+        projector_scale = 1 if align_resolution == "pool" else scale
+        self.projectors = nn.ModuleList(
+            Projector(
+                hidden_size,
+                projector_dim,
+                z_dim,
+                scale=projector_scale,
+                upsample=projector_upsample,
+                kernel=projector_kernel,
+                time_aware=time_aware_projector,
+            )
+            for z_dim in self.z_dims
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # -- subclass interface ---------------------------------------------------------------------
+
+    def build_trunk(self) -> None:
+        raise NotImplementedError
+
+    def tap_grid(self, block_index: int) -> int:
+        """Side of the token grid that block `block_index` (1-indexed) runs on."""
+        raise NotImplementedError
+
+    def forward_trunk(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, T, C) embedded tokens -> (final tokens, tokens after block `encoder_depth`)."""
+        raise NotImplementedError
+
+    def embed_tokens(self, x: Tensor) -> Tensor:
+        return self.x_embedder(x)
+
+    # -- shared ---------------------------------------------------------------------------------
+
+    def initialize_weights(self) -> None:
+        """DiT/REPA initialisation: xavier linears, zeroed AdaLN and output layers (AdaLN-Zero)."""
+
+        def basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic_init)
+        # Patch embedding initialised like a linear layer, not a convolution.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for module in self.modules():
+            if hasattr(module, "adaLN_modulation"):
+                nn.init.zeros_(module.adaLN_modulation[-1].weight)
+                nn.init.zeros_(module.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        for projector in self.projectors:
+            if projector.time_modulation is not None:  # identity at initialisation
+                nn.init.zeros_(projector.time_modulation[-1].weight)
+                nn.init.zeros_(projector.time_modulation[-1].bias)
+
+    def align_targets(self, zs: list[Tensor]) -> list[Tensor]:
+        """Encoder features (N, T_enc, D) -> the grid this model's `zs` predictions live on.
+
+        Identity unless `align_resolution="pool"` (Table 6), where the encoder's grid is
+        average-pooled down to the tap's grid instead of upsampling the model's features.
+        """
+        if self.align_resolution != "pool":
+            return list(zs)
+        return [pool_tokens(z, self.tap_grid_size) for z in zs]
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        tokens = self.embed_tokens(x)  # (N, T, C)
+        t_emb = self.t_embedder(t)  # (N, C)
+        c = t_emb + self.y_embedder(y, self.training)  # (N, C)
+        tokens, tapped = self.forward_trunk(tokens, c)
+        zs = [projector(tapped, self.tap_grid_size, t_emb) for projector in self.projectors]
+        out = self.final_layer(tokens, c)  # (N, T, p²·C_out)
+        return unpatchify(out, self.patch_size, self.out_channels), zs
+
+    def num_parameters(self, include_projectors: bool = True) -> int:
+        skip = set() if include_projectors else {id(p) for p in self.projectors.parameters()}
+        return sum(p.numel() for p in self.parameters() if id(p) not in skip)
+
+    def null_labels(self, n: int, device: torch.device | None = None) -> Tensor:
+        """Labels of the unconditional (null) class, for classifier-free guidance."""
+        return torch.full((n,), self.num_classes, dtype=torch.long, device=device)

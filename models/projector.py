@@ -1,0 +1,128 @@
+"""Projector heads that map diffusion-model tokens to a vision encoder's feature space.
+
+REPA's head is a per-token 3-layer MLP, C -> 2048 -> 2048 -> D_enc. U-REPA (paper §3.3) taps the
+U-Net's middle stage, whose 8×8 grid is coarser than the encoder's 16×16, and resamples:
+
+* `upsample="after"`  (U-REPA default, Table 7 "upscale after MLP"): MLP on the coarse grid, then
+  interpolate the D_enc-channel map to the encoder grid — cheapest, and best in Table 7;
+* `upsample="before"` (Table 7 "upscale before MLP"): interpolate the C-channel map, then the MLP;
+* `upsample="within"` (Table 7 "upscale in MLP"): the last linear layer emits s²·D_enc channels
+  per coarse token, rearranged by pixel shuffle into an s× finer grid.
+
+`kernel` picks the interpolation (bilinear by default, nearest selectable). With
+`align_resolution="pool"` (Table 6 "U-Net / DINOv2↓") the head never resamples: the model keeps the
+coarse grid and the *encoder* features are average-pooled onto it (`pool_tokens`).
+
+`time_aware=True` (appendix Table 9) adds a SiLU -> Linear branch on the timestep embedding that
+predicts a per-channel scale γ(t) and shift β(t), applied as (1 + γ)·h + β. It is zero-initialised,
+so the head starts out identical to the plain one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.layers import grid_to_tokens, tokens_to_grid
+
+UPSAMPLE_ORDERS = ("after", "before", "within")
+UPSAMPLE_KERNELS = ("bilinear", "nearest")
+ALIGN_RESOLUTIONS = ("upsample", "pool")
+
+
+def resample_scale(tap_grid: int, encoder_grid: int) -> int:
+    """Integer factor s = encoder_grid / tap_grid; it must be a power of two (1 = no resampling)."""
+    scale, rest = divmod(encoder_grid, tap_grid)
+    if rest or scale < 1 or scale & (scale - 1):
+        raise ValueError(
+            f"the alignment tap runs on a {tap_grid}×{tap_grid} grid, which does not divide the "
+            f"encoder's {encoder_grid}×{encoder_grid} grid by a power of two; pick another "
+            "encoder depth or encoder resolution"
+        )
+    return scale
+
+
+def pool_tokens(z: Tensor, grid_size: int) -> Tensor:
+    """Average-pool (N, G², D) encoder tokens onto a (N, g², D) grid, g dividing G (Table 6)."""
+    source_grid = math.isqrt(z.shape[1])
+    factor = resample_scale(grid_size, source_grid)
+    if factor == 1:
+        return z
+    return grid_to_tokens(F.avg_pool2d(tokens_to_grid(z, source_grid), factor))
+
+
+class Projector(nn.Sequential):
+    """h_φ: per-token MLP (+ optional resampling and time modulation).
+
+    Subclasses `nn.Sequential` so that the MLP's parameters are named `0`, `2`, `4` exactly like
+    REPA's `build_mlp`, whose checkpoints therefore load unchanged.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        projector_dim: int,
+        z_dim: int,
+        scale: int = 1,
+        upsample: str = "after",
+        kernel: str = "bilinear",
+        time_aware: bool = False,
+    ):
+        if upsample not in UPSAMPLE_ORDERS:
+            raise ValueError(f"projector upsample must be one of {UPSAMPLE_ORDERS}, got {upsample!r}")
+        if kernel not in UPSAMPLE_KERNELS:
+            raise ValueError(f"projector kernel must be one of {UPSAMPLE_KERNELS}, got {kernel!r}")
+        within = upsample == "within" and scale > 1
+        super().__init__(
+            nn.Linear(hidden_size, projector_dim),
+            nn.SiLU(),
+            nn.Linear(projector_dim, projector_dim),
+            nn.SiLU(),
+            nn.Linear(projector_dim, z_dim * scale**2 if within else z_dim),
+        )
+        self.scale = scale
+        self.upsample = upsample
+        self.kernel = kernel
+        self.z_dim = z_dim
+        self.time_modulation = (
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * z_dim)) if time_aware else None
+        )
+
+    def mlp(self, x: Tensor) -> Tensor:
+        for i in range(5):
+            x = self[i](x)
+        return x
+
+    def interpolate(self, x: Tensor, grid_size: int) -> Tensor:
+        """(N, g², D) -> (N, (s·g)², D) with the chosen kernel."""
+        fmap = tokens_to_grid(x, grid_size)
+        if self.kernel == "bilinear":
+            fmap = F.interpolate(fmap, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        else:
+            fmap = F.interpolate(fmap, scale_factor=self.scale, mode="nearest")
+        return grid_to_tokens(fmap)
+
+    def forward(self, h: Tensor, grid_size: int, t_emb: Tensor | None = None) -> Tensor:
+        """h: (N, g², C) tapped tokens on a g×g grid; t_emb: (N, C) timestep embedding.
+
+        Returns (N, (s·g)², D_enc) predictions on the encoder's grid.
+        """
+        if self.scale == 1:
+            z = self.mlp(h)
+        elif self.upsample == "after":
+            z = self.interpolate(self.mlp(h), grid_size)
+        elif self.upsample == "before":
+            z = self.mlp(self.interpolate(h, grid_size))
+        else:  # within: one coarse token emits an s×s patch of predictions
+            z = self.mlp(h)  # (N, g², s²·D)
+            z = F.pixel_shuffle(tokens_to_grid(z, grid_size), self.scale)
+            z = grid_to_tokens(z)
+        if self.time_modulation is not None:
+            if t_emb is None:
+                raise ValueError("a time-aware projector needs the timestep embedding")
+            gamma, beta = self.time_modulation(t_emb).chunk(2, dim=-1)  # (N, D) each
+            z = z * (1 + gamma.unsqueeze(1)) + beta.unsqueeze(1)
+        return z
