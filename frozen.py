@@ -1,0 +1,220 @@
+"""The frozen networks: the SD-VAE (latent space) and the DINOv2 representation encoders.
+
+Used by `preprocessing/` (encoding), `train.py` (online-encoder mode, preview decoding) and
+`generate.py` (decoding). Pretrained weights load through the libraries' normal mechanisms —
+diffusers `from_pretrained` for the VAE, timm (weights on the Hugging Face hub) for DINOv2 — or
+from a local path. Without network access and without a local copy, loading fails with a message
+that says how to provide the weights.
+
+Tests never download: `load_vae("tiny-random")` and `load_encoder("dinov2-vit-tiny-random")` build
+tiny, randomly initialised networks of the same classes through the same wrappers. They are
+selected by name, explicitly; nothing falls back to them silently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# SD-VAE latent normalisation (LDM/DiT/REPA): z = 0.18215 · (mean + std · ε), bias 0.
+VAE_SCALE = 0.18215
+VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+VAE_STANDIN = "tiny-random"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _offline_hint(what: str, source: str, flag: str) -> str:
+    return (
+        f"could not load {what} from {source!r}. If this machine has no internet access, "
+        f"download the weights elsewhere (they are cached under ~/.cache/huggingface; "
+        f"`huggingface-cli download {source}` fetches them) and either copy the cache here or "
+        f"pass a local path with {flag}."
+    )
+
+
+#################################################################################
+#                                   SD-VAE                                      #
+#################################################################################
+
+
+class LatentAutoencoder(nn.Module):
+    """diffusers `AutoencoderKL` with the latent conventions of the paper.
+
+    `encode_moments` returns the posterior's mean and std (what preprocessing stores);
+    `sample_latents` draws `VAE_SCALE · (mean + std · ε)` (a fresh draw every training step);
+    `decode` takes such scaled latents back to images in [-1, 1].
+    """
+
+    def __init__(self, vae: nn.Module, name: str):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.name = name
+        self.latent_channels: int = vae.config.latent_channels
+        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_moments(self, images: Tensor) -> Tensor:
+        """uint8 (N, 3, H, W) images -> (N, 2·C_lat, H/f, W/f) posterior [mean, std], fp32."""
+        x = images.to(self.vae.dtype) / 127.5 - 1
+        dist = self.vae.encode(x).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (N, C_lat, h, w) -> images in [-1, 1], (N, 3, h·f, w·f)."""
+        return self.vae.decode(latents.to(self.vae.dtype) / VAE_SCALE).sample.float()
+
+
+def sample_latents(moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """(N, 2·C, h, w) stored [mean, std] -> scaled latents VAE_SCALE · (mean + std · ε)."""
+    mean, std = moments.float().chunk(2, dim=1)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * VAE_SCALE
+
+
+def tiny_autoencoder_kl() -> nn.Module:
+    """An SD-VAE-shaped AutoencoderKL (factor 8, 4 latent channels) with ~25K random weights."""
+    from diffusers.models import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+
+
+def load_vae(
+    spec: str = "ema", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> LatentAutoencoder:
+    """`ema` / `mse` (Stability's fine-tuned SD-VAEs), a local diffusers folder, or the test
+    stand-in `tiny-random` (random weights, seeded, for tests only)."""
+    if spec == VAE_STANDIN:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vae = tiny_autoencoder_kl()
+    else:
+        from diffusers.models import AutoencoderKL
+
+        source = VAE_IDS.get(spec, spec)
+        if spec not in VAE_IDS and not os.path.isdir(spec):
+            raise ValueError(
+                f"--vae must be one of {sorted(VAE_IDS)}, a local diffusers folder, or "
+                f"{VAE_STANDIN!r} (test stand-in); got {spec!r}"
+            )
+        try:
+            vae = AutoencoderKL.from_pretrained(source)
+        except Exception as err:  # network errors come in many types; all mean "not available"
+            raise RuntimeError(_offline_hint("the SD-VAE", source, "--vae PATH")) from err
+    return LatentAutoencoder(vae.to(device=device, dtype=dtype), spec)
+
+
+#################################################################################
+#                         Representation encoders (DINOv2)                      #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    timm_name: str
+    dim: int
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "dinov2-vit-s": EncoderSpec("vit_small_patch14_dinov2.lvd142m", 384),
+    "dinov2-vit-b": EncoderSpec("vit_base_patch14_dinov2.lvd142m", 768),
+    "dinov2-vit-l": EncoderSpec("vit_large_patch14_dinov2.lvd142m", 1024),
+    "dinov2-vit-g": EncoderSpec("vit_giant_patch14_dinov2.lvd142m", 1536),
+    "dinov2-vit-s_reg": EncoderSpec("vit_small_patch14_reg4_dinov2.lvd142m", 384),
+    "dinov2-vit-b_reg": EncoderSpec("vit_base_patch14_reg4_dinov2.lvd142m", 768),
+    "dinov2-vit-l_reg": EncoderSpec("vit_large_patch14_reg4_dinov2.lvd142m", 1024),
+    "dinov2-vit-g_reg": EncoderSpec("vit_giant_patch14_reg4_dinov2.lvd142m", 1536),
+}
+ENCODER_STANDIN = "dinov2-vit-tiny-random"  # DINOv2's architecture at width 32, random weights
+
+
+def encoder_dim(name: str) -> int:
+    if name == ENCODER_STANDIN:
+        return 32
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
+    return ENCODERS[name].dim
+
+
+class RepresentationEncoder(nn.Module):
+    """A frozen ViT producing alignment targets: uint8 images -> final-norm patch tokens.
+
+    Preprocessing as REPA: pixels / 255, ImageNet mean/std, bicubic resize to 224 per 256 pixels
+    of resolution (16×16 patches of 14 for a 256-px image); class and register tokens dropped.
+    """
+
+    def __init__(self, vit: nn.Module, name: str, resolution: int = 256):
+        super().__init__()
+        self.vit = vit.eval().requires_grad_(False)
+        self.name = name
+        self.embed_dim: int = vit.embed_dim
+        self.input_size = 224 * resolution // 256
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.vit.patch_embed.patch_size[0]
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """uint8 or [0, 255] float (N, 3, H, W) -> (N, grid², D) patch tokens."""
+        x = (images.float() / 255 - self.mean) / self.std
+        x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False)
+        tokens = self.vit.forward_features(x.to(self.mean.dtype))  # final norm applied
+        return tokens[:, self.vit.num_prefix_tokens :]
+
+
+def load_encoder(
+    name: str = "dinov2-vit-b",
+    resolution: int = 256,
+    weights: str | None = None,
+    device: torch.device | str = "cpu",
+) -> RepresentationEncoder:
+    """Build a DINOv2 encoder (timm) at the input size for `resolution`, pretrained weights from
+    the Hugging Face hub, or from a local file (`weights`), or the test stand-in."""
+    import timm
+
+    input_size = 224 * resolution // 256
+    if name == ENCODER_STANDIN:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vit = timm.create_model(
+                "vit_small_patch14_dinov2", pretrained=False, img_size=input_size,
+                embed_dim=32, depth=2, num_heads=2,
+            )  # fmt: skip
+    else:
+        spec = ENCODERS.get(name)
+        if spec is None:
+            raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
+        overlay = {"file": weights} if weights else None
+        try:
+            vit = timm.create_model(
+                spec.timm_name, pretrained=True, img_size=input_size, pretrained_cfg_overlay=overlay
+            )
+        except Exception as err:  # network errors come in many types; all mean "not available"
+            source = weights or f"timm/{spec.timm_name}"
+            raise RuntimeError(_offline_hint(f"encoder {name}", source, "--enc-weights PATH")) from err
+    return RepresentationEncoder(vit, name, resolution).to(device)
+
+
+def parse_encoder_list(enc_type: str) -> list[str]:
+    """`--enc-type dinov2-vit-b,dinov2-vit-l` -> names, each checked."""
+    names = [n.strip() for n in enc_type.split(",") if n.strip()]
+    for n in names:
+        encoder_dim(n)  # raises on unknown names
+    return names

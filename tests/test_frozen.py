@@ -1,0 +1,94 @@
+"""Frozen networks: SD-VAE and DINOv2 wrappers, through tiny random stand-ins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from frozen import (
+    ENCODER_STANDIN,
+    VAE_SCALE,
+    encoder_dim,
+    load_encoder,
+    load_vae,
+    parse_encoder_list,
+    sample_latents,
+)
+
+
+def images(n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def test_vae_standin_moments_latents_and_decode():
+    vae = load_vae("tiny-random")
+    moments = vae.encode_moments(images())
+    assert moments.shape == (2, 8, 4, 4) and moments.dtype == torch.float32
+    mean, std = moments.chunk(2, dim=1)
+    assert (std > 0).all()
+    # the posterior is the one diffusers computes on pixels scaled to [-1, 1]
+    dist = vae.vae.encode(images().float() / 127.5 - 1).latent_dist
+    torch.testing.assert_close(mean, dist.mean)
+    torch.testing.assert_close(std, dist.std)
+    gen = torch.Generator().manual_seed(3)
+    z = sample_latents(moments, gen)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(z, (mean + std * eps) * VAE_SCALE)
+    out = vae.decode(z)
+    torch.testing.assert_close(out, vae.vae.decode(z / VAE_SCALE).sample)
+    assert out.shape == (2, 3, 32, 32)
+
+
+def test_standins_are_deterministic_and_frozen():
+    a, b = load_vae("tiny-random"), load_vae("tiny-random")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not any(p.requires_grad for p in a.parameters())
+    enc = load_encoder(ENCODER_STANDIN)
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_encoder_standin_matches_repa_preprocessing():
+    enc = load_encoder(ENCODER_STANDIN, resolution=256)
+    x = images(size=256)
+    tokens = enc(x)
+    assert tokens.shape == (2, 256, encoder_dim(ENCODER_STANDIN))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    manual = F.interpolate((x / 255.0 - mean) / std, 224, mode="bicubic")
+    manual = enc.vit.forward_features(manual)[:, enc.vit.num_prefix_tokens :]
+    torch.testing.assert_close(tokens, manual)
+
+
+def test_encoder_grid_follows_resolution():
+    enc = load_encoder(ENCODER_STANDIN, resolution=512)
+    assert enc.input_size == 448 and enc.grid_size == 32
+
+
+def test_unknown_names_are_clear_errors():
+    with pytest.raises(ValueError, match="--vae must be one of"):
+        load_vae("sd-vae-ft-xyz")
+    with pytest.raises(ValueError, match="unknown encoder"):
+        load_encoder("dinov3-vit-b")
+    with pytest.raises(ValueError, match="unknown encoder"):
+        parse_encoder_list("dinov2-vit-b,clip")
+    assert parse_encoder_list("dinov2-vit-b, dinov2-vit-l_reg") == ["dinov2-vit-b", "dinov2-vit-l_reg"]
+    assert encoder_dim("dinov2-vit-g") == 1536
+
+
+@pytest.mark.parametrize(
+    "call,flag",
+    [("load_vae('ema')", "--vae PATH"), ("load_encoder('dinov2-vit-s')", "--enc-weights PATH")],
+)
+def test_offline_pretrained_load_says_how_to_provide_weights(call, flag, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = f"from frozen import load_vae, load_encoder\n{call}"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+    assert result.returncode != 0
+    assert "RuntimeError" in result.stderr and flag in result.stderr
