@@ -63,7 +63,7 @@ def load_reference_statistics(path: str | Path) -> ReferenceStatistics:
 
 
 def check_sample_count(samples: ImageArray) -> None:
-    """Warn when the sample count differs from the 50K that published FIDs use."""
+    """Warn when there are fewer samples than the 50K that published FIDs use."""
     if len(samples) < PAPER_NUM_SAMPLES:
         warnings.warn(
             f"{samples.path} holds {len(samples)} samples, fewer than {PAPER_NUM_SAMPLES}: FID and "
@@ -82,7 +82,6 @@ def evaluate(ref_path: str | Path, sample_path: str | Path, net: InceptionFeatur
              batch_size: int = 64) -> dict[str, float]:
     """The five metrics and `num_samples` of `sample_path` against `ref_path`."""
     ref_stats = load_reference_statistics(ref_path)  # fail on a bad reference before any work
-    device = net.net.fc.weight.device
     with tf32_disabled(), open_image_array(ref_path) as ref_images, \
             open_image_array(sample_path) as samples:
         check_sample_count(samples)
@@ -90,9 +89,9 @@ def evaluate(ref_path: str | Path, sample_path: str | Path, net: InceptionFeatur
         ref = extract_features(net, ref_images.batches(batch_size), len(ref_images),
                                desc="reference")
         sample = extract_features(net, samples.batches(batch_size), len(samples), desc="samples")
-        probs = net.class_probabilities(torch.from_numpy(sample.pool).to(device)).cpu().numpy()
+        probs = net.class_probabilities(torch.from_numpy(sample.pool).to(net.device)).cpu().numpy()
         precision, recall = precision_recall(ref.pool, sample.pool, k=PR_NEIGHBOURS,
-                                             block_size=PR_BLOCK_SIZE, device=device)
+                                             block_size=PR_BLOCK_SIZE, device=net.device)
     return {
         "inception_score": inception_score(probs, IS_SPLIT_SIZE),
         "fid": frechet_distance(sample.mu, sample.sigma, ref_stats.mu, ref_stats.sigma),

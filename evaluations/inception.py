@@ -144,6 +144,10 @@ class InceptionFeatures(nn.Module):
     def _keep_spatial(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._spatial = output[:, :SPATIAL_CHANNELS]  # (N, 7, 17, 17)
 
+    @property
+    def device(self) -> torch.device:
+        return self.net.fc.weight.device
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (pool,) = self.net(images.permute(0, 3, 1, 2))  # torch-fidelity takes NCHW; (N, 2048)
         # ADM flattens TF's NHWC tensor, so the 2023 numbers run over H, then W, then C.
@@ -238,12 +242,11 @@ class Features:
 def extract_features(net: InceptionFeatures, batches: Iterable[np.ndarray], num_images: int, *,
                      keep_pool: bool = True, desc: str = "images") -> Features:
     """Run uint8 (B, H, W, 3) batches through `net` (on its device) with a progress bar."""
-    device = net.net.fc.weight.device
     pool_stats, spatial_stats = GaussianAccumulator(), GaussianAccumulator()
     pools = []
     with tqdm(total=num_images, desc=desc, unit="img") as bar:
         for batch in batches:
-            pool, spatial = net(torch.from_numpy(batch).to(device))
+            pool, spatial = net(torch.from_numpy(batch).to(net.device))
             pool_stats.update(pool)
             spatial_stats.update(spatial)
             if keep_pool:

@@ -90,8 +90,8 @@ def collect_subset(batches: Iterable[np.ndarray], keep: np.ndarray,
 
 def make_reference(source: str | Path, out: str | Path, net: InceptionFeatures, *,
                    resolution: int = 256, subset_size: int = 10_000, seed: int = 0,
-                   batch_size: int = 64, workers: int = 0) -> None:
-    """Write `out`: statistics of all images in `source` and a random subset of them."""
+                   batch_size: int = 64, workers: int = 0) -> int:
+    """Write `out` (statistics of all images in `source`, a random subset); return the count."""
     kept: list[np.ndarray] = []
     with tf32_disabled(), open_source(source, resolution, batch_size, workers) as (batches, count):
         keep = np.sort(np.random.default_rng(seed).choice(count, min(subset_size, count),
@@ -104,6 +104,7 @@ def make_reference(source: str | Path, out: str | Path, net: InceptionFeatures, 
         np.savez(f, arr_0=np.concatenate(kept), mu=features.mu, sigma=features.sigma,
                  mu_s=features.mu_s, sigma_s=features.sigma_s)
     os.replace(partial, out)
+    return count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -124,10 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     net = inception_from_args(args)
-    make_reference(args.source, args.out, net, resolution=args.resolution,
-                   subset_size=args.subset_size, seed=args.seed, batch_size=args.batch_size,
-                   workers=args.workers)
-    print(f"wrote {args.out}")
+    count = make_reference(args.source, args.out, net, resolution=args.resolution,
+                           subset_size=args.subset_size, seed=args.seed,
+                           batch_size=args.batch_size, workers=args.workers)
+    print(f"wrote {args.out}: statistics of {count} images, "
+          f"{min(count, args.subset_size)} of them as arr_0")
 
 
 if __name__ == "__main__":

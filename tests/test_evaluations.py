@@ -135,7 +135,8 @@ def test_saved_random_state_dict_loads_strictly(tmp_path):
         InceptionFeatures(missing)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         InceptionFeatures({**state_dict, "AuxLogits.fc.weight": torch.zeros(1)})
-    imagenet_head = {**state_dict, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}
+    imagenet_head = {**state_dict, "fc.weight": torch.zeros(1000, 2048),
+                     "fc.bias": torch.zeros(1000)}
     with pytest.raises(RuntimeError, match="size mismatch"):
         InceptionFeatures(imagenet_head)
 
@@ -173,6 +174,8 @@ def test_weight_file_errors(tmp_path, monkeypatch):
 
 def test_tf32_disabled_inside_and_restored():
     matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("PyTorch < 2.9 has only the legacy allow_tf32 flags")
     before = matmul.fp32_precision
     try:
         matmul.fp32_precision = "tf32"
