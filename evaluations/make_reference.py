@@ -1,0 +1,136 @@
+"""Build an ADM-style reference batch, for datasets other than ImageNet.
+
+    python evaluations/make_reference.py --source DIR_OR_NPZ --out ref.npz --resolution 256
+
+The output has the layout of ADM's VIRTUAL_imagenet256_labeled.npz: `mu, sigma` (pool features)
+and `mu_s, sigma_s` (sFID features) over every source image, and `arr_0`, a seeded random subset of
+10K of them (uint8 N×H×W×3, in source order) for precision/recall. Images in a folder are
+centre-cropped to the resolution as ADM prepares ImageNet; an `.npz`'s `arr_0` is used as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+if __package__ in (None, ""):  # run as `python evaluations/make_reference.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from evaluations.arrays import open_image_array  # noqa: E402
+from evaluations.inception import (  # noqa: E402
+    InceptionFeatures, add_inception_args, extract_features, inception_from_args, tf32_disabled)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's centre crop: box-halve while ≥ 2× too big, bicubic-scale the short side, crop."""
+    while min(image.size) >= 2 * size:  # box steps first: a cheap, alias-free large reduction
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    pixels = np.asarray(image)  # (H, W, 3), short side == size
+    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    return pixels[top : top + size, left : left + size]
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files anywhere below `folder`, in a fixed (sorted) order."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Centre-cropped uint8 (size, size, 3) RGB images from a list of files."""
+
+    def __init__(self, files: list[Path], size: int) -> None:
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        with Image.open(self.files[index]) as image:
+            return center_crop(image.convert("RGB"), self.size)
+
+
+@contextmanager
+def open_source(source: str | Path, resolution: int, batch_size: int,
+                workers: int) -> Iterator[tuple[Iterable[np.ndarray], int]]:
+    """uint8 (B, H, W, 3) batches from a folder or an `.npz`, and how many images there are."""
+    if Path(source).is_dir():
+        files = list_images(source)
+        if not files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {source}")
+        loader = torch.utils.data.DataLoader(ImageFolder(files, resolution), batch_size,
+                                             num_workers=workers, collate_fn=np.stack)
+        yield loader, len(files)
+    else:
+        with open_image_array(source) as array:
+            yield array.batches(batch_size), len(array)
+
+
+def collect_subset(batches: Iterable[np.ndarray], keep: np.ndarray,
+                   kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Pass the batches on, copying the images at the sorted indices `keep` into `kept`."""
+    start = 0
+    for batch in batches:
+        first, last = np.searchsorted(keep, [start, start + len(batch)])
+        kept.append(batch[keep[first:last] - start])
+        start += len(batch)
+        yield batch
+
+
+def make_reference(source: str | Path, out: str | Path, net: InceptionFeatures, *,
+                   resolution: int = 256, subset_size: int = 10_000, seed: int = 0,
+                   batch_size: int = 64, workers: int = 0) -> int:
+    """Write `out` (statistics of all images in `source`, a random subset); return the count."""
+    kept: list[np.ndarray] = []
+    with tf32_disabled(), open_source(source, resolution, batch_size, workers) as (batches, count):
+        keep = np.sort(np.random.default_rng(seed).choice(count, min(subset_size, count),
+                                                          replace=False))
+        features = extract_features(net, collect_subset(batches, keep, kept), count,
+                                    keep_pool=False, desc="reference")
+    # Uncompressed, so that the evaluator can memory-map arr_0; written whole, then moved in place.
+    partial = Path(f"{out}.partial")
+    with open(partial, "wb") as f:
+        np.savez(f, arr_0=np.concatenate(kept), mu=features.mu, sigma=features.sigma,
+                 mu_s=features.mu_s, sigma_s=features.sigma_s)
+    os.replace(partial, out)
+    return count
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", required=True,
+                        help="folder of images (searched recursively) or .npz with uint8 arr_0")
+    parser.add_argument("--out", required=True, help="reference .npz to write")
+    parser.add_argument("--resolution", type=int, default=256,
+                        help="centre-crop size for folder images (an .npz is used as it is)")
+    parser.add_argument("--subset-size", type=int, default=10_000,
+                        help="images kept as arr_0 for precision/recall (ADM: 10000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset choice")
+    parser.add_argument("--workers", type=int, default=4, help="image-decoding processes (folders)")
+    add_inception_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    net = inception_from_args(args)
+    count = make_reference(args.source, args.out, net, resolution=args.resolution,
+                           subset_size=args.subset_size, seed=args.seed,
+                           batch_size=args.batch_size, workers=args.workers)
+    print(f"wrote {args.out}: statistics of {count} images, "
+          f"{min(count, args.subset_size)} of them as arr_0")
+
+
+if __name__ == "__main__":
+    main()
