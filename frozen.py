@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -52,9 +53,9 @@ class LatentAutoencoder(nn.Module):
     `decode` takes such scaled latents back to images in [-1, 1].
     """
 
-    def __init__(self, vae: nn.Module, name: str):
+    def __init__(self, vae: Any, name: str):
         super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
+        self.vae: Any = vae.eval().requires_grad_(False)  # diffusers AutoencoderKL (untyped)
         self.name = name
         self.latent_channels: int = vae.config.latent_channels
         self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -157,9 +158,12 @@ class RepresentationEncoder(nn.Module):
     of resolution (16×16 patches of 14 for a 256-px image); class and register tokens dropped.
     """
 
-    def __init__(self, vit: nn.Module, name: str, resolution: int = 256):
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, vit: Any, name: str, resolution: int = 256):
         super().__init__()
-        self.vit = vit.eval().requires_grad_(False)
+        self.vit: Any = vit.eval().requires_grad_(False)  # timm VisionTransformer (untyped)
         self.name = name
         self.embed_dim: int = vit.embed_dim
         self.input_size = 224 * resolution // 256
@@ -208,7 +212,9 @@ def load_encoder(
             )
         except Exception as err:  # network errors come in many types; all mean "not available"
             source = weights or f"timm/{spec.timm_name}"
-            raise RuntimeError(_offline_hint(f"encoder {name}", source, "--enc-weights PATH")) from err
+            raise RuntimeError(
+                _offline_hint(f"encoder {name}", source, "--enc-weights PATH")
+            ) from err
     return RepresentationEncoder(vit, name, resolution).to(device)
 
 

@@ -11,6 +11,7 @@ Everything that is a similarity (normalisation, cosine, similarity matrices) run
 with autocast switched off locally: fp16 overflows on ||z||^2 of large features (NaN losses are a
 known complaint about REPA's loss under mixed precision).
 """
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,7 @@ def mean_flat(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Interpolant and time sampling
 # --------------------------------------------------------------------------------------------
+
 
 def interpolant(t: Tensor, path_type: str = "linear") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt) for `x_t = alpha_t x + sigma_t eps`.
@@ -92,6 +94,7 @@ def sample_time(
 # lambda(t) schedules (appendix, Table 10). t = 1 is noise. Each is multiplied by proj_coeff.
 # --------------------------------------------------------------------------------------------
 
+
 def _constant(t: Tensor) -> Tensor:
     """constant: 1 (the paper's default)."""
     return torch.ones_like(t)
@@ -124,6 +127,7 @@ LAMBDA_SCHEDULES: dict[str, Callable[[Tensor], Tensor]] = {
 # Alignment terms on (N, T, D) features
 # --------------------------------------------------------------------------------------------
 
+
 def _fp32(x: Tensor) -> Tensor:
     """x in at least fp32: fp16/bf16 go up to fp32, float64 stays float64 (for gradcheck)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -144,12 +148,15 @@ def _encoder_pairs(zs: Features, zs_tilde: Features) -> list[tuple[Tensor, Tenso
     zs = [zs] if isinstance(zs, Tensor) else list(zs)
     zs_tilde = [zs_tilde] if isinstance(zs_tilde, Tensor) else list(zs_tilde)
     if len(zs) != len(zs_tilde) or not zs:
-        raise ValueError(f"need one prediction per encoder: {len(zs)} targets, "
-                         f"{len(zs_tilde)} predictions")
+        raise ValueError(
+            f"need one prediction per encoder: {len(zs)} targets, {len(zs_tilde)} predictions"
+        )
     for z, z_tilde in zip(zs, zs_tilde, strict=True):
         if z.ndim != 3 or z.shape != z_tilde.shape:
-            raise ValueError(f"features must be (N, T, D) and match: target {tuple(z.shape)}, "
-                             f"prediction {tuple(z_tilde.shape)}")
+            raise ValueError(
+                f"features must be (N, T, D) and match: target {tuple(z.shape)}, "
+                f"prediction {tuple(z_tilde.shape)}"
+            )
     return list(zip(zs, zs_tilde, strict=True))
 
 
@@ -179,8 +186,8 @@ def _row_sq_diff(a_rows: Tensor, a: Tensor, b_rows: Tensor, b: Tensor) -> Tensor
     a_rows (B, R, Da) are some rows of a (B, M, Da); likewise b_rows and b. All are unit vectors,
     so a_rows @ a^T is the (B, R, M) block of the M x M similarity matrix (Eq. 4).
     """
-    sim_target = a_rows @ a.transpose(1, 2)       # (B, R, M)
-    sim_pred = b_rows @ b.transpose(1, 2)         # (B, R, M)
+    sim_target = a_rows @ a.transpose(1, 2)  # (B, R, M)
+    sim_pred = b_rows @ b.transpose(1, 2)  # (B, R, M)
     return (sim_target - sim_pred).square().mean(dim=-1)
 
 
@@ -196,8 +203,14 @@ def _gram_sq_diff(a: Tensor, b: Tensor, chunk_size: int) -> Tensor:
         return _row_sq_diff(a, a, b, b)
     # A loop over row blocks, not over images or tokens: each block is one batched matmul.
     rows = [
-        checkpoint(_row_sq_diff, a[:, i:i + chunk_size], a, b[:, i:i + chunk_size], b,
-                   use_reentrant=False)
+        checkpoint(
+            _row_sq_diff,
+            a[:, i : i + chunk_size],
+            a,
+            b[:, i : i + chunk_size],
+            b,
+            use_reentrant=False,
+        )
         for i in range(0, m, chunk_size)
     ]
     return torch.cat(rows, dim=1)
@@ -209,14 +222,15 @@ def _manifold_one_encoder(z: Tensor, z_tilde: Tensor, mode: str, chunk_size: int
     a, b = _unit(z), _unit(z_tilde)
     if mode == "token":
         # N matrices T x T: tokens i, j of the same image.
-        rows = _gram_sq_diff(a, b, chunk_size)                                 # (N, T)
+        rows = _gram_sq_diff(a, b, chunk_size)  # (N, T)
     elif mode == "sample":
         # T matrices N x N: images i, j at the same token position; image n owns row n.
         rows = _gram_sq_diff(a.transpose(0, 1), b.transpose(0, 1), chunk_size).T  # (N, T)
     elif mode == "batch":
         # One (N T) x (N T) matrix over every token of the local batch; image n owns its T rows.
-        rows = _gram_sq_diff(a.reshape(1, n * t, -1), b.reshape(1, n * t, -1),
-                             chunk_size).view(n, t)                            # (N, T)
+        rows = _gram_sq_diff(a.reshape(1, n * t, -1), b.reshape(1, n * t, -1), chunk_size).view(
+            n, t
+        )  # (N, T)
     else:
         raise ValueError(f"manifold mode must be one of {MANIFOLD_MODES}, got {mode!r}")
     return rows.mean(dim=1)
@@ -271,6 +285,7 @@ def manifold_loss(
 # --------------------------------------------------------------------------------------------
 # The full objective (Eq. 5)
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class SILoss:
@@ -332,27 +347,36 @@ class SILoss:
         """
         n = x.shape[0]
         if t is None:
-            t = sample_time(n, self.weighting, self.path_type, self.p_mean, self.p_std,
-                            device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+            t = sample_time(
+                n,
+                self.weighting,
+                self.path_type,
+                self.p_mean,
+                self.p_std,
+                device=x.device,
+                dtype=torch.promote_types(x.dtype, torch.float32),
+            )
         if noise is None:
             noise = torch.randn_like(x)
 
-        alpha, sigma, d_alpha, d_sigma = (c.view(n, *[1] * (x.ndim - 1))
-                                          for c in interpolant(t, self.path_type))
-        x_t = alpha * x + sigma * noise              # (N, C, H, W)
-        v_target = d_alpha * x + d_sigma * noise     # d x_t / dt
+        alpha, sigma, d_alpha, d_sigma = (
+            c.view(n, *[1] * (x.ndim - 1)) for c in interpolant(t, self.path_type)
+        )
+        x_t = alpha * x + sigma * noise  # (N, C, H, W)
+        v_target = d_alpha * x + d_sigma * noise  # d x_t / dt
         v_pred, zs_tilde = model(x_t, t, y)
         velocity = mean_flat((_fp32(v_pred) - _fp32(v_target)).square())  # (N,) REPA Eq. 4
 
         zero = velocity.new_zeros(n)
         repa, manifold, total = zero, zero, velocity
         if self.proj_coeff > 0:  # a weight of 0 removes the term and its computation
-            repa = repa_loss_per_sample(zs, zs_tilde)                            # (N,)
+            repa = repa_loss_per_sample(zs, zs_tilde)  # (N,)
             if self.manifold_coeff > 0:
-                manifold = manifold_loss_per_sample(zs, zs_tilde, self.manifold_mode,
-                                                    self.chunk_size)             # (N,)
+                manifold = manifold_loss_per_sample(
+                    zs, zs_tilde, self.manifold_mode, self.chunk_size
+                )  # (N,)
             lam = self.proj_coeff * LAMBDA_SCHEDULES[self.lambda_schedule](_fp32(t))
-            total = velocity + lam * (repa + self.manifold_coeff * manifold)     # Eq. 5
+            total = velocity + lam * (repa + self.manifold_coeff * manifold)  # Eq. 5
 
         return {
             "velocity": velocity.mean(),

@@ -7,12 +7,31 @@ heads, final layer, initialisation — lives here, so the two models differ only
 
 from __future__ import annotations
 
+from typing import Any, Protocol, cast
+
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from models.layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 from models.projector import ALIGN_RESOLUTIONS, Projector, pool_tokens, resample_scale
+
+
+class _WeightAndBias(Protocol):
+    weight: Tensor
+    bias: Tensor
+
+
+def as_linear(module: nn.Module) -> _WeightAndBias:
+    """A linear or convolution layer with a bias, typed as such (nn.Module's attributes are not)."""
+    assert isinstance(module, nn.Linear | nn.Conv2d) and module.bias is not None
+    return cast(_WeightAndBias, module)
+
+
+def zero_(module: nn.Module) -> None:
+    layer = as_linear(module)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
 
 
 class AlignedDiffusionTransformer(nn.Module):
@@ -23,6 +42,10 @@ class AlignedDiffusionTransformer(nn.Module):
     (N, T_enc, D_enc) projected feature tensor per entry of `z_dims`, on the encoder's token grid
     (or, with `align_resolution="pool"`, on the tap's grid: see `align_targets`).
     """
+
+    # Set by `models.build_model`: the registry name and the arguments the model was built with.
+    model_name: str
+    model_kwargs: dict[str, Any]
 
     def __init__(
         self,
@@ -117,22 +140,22 @@ class AlignedDiffusionTransformer(nn.Module):
 
         self.apply(basic_init)
         # Patch embedding initialised like a linear layer, not a convolution.
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        patch = self.x_embedder.proj
+        nn.init.xavier_uniform_(patch.weight.data.view([patch.weight.shape[0], -1]))
+        nn.init.zeros_(as_linear(patch).bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(as_linear(self.t_embedder.mlp[0]).weight, std=0.02)
+        nn.init.normal_(as_linear(self.t_embedder.mlp[2]).weight, std=0.02)
+        # AdaLN-Zero: every modulation starts at zero, so each block starts as the identity.
         for module in self.modules():
-            if hasattr(module, "adaLN_modulation"):
-                nn.init.zeros_(module.adaLN_modulation[-1].weight)
-                nn.init.zeros_(module.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+            modulation = getattr(module, "adaLN_modulation", None)
+            if isinstance(modulation, nn.Sequential):
+                zero_(modulation[-1])
+        zero_(self.final_layer.linear)
         for projector in self.projectors:
+            assert isinstance(projector, Projector)
             if projector.time_modulation is not None:  # identity at initialisation
-                nn.init.zeros_(projector.time_modulation[-1].weight)
-                nn.init.zeros_(projector.time_modulation[-1].bias)
+                zero_(projector.time_modulation[-1])
 
     def align_targets(self, zs: list[Tensor]) -> list[Tensor]:
         """Encoder features (N, T_enc, D) -> the grid this model's `zs` predictions live on.

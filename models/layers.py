@@ -76,7 +76,9 @@ class RotaryEmbedding2D(nn.Module):
         col_angles = cols.reshape(-1, 1) * freqs  # (T, d/4)
         return torch.cat([row_angles, col_angles], dim=1)  # (T, d/2)
 
-    def cos_sin(self, grid_size: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def cos_sin(
+        self, grid_size: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
         key = (grid_size, device, dtype)
         if key not in self._cache:
             ang = self.angles(grid_size, device)
@@ -260,7 +262,9 @@ class TransformerBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
         ).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), grid_size)
+        x = x + gate_msa.unsqueeze(1) * self.attn(
+            modulate(self.norm1(x), shift_msa, scale_msa), grid_size
+        )
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 

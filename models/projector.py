@@ -72,7 +72,9 @@ class Projector(nn.Sequential):
         time_aware: bool = False,
     ):
         if upsample not in UPSAMPLE_ORDERS:
-            raise ValueError(f"projector upsample must be one of {UPSAMPLE_ORDERS}, got {upsample!r}")
+            raise ValueError(
+                f"projector upsample must be one of {UPSAMPLE_ORDERS}, got {upsample!r}"
+            )
         if kernel not in UPSAMPLE_KERNELS:
             raise ValueError(f"projector kernel must be one of {UPSAMPLE_KERNELS}, got {kernel!r}")
         within = upsample == "within" and scale > 1
@@ -100,12 +102,17 @@ class Projector(nn.Sequential):
         """(N, g², D) -> (N, (s·g)², D) with the chosen kernel."""
         fmap = tokens_to_grid(x, grid_size)
         if self.kernel == "bilinear":
-            fmap = F.interpolate(fmap, scale_factor=self.scale, mode="bilinear", align_corners=False)
+            fmap = F.interpolate(
+                fmap, scale_factor=self.scale, mode="bilinear", align_corners=False
+            )
         else:
             fmap = F.interpolate(fmap, scale_factor=self.scale, mode="nearest")
         return grid_to_tokens(fmap)
 
-    def forward(self, h: Tensor, grid_size: int, t_emb: Tensor | None = None) -> Tensor:
+    # Sequential only lends the parameter names; the call takes the grid and timestep too.
+    def forward(  # type: ignore[override]
+        self, h: Tensor, grid_size: int, t_emb: Tensor | None = None
+    ) -> Tensor:
         """h: (N, g², C) tapped tokens on a g×g grid; t_emb: (N, C) timestep embedding.
 
         Returns (N, (s·g)², D_enc) predictions on the encoder's grid.

@@ -62,8 +62,10 @@ class SiT(AlignedDiffusionTransformer):
 
     def build_trunk(self) -> None:
         num_patches = self.x_embedder.num_patches
-        # Fixed sin-cos table, stored as a frozen parameter (REPA's layout, so it is in checkpoints).
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, self.hidden_size), requires_grad=False)
+        # Fixed sin-cos table, a frozen parameter (REPA's layout, so it is in checkpoints).
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches, self.hidden_size), requires_grad=False
+        )
         self.blocks = nn.ModuleList(
             TransformerBlock(self.hidden_size, self.num_heads, self.mlp_ratio, ffn="gelu")
             for _ in range(self.depth)

@@ -66,7 +66,9 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(hidden_size, 4 * hidden_size, 3, padding=1)
 
     def forward(self, x: Tensor, grid_size: int) -> Tensor:
-        return grid_to_tokens(nn.functional.pixel_shuffle(self.conv(tokens_to_grid(x, grid_size)), 2))
+        return grid_to_tokens(
+            nn.functional.pixel_shuffle(self.conv(tokens_to_grid(x, grid_size)), 2)
+        )
 
 
 class SiTDown(AlignedDiffusionTransformer):
@@ -94,16 +96,15 @@ class SiTDown(AlignedDiffusionTransformer):
         encoder_grid: int | None = None,
         downsample: str = "stride",
     ):
-        depths = tuple(depths)
         if len(depths) != 3 or depths[0] != depths[2] or min(depths) < 1:
             raise ValueError(f"depths must be (n1, n2, n1) with positive counts, got {depths}")
         if (input_size // patch_size) % 2:
             raise ValueError("SiT↓ halves the token grid, so input_size / patch_size must be even")
-        self.depths = depths
+        self.depths: tuple[int, int, int] = (depths[0], depths[1], depths[2])
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
         self.downsample_mode = downsample
-        depth = sum(depths)
+        depth = sum(self.depths)
         super().__init__(
             input_size=input_size,
             patch_size=patch_size,

@@ -73,7 +73,9 @@ def deviation(value: float, reference: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--all", action="store_true", help="every registry entry, not only Table 2/3")
+    parser.add_argument(
+        "--all", action="store_true", help="every registry entry, not only Table 2/3"
+    )
     args = parser.parse_args(argv)
     names = MODEL_NAMES if args.all else list(PAPER_TABLE)
     header = (

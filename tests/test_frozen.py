@@ -77,7 +77,10 @@ def test_unknown_names_are_clear_errors():
         load_encoder("dinov3-vit-b")
     with pytest.raises(ValueError, match="unknown encoder"):
         parse_encoder_list("dinov2-vit-b,clip")
-    assert parse_encoder_list("dinov2-vit-b, dinov2-vit-l_reg") == ["dinov2-vit-b", "dinov2-vit-l_reg"]
+    assert parse_encoder_list("dinov2-vit-b, dinov2-vit-l_reg") == [
+        "dinov2-vit-b",
+        "dinov2-vit-l_reg",
+    ]
     assert encoder_dim("dinov2-vit-g") == 1536
 
 
@@ -88,7 +91,13 @@ def test_unknown_names_are_clear_errors():
 def test_offline_pretrained_load_says_how_to_provide_weights(call, flag, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
     code = f"from frozen import load_vae, load_encoder\n{call}"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "RuntimeError" in result.stderr and flag in result.stderr

@@ -1,4 +1,5 @@
 """Tests for loss.py: every term against a naive float64 loop written here, independently."""
+
 import math
 
 import numpy as np
@@ -8,8 +9,17 @@ from scipy import stats
 from torch import nn
 
 import loss
-from loss import (LAMBDA_SCHEDULES, MANIFOLD_MODES, SILoss, interpolant, manifold_loss,
-                  manifold_loss_per_sample, repa_loss, repa_loss_per_sample, sample_time)
+from loss import (
+    LAMBDA_SCHEDULES,
+    MANIFOLD_MODES,
+    SILoss,
+    interpolant,
+    manifold_loss,
+    manifold_loss_per_sample,
+    repa_loss,
+    repa_loss_per_sample,
+    sample_time,
+)
 
 SHAPES = [(2, 3, 4), (3, 5, 2), (1, 4, 6), (4, 1, 3)]  # (N, T, D), including N = 1 and T = 1
 
@@ -17,6 +27,7 @@ SHAPES = [(2, 3, 4), (3, 5, 2), (1, 4, 6), (4, 1, 3)]  # (N, T, D), including N 
 # ------------------------------------------------------------------------------------------
 # Independent references: plain loops over images and tokens, numpy float64
 # ------------------------------------------------------------------------------------------
+
 
 def _cos(u: np.ndarray, v: np.ndarray) -> float:
     return float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
@@ -26,8 +37,9 @@ def naive_repa(z, z_tilde) -> np.ndarray:
     """-mean_t cos(z[n, t], z_tilde[n, t]) for each image n: (N,)."""
     z, zt = np.asarray(z, np.float64), np.asarray(z_tilde, np.float64)
     n_img, n_tok, _ = z.shape
-    return np.array([-np.mean([_cos(z[n, i], zt[n, i]) for i in range(n_tok)])
-                     for n in range(n_img)])
+    return np.array(
+        [-np.mean([_cos(z[n, i], zt[n, i]) for i in range(n_tok)]) for n in range(n_img)]
+    )
 
 
 def naive_manifold(z, z_tilde, mode: str) -> np.ndarray:
@@ -49,21 +61,25 @@ def naive_manifold(z, z_tilde, mode: str) -> np.ndarray:
         elif mode == "sample":
             pairs = [((n, p), (m, p)) for p in range(n_tok) for m in range(n_img)]
         else:
-            pairs = [((n, i), (m, j)) for i in range(n_tok)
-                     for m in range(n_img) for j in range(n_tok)]
+            pairs = [
+                ((n, i), (m, j)) for i in range(n_tok) for m in range(n_img) for j in range(n_tok)
+            ]
         out.append(np.mean([d(a, b) for a, b in pairs]))
     return np.array(out)
 
 
 def _features(shape, seed, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=dtype),
-            torch.randn(shape, generator=g, dtype=dtype))
+    return (
+        torch.randn(shape, generator=g, dtype=dtype),
+        torch.randn(shape, generator=g, dtype=dtype),
+    )
 
 
 # ------------------------------------------------------------------------------------------
 # REPA term (Eq. 1) and manifold term (Eqs. 3-4) against the loops
 # ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_repa_matches_naive(shape):
@@ -91,13 +107,16 @@ def test_two_encoders_with_different_dims_are_averaged(mode):
     z2, zt2 = _features((3, 4, 7), seed=4)
     repa_ref = (naive_repa(z1, zt1) + naive_repa(z2, zt2)) / 2
     ml_ref = (naive_manifold(z1, zt1, mode) + naive_manifold(z2, zt2, mode)) / 2
-    np.testing.assert_allclose(repa_loss_per_sample([z1, z2], [zt1, zt2]).numpy(), repa_ref,
-                               rtol=1e-10)
-    np.testing.assert_allclose(manifold_loss_per_sample([z1, z2], [zt1, zt2], mode).numpy(),
-                               ml_ref, rtol=1e-10)
+    np.testing.assert_allclose(
+        repa_loss_per_sample([z1, z2], [zt1, zt2]).numpy(), repa_ref, rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        manifold_loss_per_sample([z1, z2], [zt1, zt2], mode).numpy(), ml_ref, rtol=1e-10
+    )
     assert repa_loss([z1, z2], [zt1, zt2]).item() == pytest.approx(repa_ref.mean(), rel=1e-10)
-    assert manifold_loss([z1, z2], [zt1, zt2], mode).item() == pytest.approx(ml_ref.mean(),
-                                                                             rel=1e-10)
+    assert manifold_loss([z1, z2], [zt1, zt2], mode).item() == pytest.approx(
+        ml_ref.mean(), rel=1e-10
+    )
 
 
 def test_mismatched_encoders_and_unknown_mode_raise():
@@ -129,7 +148,8 @@ def test_manifold_gradcheck(mode, chunk_size):
     z.requires_grad_(True)
     zt.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: manifold_loss_per_sample(a, b, mode, chunk_size=chunk_size), (z, zt))
+        lambda a, b: manifold_loss_per_sample(a, b, mode, chunk_size=chunk_size), (z, zt)
+    )
     assert torch.autograd.gradcheck(repa_loss_per_sample, (z, zt))
 
 
@@ -149,6 +169,7 @@ def test_batch_mode_chunking_equals_unchunked(chunk_size):
 # Mixed precision
 # ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MANIFOLD_MODES)
 def test_large_features_under_autocast_are_finite_and_fp32(dtype, mode):
@@ -162,13 +183,13 @@ def test_large_features_under_autocast_are_finite_and_fp32(dtype, mode):
     assert torch.isfinite(repa) and torch.isfinite(ml)
     # Same numbers as a float64 computation on the same (rounded) inputs.
     assert repa.item() == pytest.approx(repa_loss(z.double(), zt.double()).item(), abs=1e-5)
-    assert ml.item() == pytest.approx(manifold_loss(z.double(), zt.double(), mode).item(),
-                                      rel=1e-4)
+    assert ml.item() == pytest.approx(manifold_loss(z.double(), zt.double(), mode).item(), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------
 # Interpolant, time sampling, lambda(t) schedules
 # ------------------------------------------------------------------------------------------
+
 
 def _x_t(x, noise, t, path_type):
     alpha, sigma, _, _ = interpolant(t, path_type)
@@ -232,6 +253,7 @@ def test_schedules_equal_printed_formulas(name):
 # The full objective (Eq. 5) with a tiny stand-in model
 # ------------------------------------------------------------------------------------------
 
+
 class TinyModel(nn.Module):
     """model(x_t, t, y) -> (v like x, [(N, H*W, D_k) per encoder]); records its inputs."""
 
@@ -269,7 +291,8 @@ def test_total_equals_equation_5_by_hand(path_type, mode, schedule):
     model = TinyModel().double()
     x, noise, y, zs, t = _batch(seed=11)
     parts = SILoss(path_type=path_type, manifold_mode=mode, lambda_schedule=schedule)(
-        model, x, y, zs, t=t, noise=noise)
+        model, x, y, zs, t=t, noise=noise
+    )
     assert set(parts) == {"velocity", "repa", "manifold", "total", "cos_sim"}
     assert all(p.ndim == 0 for p in parts.values())
 
@@ -303,6 +326,7 @@ def test_total_equals_equation_5_by_hand(path_type, mode, schedule):
 def _forbid(monkeypatch, name):
     def boom(*args, **kwargs):
         raise AssertionError(f"{name} must not run when its weight is 0")
+
     monkeypatch.setattr(loss, name, boom)
 
 
@@ -355,8 +379,9 @@ def test_no_host_synchronisation_on_cuda():
     model = TinyModel().cuda()
     x, _, y, zs, _ = _batch(seed=16, n=4, dtype=torch.float32)
     x, y, zs = x.cuda(), y.cuda(), [z.cuda() for z in zs]
-    loss_fn = SILoss(weighting="lognormal", manifold_mode="batch", chunk_size=5,
-                     lambda_schedule="dip")
+    loss_fn = SILoss(
+        weighting="lognormal", manifold_mode="batch", chunk_size=5, lambda_schedule="dip"
+    )
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -14,14 +14,29 @@ from models.summary import PAPER_TABLE, count_macs
 
 
 def tiny_sit(**kwargs):
-    defaults = dict(input_size=8, hidden_size=32, depth=4, num_heads=2, num_classes=10,
-                    z_dims=[16], encoder_depth=2, projector_dim=24)
+    defaults = dict(
+        input_size=8,
+        hidden_size=32,
+        depth=4,
+        num_heads=2,
+        num_classes=10,
+        z_dims=[16],
+        encoder_depth=2,
+        projector_dim=24,
+    )
     return SiT(**{**defaults, **kwargs})
 
 
 def tiny_sit_down(**kwargs):
-    defaults = dict(input_size=8, hidden_size=32, depths=(2, 3, 2), num_heads=2, num_classes=10,
-                    z_dims=[16], projector_dim=24)
+    defaults = dict(
+        input_size=8,
+        hidden_size=32,
+        depths=(2, 3, 2),
+        num_heads=2,
+        num_classes=10,
+        z_dims=[16],
+        projector_dim=24,
+    )
     return SiTDown(**{**defaults, **kwargs})
 
 
@@ -49,8 +64,8 @@ def test_every_registry_entry_builds_with_right_shapes(name):
 
 
 def test_registry_names_and_aliases():
-    expected = {f"SiT-{s}/{p}" for s in "S B L XL".split() for p in (2, 4, 8)}
-    expected |= {f"SiTDown-{s}/2" for s in "B L XL".split()}
+    expected = {f"SiT-{s}/{p}" for s in ["S", "B", "L", "XL"] for p in (2, 4, 8)}
+    expected |= {f"SiTDown-{s}/2" for s in ["B", "L", "XL"]}
     assert set(MODEL_NAMES) == expected
     assert MODELS["SiT↓-XL/2"] is MODELS["SiTDown-XL/2"]
     assert canonical_name("SiT↓-B/2") == "SiTDown-B/2"
@@ -114,8 +129,9 @@ def test_velocity_is_zero_at_init_and_every_parameter_learns(make):
 # --------------------------------------------------------------------------- SiT (REPA layout)
 
 
-def repa_sit_layout(hidden, depth, patch, in_ch=4, num_classes=1000, z_dims=(768,), proj=2048,
-                    grid=16):
+def repa_sit_layout(
+    hidden, depth, patch, in_ch=4, num_classes=1000, z_dims=(768,), proj=2048, grid=16
+):
     """REPA's SiT state-dict layout, written out from its module tree (timm PatchEmbed,
     Attention, Mlp; build_mlp projector; FinalLayer)."""
     C = hidden
@@ -166,8 +182,14 @@ def test_sit_pos_embed_is_mae_sincos():
     omega = 1.0 / 10000 ** (torch.arange(D // 4, dtype=torch.float64) / (D / 4))
     for index in range(g * g):
         row, col = divmod(index, g)
-        expected = torch.cat([torch.sin(col * omega), torch.cos(col * omega),
-                              torch.sin(row * omega), torch.cos(row * omega)]).float()
+        expected = torch.cat(
+            [
+                torch.sin(col * omega),
+                torch.cos(col * omega),
+                torch.sin(row * omega),
+                torch.cos(row * omega),
+            ]
+        ).float()
         torch.testing.assert_close(table[index], expected)
     model = tiny_sit(hidden_size=16)
     torch.testing.assert_close(model.pos_embed[0], sincos_pos_embed_2d(16, 4))
@@ -209,8 +231,10 @@ def test_sit_forward_matches_a_plain_transcription_of_repa():
         m = linear(F.gelu(linear(m, b + "mlp.fc1"), approximate="tanh"), b + "mlp.fc2")
         h = h + g2 * m
         if i == 1:
-            z = linear(F.silu(linear(F.silu(linear(h, "projectors.0.0")), "projectors.0.2")),
-                       "projectors.0.4")
+            z = linear(
+                F.silu(linear(F.silu(linear(h, "projectors.0.0")), "projectors.0.2")),
+                "projectors.0.4",
+            )
     shift, scale = linear(F.silu(c), "final_layer.adaLN_modulation.1")[:, None].split(C, dim=-1)
     out = linear(F.layer_norm(h, (C,), eps=1e-6) * (1 + scale) + shift, "final_layer.linear")
     g = 4
@@ -253,7 +277,9 @@ def test_mac_counter_counts_one_per_multiply_add():
     assert count_macs(model, input_size=8) == linear_macs + attention_macs + per_sample + patch_io
 
 
-@pytest.mark.parametrize("name,tap", [("SiTDown-B/2", 8), ("SiTDown-L/2", 16), ("SiTDown-XL/2", 18)])
+@pytest.mark.parametrize(
+    "name,tap", [("SiTDown-B/2", 8), ("SiTDown-L/2", 16), ("SiTDown-XL/2", 18)]
+)
 def test_sit_down_default_tap_is_the_middle_block(name, tap):
     with torch.device("meta"):
         model = build_model(name)
@@ -364,7 +390,7 @@ def test_upsample_within_emits_a_patch_per_token():
             for i in range(2):
                 for j in range(2):
                     fine_index = (2 * y_ + i) * 4 + (2 * x_ + j)
-                    expected = raw[:, y_ * 2 + x_, (2 * i + j)::4]
+                    expected = raw[:, y_ * 2 + x_, (2 * i + j) :: 4]
                     torch.testing.assert_close(out[:, fine_index], expected)
 
 
@@ -396,7 +422,11 @@ def test_pool_alignment_keeps_the_coarse_grid_and_pools_targets():
     pooled = model.align_targets([target])[0]
     grid = target.reshape(3, 4, 4, 16)
     by_hand = torch.stack(
-        [grid[:, 2 * a:2 * a + 2, 2 * b:2 * b + 2].mean(dim=(1, 2)) for a in range(2) for b in range(2)],
+        [
+            grid[:, 2 * a : 2 * a + 2, 2 * b : 2 * b + 2].mean(dim=(1, 2))
+            for a in range(2)
+            for b in range(2)
+        ],
         dim=1,
     )
     torch.testing.assert_close(pooled, by_hand)
