@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -328,12 +329,13 @@ class SILoss:
 
     def __call__(
         self,
-        model: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, list[Tensor]]],
+        model: Callable[..., tuple[Tensor, list[Tensor]]],
         x: Tensor,
         y: Tensor,
         zs: Sequence[Tensor] = (),
         t: Tensor | None = None,
         noise: Tensor | None = None,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Tensor]:
         """One evaluation of Eq. 5 on a batch; no host synchronisation.
 
@@ -341,7 +343,8 @@ class SILoss:
         x: scaled latents (N, C, H, W). y: class labels (N,), passed through untouched: label
         dropout for classifier-free guidance happens in the model's label embedder, only there.
         zs: encoder targets, one (N, T_k, D_k) per encoder. t (N,) and noise (like x) are drawn
-        here unless given (tests, exact reproducibility).
+        here unless given (tests, exact reproducibility). model_kwargs go to the model as keyword
+        arguments (e.g. `force_drop_ids`, the training loop's label-dropout decisions).
         Returns 0-dim tensors: "velocity", "repa", "manifold" (unweighted batch means),
         "total" (the loss to minimise) and "cos_sim" (mean token cosine similarity, detached).
         """
@@ -364,7 +367,7 @@ class SILoss:
         )
         x_t = alpha * x + sigma * noise  # (N, C, H, W)
         v_target = d_alpha * x + d_sigma * noise  # d x_t / dt
-        v_pred, zs_tilde = model(x_t, t, y)
+        v_pred, zs_tilde = model(x_t, t, y, **(model_kwargs or {}))
         velocity = mean_flat((_fp32(v_pred) - _fp32(v_target)).square())  # (N,) REPA Eq. 4
 
         zero = velocity.new_zeros(n)

@@ -167,10 +167,14 @@ class AlignedDiffusionTransformer(nn.Module):
             return list(zs)
         return [pool_tokens(z, self.tap_grid_size) for z in zs]
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """`force_drop_ids` (N,) bool: which labels to replace by the null class (training only;
+        by default the label embedder draws them with probability `class_dropout_prob`)."""
         tokens = self.embed_tokens(x)  # (N, T, C)
         t_emb = self.t_embedder(t)  # (N, C)
-        c = t_emb + self.y_embedder(y, self.training)  # (N, C)
+        c = t_emb + self.y_embedder(y, self.training, force_drop_ids)  # (N, C)
         tokens, tapped = self.forward_trunk(tokens, c)
         zs = [projector(tapped, self.tap_grid_size, t_emb) for projector in self.projectors]
         out = self.final_layer(tokens, c)  # (N, T, p²·C_out)

@@ -159,13 +159,19 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def token_drop(self, labels: Tensor) -> Tensor:
-        drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+    def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids.bool()
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def forward(self, labels: Tensor, train: bool) -> Tensor:
-        if train and self.dropout_prob > 0:
-            labels = self.token_drop(labels)
+    def forward(self, labels: Tensor, train: bool, force_drop_ids: Tensor | None = None) -> Tensor:
+        """labels (N,) -> (N, D). In training, each label is replaced by the null class with
+        probability `dropout_prob`, unless `force_drop_ids` (N,) gives the decisions (the
+        training loop draws them from its own per-step generator, for exact reproducibility)."""
+        if force_drop_ids is not None or (train and self.dropout_prob > 0):
+            labels = self.token_drop(labels, force_drop_ids)
         return self.embedding_table(labels)  # (N, D)
 
 

@@ -498,3 +498,12 @@ def test_label_dropout_uses_the_null_class_only_in_training():
     emb = model.y_embedder
     torch.testing.assert_close(emb(labels, train=True), emb.embedding_table.weight[[10, 10, 10]])
     torch.testing.assert_close(emb(labels, train=False), emb.embedding_table.weight[labels])
+
+
+def test_forced_label_drops_replace_exactly_those_labels():
+    model = tiny_sit(class_dropout_prob=0.1)
+    labels = torch.tensor([0, 3, 9])
+    forced = torch.tensor([True, False, True])
+    table = model.y_embedder.embedding_table.weight
+    out = model.y_embedder(labels, train=True, force_drop_ids=forced)
+    torch.testing.assert_close(out, table[[10, 3, 10]])
