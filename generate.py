@@ -19,8 +19,8 @@ in a single process (CPU or one GPU). The model is rebuilt from the checkpoint a
 * Work split. The indices without a PNG are split strided over ranks (rank r takes every W-th
   one, starting at the r-th), then cut into batches: the split does not depend on batch size.
 * Resume. A PNG is written to a temporary name and renamed, so every PNG present is complete;
-  re-running the same command generates only the missing ones. A sample folder made with other
-  settings is refused, never mixed in.
+  re-running the same command generates only the missing ones, and the .npz is then byte for
+  byte an uninterrupted run's. A sample folder made with other settings is refused, not mixed.
 * Pixels. REPA's convention: uint8 = trunc(clamp(255 · (x + 1) / 2, 0, 255)) for decoded
   x in [-1, 1] (truncation toward zero, as `.to(torch.uint8)` does; ADM's sampler does the same).
   The rounding alternative, clamp(127.5 · x + 128), is brighter by half a level on average.
@@ -382,7 +382,7 @@ def generate_samples(
         except torch.cuda.OutOfMemoryError as err:
             raise RuntimeError(
                 f"--per-proc-batch-size {batch_size} does not fit in GPU memory (with guidance "
-                "the model runs on twice as many images); lower it: the images do not change"
+                "the model runs on twice as many images); lower it: noise and labels stay the same"
             ) from err
         for index, image in zip(indices, images, strict=True):
             save_png(image, args.sample_dir, index)

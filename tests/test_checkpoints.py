@@ -128,7 +128,8 @@ def test_sampling_model_from_checkpoint_and_safetensors_export(tmp_path):
     torch.testing.assert_close(outputs(loaded), outputs(ema.eval()), rtol=0, atol=0)  # EMA
 
     st = tmp_path / "ema.safetensors"
-    export_ema_safetensors(str(st), ema.state_dict(), "SiTDown", TINY_KWARGS, {"path_type": "cosine"})
+    args = {"path_type": "cosine"}
+    export_ema_safetensors(str(st), ema.state_dict(), "SiTDown", TINY_KWARGS, args)
     from_st = load_model_for_sampling(str(st))
     torch.testing.assert_close(outputs(from_st), outputs(ema.eval()), rtol=0, atol=0)
     assert from_st.model_kwargs == {**TINY_KWARGS, "depths": [1, 1, 1]}  # JSON round trip

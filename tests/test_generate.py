@@ -74,11 +74,13 @@ def test_presets_and_explicit_overrides():
     assert (ablation.mode, ablation.num_steps, ablation.heun, ablation.cfg_scale) == (
         "ode", 50, False, 1.8)  # fmt: skip
     assert (ablation.guidance_low, ablation.guidance_high) == (0.0, 0.7)
-    override = parse_args(base + ["--preset", "paper-main", "--cfg-scale", "1", "--num-steps", "100"])
+    override = parse_args(base + ["--preset", "paper-main", "--cfg-scale", "1",
+                                  "--num-steps", "100"])  # fmt: skip
     assert (override.mode, override.num_steps, override.cfg_scale) == ("sde", 100, 1.0)
     assert override.guidance_high == 0.7
     plain = parse_args(base)  # REPA's paper protocol: SDE 250 steps, no guidance
-    assert (plain.mode, plain.num_steps, plain.cfg_scale, plain.guidance_high) == ("sde", 250, 1.0, 1.0)
+    assert (plain.mode, plain.num_steps, plain.cfg_scale) == ("sde", 250, 1.0)
+    assert plain.guidance_high == 1.0
     assert parse_args(base + ["--guidance_high", "0.5"]).guidance_high == 0.5  # REPA's spelling
     assert plain.path_type is None  # taken from the checkpoint's training args
 
@@ -114,7 +116,8 @@ def test_npz_holds_the_pngs_and_settings_are_recorded(reference, ckpt):
     assert arr.std() > 1  # not a constant image
     settings = json.loads((sample_dir / "settings.json").read_text())
     assert settings["ckpt"] == os.path.abspath(ckpt) and settings["model_name"] == "SiTDown"
-    assert (settings["mode"], settings["cfg_scale"], settings["path_type"]) == ("sde", 2.0, "linear")
+    assert (settings["mode"], settings["cfg_scale"]) == ("sde", 2.0)
+    assert settings["path_type"] == "linear"  # from the checkpoint's training args
     assert sorted(os.listdir(sample_dir)) == [f"{i:06d}.png" for i in range(N)] + ["settings.json"]
 
 
@@ -134,8 +137,10 @@ def test_images_do_not_depend_on_the_number_of_processes(reference, ckpt, tmp_pa
            "--per-proc-batch-size", "4", *FLAGS]  # fmt: skip
     # torchrun would set one thread per process; CPU kernels split their sums by thread count,
     # so keep this process's count (the world size itself changes nothing).
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                            check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert read(f"{sample_dir}.npz") == read(reference[1])  # byte-identical
 
@@ -155,7 +160,8 @@ def test_resume_after_a_crash_gives_the_same_npz(reference, ckpt, tmp_path, monk
 
     def crash_after_five(image, folder, index):
         if len(saved) == 5:  # the job dies while writing the sixth PNG
-            open(os.path.join(folder, f".{index:06d}.png.tmp"), "wb").write(b"half a png")
+            with open(os.path.join(folder, f".{index:06d}.png.tmp"), "wb") as f:
+                f.write(b"half a png")
             raise KeyboardInterrupt
         real_save(image, folder, index)
         saved.append(index)
