@@ -44,7 +44,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import atomic_write, load_model_for_sampling
-from frozen import load_vae
+from frozen import LatentAutoencoder, load_vae
+from models.base import AlignedDiffusionTransformer
 from samplers import euler_maruyama_sampler, euler_sampler
 
 # Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
@@ -69,40 +70,90 @@ PNG_NAME = re.compile(r"^(\d{6,})\.png$")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample images for FID (PNGs + one .npz).")
     group = parser.add_argument_group("model")
-    group.add_argument("--ckpt", type=str, required=True,
-                       help="our .pt checkpoint, our .safetensors export, or REPA's SiT .pt")
-    group.add_argument("--model", type=str, default=None,
-                       help="only for a REPA checkpoint whose SiT variant cannot be inferred")
-    group.add_argument("--vae", type=str, default="ema",
-                       help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or "
-                            "tiny-random (test stand-in)")
+    group.add_argument(
+        "--ckpt",
+        type=str,
+        required=True,
+        help="our .pt checkpoint, our .safetensors export, or REPA's SiT .pt",
+    )
+    group.add_argument(
+        "--model",
+        type=str,
+        default=None,
+        help="only for a REPA checkpoint whose SiT variant cannot be inferred",
+    )
+    group.add_argument(
+        "--vae",
+        type=str,
+        default="ema",
+        help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or "
+        "tiny-random (test stand-in)",
+    )
     group = parser.add_argument_group("sampler (explicit flags override --preset)")
-    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="paper-main: SDE 250 steps, cfg 1.65, [0, 0.7] (Table 4); "
-                            "ablation: Euler ODE 50 steps, cfg 1.8, [0, 0.7] (Tables 5-8)")
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="paper-main: SDE 250 steps, cfg 1.65, [0, 0.7] (Table 4); "
+        "ablation: Euler ODE 50 steps, cfg 1.8, [0, 0.7] (Tables 5-8)",
+    )
     group.add_argument("--mode", choices=["sde", "ode"], default=None, help="default: sde")
     group.add_argument("--num-steps", type=int, default=None, help="default: 250")
-    group.add_argument("--heun", action=argparse.BooleanOptionalAction, default=None,
-                       help="Heun instead of Euler steps (ODE only); default: off")
+    group.add_argument(
+        "--heun",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Heun instead of Euler steps (ODE only); default: off",
+    )
     group.add_argument("--cfg-scale", type=float, default=None, help="default: 1 (no guidance)")
-    group.add_argument("--guidance-low", "--guidance_low", type=float, default=None,
-                       help="guidance only for t >= this (t = 1 is noise); default: 0")
-    group.add_argument("--guidance-high", "--guidance_high", type=float, default=None,
-                       help="guidance only for t <= this; default: 1")
-    group.add_argument("--path-type", choices=["linear", "cosine"], default=None,
-                       help="default: the path the checkpoint was trained with, else linear")
+    group.add_argument(
+        "--guidance-low",
+        "--guidance_low",
+        type=float,
+        default=None,
+        help="guidance only for t >= this (t = 1 is noise); default: 0",
+    )
+    group.add_argument(
+        "--guidance-high",
+        "--guidance_high",
+        type=float,
+        default=None,
+        help="guidance only for t <= this; default: 1",
+    )
+    group.add_argument(
+        "--path-type",
+        choices=["linear", "cosine"],
+        default=None,
+        help="default: the path the checkpoint was trained with, else linear",
+    )
     group = parser.add_argument_group("output")
-    group.add_argument("--sample-dir", type=str, required=True,
-                       help="folder of PNGs (and settings.json); the .npz goes beside it")
+    group.add_argument(
+        "--sample-dir",
+        type=str,
+        required=True,
+        help="folder of PNGs (and settings.json); the .npz goes beside it",
+    )
     group.add_argument("--num-fid-samples", type=int, default=50_000)
-    group.add_argument("--per-proc-batch-size", type=int, default=32,
-                       help="images per process per batch; does not change the images")
+    group.add_argument(
+        "--per-proc-batch-size",
+        type=int,
+        default=32,
+        help="images per process per batch; does not change the images",
+    )
     group.add_argument("--global-seed", type=int, default=0)
-    group.add_argument("--label-sampling", choices=["random", "balanced"], default="random",
-                       help="random: uniform labels; balanced: exactly N/num_classes per class")
-    group.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
-                       help="model precision on GPU: fp32 (TF32 off), tf32 (REPA's default), "
-                            "bf16 autocast; the sampler state is float64 and the VAE fp32")
+    group.add_argument(
+        "--label-sampling",
+        choices=["random", "balanced"],
+        default="random",
+        help="random: uniform labels; balanced: exactly N/num_classes per class",
+    )
+    group.add_argument(
+        "--precision",
+        choices=["fp32", "tf32", "bf16"],
+        default="tf32",
+        help="model precision on GPU: fp32 (TF32 off), tf32 (REPA's default), "
+        "bf16 autocast; the sampler state is float64 and the VAE fp32",
+    )
     args = parser.parse_args(argv)
     resolve_sampling_args(args)
     validate_args(parser, args)
@@ -160,8 +211,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def sample_batch(
-    model: torch.nn.Module,
-    vae: torch.nn.Module,
+    model: AlignedDiffusionTransformer,
+    vae: LatentAutoencoder,
     indices: list[int],
     args: argparse.Namespace,
     labels: torch.Tensor | None,
@@ -208,7 +259,9 @@ def sample_batch(
 #################################################################################
 
 
-def sampling_settings(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Any]:
+def sampling_settings(
+    args: argparse.Namespace, model: AlignedDiffusionTransformer
+) -> dict[str, Any]:
     """Everything the images depend on (not the batch size or the number of processes)."""
     settings = {
         "ckpt": os.path.abspath(args.ckpt),
@@ -353,7 +406,9 @@ def set_precision(precision: str) -> None:
     torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
-def check_model(model: torch.nn.Module, vae: torch.nn.Module, args: argparse.Namespace) -> None:
+def check_model(
+    model: AlignedDiffusionTransformer, vae: LatentAutoencoder, args: argparse.Namespace
+) -> None:
     has_null_class = model.y_embedder.embedding_table.num_embeddings > model.num_classes
     if args.cfg_scale != 1.0 and not has_null_class:
         raise ValueError("the model has no null class (trained without label dropout), so it "
@@ -364,8 +419,8 @@ def check_model(model: torch.nn.Module, vae: torch.nn.Module, args: argparse.Nam
 
 
 def generate_samples(
-    model: torch.nn.Module,
-    vae: torch.nn.Module,
+    model: AlignedDiffusionTransformer,
+    vae: LatentAutoencoder,
     todo: list[int],
     args: argparse.Namespace,
     labels: torch.Tensor | None,
@@ -416,8 +471,10 @@ def main(args: argparse.Namespace) -> None:
     )
     if rank == 0:
         done = args.num_fid_samples - len(missing)
-        print(f"{args.sample_dir}: {done} of {args.num_fid_samples} images present, sampling "
-              f"{len(missing)} on {world_size} process(es); settings: {json.dumps(settings)}")
+        print(
+            f"{args.sample_dir}: {done} of {args.num_fid_samples} images present, sampling "
+            f"{len(missing)} on {world_size} process(es); settings: {json.dumps(settings)}"
+        )
     generate_samples(model, vae, missing[rank::world_size], args, labels, device, rank)
 
     barrier()  # every PNG is written

@@ -27,12 +27,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from itertools import pairwise
+from typing import Protocol
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from loss import interpolant
+
+
+class VelocityModel(Protocol):
+    """What the samplers need of a model: `model(x, t, y) -> (v, zs)` and its null class index."""
+
+    num_classes: int
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]: ...
+
 
 # What `euler_maruyama_sampler(noises=...)` accepts: None (the global RNG, REPA's behaviour), a
 # (num_steps - 1, N, C, H, W) tensor, a callable step -> (N, C, H, W), or one torch.Generator per
@@ -52,7 +61,7 @@ def get_score_from_velocity(vt: Tensor, xt: Tensor, t: Tensor, path_type: str = 
     return (reverse_alpha_ratio * vt - xt) / var
 
 
-def compute_diffusion(t_cur: Tensor | float) -> Tensor | float:
+def compute_diffusion(t_cur: Tensor) -> Tensor:
     """Diffusion coefficient w(t) = 2t of REPA's released SDE sampler."""
     return 2 * t_cur
 
@@ -63,7 +72,7 @@ def guidance_active(t: Tensor | float, cfg_scale: float, low: float, high: float
 
 
 def model_velocity(
-    model: nn.Module, x: Tensor, t: Tensor | float, y: Tensor, guided: bool, dtype: torch.dtype
+    model: VelocityModel, x: Tensor, t: Tensor | float, y: Tensor, guided: bool, dtype: torch.dtype
 ) -> Tensor:
     """v(x, t | y) in float64: (N, ...), or, when `guided`, (2N, ...) with the conditional half
     first and the null-class half second (one forward for both).
@@ -87,7 +96,7 @@ def apply_guidance(out: Tensor, cfg_scale: float, guided: bool) -> Tensor:
 
 @torch.no_grad()
 def euler_sampler(
-    model: nn.Module,
+    model: VelocityModel,
     latents: Tensor,
     y: Tensor,
     num_steps: int = 20,
@@ -152,7 +161,7 @@ def sde_noise_source(noises: NoiseSpec, x: Tensor, num_draws: int) -> Callable[[
 
 @torch.no_grad()
 def euler_maruyama_sampler(
-    model: nn.Module,
+    model: VelocityModel,
     latents: Tensor,
     y: Tensor,
     num_steps: int = 20,

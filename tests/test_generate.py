@@ -85,8 +85,14 @@ def test_presets_and_explicit_overrides():
     assert plain.path_type is None  # taken from the checkpoint's training args
 
 
-@pytest.mark.parametrize("bad", [["--mode", "sde", "--heun"], ["--guidance-low", "0.8",
-                                 "--guidance-high", "0.7"], ["--per-proc-batch-size", "0"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--mode", "sde", "--heun"],
+        ["--guidance-low", "0.8", "--guidance-high", "0.7"],
+        ["--per-proc-batch-size", "0"],
+    ],
+)
 def test_invalid_flags_are_refused(bad):
     with pytest.raises(SystemExit):
         parse_args(["--ckpt", "c.pt", "--sample-dir", "s", *bad])
