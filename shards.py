@@ -149,6 +149,8 @@ class ShardWriter:
         self.root, self.shard, self.modalities, self.capacity = root, shard, modalities, capacity
         os.makedirs(os.path.join(root, SHARD_DIR), exist_ok=True)
         remove_stale_temporaries(root, shard)  # from an interrupted run
+        if os.path.exists(sidecar_path(root, shard)):  # rewriting a damaged shard: not done yet
+            os.remove(sidecar_path(root, shard))
         self.count = 0
         self.sources: list[str] = []
         self.excluded: list[dict[str, str]] = []
@@ -319,7 +321,10 @@ def load_manifest(root: str) -> dict[str, Any]:
     path = os.path.join(root, MANIFEST)
     if os.path.exists(path):
         manifest = read_json(path)
-        if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        if (
+            manifest.get("format") != FORMAT_NAME
+            or manifest.get("format_version") != FORMAT_VERSION
+        ):
             raise DatasetError(
                 f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} manifest; rebuild the dataset "
                 f"with {PREPARE} into a new --dest"
@@ -349,6 +354,7 @@ class ShardReader:
         self.root = root
         self.manifest = manifest
         self.modalities = [modality_from_manifest(n, manifest["modalities"][n]) for n in names]
+        self._by_name = {m.name: m for m in self.modalities}
         counts = np.asarray([s["num_samples"] for s in manifest["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
         self._maps: dict[tuple[str, int], Any] = {}
@@ -363,8 +369,8 @@ class ShardReader:
         command = self.manifest.get("command", f"{PREPARE} ... --dest {self.root}")
         return (
             f"delete {os.path.join(self.root, SHARD_DIR, f'*-{shard:05d}.*')}, "
-            f"{sidecar_path(self.root, shard)} and {os.path.join(self.root, MANIFEST)}, then re-run "
-            f"the command that built it (only the missing shard is rebuilt): {command}"
+            f"{sidecar_path(self.root, shard)} and {os.path.join(self.root, MANIFEST)}, then "
+            f"re-run the command that built it (only the missing shard is rebuilt): {command}"
         )
 
     def _expected(self) -> list[tuple[int, str, dict[str, Any]]]:
@@ -395,6 +401,7 @@ class ShardReader:
 
     def _check_header(self, s: int, m: Modality, n: int) -> None:
         files = m.files(s)
+        shape: tuple[int, ...]
         if m.encoding == "png":
             path, dtype, shape = files[1], np.dtype(np.int64), (n + 1,)
         else:
@@ -407,7 +414,9 @@ class ShardReader:
                 )
                 got_shape, _, got_dtype = read_header(f)
             except ValueError as err:
-                raise DatasetError(f"{path} is not a valid .npy file; {self._rebuild_hint(s)}") from err
+                raise DatasetError(
+                    f"{path} is not a valid .npy file; {self._rebuild_hint(s)}"
+                ) from err
         if tuple(got_shape) != shape or got_dtype != dtype:
             raise DatasetError(
                 f"{path} holds {got_dtype} {tuple(got_shape)}, the manifest says {dtype} {shape}; "
@@ -437,18 +446,21 @@ class ShardReader:
                 self._maps[key] = np.load(files[0], mmap_mode="r")
         return self._maps[key]
 
-    def read(self, name: str, i: int) -> np.ndarray:
-        """One sample of one modality as a fresh (writable) array."""
-        m = next(m for m in self.modalities if m.name == name)
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        """Sample i of every opened modality, as fresh (writable) arrays."""
         shard, row = self.locate(i)
-        if m.encoding == "png":
-            blob, offsets = self._map(m, shard)
-            return decode_png(blob[offsets[row] : offsets[row + 1]].tobytes())
-        return np.array(self._map(m, shard)[row])
+        out = {}
+        for m in self.modalities:
+            if m.encoding == "png":
+                blob, offsets = self._map(m, shard)
+                out[m.name] = decode_png(blob[offsets[row] : offsets[row + 1]].tobytes())
+            else:
+                out[m.name] = np.array(self._map(m, shard)[row])
+        return out
 
     def read_all(self, name: str) -> np.ndarray:
         """A whole modality, concatenated over shards (for small ones such as labels)."""
-        m = next(m for m in self.modalities if m.name == name)
+        m = self._by_name[name]
         parts = [np.asarray(self._map(m, s)) for s in range(len(self.manifest["shards"]))]
         return np.concatenate(parts) if parts else np.empty((0, *m.shape), dtype=m.dtype)
 
@@ -458,4 +470,3 @@ def settings_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     differ = [k for k in keys if old.get(k) != new.get(k)]
     return [f"{k}: {old.get(k)!r} (on disk) vs {new.get(k)!r} (now)" for k in differ]
-

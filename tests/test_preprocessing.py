@@ -31,10 +31,15 @@ BAD = {"ant/broken.jpg", "moose/truncated.jpg", "zebra/empty.png"}
 # (width, height, mode, format): odd sizes, portrait and landscape, smaller than the crop,
 # large enough for two box halvings, and every mode ImageNet-like data throws at us
 SPECS = [
-    (40, 33, "RGB", "PNG"), (33, 51, "RGB", "JPEG"), (150, 131, "RGB", "PNG"),
-    (20, 27, "L", "PNG"), (64, 97, "CMYK", "JPEG"), (45, 45, "RGBA", "PNG"),
-    (71, 38, "P", "PNG"), (36, 80, "LA", "PNG"),
-]  # fmt: skip
+    (40, 33, "RGB", "PNG"),
+    (33, 51, "RGB", "JPEG"),
+    (150, 131, "RGB", "PNG"),
+    (20, 27, "L", "PNG"),
+    (64, 97, "CMYK", "JPEG"),
+    (45, 45, "RGBA", "PNG"),
+    (71, 38, "P", "PNG"),
+    (36, 80, "LA", "PNG"),
+]
 
 
 def make_image(w: int, h: int, mode: str, fmt: str, seed: int) -> bytes:
@@ -87,10 +92,28 @@ def reference_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 def prepare(source: str, dest: str, *extra: str) -> dict:
-    argv = ["--source", source, "--dest", dest, "--vae", "tiny-random", "--enc-type",
-            ENCODER_STANDIN, "--resolution", str(RES), "--shard-size", "5", "--batch-size", "3",
-            "--num-workers", "0", *extra]  # fmt: skip
-    return main(parse_args(argv))
+    argv = [
+        "--source",
+        source,
+        "--dest",
+        dest,
+        "--vae",
+        "tiny-random",
+        "--enc-type",
+        ENCODER_STANDIN,
+        "--resolution",
+        str(RES),
+        "--shard-size",
+        "5",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+        *extra,
+    ]
+    manifest = main(parse_args(argv))
+    assert manifest is not None
+    return manifest
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +159,8 @@ def test_center_crop_known_steps():
 
 @pytest.mark.parametrize("spec", SPECS + [(30, 50, "1", "PNG"), (40, 30, "I;16", "TIFF")])
 def test_every_mode_becomes_rgb(spec):
-    data = make_image(*spec, seed=1)
+    w, h, mode, fmt = spec
+    data = make_image(w, h, mode, fmt, seed=1)
     out = load_image(data, RES)
     assert out.shape == (RES, RES, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, reference_crop(Image.open(io.BytesIO(data)), RES))
@@ -182,7 +206,9 @@ def test_pipeline_stores_what_the_standins_compute(folder, built):
     assert {e["path"] for e in manifest["excluded"]} == BAD
     assert all(e["reason"] and "0x" not in e["reason"] for e in manifest["excluded"])
     assert manifest["classes"] == sorted(CLASSES) and manifest["class_counts"] == [8, 8, 8]
-    sources = [p for s in range(6) for p in shards.read_json(shards.sidecar_path(dest, s))["sources"]]
+    sources = [
+        p for s in range(6) for p in shards.read_json(shards.sidecar_path(dest, s))["sources"]
+    ]
     assert sources == order
 
     crops = np.stack([reference_crop(Image.open(io.BytesIO(good[p])), RES) for p in order])
@@ -223,28 +249,53 @@ def test_labels_file_and_no_features(folder, tmp_path):
     chosen = sorted(good)[::3]
     labels_file = tmp_path / "labels.json"
     labels_file.write_text(json.dumps({p: 7 - k % 3 for k, p in enumerate(chosen)}))
-    manifest = prepare(root, str(tmp_path / "l"), "--labels", str(labels_file),
-                       "--enc-type", "none")  # fmt: skip
+    manifest = prepare(
+        root, str(tmp_path / "l"), "--labels", str(labels_file), "--enc-type", "none"
+    )
     assert manifest["num_classes"] == 8 and manifest["num_samples"] == len(chosen)
     unlisted = {e["path"] for e in manifest["excluded"] if "--labels" in e["reason"]}
     # with a labels file, images outside class folders count too (flat folders are allowed)
     assert unlisted == (set(good) | BAD | {"top-level.png"}) - set(chosen)
     ds = LatentDataset(str(tmp_path / "l"))
     assert ds.labels().tolist() == [7 - k % 3 for k in range(len(chosen))]
-    assert ds[0]["features"] == [] and not any(m.startswith("features") for m in ds.manifest["modalities"])
+    assert ds[0]["features"] == [] and not any(
+        m.startswith("features") for m in ds.manifest["modalities"]
+    )
 
 
 def test_two_processes_write_the_same_dataset(folder, built, tmp_path):
     dest = str(tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "preprocessing/prepare.py", "--source", folder[0], "--dest", dest, "--vae", "tiny-random",
-           "--enc-type", ENCODER_STANDIN, "--resolution", str(RES), "--shard-size", "5",
-           "--batch-size", "3", "--num-workers", "1", "--save-pixels"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "preprocessing/prepare.py",
+        "--source",
+        folder[0],
+        "--dest",
+        dest,
+        "--vae",
+        "tiny-random",
+        "--enc-type",
+        ENCODER_STANDIN,
+        "--resolution",
+        str(RES),
+        "--shard-size",
+        "5",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "1",
+        "--save-pixels",
+    ]
     # torchrun would set 1 thread per process; CPU kernels round differently with other thread
     # counts, so keep the reference's count to compare bits
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[:3000] + "\n...\n" + result.stderr[-3000:]
     assert "[rank 1]" in result.stderr  # both ranks worked
     manifest = shards.read_json(os.path.join(dest, shards.MANIFEST))
     reference = built[1]
@@ -264,7 +315,7 @@ def mtimes(dest: str, shard: int) -> dict[str, int]:
 
 def test_interrupted_run_resumes_to_the_same_dataset(folder, built, tmp_path, monkeypatch):
     dest = str(tmp_path / "r")
-    published = []
+    published: list[int] = []
     original = shards.ShardWriter.publish
 
     def crash_after_first_shard(self):
@@ -305,7 +356,9 @@ def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
 
 
 def test_destination_with_other_settings_is_a_clear_error(folder, built, tmp_path):
-    with pytest.raises(SystemExit, match=r"(?s)other settings:\n  encoders.*\n  pixels.*new --dest"):
+    with pytest.raises(
+        SystemExit, match=r"(?s)other settings:\n  encoders.*\n  pixels.*new --dest"
+    ):
         prepare(folder[0], built[0], "--enc-type", "none")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "photo.jpg").write_bytes(b"")
