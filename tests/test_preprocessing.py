@@ -91,26 +91,15 @@ def reference_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.array(image.crop((left, top, left + size, top + size)))
 
 
+def prepare_argv(source: str, dest: str, *extra: str) -> list[str]:
+    """The test settings: tiny stand-ins, 32 px, shards of 5 files, batches of 3; `extra` wins."""
+    flags = f"--vae tiny-random --enc-type {ENCODER_STANDIN} --resolution {RES} --shard-size 5"
+    flags += " --batch-size 3 --num-workers 0"
+    return ["--source", source, "--dest", dest, *flags.split(), *extra]
+
+
 def prepare(source: str, dest: str, *extra: str) -> dict:
-    argv = [
-        "--source",
-        source,
-        "--dest",
-        dest,
-        "--vae",
-        "tiny-random",
-        "--enc-type",
-        ENCODER_STANDIN,
-        "--resolution",
-        str(RES),
-        "--shard-size",
-        "5",
-        "--batch-size",
-        "3",
-        "--num-workers",
-        "0",
-        *extra,
-    ]
+    argv = prepare_argv(source, dest, *extra)
     manifest = main(parse_args(argv))
     assert manifest is not None
     return manifest
@@ -265,32 +254,9 @@ def test_labels_file_and_no_features(folder, tmp_path):
 
 def test_two_processes_write_the_same_dataset(folder, built, tmp_path):
     dest = str(tmp_path / "two")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "preprocessing/prepare.py",
-        "--source",
-        folder[0],
-        "--dest",
-        dest,
-        "--vae",
-        "tiny-random",
-        "--enc-type",
-        ENCODER_STANDIN,
-        "--resolution",
-        str(RES),
-        "--shard-size",
-        "5",
-        "--batch-size",
-        "3",
-        "--num-workers",
-        "1",
-        "--save-pixels",
-    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    argv = prepare_argv(folder[0], dest, "--num-workers", "1", "--save-pixels")
+    cmd = [*torchrun, "preprocessing/prepare.py", *argv]
     # torchrun would set 1 thread per process; CPU kernels round differently with other thread
     # counts, so keep the reference's count to compare bits
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
