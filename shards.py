@@ -243,8 +243,9 @@ class ShardWriter:
         remove_stale_temporaries(self.root, self.shard)
 
 
-def _write_prefix(array: np.memmap, count: int, path: str, chunk: int = 1024) -> None:
+def _write_prefix(array: np.memmap, count: int, path: str) -> None:
     """Replace `path` by an .npy holding the first `count` rows of `array`, in bounded memory."""
+    chunk = max(1, (64 << 20) // max(1, array[0].nbytes))  # rows per 64 MiB copy
     trimmed_path = path + ".trim"
     if count == 0:
         with open(trimmed_path, "wb") as f:  # a zero-length memmap cannot be created
@@ -286,7 +287,7 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Gather the shard sidecars into `manifest.json` (written last). `header` holds the
     dataset-level entries (settings, classes, resolution, ...)."""
-    shards, excluded, class_counts = [], [], np.zeros(0, dtype=np.int64)
+    entries, excluded, class_counts = [], [], np.zeros(0, dtype=np.int64)
     for s in range(num_shards):
         sidecar = completed_shard(root, s, modalities)
         if sidecar is None:
@@ -294,17 +295,17 @@ def write_manifest(
         labels = np.load(os.path.join(root, SHARD_DIR, f"labels-{s:05d}.npy"))
         counts = np.bincount(labels, minlength=len(class_counts))
         class_counts = np.pad(class_counts, (0, len(counts) - len(class_counts))) + counts
-        shards.append({"num_samples": sidecar["num_samples"], "files": sidecar["files"]})
+        entries.append({"num_samples": sidecar["num_samples"], "files": sidecar["files"]})
         excluded.extend(sidecar["excluded"])
     num_classes = header.get("num_classes", len(class_counts))
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         **header,
-        "num_samples": sum(s["num_samples"] for s in shards),
+        "num_samples": sum(e["num_samples"] for e in entries),
         "class_counts": np.pad(class_counts, (0, num_classes - len(class_counts))).tolist(),
         "modalities": {m.name: m.describe() for m in modalities},
-        "shards": shards,
+        "shards": entries,
         "excluded": sorted(header.get("excluded", []) + excluded, key=lambda e: e["path"]),
     }
     write_json_atomic(os.path.join(root, MANIFEST), manifest)

@@ -12,6 +12,7 @@ the manifest is written once every shard is complete.
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import shlex
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 import shards
 from frozen import (
+    ENCODER_STANDIN,
     ENCODERS,
     VAE_IDS,
     VAE_SCALE,
@@ -81,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--enc-type",
         default="dinov2-vit-b",
-        help=f"comma-separated encoders ({', '.join(ENCODERS)},\n"
-        "dinov2-vit-tiny-random for tests), or 'none' to store no features",
+        help="comma-separated DINOv2 encoders: dinov2-vit-{s,b,l,g}, optionally with _reg\n"
+        "(e.g. dinov2-vit-b,dinov2-vit-l_reg); 'none' stores no features;\n"
+        f"{ENCODER_STANDIN} is the test stand-in",
     )
     p.add_argument(
         "--enc-weights",
@@ -99,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pixel-format",
         choices=["png", "npy"],
         default="png",
-        help="png: lossless and ~2/3 the size, decoded on read; npy: raw uint8",
+        help="png: lossless, smaller, one PNG decode per read; npy: raw uint8, fastest",
     )
     p.add_argument("--shard-size", type=int, default=10000, help="source images per shard")
     p.add_argument(
@@ -379,6 +382,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     barrier()
     if rank == 0:
         os.makedirs(args.dest, exist_ok=True)
+        for stale in glob.glob(os.path.join(args.dest, "*.json.tmp*")):  # a killed JSON write
+            os.remove(stale)
         record = {"settings": settings, "command": command_line(args)}
         shards.write_json_atomic(os.path.join(args.dest, shards.SETTINGS), record)
         if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
@@ -449,7 +454,7 @@ def print_plan(
     )
     for m in modalities:
         per_sample = int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
-        note = " (raw size; PNG is about 2/3 of it)" if m.encoding == "png" else ""
+        note = " (raw size; PNG is smaller)" if m.encoding == "png" else ""
         print(
             f"  {m.name:<28} {m.dtype:<8} {m.shape!s:<18} "
             f"{per_sample * len(source) / 2**30:9.2f} GiB{note}"

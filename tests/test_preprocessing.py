@@ -298,14 +298,16 @@ def test_interrupted_run_resumes_to_the_same_dataset(folder, built, tmp_path, mo
     with pytest.raises(shards.DatasetError, match="incomplete.*re-running the same command"):
         LatentDataset(dest)
     # what a SIGKILL leaves: a half-written temporary file of the next shard
-    with open(os.path.join(dest, shards.SHARD_DIR, "moments-00001.npy.tmp"), "wb") as f:
-        f.write(b"half a shard")
+    for leftover in ["shards/moments-00001.npy.tmp", "manifest.json.tmp123"]:
+        with open(os.path.join(dest, leftover), "wb") as f:
+            f.write(b"half a file")
     first = mtimes(dest, 0)
 
     manifest = prepare(folder[0], dest, "--save-pixels")
     assert mtimes(dest, 0) == first  # the completed shard was not rewritten
     assert shard_files(manifest) == shard_files(built[1])
-    assert not [p for p in os.listdir(os.path.join(dest, shards.SHARD_DIR)) if ".tmp" in p]
+    leftovers = os.listdir(dest) + os.listdir(os.path.join(dest, shards.SHARD_DIR))
+    assert not [p for p in leftovers if ".tmp" in p]
 
 
 def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
