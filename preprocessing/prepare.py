@@ -40,7 +40,13 @@ from frozen import (
     load_vae,
     parse_encoder_list,
 )
-from preprocessing.sources import CroppedImages, ImageSource, SourceError, collate_cropped
+from preprocessing.sources import (
+    CroppedImages,
+    ImageSource,
+    SourceError,
+    collate_cropped,
+    exit_with_parent,
+)
 
 logger = logging.getLogger("prepare")
 
@@ -324,6 +330,7 @@ def encode_shards(
         batch_sampler=batches,
         num_workers=args.num_workers,
         collate_fn=collate_cropped,
+        worker_init_fn=exit_with_parent,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if args.num_workers else None,
     )

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -308,6 +309,34 @@ def test_interrupted_run_resumes_to_the_same_dataset(folder, built, tmp_path, mo
     assert shard_files(manifest) == shard_files(built[1])
     leftovers = os.listdir(dest) + os.listdir(os.path.join(dest, shards.SHARD_DIR))
     assert not [p for p in leftovers if ".tmp" in p]
+
+
+def test_killed_run_resumes_to_the_same_dataset(tmp_path):
+    """A real SIGKILL (no cleanup runs) right after the first shard is published."""
+    root = str(tmp_path / "src")
+    for k in range(120):  # enough images that the run is still busy when it is killed
+        os.makedirs(os.path.join(root, f"c{k % 4}"), exist_ok=True)
+        with open(os.path.join(root, f"c{k % 4}", f"{k}.png"), "wb") as f:
+            f.write(make_image(30 + k % 7, 36, "RGB", "PNG", seed=k))
+    argv = prepare_argv(root, str(tmp_path / "killed"), "--save-pixels")
+    cmd = [sys.executable, "preprocessing/prepare.py", *argv]
+    first = shards.sidecar_path(str(tmp_path / "killed"), 0)
+    run = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists(first) and run.poll() is None:
+        time.sleep(0.005)
+    run.kill()
+    run.wait()
+    assert os.path.exists(first), "the run failed before its first shard"
+    assert not os.path.exists(str(tmp_path / "killed" / shards.MANIFEST)), "killed too late"
+    published = mtimes(str(tmp_path / "killed"), 0)
+
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = shards.read_json(str(tmp_path / "killed" / shards.MANIFEST))
+    reference = prepare(root, str(tmp_path / "reference"), "--save-pixels")
+    assert resumed["num_samples"] == 120
+    assert mtimes(str(tmp_path / "killed"), 0) == published  # not rewritten
+    assert shard_files(resumed) == shard_files(reference)
 
 
 def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
