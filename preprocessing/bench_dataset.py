@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+IMAGENET_CLASSES = 1000  # the synthetic data mimics ImageNet 256's shapes and label range
+
+
 def write_synthetic(root: str, n: int, pixels: str, shard_size: int = 2000) -> None:
     """N random samples of real shapes, written through the same ShardWriter as prepare.py."""
     rng = np.random.default_rng(0)
@@ -75,7 +78,7 @@ def write_synthetic(root: str, n: int, pixels: str, shard_size: int = 2000) -> N
         for b in range(0, k, 250):
             m = min(250, k - b)
             rows = {
-                "labels": rng.integers(0, 1000, m),
+                "labels": rng.integers(0, IMAGENET_CLASSES, m),
                 "moments": rng.standard_normal((m, 8, 32, 32), dtype=np.float32),
                 "features-dinov2-vit-b": rng.standard_normal(
                     (m, 256, 768), dtype=np.float32
@@ -91,7 +94,7 @@ def write_synthetic(root: str, n: int, pixels: str, shard_size: int = 2000) -> N
                 )
             writer.add(rows, [f"synthetic/{a + b + j}" for j in range(m)])
         writer.publish()
-    header = {"resolution": 256, "num_classes": 1000, "settings": {"synthetic": n}}
+    header = {"resolution": 256, "num_classes": IMAGENET_CLASSES, "settings": {"synthetic": n}}
     shards.write_manifest(root, modalities, len(starts), header)
 
 
