@@ -1,0 +1,94 @@
+"""The training set written by `preprocessing/prepare.py`: VAE moments, encoder features, labels
+and (optionally) pixels, read from memory-mapped shards (format: `shards.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from frozen import encoder_dim
+from shards import PREPARE, DatasetError, ShardReader, load_manifest
+
+
+class LatentDataset(Dataset):
+    """Sample i -> {"moments": float32 (8, h, w) [mean, std], "label": int64 0-d,
+    "features": [(T, D) float16 per requested encoder], "pixels": uint8 (3, H, W) if asked}.
+
+    `encoders=None` returns every stored encoder (in the order they were stored), `[]` none (the
+    online-encoder mode, with `pixels=True`). `resolution`, if given, must match the stored
+    crop size. Opening checks the manifest against the request and every shard file's size and
+    header (cheap); `verify()` also checks every checksum (reads everything).
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        encoders: list[str] | None = None,
+        pixels: bool = False,
+        resolution: int | None = None,
+    ):
+        self.data_dir = data_dir
+        self.manifest: dict[str, Any] = load_manifest(data_dir)
+        prefix = "features-"
+        stored = [m[len(prefix) :] for m in self.manifest["modalities"] if m.startswith(prefix)]
+        self.encoders: list[str] = list(stored if encoders is None else encoders)
+        self.pixels = pixels
+        self.resolution: int = self.manifest["resolution"]
+        self.num_classes: int = self.manifest["num_classes"]
+        self._check_request(stored, resolution)
+        names = ["labels", "moments", *(f"features-{e}" for e in self.encoders)]
+        self._reader = ShardReader(data_dir, self.manifest, names + (["pixels"] if pixels else []))
+        self._reader.check()
+
+    def _check_request(self, stored: list[str], resolution: int | None) -> None:
+        built_with = f"(it was built with: {self.manifest.get('command', PREPARE)})"
+        if resolution is not None and resolution != self.resolution:
+            raise DatasetError(
+                f"{self.data_dir} holds {self.resolution}-px data, {resolution} px was asked for; "
+                f"prepare a dataset with {PREPARE} --resolution {resolution} {built_with}"
+            )
+        for name in self.encoders:
+            if name not in stored:
+                raise DatasetError(
+                    f"{self.data_dir} has no features of encoder {name!r} (it stores: "
+                    f"{', '.join(stored) or 'none'}); prepare a dataset that has them, into a new "
+                    f"--dest, with {PREPARE} --enc-type {','.join(self.encoders)} {built_with}"
+                )
+            dim = self.manifest["modalities"][f"features-{name}"]["shape"][-1]
+            if dim != encoder_dim(name):
+                raise DatasetError(f"features-{name} in {self.data_dir} are {dim}-d, but {name} "
+                                   f"has {encoder_dim(name)}-d features")  # fmt: skip
+        if self.pixels and "pixels" not in self.manifest["modalities"]:
+            raise DatasetError(
+                f"{self.data_dir} stores no pixels (needed by the online-encoder mode); prepare a "
+                f"dataset with {PREPARE} --save-pixels {built_with}"
+            )
+
+    def __len__(self) -> int:
+        return len(self._reader)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        read = self._reader.read
+        sample = {
+            "moments": torch.from_numpy(read("moments", i).astype(np.float32, copy=False)),  # (8, h, w)
+            "label": torch.tensor(int(read("labels", i)), dtype=torch.int64),
+            "features": [torch.from_numpy(read(f"features-{e}", i)) for e in self.encoders],
+        }
+        if self.pixels:
+            sample["pixels"] = torch.from_numpy(read("pixels", i))  # (3, H, W) uint8
+        return sample
+
+    def labels(self) -> np.ndarray:
+        """Every sample's label, (N,) int64 (reads only the small label shards)."""
+        return self._reader.read_all("labels")
+
+    def verify(self) -> None:
+        """Recompute every shard file's SHA-256 against the manifest; raises DatasetError."""
+        self._reader.verify()

@@ -1,0 +1,218 @@
+"""Reading the source images: an ImageFolder tree or a zip of one, labels, and ADM's centre crop."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from shards import encode_png
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pbm"}  # fmt: skip
+
+
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's centre crop (guided-diffusion `image_datasets.py`): (size, size, C) uint8.
+
+    Halve with a box filter while the short side is at least 2·size (anti-aliasing for large
+    images), bicubic-resize so the short side is `size`, then take the centre square.
+    """
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(image.size)
+    new_size = tuple(round(s * scale) for s in image.size)
+    image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    pixels = np.asarray(image)  # (H, W, C)
+    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    return pixels[top : top + size, left : left + size]
+
+
+def load_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> centre-cropped RGB (size, size, 3) uint8.
+
+    Every mode goes through PIL's `convert("RGB")` as in ADM: greyscale is replicated, CMYK and
+    palette images are converted, and an alpha channel is dropped.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decode now, so that truncated files fail here
+        rgb = image.convert("RGB")
+    return np.ascontiguousarray(center_crop_arr(rgb, size))
+
+
+#################################################################################
+#                                  Image sources                                #
+#################################################################################
+
+
+class SourceError(ValueError):
+    """The --source (or --labels) cannot be used; the message says what to do."""
+
+
+class ImageSource:
+    """The sorted list of images of an ImageFolder tree or a zip of one, with their labels.
+
+    Labels are the index of the class folder (the first path component) among the sorted class
+    folders, as torchvision's ImageFolder, unless a labels file maps relative path -> label.
+    Paths are kept in NumPy arrays so that forked DataLoader workers share them (no per-object
+    reference counts to copy).
+    """
+
+    def __init__(self, source: str, labels_file: str | None = None):
+        if not os.path.exists(source):
+            raise SourceError(f"--source {source!r} does not exist; pass an ImageFolder directory "
+                              "(one sub-folder per class) or a .zip of one")  # fmt: skip
+        self.source = source
+        self.is_zip = os.path.isfile(source)
+        if self.is_zip and not zipfile.is_zipfile(source):
+            raise SourceError(f"--source {source!r} is a file but not a zip archive")
+        self._zip: tuple[int, zipfile.ZipFile] | None = None
+        self.prefix = ""  # zips made of a top folder (`zip -r train.zip train/`) keep it in names
+        names = self._list_images()
+        if labels_file is None:
+            files, labels, self.classes = _folder_labels(names, source)
+            self.unlabelled: list[str] = []
+        else:
+            files, labels, self.unlabelled = _file_labels(names, labels_file)
+            self.classes = []
+        if not files:
+            raise SourceError(f"no labelled images found in --source {source!r}")
+        self.files = np.asarray([f.encode() for f in files])  # (N,) bytes, sorted
+        self.labels = np.asarray(labels, dtype=np.int64)  # (N,)
+        self.num_classes = len(self.classes) or int(self.labels.max()) + 1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, i: int) -> str:
+        return self.files[i].decode()
+
+    def _list_images(self) -> list[str]:
+        if self.is_zip:
+            with zipfile.ZipFile(self.source) as z:
+                names = [n for n in z.namelist() if _is_image(n)]
+            tops = {n.split("/", 1)[0] for n in names}
+            if len(tops) == 1 and any(n.count("/") >= 2 for n in names):
+                # one top folder above the class folders (`zip -r train.zip train/`): drop it
+                self.prefix = tops.pop() + "/"
+                names = [n[len(self.prefix) :] for n in names]
+        else:
+            names = []
+            for folder, dirs, files in os.walk(self.source, followlinks=True):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                rel = os.path.relpath(folder, self.source)
+                for f in files:
+                    path = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
+                    if _is_image(path):
+                        names.append(path)
+        if not names:
+            raise SourceError(f"--source {self.source!r} contains no images "
+                              f"(extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")  # fmt: skip
+        return sorted(names)
+
+    def read(self, i: int) -> bytes:
+        """The encoded bytes of image i (opens the zip once per process: handles do not fork)."""
+        name = self.path(i)
+        if not self.is_zip:
+            with open(os.path.join(self.source, name), "rb") as f:
+                return f.read()
+        if self._zip is None or self._zip[0] != os.getpid():
+            self._zip = (os.getpid(), zipfile.ZipFile(self.source))
+        return self._zip[1].read(self.prefix + name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_zip": None}
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the (path, label) list: what decides the content of every shard."""
+        digest = hashlib.sha256()
+        for path, label in zip(self.files, self.labels, strict=True):
+            digest.update(path + b"\t" + str(int(label)).encode() + b"\n")
+        return digest.hexdigest()
+
+
+def _is_image(path: str) -> bool:
+    parts = path.split("/")
+    hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
+    return not hidden and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _folder_labels(names: list[str], source: str) -> tuple[list[str], list[int], list[str]]:
+    """ImageFolder labels: sorted class folders; images outside a class folder are ignored."""
+    names = [n for n in names if "/" in n]
+    classes = sorted({n.split("/", 1)[0] for n in names})
+    if not classes:
+        raise SourceError(f"--source {source!r} has images but no class sub-folders; arrange it "
+                          "as <class>/<image> or pass --labels FILE")  # fmt: skip
+    index = {c: k for k, c in enumerate(classes)}
+    return names, [index[n.split("/", 1)[0]] for n in names], classes
+
+
+def _file_labels(names: list[str], labels_file: str) -> tuple[list[str], list[int], list[str]]:
+    """Labels from a JSON object {relative path: label} or text lines `relative/path label`."""
+    if not os.path.isfile(labels_file):
+        raise SourceError(f"--labels {labels_file!r} does not exist")
+    with open(labels_file) as f:
+        if labels_file.endswith(".json"):
+            mapping = {str(k): int(v) for k, v in json.load(f).items()}
+        else:
+            rows = [line.rsplit(maxsplit=1) for line in f if line.strip()]
+            mapping = {path: int(label) for path, label in rows}
+    if any(v < 0 for v in mapping.values()):
+        raise SourceError(f"--labels {labels_file!r} has negative labels")
+    files = [n for n in names if n in mapping]
+    unlabelled = [n for n in names if n not in mapping]
+    return files, [mapping[n] for n in files], unlabelled
+
+
+#################################################################################
+#                          Decoding in DataLoader workers                       #
+#################################################################################
+
+
+class CroppedImages(Dataset):
+    """Item i -> (i, (3, R, R) uint8 or None, PNG bytes or None, failure reason or None).
+
+    A file that cannot be read or decoded is reported, never raised: it is excluded, not fatal.
+    """
+
+    def __init__(self, source: ImageSource, resolution: int, png: bool = False):
+        self.source, self.resolution, self.png = source, resolution, png
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, bytes | None, str | None]:
+        try:
+            image = load_image(self.source.read(i), self.resolution)  # (R, R, 3)
+        except Exception as err:  # PIL raises many types for corrupt data; all mean "excluded"
+            return i, None, None, failure_reason(err)
+        png = encode_png(image) if self.png else None
+        return i, image.transpose(2, 0, 1), png, None
+
+
+def failure_reason(err: Exception) -> str:
+    """The exception as a reason for the manifest, without object addresses (which would make
+    runs differ): PIL names the in-memory file `<_io.BytesIO object at 0x...>`."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "image data", f"{type(err).__name__}: {err}")
+
+
+def collate_cropped(items: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """A batch of CroppedImages items -> the decoded images and the failures, separately."""
+    ok = [item for item in items if item[3] is None]
+    pixels = np.stack([item[1] for item in ok]) if ok else np.zeros((0, 3, 1, 1), np.uint8)
+    return {
+        "index": [item[0] for item in ok],
+        "pixels": torch.from_numpy(pixels),  # (n_ok, 3, R, R) uint8
+        "png": [item[2] for item in ok],
+        "failed": [(item[0], item[3]) for item in items if item[3] is not None],
+    }

@@ -1,0 +1,461 @@
+"""The on-disk dataset format, defined once: `preprocessing/prepare.py` writes it, `dataset.py`
+reads it.
+
+A dataset directory holds a few large, memory-mappable files per modality (never one file per
+image):
+
+    settings.json                     the settings the directory is built with (checked on re-runs)
+    shards/labels-00000.npy           int64 (n,)
+    shards/moments-00000.npy          float32 (n, 8, h, w): SD-VAE posterior [mean, std]
+    shards/features-<enc>-00000.npy   float16 (n, T, D): final-norm patch tokens of one encoder
+    shards/pixels-00000.npy           uint8 (n, 3, H, W)                       (pixels, "npy")
+    shards/pixels-00000.png.bin       concatenated PNG files                   (pixels, "png")
+    shards/pixels-00000.offsets.npy   int64 (n + 1,): byte offsets into the .bin
+    shards/shard-00000.json           sidecar: written last, so its presence means "shard complete"
+    manifest.json                     written after every shard is complete: what train.py reads
+
+`.npy` files are plain NumPy arrays (`np.load(path, mmap_mode="r")` opens them). A shard is written
+to `<name>.tmp` files and published with `os.replace` only when complete; the sidecar records each
+file's size and SHA-256, and the manifest gathers the sidecars.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "u-repa-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+SHARD_DIR = "shards"
+PREPARE = "python preprocessing/prepare.py"
+
+
+class DatasetError(RuntimeError):
+    """A dataset directory is missing, incomplete, corrupt, or not what was asked for."""
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One per-sample quantity stored in every shard.
+
+    `encoding` "npy": one array (n, *shape) per shard. "png": each sample a PNG of an (H, W, 3)
+    uint8 image (stored shape (3, H, W)), concatenated into a `.png.bin` with an offsets array.
+    `info` is free-form description for the manifest (model ids, scale factors, ...).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    encoding: str = "npy"
+    info: tuple[tuple[str, Any], ...] = ()
+
+    def files(self, shard: int) -> list[str]:
+        """Paths of this modality's files for one shard, relative to the dataset directory."""
+        stem = os.path.join(SHARD_DIR, f"{self.name}-{shard:05d}")
+        if self.encoding == "png":
+            return [stem + ".png.bin", stem + ".offsets.npy"]
+        return [stem + ".npy"]
+
+    def describe(self) -> dict[str, Any]:
+        entry = {"dtype": self.dtype, "shape": list(self.shape), "encoding": self.encoding}
+        return {**entry, **dict(self.info)}
+
+
+def modality_from_manifest(name: str, entry: dict[str, Any]) -> Modality:
+    info = tuple((k, v) for k, v in entry.items() if k not in ("dtype", "shape", "encoding"))
+    return Modality(name, entry["dtype"], tuple(entry["shape"]), entry["encoding"], info)
+
+
+def sidecar_path(root: str, shard: int) -> str:
+    return os.path.join(root, SHARD_DIR, f"shard-{shard:05d}.json")
+
+
+#################################################################################
+#                               Small file helpers                              #
+#################################################################################
+
+
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write JSON to a temporary name, flush it to disk, then rename: readers see all or nothing."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes (lossless)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> (3, H, W) uint8."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.ascontiguousarray(np.asarray(im.convert("RGB")).transpose(2, 0, 1))
+
+
+#################################################################################
+#                                    Writing                                    #
+#################################################################################
+
+
+class ShardWriter:
+    """Writes one shard to `.tmp` files; `publish()` makes it visible atomically.
+
+    Rows are appended in order; `capacity` is the number of source files assigned to the shard.
+    Files that fail to decode are `exclude`d, so the published shard may hold fewer rows.
+    """
+
+    def __init__(self, root: str, shard: int, modalities: list[Modality], capacity: int):
+        self.root, self.shard, self.modalities, self.capacity = root, shard, modalities, capacity
+        os.makedirs(os.path.join(root, SHARD_DIR), exist_ok=True)
+        remove_stale_temporaries(root, shard)  # from an interrupted run
+        self.count = 0
+        self.sources: list[str] = []
+        self.excluded: list[dict[str, str]] = []
+        self._arrays: dict[str, np.memmap] = {}
+        self._blobs: dict[str, Any] = {}
+        self._offsets: dict[str, list[int]] = {}
+        for m in modalities:
+            tmp = self._tmp(m.files(shard)[0])
+            if m.encoding == "png":
+                self._blobs[m.name] = open(tmp, "wb")  # noqa: SIM115 (closed in publish)
+                self._offsets[m.name] = [0]
+            else:
+                self._arrays[m.name] = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.dtype(m.dtype), shape=(capacity, *m.shape)
+                )
+
+    def _tmp(self, relpath: str) -> str:
+        return os.path.join(self.root, relpath + ".tmp")
+
+    @property
+    def seen(self) -> int:
+        """Source files handled so far (stored or excluded)."""
+        return self.count + len(self.excluded)
+
+    def add(self, rows: dict[str, Any], sources: list[str]) -> None:
+        """Append len(sources) samples: `rows[name]` is an array (k, *shape), or for PNG
+        modalities a list of k PNG byte strings."""
+        k = len(sources)
+        if self.seen + k > self.capacity:
+            raise ValueError(f"shard {self.shard}: more than {self.capacity} samples")
+        for m in self.modalities:
+            if m.encoding == "png":
+                for data in rows[m.name]:
+                    self._blobs[m.name].write(data)
+                    self._offsets[m.name].append(self._offsets[m.name][-1] + len(data))
+            else:
+                self._arrays[m.name][self.count : self.count + k] = rows[m.name]
+        self.count += k
+        self.sources.extend(sources)
+
+    def exclude(self, source: str, reason: str) -> None:
+        self.excluded.append({"path": source, "reason": reason})
+
+    def _finish_tmp_files(self) -> list[str]:
+        """Flush every temporary file, trimmed to `count` rows; return their final relpaths."""
+        relpaths = []
+        for m in self.modalities:
+            files = m.files(self.shard)
+            if m.encoding == "png":
+                self._blobs.pop(m.name).close()
+                np.save(self._tmp(files[1]), np.asarray(self._offsets[m.name], dtype=np.int64))
+                # np.save appends ".npy" to a name without it; ours ends in ".tmp"
+                os.replace(self._tmp(files[1]) + ".npy", self._tmp(files[1]))
+            else:
+                array = self._arrays.pop(m.name)
+                array.flush()
+                if self.count < self.capacity:  # some files were excluded: copy the prefix
+                    _write_prefix(array, self.count, self._tmp(files[0]))
+                del array
+            relpaths.extend(files)
+        return relpaths
+
+    def publish(self) -> dict[str, Any]:
+        """Make the shard visible: data files first, then the sidecar that marks it complete."""
+        if self.seen != self.capacity:
+            raise ValueError(f"shard {self.shard}: {self.seen} of {self.capacity} files handled")
+        relpaths = self._finish_tmp_files()
+        files = {}
+        for rel in relpaths:
+            tmp = self._tmp(rel)
+            _fsync(tmp)
+            files[rel] = {"bytes": os.path.getsize(tmp), "sha256": file_sha256(tmp)}
+            os.replace(tmp, os.path.join(self.root, rel))
+        sidecar = {
+            "format_version": FORMAT_VERSION,
+            "shard": self.shard,
+            "num_samples": self.count,
+            "num_files": self.capacity,
+            "files": files,
+            "excluded": self.excluded,
+            "sources": self.sources,
+        }
+        write_json_atomic(sidecar_path(self.root, self.shard), sidecar)
+        return sidecar
+
+    def abort(self) -> None:
+        for f in self._blobs.values():
+            f.close()
+        self._arrays.clear()
+        remove_stale_temporaries(self.root, self.shard)
+
+
+def _write_prefix(array: np.memmap, count: int, path: str, chunk: int = 1024) -> None:
+    """Replace `path` by an .npy holding the first `count` rows of `array`, in bounded memory."""
+    trimmed_path = path + ".trim"
+    if count == 0:
+        with open(trimmed_path, "wb") as f:  # a zero-length memmap cannot be created
+            np.save(f, np.empty((0, *array.shape[1:]), dtype=array.dtype))
+    else:
+        out = np.lib.format.open_memmap(
+            trimmed_path, mode="w+", dtype=array.dtype, shape=(count, *array.shape[1:])
+        )
+        for a in range(0, count, chunk):
+            out[a : a + chunk] = array[a : min(a + chunk, count)]
+        out.flush()
+        del out
+    os.replace(trimmed_path, path)
+
+
+def remove_stale_temporaries(root: str, shard: int) -> None:
+    for path in glob.glob(os.path.join(root, SHARD_DIR, f"*-{shard:05d}.*.tmp*")):
+        os.remove(path)
+
+
+def completed_shard(root: str, shard: int, modalities: list[Modality]) -> dict[str, Any] | None:
+    """The sidecar of a published shard, or None if the shard must be (re)written: no sidecar, or
+    one of its files missing or of the wrong size (a cheap check; checksums are in `verify`)."""
+    path = sidecar_path(root, shard)
+    if not os.path.exists(path):
+        return None
+    sidecar = read_json(path)
+    expected = [rel for m in modalities for rel in m.files(shard)]
+    for rel in expected:
+        entry = sidecar["files"].get(rel)
+        full = os.path.join(root, rel)
+        if entry is None or not os.path.exists(full) or os.path.getsize(full) != entry["bytes"]:
+            return None
+    return sidecar
+
+
+def write_manifest(
+    root: str, modalities: list[Modality], num_shards: int, header: dict[str, Any]
+) -> dict[str, Any]:
+    """Gather the shard sidecars into `manifest.json` (written last). `header` holds the
+    dataset-level entries (settings, classes, resolution, ...)."""
+    shards, excluded, class_counts = [], [], np.zeros(0, dtype=np.int64)
+    for s in range(num_shards):
+        sidecar = completed_shard(root, s, modalities)
+        if sidecar is None:
+            raise DatasetError(f"shard {s} of {root} is not complete; re-run the same command")
+        labels = np.load(os.path.join(root, SHARD_DIR, f"labels-{s:05d}.npy"))
+        counts = np.bincount(labels, minlength=len(class_counts))
+        class_counts = np.pad(class_counts, (0, len(counts) - len(class_counts))) + counts
+        shards.append({"num_samples": sidecar["num_samples"], "files": sidecar["files"]})
+        excluded.extend(sidecar["excluded"])
+    num_classes = header.get("num_classes", len(class_counts))
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        **header,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "class_counts": np.pad(class_counts, (0, num_classes - len(class_counts))).tolist(),
+        "modalities": {m.name: m.describe() for m in modalities},
+        "shards": shards,
+        "excluded": sorted(header.get("excluded", []) + excluded, key=lambda e: e["path"]),
+    }
+    write_json_atomic(os.path.join(root, MANIFEST), manifest)
+    return manifest
+
+
+#################################################################################
+#                                    Reading                                    #
+#################################################################################
+
+
+def load_manifest(root: str) -> dict[str, Any]:
+    """Read `manifest.json`, with errors that say which command builds or finishes the dataset."""
+    path = os.path.join(root, MANIFEST)
+    if os.path.exists(path):
+        manifest = read_json(path)
+        if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(
+                f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} manifest; rebuild the dataset "
+                f"with {PREPARE} into a new --dest"
+            )
+        return manifest
+    settings_path = os.path.join(root, SETTINGS)
+    if os.path.exists(settings_path):
+        command = read_json(settings_path).get("command", f"{PREPARE} ... --dest {root}")
+        raise DatasetError(
+            f"the dataset in {root} is incomplete (no {MANIFEST}; preprocessing was interrupted or "
+            f"is still running). Finish it by re-running the same command: {command}"
+        )
+    raise DatasetError(
+        f"no dataset in {root!r} (no {MANIFEST}). Build one with: {PREPARE} "
+        f"--source imagenet/train --dest {root} (see README, 'Preparing ImageNet')"
+    )
+
+
+class ShardReader:
+    """Random access to a subset of modalities through memory maps.
+
+    Maps are opened lazily, on first access in each process, so that the reader pickles cheaply
+    into DataLoader workers (which then share the OS page cache, not Python objects).
+    """
+
+    def __init__(self, root: str, manifest: dict[str, Any], names: list[str]):
+        self.root = root
+        self.manifest = manifest
+        self.modalities = [modality_from_manifest(n, manifest["modalities"][n]) for n in names]
+        counts = np.asarray([s["num_samples"] for s in manifest["shards"]], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
+        self._maps: dict[tuple[str, int], Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}
+
+    def _rebuild_hint(self, shard: int) -> str:
+        command = self.manifest.get("command", f"{PREPARE} ... --dest {self.root}")
+        return (
+            f"delete {os.path.join(self.root, SHARD_DIR, f'*-{shard:05d}.*')}, "
+            f"{sidecar_path(self.root, shard)} and {os.path.join(self.root, MANIFEST)}, then re-run "
+            f"the command that built it (only the missing shard is rebuilt): {command}"
+        )
+
+    def _expected(self) -> list[tuple[int, str, dict[str, Any]]]:
+        out = []
+        for s, shard in enumerate(self.manifest["shards"]):
+            for m in self.modalities:
+                for rel in m.files(s):
+                    out.append((s, rel, shard["files"][rel]))
+        return out
+
+    def check(self) -> None:
+        """Cheap consistency checks: every file present, of the recorded size, with the recorded
+        array header. Truncated or missing shards fail here; bit flips need `verify()`."""
+        for s, rel, entry in self._expected():
+            path = os.path.join(self.root, rel)
+            if not os.path.exists(path):
+                raise DatasetError(f"missing shard file {path}; {self._rebuild_hint(s)}")
+            size = os.path.getsize(path)
+            if size != entry["bytes"]:
+                raise DatasetError(
+                    f"shard file {path} has {size} bytes, the manifest says {entry['bytes']} "
+                    f"(truncated or rewritten); {self._rebuild_hint(s)}"
+                )
+        for s in range(len(self.manifest["shards"])):
+            for m in self.modalities:
+                n = self.manifest["shards"][s]["num_samples"]
+                self._check_header(s, m, n)
+
+    def _check_header(self, s: int, m: Modality, n: int) -> None:
+        files = m.files(s)
+        if m.encoding == "png":
+            path, dtype, shape = files[1], np.dtype(np.int64), (n + 1,)
+        else:
+            path, dtype, shape = files[0], np.dtype(m.dtype), (n, *m.shape)
+        with open(os.path.join(self.root, path), "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                    version, np.lib.format.read_array_header_2_0
+                )
+                got_shape, _, got_dtype = read_header(f)
+            except ValueError as err:
+                raise DatasetError(f"{path} is not a valid .npy file; {self._rebuild_hint(s)}") from err
+        if tuple(got_shape) != shape or got_dtype != dtype:
+            raise DatasetError(
+                f"{path} holds {got_dtype} {tuple(got_shape)}, the manifest says {dtype} {shape}; "
+                f"{self._rebuild_hint(s)}"
+            )
+
+    def verify(self) -> None:
+        """Full check: recompute every file's SHA-256 (reads the whole dataset)."""
+        self.check()
+        for s, rel, entry in self._expected():
+            if file_sha256(os.path.join(self.root, rel)) != entry["sha256"]:
+                raise DatasetError(f"checksum mismatch in {rel}; {self._rebuild_hint(s)}")
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global sample index -> (shard, row in shard)."""
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return s, i - int(self.starts[s])
+
+    def _map(self, m: Modality, shard: int) -> Any:
+        key = (m.name, shard)
+        if key not in self._maps:
+            files = [os.path.join(self.root, rel) for rel in m.files(shard)]
+            if m.encoding == "png":
+                blob = np.memmap(files[0], dtype=np.uint8, mode="r")
+                self._maps[key] = (blob, np.load(files[1], mmap_mode="r"))
+            else:
+                self._maps[key] = np.load(files[0], mmap_mode="r")
+        return self._maps[key]
+
+    def read(self, name: str, i: int) -> np.ndarray:
+        """One sample of one modality as a fresh (writable) array."""
+        m = next(m for m in self.modalities if m.name == name)
+        shard, row = self.locate(i)
+        if m.encoding == "png":
+            blob, offsets = self._map(m, shard)
+            return decode_png(blob[offsets[row] : offsets[row + 1]].tobytes())
+        return np.array(self._map(m, shard)[row])
+
+    def read_all(self, name: str) -> np.ndarray:
+        """A whole modality, concatenated over shards (for small ones such as labels)."""
+        m = next(m for m in self.modalities if m.name == name)
+        parts = [np.asarray(self._map(m, s)) for s in range(len(self.manifest["shards"]))]
+        return np.concatenate(parts) if parts else np.empty((0, *m.shape), dtype=m.dtype)
+
+
+def settings_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two settings records."""
+    keys = sorted(set(old) | set(new))
+    differ = [k for k in keys if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k)!r} (on disk) vs {new.get(k)!r} (now)" for k in differ]
+

@@ -1,0 +1,326 @@
+"""preprocessing/: ADM centre crop, sources, and the whole pipeline with the tiny stand-ins.
+
+The generated ImageFolder mixes sizes, aspect ratios, formats and modes, and holds corrupt files;
+every stored value is compared with the stand-in networks applied to an independent crop.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import shards
+from dataset import LatentDataset
+from frozen import ENCODER_STANDIN, load_encoder, load_vae
+from preprocessing.prepare import main, parse_args
+from preprocessing.sources import ImageSource, center_crop_arr, load_image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RES = 32
+CLASSES = ["zebra", "ant", "moose"]  # created unsorted: labels must follow the sorted order
+BAD = {"ant/broken.jpg", "moose/truncated.jpg", "zebra/empty.png"}
+# (width, height, mode, format): odd sizes, portrait and landscape, smaller than the crop,
+# large enough for two box halvings, and every mode ImageNet-like data throws at us
+SPECS = [
+    (40, 33, "RGB", "PNG"), (33, 51, "RGB", "JPEG"), (150, 131, "RGB", "PNG"),
+    (20, 27, "L", "PNG"), (64, 97, "CMYK", "JPEG"), (45, 45, "RGBA", "PNG"),
+    (71, 38, "P", "PNG"), (36, 80, "LA", "PNG"),
+]  # fmt: skip
+
+
+def make_image(w: int, h: int, mode: str, fmt: str, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    # smooth content so that JPEG and the resamplers see image-like data
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / (3 + c) + yy / (5 + c) + seed) for c in range(4)], -1)
+    pixels = ((base * 0.4 + 0.5) * 255 + rng.normal(0, 8, base.shape)).clip(0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8)[..., :3]).convert(mode)
+    if mode in ("RGBA", "LA"):
+        image.putalpha(Image.fromarray(pixels[..., 3].astype(np.uint8)))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_image_folder(root: str) -> dict[str, bytes]:
+    """A small ImageFolder; returns {relative path: bytes} of the images that should be read."""
+    files = {}
+    for c, name in enumerate(CLASSES):
+        for k, (w, h, mode, fmt) in enumerate(SPECS):
+            ext = "jpg" if fmt == "JPEG" else "png"
+            files[f"{name}/img{k}.{ext}"] = make_image(w + c, h, mode, fmt, seed=10 * c + k)
+    good = dict(files)
+    files["ant/broken.jpg"] = b"this is not an image"
+    files["moose/truncated.jpg"] = files["moose/img1.jpg"][:300]
+    files["zebra/empty.png"] = b""
+    files["zebra/notes.txt"] = b"not an image extension: ignored"
+    files["zebra/.hidden.png"] = files["zebra/img0.png"]  # hidden: ignored
+    files["top-level.png"] = files["zebra/img0.png"]  # outside a class folder: ignored
+    for rel, data in files.items():
+        os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
+        with open(os.path.join(root, rel), "wb") as f:
+            f.write(data)
+    return good
+
+
+def reference_crop(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's centre crop written independently: PIL crop box instead of array slicing."""
+    image = image.convert("RGB")
+    if min(image.size) >= 2 * size:
+        half = image.resize((image.size[0] // 2, image.size[1] // 2), Image.Resampling.BOX)
+        return reference_crop(half, size)
+    w, h = image.size
+    scale = size / min(w, h)
+    w, h = round(w * scale), round(h * scale)
+    image = image.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.array(image.crop((left, top, left + size, top + size)))
+
+
+def prepare(source: str, dest: str, *extra: str) -> dict:
+    argv = ["--source", source, "--dest", dest, "--vae", "tiny-random", "--enc-type",
+            ENCODER_STANDIN, "--resolution", str(RES), "--shard-size", "5", "--batch-size", "3",
+            "--num-workers", "0", *extra]  # fmt: skip
+    return main(parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("imagefolder"))
+    return root, make_image_folder(root)
+
+
+@pytest.fixture(scope="module")
+def built(folder, tmp_path_factory):
+    """The reference build: one process, two decoding workers, PNG pixels stored."""
+    dest = str(tmp_path_factory.mktemp("built") / "data")
+    manifest = prepare(folder[0], dest, "--num-workers", "2", "--save-pixels")
+    return dest, manifest
+
+
+def shard_files(manifest: dict) -> list:
+    return [s["files"] for s in manifest["shards"]]
+
+
+#################################################################################
+#                                   Centre crop                                 #
+#################################################################################
+
+
+@pytest.mark.parametrize("size", [32, 256, 512])
+@pytest.mark.parametrize("wh", [(300, 200), (201, 599), (1023, 1025), (257, 256), (97, 31)])
+def test_center_crop_matches_independent_version(size, wh):
+    rng = np.random.default_rng(sum(wh) + size)
+    image = Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8))
+    out = center_crop_arr(image, size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, reference_crop(image, size))
+
+
+def test_center_crop_known_steps():
+    # 600×401 to 100: 401 ≥ 200 → box 300×200; 200 ≥ 200 → box 150×100; bicubic to 150×100 is the
+    # identity; centre columns 25..124
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (401, 600, 3), np.uint8))
+    halves = image.resize((300, 200), Image.Resampling.BOX).resize((150, 100), Image.Resampling.BOX)
+    np.testing.assert_array_equal(center_crop_arr(image, 100), np.asarray(halves)[:, 25:125])
+
+
+@pytest.mark.parametrize("spec", SPECS + [(30, 50, "1", "PNG"), (40, 30, "I;16", "TIFF")])
+def test_every_mode_becomes_rgb(spec):
+    data = make_image(*spec, seed=1)
+    out = load_image(data, RES)
+    assert out.shape == (RES, RES, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, reference_crop(Image.open(io.BytesIO(data)), RES))
+
+
+#################################################################################
+#                                     Sources                                   #
+#################################################################################
+
+
+def test_folder_source_lists_sorted_classes(folder):
+    root, good = folder
+    source = ImageSource(root)
+    assert source.classes == sorted(CLASSES) and source.num_classes == 3
+    paths = [source.path(i) for i in range(len(source))]
+    assert paths == sorted(set(good) | BAD)  # hidden, non-image and top-level files ignored
+    assert source.labels.tolist() == [sorted(CLASSES).index(p.split("/")[0]) for p in paths]
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="contains no images"):
+        prepare(str(tmp_path / "empty"), str(tmp_path / "out"))
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.png").write_bytes(make_image(8, 8, "RGB", "PNG", 0))
+    with pytest.raises(SystemExit, match="no class sub-folders.*--labels"):
+        prepare(str(tmp_path / "flat"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+#################################################################################
+#                                 Whole pipeline                                #
+#################################################################################
+
+
+def test_pipeline_stores_what_the_standins_compute(folder, built):
+    root, good = folder
+    dest, manifest = built
+    order = sorted(good)  # corrupt files excluded, everything else in sorted path order
+    assert manifest["num_samples"] == len(order) == 24
+    assert {e["path"] for e in manifest["excluded"]} == BAD
+    assert all(e["reason"] and "0x" not in e["reason"] for e in manifest["excluded"])
+    assert manifest["classes"] == sorted(CLASSES) and manifest["class_counts"] == [8, 8, 8]
+    sources = [p for s in range(6) for p in shards.read_json(shards.sidecar_path(dest, s))["sources"]]
+    assert sources == order
+
+    crops = np.stack([reference_crop(Image.open(io.BytesIO(good[p])), RES) for p in order])
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).contiguous()  # (N, 3, R, R) uint8
+    moments = load_vae("tiny-random").encode_moments(x)  # (N, 8, R/8, R/8)
+    features = load_encoder(ENCODER_STANDIN, resolution=RES)(x).half()  # (N, 4, 32)
+    ds = LatentDataset(dest, pixels=True, resolution=RES)
+    assert len(ds) == len(order) and ds.num_classes == 3
+    for i, path in enumerate(order):
+        item = ds[i]
+        assert item["label"].item() == sorted(CLASSES).index(path.split("/")[0])
+        torch.testing.assert_close(item["moments"], moments[i], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(item["features"][0], features[i], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(item["pixels"], x[i], rtol=0, atol=0)  # PNG is lossless
+    ds.verify()
+
+
+def test_zip_source_and_raw_pixels_give_the_same_dataset(folder, built, tmp_path):
+    root, good = folder
+    archive = str(tmp_path / "train.zip")
+    with zipfile.ZipFile(archive, "w") as z:  # zipped with its top folder, as `zip -r` does
+        for folder_name, _, files in os.walk(root):
+            for f in files:
+                full = os.path.join(folder_name, f)
+                z.write(full, "train/" + os.path.relpath(full, root))
+    manifest = prepare(archive, str(tmp_path / "z"), "--save-pixels", "--pixel-format", "npy")
+    reference = built[1]
+    assert manifest["settings"]["files_sha256"] == reference["settings"]["files_sha256"]
+    for ours, theirs in zip(shard_files(manifest), shard_files(reference), strict=True):
+        same = [k for k in ours if "pixels" not in k]
+        assert {k: ours[k] for k in same} == {k: theirs[k] for k in same}
+    a, b = LatentDataset(str(tmp_path / "z"), pixels=True), LatentDataset(built[0], pixels=True)
+    assert all(torch.equal(a[i]["pixels"], b[i]["pixels"]) for i in range(len(a)))
+
+
+def test_labels_file_and_no_features(folder, tmp_path):
+    root, good = folder
+    chosen = sorted(good)[::3]
+    labels_file = tmp_path / "labels.json"
+    labels_file.write_text(json.dumps({p: 7 - k % 3 for k, p in enumerate(chosen)}))
+    manifest = prepare(root, str(tmp_path / "l"), "--labels", str(labels_file),
+                       "--enc-type", "none")  # fmt: skip
+    assert manifest["num_classes"] == 8 and manifest["num_samples"] == len(chosen)
+    unlisted = {e["path"] for e in manifest["excluded"] if "--labels" in e["reason"]}
+    # with a labels file, images outside class folders count too (flat folders are allowed)
+    assert unlisted == (set(good) | BAD | {"top-level.png"}) - set(chosen)
+    ds = LatentDataset(str(tmp_path / "l"))
+    assert ds.labels().tolist() == [7 - k % 3 for k in range(len(chosen))]
+    assert ds[0]["features"] == [] and not any(m.startswith("features") for m in ds.manifest["modalities"])
+
+
+def test_two_processes_write_the_same_dataset(folder, built, tmp_path):
+    dest = str(tmp_path / "two")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "preprocessing/prepare.py", "--source", folder[0], "--dest", dest, "--vae", "tiny-random",
+           "--enc-type", ENCODER_STANDIN, "--resolution", str(RES), "--shard-size", "5",
+           "--batch-size", "3", "--num-workers", "1", "--save-pixels"]  # fmt: skip
+    # torchrun would set 1 thread per process; CPU kernels round differently with other thread
+    # counts, so keep the reference's count to compare bits
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[rank 1]" in result.stderr  # both ranks worked
+    manifest = shards.read_json(os.path.join(dest, shards.MANIFEST))
+    reference = built[1]
+    assert shard_files(manifest) == shard_files(reference)
+    assert manifest["excluded"] == reference["excluded"]
+
+
+#################################################################################
+#                          Resume, interruption, bad --dest                     #
+#################################################################################
+
+
+def mtimes(dest: str, shard: int) -> dict[str, int]:
+    paths = [p for p in os.listdir(os.path.join(dest, shards.SHARD_DIR)) if f"-{shard:05d}." in p]
+    return {p: os.stat(os.path.join(dest, shards.SHARD_DIR, p)).st_mtime_ns for p in paths}
+
+
+def test_interrupted_run_resumes_to_the_same_dataset(folder, built, tmp_path, monkeypatch):
+    dest = str(tmp_path / "r")
+    published = []
+    original = shards.ShardWriter.publish
+
+    def crash_after_first_shard(self):
+        if published:
+            raise KeyboardInterrupt("simulated crash")
+        published.append(self.shard)
+        return original(self)
+
+    monkeypatch.setattr(shards.ShardWriter, "publish", crash_after_first_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(folder[0], dest, "--save-pixels")
+    monkeypatch.setattr(shards.ShardWriter, "publish", original)
+    assert not os.path.exists(os.path.join(dest, shards.MANIFEST))
+    with pytest.raises(shards.DatasetError, match="incomplete.*re-running the same command"):
+        LatentDataset(dest)
+    # what a SIGKILL leaves: a half-written temporary file of the next shard
+    with open(os.path.join(dest, shards.SHARD_DIR, "moments-00001.npy.tmp"), "wb") as f:
+        f.write(b"half a shard")
+    first = mtimes(dest, 0)
+
+    manifest = prepare(folder[0], dest, "--save-pixels")
+    assert mtimes(dest, 0) == first  # the completed shard was not rewritten
+    assert shard_files(manifest) == shard_files(built[1])
+    assert not [p for p in os.listdir(os.path.join(dest, shards.SHARD_DIR)) if ".tmp" in p]
+
+
+def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
+    dest = str(tmp_path / "d")
+    prepare(folder[0], dest, "--save-pixels")
+    before = {s: mtimes(dest, s) for s in range(6)}
+    os.remove(shards.sidecar_path(dest, 2))  # an unpublished shard
+    with open(os.path.join(dest, shards.SHARD_DIR, "moments-00004.npy"), "r+b") as f:
+        f.truncate(100)  # a damaged one
+    manifest = prepare(folder[0], dest, "--save-pixels")
+    after = {s: mtimes(dest, s) for s in range(6)}
+    assert [s for s in range(6) if after[s] != before[s]] == [2, 4]
+    assert shard_files(manifest) == shard_files(built[1])
+
+
+def test_destination_with_other_settings_is_a_clear_error(folder, built, tmp_path):
+    with pytest.raises(SystemExit, match=r"(?s)other settings:\n  encoders.*\n  pixels.*new --dest"):
+        prepare(folder[0], built[0], "--enc-type", "none")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "photo.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit, match="not empty.*new or empty directory"):
+        prepare(folder[0], str(tmp_path / "other"))
+
+
+def test_dry_run_and_help_need_no_weights(folder, tmp_path, capsys):
+    dest = str(tmp_path / "dry")
+    main(parse_args(["--source", folder[0], "--dest", dest, "--dry-run"]))  # real ids, no loading
+    out = capsys.readouterr().out
+    assert "27 images, 3 classes" in out and "6 shards" not in out and "1 shards of 10000" in out
+    assert "features-dinov2-vit-b" in out and not os.path.exists(dest)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--source", "s", "--dest", "d", "--resolution", "100"])
