@@ -1,0 +1,378 @@
+"""Checkpoints: one self-describing format, atomic writes, and loading a model for sampling.
+
+A training checkpoint (`.pt`, written by `train.py`) is a dict
+
+    {"format": "u-repa/1", "model_name", "model_kwargs", "args", "step",
+     "model", "ema", "opt", "scaler", "rng", "data"}
+
+holding only tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so
+that it loads with `torch.load(weights_only=True)`: loading never runs code from the file.
+`model_name` and `model_kwargs` are what `models.build_model` recorded; with them `generate.py`
+rebuilds the model from the checkpoint alone. `model_name` is a registry name (`SiTDown-XL/2`)
+or, for models built from a class directly (tiny test models), the class name (`SiT`, `SiTDown`)
+with the full constructor arguments.
+
+`export_ema_safetensors` writes the EMA weights alone, with the model config in the metadata.
+`load_model_for_sampling` reads either, and also REPA's released SiT checkpoints, which carry no
+config: their SiT variant is inferred from the shapes of the state dict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import random
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models import SiT, SiT_models, SiTDown, build_model, canonical_name
+
+CHECKPOINT_FORMAT = "u-repa/1"
+CHECKPOINT_KEYS = (
+    "format", "model_name", "model_kwargs", "args", "step",
+    "model", "ema", "opt", "scaler", "rng", "data",
+)  # fmt: skip
+# Models built from a class rather than a registry name (see the module docstring).
+MODEL_CLASSES: dict[str, Callable[..., nn.Module]] = {"SiT": SiT, "SiTDown": SiTDown}
+
+
+#################################################################################
+#                               Writing                                         #
+#################################################################################
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Run `write(tmp)` on a temporary file beside `path`, fsync it, then rename it to `path`.
+
+    A crash at any point leaves either the old file or the complete new one, never a partial
+    file; the temporary file is removed if `write` fails.
+    """
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_state(
+    model: nn.Module,
+    ema: nn.Module,
+    step: int,
+    args: dict[str, Any] | None = None,
+    opt: torch.optim.Optimizer | None = None,
+    scaler: Any | None = None,
+    rng: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict of the module docstring. `model` must come from `build_model` (or
+    carry `model_name`/`model_kwargs`); `args` is a plain dict (e.g. `vars(args)`)."""
+    name, kwargs = model_config(model)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": name,
+        "model_kwargs": kwargs,
+        "args": dict(args or {}),
+        "step": int(step),
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": opt.state_dict() if opt is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng,
+        "data": data,
+    }
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write a checkpoint dict (see `checkpoint_state`) atomically."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing or state["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"not a {CHECKPOINT_FORMAT} checkpoint dict (missing {missing}); build it with "
+            "checkpoints.checkpoint_state"
+        )
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def export_ema_safetensors(
+    path: str,
+    ema_state_dict: dict[str, torch.Tensor],
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    args: dict[str, Any] | None = None,
+) -> None:
+    """EMA weights as safetensors, with the model config (JSON) in the metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in ema_state_dict.items()}
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "model_name": model_name,
+        "model_kwargs": json.dumps(model_kwargs),
+        "args": json.dumps(args or {}, default=str),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and every CUDA device) RNG states, as weights_only-safe
+    values (NumPy's key array becomes a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+#################################################################################
+#                               Reading                                         #
+#################################################################################
+
+
+def torch_load(path: str) -> Any:
+    """`torch.load(weights_only=True)` on CPU with clear errors. REPA's training checkpoints
+    store `args` as an argparse.Namespace, a plain attribute bag we allow."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) and "Weights only" in str(err):
+            raise ValueError(
+                f"{path!r} holds Python objects other than tensors and plain containers, so it is "
+                "not a U-REPA or REPA checkpoint; it is not loaded (loading could run its code)"
+            ) from err
+        raise ValueError(
+            f"could not read {path!r}: the file is truncated, corrupt or not a PyTorch checkpoint"
+        ) from err
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a training checkpoint written by `save_checkpoint` (weights_only)."""
+    state = torch_load(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"{path!r} is not a {CHECKPOINT_FORMAT} checkpoint (format: {found!r}); "
+            "generate.py also reads safetensors exports and REPA's SiT checkpoints"
+        )
+    return state
+
+
+def model_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """(model_name, model_kwargs) recorded by `build_model` (or set by hand for class-built
+    models, with a `MODEL_CLASSES` name)."""
+    name, kwargs = getattr(model, "model_name", None), getattr(model, "model_kwargs", None)
+    if name is None or kwargs is None:
+        raise ValueError(
+            "the model does not record how it was built; create it with models.build_model "
+            "(or set model.model_name to 'SiT'/'SiTDown' and model.model_kwargs)"
+        )
+    return name, dict(kwargs)
+
+
+def build_from_config(model_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from the config stored in a checkpoint."""
+    if model_name in MODEL_CLASSES:
+        model = MODEL_CLASSES[model_name](**model_kwargs)
+        model.model_name, model.model_kwargs = model_name, dict(model_kwargs)
+        return model
+    return build_model(model_name, **model_kwargs)
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a DDP (`module.`) or torch.compile (`_orig_mod.`) prefix carried by every key."""
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _legacy_repa_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """REPA's early checkpoints split the blocks into `blocks` (up to the tap) and
+    `decoder_blocks`; renumber them into one `blocks` list as REPA's `--legacy` does."""
+    if not any(k.startswith("decoder_blocks.") for k in state_dict):
+        return state_dict
+    encoder_depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith("decoder_blocks."):
+            _, index, rest = key.split(".", 2)
+            key = f"blocks.{int(index) + encoder_depth}.{rest}"
+        renamed[key] = value
+    return renamed
+
+
+def infer_repa_config(
+    state_dict: dict[str, torch.Tensor], model_name: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """(registry name, kwargs) of the SiT that a REPA state dict fits, from tensor shapes.
+
+    hidden size, patch size and input channels come from `x_embedder.proj.weight`, depth from
+    the `blocks.{i}` indices, input size from `pos_embed`, classes from the label table (one
+    row is the null class), z_dims and projector width from `projectors.{k}`. The number of
+    heads is not visible in any shape, so the variant is the registry entry with this width,
+    depth and patch size; `model_name` names it when none matches. The alignment depth does
+    not change the velocity and is not recorded either: REPA's default, 8, is used.
+    """
+    required = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight")
+    if not all(key in state_dict for key in required):
+        raise ValueError(
+            "this state dict is not a SiT's (no x_embedder.proj.weight / pos_embed / "
+            "y_embedder.embedding_table.weight): it is neither a U-REPA checkpoint nor REPA's"
+        )
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    grid = round(state_dict["pos_embed"].shape[1] ** 0.5)
+    num_projectors = len({k.split(".")[1] for k in state_dict if k.startswith("projectors.")})
+    kwargs: dict[str, Any] = {
+        "input_size": grid * patch,
+        "in_channels": in_channels,
+        "num_classes": state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,
+        "z_dims": [state_dict[f"projectors.{k}.4.weight"].shape[0] for k in range(num_projectors)],
+        "encoder_depth": min(8, depth),
+    }
+    if num_projectors:
+        kwargs["projector_dim"] = state_dict["projectors.0.0.weight"].shape[0]
+    if model_name is not None:
+        return canonical_name(model_name), kwargs
+    for name, factory in SiT_models.items():
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            candidate = factory(**kwargs)
+        if (candidate.hidden_size, candidate.depth, candidate.patch_size) == (hidden, depth, patch):
+            return name, kwargs
+    raise ValueError(
+        f"no registered SiT has width {hidden}, depth {depth} and patch size {patch}; pass the "
+        f"model name (--model) to load this REPA checkpoint"
+    )
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(path, device="cpu"), metadata
+    except Exception as err:
+        raise ValueError(f"could not read {path!r} as safetensors (truncated or corrupt?)") from err
+
+
+def read_sampling_weights(
+    path: str, model_name: str | None = None
+) -> tuple[dict[str, torch.Tensor], str, dict[str, Any], dict[str, Any]]:
+    """(EMA state dict, model_name, model_kwargs, training args) from any supported file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        state_dict, metadata = _read_safetensors(path)
+        if metadata.get("format") == CHECKPOINT_FORMAT:
+            kwargs = json.loads(metadata["model_kwargs"])
+            return state_dict, metadata["model_name"], kwargs, json.loads(metadata["args"])
+        name, kwargs = infer_repa_config(state_dict, model_name)  # a bare SiT state dict
+        return state_dict, name, kwargs, {}
+    obj = torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return _strip_prefixes(obj["ema"]), obj["model_name"], obj["model_kwargs"], obj["args"]
+    # REPA: its train.py saves {"model", "ema", "opt", "args", ...}; a bare EMA state dict too.
+    args = {}
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        if isinstance(obj.get("args"), argparse.Namespace):
+            args = vars(obj["args"])
+        obj = obj["ema"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{path!r} is neither a {CHECKPOINT_FORMAT} checkpoint, a safetensors export, nor a "
+            "REPA SiT checkpoint (a state dict, or a dict with an 'ema' state dict)"
+        )
+    state_dict = _legacy_repa_keys(_strip_prefixes(obj))
+    name, kwargs = infer_repa_config(state_dict, model_name)
+    return state_dict, name, kwargs, args
+
+
+def state_dict_mismatch(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], show: int = 5
+) -> str:
+    """What keeps `found` from loading strictly into a model with `expected`: "" if nothing."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [
+        f"{k} {tuple(found[k].shape)} (model: {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    parts = []
+    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                        ("shape mismatches", reshaped)):  # fmt: skip
+        if keys:
+            more = f" and {len(keys) - show} more" if len(keys) > show else ""
+            parts.append(f"{len(keys)} {label}: {', '.join(keys[:show])}{more}")
+    return "; ".join(parts)
+
+
+def load_model_for_sampling(
+    path: str, device: torch.device | str = "cpu", model_name: str | None = None
+) -> nn.Module:
+    """The EMA model of a U-REPA checkpoint (`.pt` or safetensors export) or of REPA's released
+    SiT checkpoint, in eval mode on `device`, loaded with `strict=True`.
+
+    `model_name` is needed only for a REPA checkpoint whose variant cannot be inferred; for our
+    checkpoints it must agree with the stored name. The training args (empty for REPA's) are
+    kept as `model.checkpoint_args`, e.g. for the path type the model was trained with.
+    """
+    state_dict, name, kwargs, args = read_sampling_weights(path, model_name)
+    stored_name = name not in MODEL_CLASSES and model_name is not None
+    if stored_name and canonical_name(model_name) != canonical_name(name):
+        raise ValueError(f"{path!r} holds a {name}, not a {model_name}")
+    with torch.device(device):
+        model = build_from_config(name, kwargs)
+    problems = state_dict_mismatch(model.state_dict(), state_dict)
+    if problems:
+        raise ValueError(
+            f"{path!r} does not fit {name} {kwargs} (a checkpoint of another model?): {problems}"
+        )
+    model.load_state_dict(state_dict, strict=True)
+    model.checkpoint_args = dict(args)
+    return model.eval().requires_grad_(False)
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "atomic_write", "build_from_config", "checkpoint_state",
+    "export_ema_safetensors", "infer_repa_config", "load_checkpoint", "load_model_for_sampling",
+    "model_config", "read_sampling_weights", "rng_state", "save_checkpoint", "set_rng_state",
+    "state_dict_mismatch", "torch_load",
+]  # fmt: skip

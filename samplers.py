@@ -1,0 +1,193 @@
+"""ODE and SDE samplers for velocity-predicting diffusion transformers (REPA's `samplers.py`).
+
+Same function names, signatures and numerics as REPA's, so that a REPA user gets the same samples
+from the same velocity field:
+
+* `euler_sampler`: Euler (or Heun) on the probability-flow ODE, t on linspace(1, 0, steps + 1).
+* `euler_maruyama_sampler`: Euler-Maruyama on the reverse SDE, t on linspace(1, 0.04, steps),
+  then one last deterministic step from 0.04 to 0 that returns the mean (no noise). Diffusion
+  w(t) = 2t and drift v - w(t)/2 · score, the score computed from the velocity. REPA's paper
+  writes w_t = σ_t; its released sampler, which produced its numbers, uses 2t: we follow the code.
+
+Conventions (SiT/REPA, as `loss.py`): t = 1 is noise, x_t = α_t x + σ_t ε, the model returns
+(v, zs) with v = d x_t / dt, and the null class for guidance is `model.num_classes`.
+
+The sampler state lives in float64 (as REPA); the model is called in the dtype of `latents`
+(and under whatever autocast the caller has entered). The result is float64.
+
+Classifier-free guidance, v = v_u + s (v_c - v_u), runs only while guidance_low <= t <=
+guidance_high; outside that interval the model sees the un-doubled batch. Differences from REPA:
+the caller passes un-doubled latents and labels (REPA's `generate.py` doubles them and its
+sampler doubles them again, running 4N images per step for N kept ones), guidance is applied for
+any scale != 1 (REPA: only > 1), and the SDE noise can be supplied per sample (`noises`) so that
+each image depends on its own seed only, whatever batch it is drawn in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from loss import interpolant
+
+# What `euler_maruyama_sampler(noises=...)` accepts: None (the global RNG, REPA's behaviour), a
+# (num_steps - 1, N, C, H, W) tensor, a callable step -> (N, C, H, W), or one torch.Generator per
+# sample (each draws its sample's noise, step after step).
+NoiseSpec = Tensor | Callable[[int], Tensor] | Sequence[torch.Generator] | None
+
+
+def get_score_from_velocity(vt: Tensor, xt: Tensor, t: Tensor, path_type: str = "linear") -> Tensor:
+    """Score ∇ log p_t(x) from the velocity: s = (α/α̇ · v - x) / (σ² - α/α̇ · σ̇ · σ).
+
+    vt, xt: (N, ...); t: (N,) or a 0-dim tensor.
+    """
+    t = t.reshape(-1, *[1] * (xt.ndim - 1)) if t.ndim else t  # (N, 1, ..., 1)
+    alpha, sigma, d_alpha, d_sigma = interpolant(t, path_type)
+    reverse_alpha_ratio = alpha / d_alpha
+    var = sigma**2 - reverse_alpha_ratio * d_sigma * sigma
+    return (reverse_alpha_ratio * vt - xt) / var
+
+
+def compute_diffusion(t_cur: Tensor | float) -> Tensor | float:
+    """Diffusion coefficient w(t) = 2t of REPA's released SDE sampler."""
+    return 2 * t_cur
+
+
+def guidance_active(t: Tensor | float, cfg_scale: float, low: float, high: float) -> bool:
+    """True when classifier-free guidance applies at time t (the interval is closed)."""
+    return cfg_scale != 1.0 and low <= float(t) <= high
+
+
+def guided_velocity(
+    model: nn.Module,
+    x: Tensor,
+    t: Tensor | float,
+    y: Tensor,
+    cfg_scale: float,
+    guided: bool,
+    model_dtype: torch.dtype,
+) -> Tensor:
+    """v(x, t | y) in float64, guided (conditional and null batch in one forward) or not.
+
+    x: (N, ...) float64 state; y: (N,) labels. The model runs on 2N images only when `guided`.
+    """
+    if guided:
+        x_in = torch.cat([x, x], dim=0)  # (2N, ...)
+        y_in = torch.cat([y, torch.full_like(y, model.num_classes)], dim=0)  # conditional, null
+    else:
+        x_in, y_in = x, y
+    t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float64, device=x.device)
+    v = model(x_in.to(model_dtype), t_in.to(model_dtype), y=y_in)[0].to(torch.float64)
+    if guided:
+        v_cond, v_uncond = v.chunk(2)
+        v = v_uncond + cfg_scale * (v_cond - v_uncond)
+    return v
+
+
+@torch.no_grad()
+def euler_sampler(
+    model: nn.Module,
+    latents: Tensor,
+    y: Tensor,
+    num_steps: int = 20,
+    heun: bool = False,
+    cfg_scale: float = 1.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    path_type: str = "linear",  # unused: the ODE needs only v; kept for REPA's signature
+) -> Tensor:
+    """Probability-flow ODE from t = 1 (latents ~ N(0, I)) to t = 0, Euler or Heun steps.
+
+    latents: (N, C, H, W) noise, in the dtype the model should run in; y: (N,) labels.
+    Returns (N, C, H, W) float64 samples. Heun skips its correction on the last step (t = 0),
+    as REPA's does, so it costs 2·num_steps - 1 model evaluations.
+    """
+    model_dtype = latents.dtype
+    t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    x_next = latents.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        guided = guidance_active(t_cur, cfg_scale, guidance_low, guidance_high)
+        d_cur = guided_velocity(model, x_cur, t_cur, y, cfg_scale, guided, model_dtype)
+        x_next = x_cur + (t_next - t_cur) * d_cur
+        if heun and i < num_steps - 1:
+            # The corrector at t_next keeps the guidance decision made at t_cur (REPA's choice).
+            d_prime = guided_velocity(model, x_next, t_next, y, cfg_scale, guided, model_dtype)
+            x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def sde_noise_source(noises: NoiseSpec, x: Tensor, num_draws: int) -> Callable[[int], Tensor]:
+    """Normalise `noises` (see NoiseSpec) to a function: step i -> ε_i like x (float64)."""
+    if noises is None:
+        return lambda i: torch.randn_like(x)
+    if isinstance(noises, Tensor):
+        expected = (num_draws, *x.shape)
+        if tuple(noises.shape) != expected:
+            raise ValueError(
+                f"noises must have shape (num_steps - 1, N, C, H, W) = {expected}: one draw per "
+                f"stochastic step (the last step is deterministic); got {tuple(noises.shape)}"
+            )
+        return lambda i: noises[i].to(x)
+    if callable(noises):
+        return lambda i: noises(i).to(x)
+    generators = list(noises)
+    if len(generators) != x.shape[0]:
+        raise ValueError(f"need one generator per sample: {x.shape[0]}, got {len(generators)}")
+
+    def per_sample(i: int) -> Tensor:
+        # Each sample's stream advances by exactly one (C, H, W) draw per step, so its noise is
+        # the same whichever batch it is sampled in.
+        draws = [
+            torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+            for g in generators
+        ]
+        return torch.stack(draws).to(x)
+
+    return per_sample
+
+
+@torch.no_grad()
+def euler_maruyama_sampler(
+    model: nn.Module,
+    latents: Tensor,
+    y: Tensor,
+    num_steps: int = 20,
+    heun: bool = False,  # unused: Euler-Maruyama only; kept for REPA's signature
+    cfg_scale: float = 1.0,
+    guidance_low: float = 0.0,
+    guidance_high: float = 1.0,
+    path_type: str = "linear",
+    noises: NoiseSpec = None,
+) -> Tensor:
+    """Reverse SDE dx = [v - w(t)/2 · s] dt + sqrt(w(t)) dW̄ from t = 1 to 0.04, then the mean.
+
+    latents: (N, C, H, W) noise, in the dtype the model should run in; y: (N,) labels.
+    num_steps model evaluations: num_steps - 1 stochastic steps on linspace(1, 0.04, num_steps)
+    and a last deterministic Euler step to t = 0. Guidance is applied to the drift; the drift is
+    affine in v with the same x for both halves, so this equals the drift of the guided v.
+    Returns (N, C, H, W) float64 samples.
+    """
+    model_dtype = latents.dtype
+    t_steps = torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64)
+    t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)])
+    x_next = latents.to(torch.float64)
+    noise = sde_noise_source(noises, x_next, num_steps - 1)
+
+    def drift(x: Tensor, t: Tensor) -> Tensor:
+        guided = guidance_active(t, cfg_scale, guidance_low, guidance_high)
+        v = guided_velocity(model, x, t, y, cfg_scale, guided, model_dtype)
+        return v - 0.5 * compute_diffusion(t) * get_score_from_velocity(v, x, t, path_type)
+
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-2], t_steps[1:-1])):
+        dt = t_next - t_cur  # negative: time runs backwards
+        x_cur = x_next
+        deps = noise(i) * torch.sqrt(torch.abs(dt))
+        x_next = x_cur + drift(x_cur, t_cur) * dt + torch.sqrt(compute_diffusion(t_cur)) * deps
+
+    # Last step, 0.04 -> 0: the mean of the Euler-Maruyama update, no noise (REPA).
+    t_cur, t_next = t_steps[-2], t_steps[-1]
+    return x_next + (t_next - t_cur) * drift(x_next, t_cur)
