@@ -30,13 +30,23 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from checkpoints import export_ema_safetensors, load_checkpoint, save_checkpoint
+from checkpoints import (
+    MODEL_CLASSES,
+    build_from_config,
+    checkpoint_state,
+    export_ema_safetensors,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from frozen import RepresentationEncoder, encoder_dim, load_encoder, load_vae, parse_encoder_list
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS, SILoss
-from models import build_model, canonical_name
+from models import canonical_name
 from models.base import AlignedDiffusionTransformer
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
+from samplers import euler_sampler
 from training import (
     SEED_PREVIEW,
     BatchPlan,
@@ -51,13 +61,12 @@ from training import (
     close_logger,
     create_logger,
     derive_seed,
+    ema_export_path,
     format_metrics,
     grid_image,
     list_checkpoints,
     peak_flops,
     prune_checkpoints,
-    rng_state,
-    set_rng_state,
     update_ema,
 )
 
@@ -107,6 +116,8 @@ unit_closed = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def model_name(text: str) -> str:
+    if text in MODEL_CLASSES:  # a bare class, sized by --model-config
+        return text
     try:
         return canonical_name(text)
     except KeyError as err:
@@ -128,7 +139,8 @@ def json_object(text: str) -> dict[str, Any]:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (U-REPA §3.2-3.3, Tables 5-7, 9)")
     g.add_argument("--model", type=model_name, default="SiTDown-XL/2",
-                   help="registry name: SiT-{S,B,L,XL}/{2,4,8}, SiTDown-{B,L,XL}/2 (alias SiT↓-)")
+                   help="registry name: SiT-{S,B,L,XL}/{2,4,8}, SiTDown-{B,L,XL}/2 (alias SiT↓-); "
+                        "or a class, SiT or SiTDown, sized by --model-config (small experiments)")
     g.add_argument("--encoder-depth", type=positive_int, default=None,
                    help="align the output of this block (1-indexed through all stages); default: "
                         "the model's: SiT 8, SiT↓ its middle block, 8/16/18 for B/L/XL (Table 5)")
@@ -143,8 +155,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--time-aware-projector", action=argparse.BooleanOptionalAction, default=False,
                    help="modulate the projector output by the time, (1 + γ(t))·h + β(t) (Table 9)")
     g.add_argument("--model-config", type=json_object, default={},
-                   help="JSON object of further constructor arguments, e.g. "
-                        "'{\"downsample\": \"unshuffle\"}' (recorded in checkpoints)")
+                   help="JSON object of further constructor arguments (recorded in checkpoints), "
+                        "e.g. '{\"downsample\": \"unshuffle\"}', or with --model SiTDown "
+                        "'{\"hidden_size\": 64, \"depths\": [2, 2, 2], \"num_heads\": 2}'")
 
 
 def add_alignment_args(parser: argparse.ArgumentParser) -> None:
@@ -360,7 +373,9 @@ def open_dataset(args: argparse.Namespace) -> Dataset:
     return dataset
 
 
-def create_model(args: argparse.Namespace, dataset: Any, sample: dict[str, Any]) -> nn.Module:
+def create_model(
+    args: argparse.Namespace, dataset: Any, sample: dict[str, Any]
+) -> AlignedDiffusionTransformer:
     """Build the model from the flags, the dataset (classes, latent size) and --model-config.
     Initialised from --seed, so every process and every run with that seed starts alike."""
     kwargs: dict[str, Any] = dict(
@@ -379,9 +394,11 @@ def create_model(args: argparse.Namespace, dataset: Any, sample: dict[str, Any])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         try:
-            return build_model(args.model, **kwargs)
+            model = build_from_config(args.model, kwargs)
         except (TypeError, ValueError) as err:
             raise TrainingError(f"cannot build {args.model}: {err}") from err
+    assert isinstance(model, AlignedDiffusionTransformer)
+    return model
 
 
 def load_encoders(args: argparse.Namespace, device: torch.device) -> list[RepresentationEncoder]:
@@ -414,8 +431,8 @@ class Trainer:
         raw = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         assert isinstance(raw, AlignedDiffusionTransformer)
         self.raw = raw
-        self.ema_params = list(self.ema.parameters())
-        self.model_params = list(raw.parameters())
+        self.ema_params: list[Tensor] = list(self.ema.parameters())
+        self.model_params: list[Tensor] = list(raw.parameters())
 
 
 def alignment_targets(tr: Trainer, batch: dict[str, Any]) -> list[Tensor]:
@@ -498,26 +515,17 @@ def save_training_checkpoint(tr: Trainer, run_dir: str, logger: Any) -> str:
     acc, args = tr.accelerator, tr.args
     rng = gather_object([rng_state()])  # one entry per process, in rank order
     path = os.path.join(run_dir, "checkpoints", f"{tr.step:07d}.pt")
-    error = [None]
+    error: list[str | None] = [None]
     if acc.is_main_process:
-        state = {
-            "model_name": tr.raw.model_name,
-            "model_kwargs": tr.raw.model_kwargs,
-            "args": vars(args),
-            "step": tr.step,
-            "model": tr.raw.state_dict(),
-            "ema": tr.ema.state_dict(),
-            "opt": tr.optimizer.state_dict(),
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-            "rng": rng,
-            "data": data_position(tr),
-        }
+        scaler = acc.scaler
+        state = checkpoint_state(tr.raw, tr.ema, tr.step, vars(args), tr.optimizer, scaler,
+                                 rng={"processes": rng}, data=data_position(tr))  # fmt: skip
         milestone = args.milestone_every and tr.step % args.milestone_every == 0
         try:
             save_checkpoint(path, state)
             if milestone or tr.step == args.max_train_steps:
                 export_ema_safetensors(
-                    path[: -len(".pt")] + "-ema.safetensors",
+                    ema_export_path(path),
                     tr.ema.state_dict(),
                     tr.raw.model_name,
                     tr.raw.model_kwargs,
@@ -546,7 +554,7 @@ def restore(tr: Trainer, ckpt: dict[str, Any], logger: Any) -> None:
     tr.optimizer.load_state_dict(ckpt["opt"])
     if tr.accelerator.scaler is not None and ckpt["scaler"] is not None:
         tr.accelerator.scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt["rng"]
+    rng = ckpt["rng"]["processes"]
     if len(rng) == tr.accelerator.num_processes:
         set_rng_state(rng[tr.accelerator.process_index])
     else:  # harmless: no training randomness comes from these generators
@@ -560,27 +568,11 @@ def restore(tr: Trainer, ckpt: dict[str, Any], logger: Any) -> None:
 #################################################################################
 
 
-@torch.no_grad()
-def euler_sample(
-    model: nn.Module, noise: Tensor, labels: Tensor, num_steps: int, cfg_scale: float
-) -> Tensor:
-    """Euler ODE from t = 1 (noise) to t = 0 with classifier-free guidance: (N, C, H, W)."""
-    x = noise
-    null = torch.full_like(labels, model.num_classes)
-    ts = torch.linspace(1, 0, num_steps + 1, device=noise.device)
-    for t_cur, t_next in zip(ts[:-1], ts[1:], strict=True):
-        t = t_cur.expand(2 * len(x))
-        v = model(torch.cat([x, x]), t, torch.cat([labels, null]))[0].float()
-        v_cond, v_uncond = v.chunk(2)
-        x = x + (t_next - t_cur) * (v_uncond + cfg_scale * (v_cond - v_uncond))
-    return x
-
-
 def save_preview(tr: Trainer, vae: Any, noise: Tensor, labels: Tensor, path: str) -> Any:
     """Sample the EMA model from fixed noise and labels, decode, save a PNG grid."""
     cfg = PREVIEW_CFG_SCALE if tr.args.cfg_prob > 0 else 1.0
     with tr.accelerator.autocast():
-        latents = euler_sample(tr.ema, noise, labels, PREVIEW_SAMPLING_STEPS, cfg)
+        latents = euler_sampler(tr.ema, noise, labels, PREVIEW_SAMPLING_STEPS, cfg_scale=cfg)
     grid = grid_image(vae.decode(latents.float()))
     Image.fromarray(grid).save(path)
     return grid
@@ -681,13 +673,14 @@ def train(tr: Trainer, dataset: Dataset, run_dir: str, vae: Any, monitor: Monito
     checkpoints = list_checkpoints(run_dir)
     last_good = checkpoints[max(checkpoints)] if checkpoints else None
     micro_batches = batches_from(tr, dataset, tr.step)
-    monitor.last_step = tr.step
+    monitor.last_step, monitor.last_time = tr.step, time.perf_counter()
     tr.model.train()
     with StopRequest() as stop:
         while tr.step < args.max_train_steps:
             batch = [next(micro_batches) for _ in range(args.gradient_accumulation_steps)]
-            monitor.add(train_step(tr, batch), tr.step)
-            tr.step += 1
+            stats = train_step(tr, batch)
+            tr.step += 1  # steps count from 1: step s ends with checkpoint s
+            monitor.add(stats, tr.step)
             stopping = stop()
             last = tr.step == args.max_train_steps or stopping
             if tr.step % args.log_every == 0 or last:
@@ -774,9 +767,9 @@ def describe(tr: Trainer, resume: str | None) -> str:
     args, acc, plan, model = tr.args, tr.accelerator, tr.plan, tr.raw
     epochs = args.max_train_steps / plan.steps_per_epoch
     return "\n".join([
-        f"model       {model.model_name}: {model.num_parameters() / 1e6:.1f} M parameters "
-        f"({model.num_parameters(include_projectors=False) / 1e6:.1f} M without projectors), "
-        f"{training_macs(model) / 1e9:.2f} G MACs per image; alignment tap after block "
+        f"model       {model.model_name}: {model.num_parameters() / 1e6:.4g} M parameters "
+        f"({model.num_parameters(include_projectors=False) / 1e6:.4g} M without projectors), "
+        f"{training_macs(model) / 1e9:.4g} G MACs per image; alignment tap after block "
         f"{model.encoder_depth}",
         f"arguments   {json.dumps(model.model_kwargs)}",
         f"objective   {tr.loss_fn}",
@@ -797,7 +790,8 @@ def describe(tr: Trainer, resume: str | None) -> str:
 def training_macs(model: AlignedDiffusionTransformer) -> int:
     """Forward multiply-adds per image, projector included (counted on a meta-device copy)."""
     with torch.device("meta"):
-        meta = build_model(model.model_name, **model.model_kwargs)
+        meta = build_from_config(model.model_name, model.model_kwargs)
+    assert isinstance(meta, AlignedDiffusionTransformer)
     return count_macs(meta, latent_shape(model)[-1], include_projectors=True)
 
 

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -146,9 +145,6 @@ class TrainingBatches(Dataset):
         self.draws = draws
         self._permutation: tuple[int, Tensor] | None = None  # (epoch, order), cached per worker
 
-    def __len__(self) -> int:  # unbounded in principle; the sampler decides what is read
-        return sys.maxsize
-
     def _indices(self, step: int) -> Tensor:
         epoch = step // self.plan.steps_per_epoch
         if self._permutation is None or self._permutation[0] != epoch:
@@ -197,6 +193,9 @@ def update_ema(ema_params: list[Tensor], model_params: list[Tensor], decay: floa
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
 
 
+METRIC_ORDER = ["total", "velocity", "repa", "manifold", "cos_sim", "grad_norm", "skipped"]
+
+
 class MetricMeans:
     """Sums 0-dim device tensors step by step without reading them (no host sync); `pop`
     averages them over the interval and over processes with one collective and one read."""
@@ -214,7 +213,9 @@ class MetricMeans:
     def pop(self, mean_over_processes: Callable[[Tensor], Tensor]) -> dict[str, float]:
         if not self.count:
             return {}
-        names = sorted(self.sums)
+        names = sorted(
+            self.sums, key=lambda n: (METRIC_ORDER.index(n) if n in METRIC_ORDER else 99, n)
+        )
         totals = mean_over_processes(torch.stack([self.sums[n] for n in names])).tolist()
         means = {n: total / self.count for n, total in zip(names, totals, strict=True)}
         self.sums, self.count = {}, 0
@@ -366,14 +367,24 @@ def list_checkpoints(run_dir: str) -> dict[int, str]:
 
 
 def prune_checkpoints(run_dir: str, keep_last: int, milestone_every: int) -> list[str]:
-    """Delete the checkpoints that are neither among the last `keep_last` nor milestones."""
+    """Delete the checkpoints (and EMA exports) that are neither among the last `keep_last`
+    nor milestones."""
     checkpoints = list_checkpoints(run_dir)
     keep = set(list(checkpoints)[-keep_last:])
     keep |= {s for s in checkpoints if milestone_every and s % milestone_every == 0}
-    removed = [path for step, path in checkpoints.items() if step not in keep]
-    for path in removed:
-        os.remove(path)
+    removed = []
+    for step, path in checkpoints.items():
+        if step not in keep:
+            for doomed in (path, ema_export_path(path)):
+                if os.path.exists(doomed):
+                    os.remove(doomed)
+                    removed.append(doomed)
     return removed
+
+
+def ema_export_path(checkpoint_path: str) -> str:
+    """checkpoints/0400000.pt -> checkpoints/0400000-ema.safetensors"""
+    return checkpoint_path.removesuffix(".pt") + "-ema.safetensors"
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], name: Callable[[str], str]) -> list[str]:
@@ -415,31 +426,8 @@ def check_resumable(
 
 
 # --------------------------------------------------------------------------------------------
-# RNG states (per process, in plain types that a weights_only load accepts)
+# Previews
 # --------------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's Python, numpy, torch CPU and CUDA generator states."""
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002  (saved as is)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    legacy = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
-    np.random.set_state(legacy)  # noqa: NPY002  (the global state is what we restore)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def grid_image(images: Tensor) -> np.ndarray:
