@@ -346,14 +346,15 @@ class TrainingError(RuntimeError):
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")  # checkpoints/0050000.pt; temporary files differ
 
-# Flags that may change when a run is resumed: where things are and how the run reports, not
-# what it computes. Any other difference between the checkpoint's flags and today's is refused.
+# Flags that may change when a run is resumed: where things are, how the run reports, and how
+# the global batch is computed (accumulation, like the process count, leaves the samples and
+# draws of every step as they were). Any other difference is refused.
 RESUMABLE_CHANGES = frozenset(
     {
         "max_train_steps", "checkpointing_steps", "keep_last", "milestone_every",
         "sampling_steps", "preview_images", "log_every", "report_to", "num_workers",
         "data_dir", "output_dir", "exp_name", "resume", "dry_run", "compile", "peak_tflops",
-        "vae", "enc_weights", "on_nonfinite",
+        "vae", "enc_weights", "on_nonfinite", "gradient_accumulation_steps",
     }
 )  # fmt: skip
 
