@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Any, Literal
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class ImageArray:
 
     path: str
     shape: tuple[int, ...]
-    dtype: np.dtype
+    dtype: np.dtype[Any]
     memory_mapped: bool  # False: the member is compressed and decompressed as a stream
     _read_next: Callable[[int], np.ndarray]  # the next `count` images, in file order
 
@@ -54,10 +54,8 @@ def open_image_array(path: str | Path, key: str = "arr_0") -> Iterator[ImageArra
     """Open `key` of an `.npz` (or a plain `.npy` file), checked to hold uint8 N×H×W×3 pixels."""
     path = str(path)
     with ExitStack() as stack:
-        if path.endswith(".npy"):
-            array = _open_npy(path)
-        else:
-            array = _open_npz_member(path, key, stack)
+        npy = path.endswith(".npy")
+        array = _open_npy(path) if npy else _open_npz_member(path, key, stack)
         _check_layout(array)
         yield array
 
@@ -84,8 +82,10 @@ def _open_npz_member(path: str, key: str, stack: ExitStack) -> ImageArray:
     name = f"{key}.npy"
     if name not in archive.namelist():
         keys = sorted(n.removesuffix(".npy") for n in archive.namelist())
-        raise ValueError(f"{path} has no array {key!r} (it holds {keys}); write images with "
-                       f"np.savez(path, {key}=images)")
+        raise ValueError(
+            f"{path} has no array {key!r} (it holds {keys}); write images with "
+            f"np.savez(path, {key}=images)"
+        )
     info = archive.getinfo(name)
     if info.compress_type == zipfile.ZIP_STORED:
         return _map_stored_member(path, info)
@@ -102,17 +102,19 @@ def _map_stored_member(path: str, info: zipfile.ZipInfo) -> ImageArray:
         f.seek(info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len)
         shape, fortran_order, dtype = _read_npy_header(f, path)
         offset = f.tell()
-    order = "F" if fortran_order else "C"
+    order: Literal["C", "F"] = "F" if fortran_order else "C"
     mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
     return _mapped_image_array(path, mapped)
 
 
-def _stream_member(path: str, stream: BinaryIO) -> ImageArray:
+def _stream_member(path: str, stream: IO[bytes]) -> ImageArray:
     """Decompress a compressed member front to back, `count` images at a time."""
     shape, fortran_order, dtype = _read_npy_header(stream, path)
     if fortran_order:
-        raise ValueError(f"{path}: a compressed Fortran-ordered array cannot be read in batches; "
-                         "save it with np.savez(path, arr_0=np.ascontiguousarray(images))")
+        raise ValueError(
+            f"{path}: a compressed Fortran-ordered array cannot be read in batches; "
+            "save it with np.savez(path, arr_0=np.ascontiguousarray(images))"
+        )
     image_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
     def read_next(count: int) -> np.ndarray:
@@ -122,7 +124,7 @@ def _stream_member(path: str, stream: BinaryIO) -> ImageArray:
     return ImageArray(path, tuple(shape), dtype, False, read_next)
 
 
-def _read_npy_header(f: BinaryIO, path: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _read_npy_header(f: IO[bytes], path: str) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(f)
@@ -131,9 +133,10 @@ def _read_npy_header(f: BinaryIO, path: str) -> tuple[tuple[int, ...], bool, np.
     raise ValueError(f"{path}: unsupported .npy format version {version}; re-save with np.savez")
 
 
-def _read_exactly(stream: BinaryIO, size: int, path: str) -> bytes:
+def _read_exactly(stream: IO[bytes], size: int, path: str) -> bytes:
     # A zip stream may return fewer bytes than asked for; keep reading until done or at the end.
-    chunks, remaining = [], size
+    chunks: list[bytes] = []
+    remaining = size
     while remaining > 0:
         chunk = stream.read(remaining)
         if not chunk:
@@ -147,22 +150,30 @@ def _check_layout(array: ImageArray) -> None:
     """Shape and dtype, from the header alone (plus a peek at the values to explain a bad dtype)."""
     shape, path = array.shape, array.path
     if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
-        raise ValueError(f"{path}: images are N×3×H×W {shape}, but the evaluator needs N×H×W×3 "
-                         "(NHWC); convert with images.transpose(0, 2, 3, 1)")
+        raise ValueError(
+            f"{path}: images are N×3×H×W {shape}, but the evaluator needs N×H×W×3 "
+            "(NHWC); convert with images.transpose(0, 2, 3, 1)"
+        )
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"{path}: expected RGB images of shape N×H×W×3, got {shape} "
-                         "(grayscale images must be repeated to three channels)")
+        raise ValueError(
+            f"{path}: expected RGB images of shape N×H×W×3, got {shape} "
+            "(grayscale images must be repeated to three channels)"
+        )
     if shape[0] == 0:
         raise ValueError(f"{path}: the array holds no images")
     if array.dtype != np.uint8:
         peek = array._read_next(min(len(array), 16))
-        raise ValueError(f"{path}: images have dtype {array.dtype} with values in "
-                         f"[{peek.min():.3g}, {peek.max():.3g}], but the evaluator needs uint8 "
-                         f"pixels in [0, 255] as ADM's does; convert with e.g. {_FIX_FLOAT}")
+        raise ValueError(
+            f"{path}: images have dtype {array.dtype} with values in "
+            f"[{peek.min():.3g}, {peek.max():.3g}], but the evaluator needs uint8 "
+            f"pixels in [0, 255] as ADM's does; convert with e.g. {_FIX_FLOAT}"
+        )
 
 
 def _check_pixel_range(batch: np.ndarray, path: str) -> None:
     # uint8 cannot leave [0, 255], but images in [0, 1] cast to uint8 pass every other check.
     if batch.max() <= 1:
-        raise ValueError(f"{path}: the first {len(batch)} images hold only the values 0 and 1; "
-                         "were images in [0, 1] cast to uint8? Scale them to [0, 255] first")
+        raise ValueError(
+            f"{path}: the first {len(batch)} images hold only the values 0 and 1; "
+            "were images in [0, 1] cast to uint8? Scale them to [0, 255] first"
+        )

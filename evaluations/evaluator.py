@@ -22,12 +22,21 @@ import torch
 if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: find the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluations.arrays import ImageArray, open_image_array  # noqa: E402
-from evaluations.inception import (  # noqa: E402
-    POOL_DIM, SPATIAL_DIM, InceptionFeatures, add_inception_args, extract_features,
-    inception_from_args, tf32_disabled)
-from evaluations.metrics import (  # noqa: E402
-    frechet_distance, inception_score, precision_recall)
+from evaluations.arrays import ImageArray, open_image_array
+from evaluations.inception import (
+    POOL_DIM,
+    SPATIAL_DIM,
+    InceptionFeatures,
+    add_inception_args,
+    extract_features,
+    inception_from_args,
+    tf32_disabled,
+)
+from evaluations.metrics import (
+    frechet_distance,
+    inception_score,
+    precision_recall,
+)
 
 PAPER_NUM_SAMPLES = 50_000  # what published FIDs use; FID is biased upwards with fewer
 IS_SPLIT_SIZE = 5000
@@ -37,6 +46,8 @@ PR_BLOCK_SIZE = 10_000
 
 @dataclass
 class ReferenceStatistics:
+    """A reference's float64 Gaussian statistics of the pool and the sFID features."""
+
     mu: np.ndarray  # (2048,) pool features
     sigma: np.ndarray  # (2048, 2048)
     mu_s: np.ndarray  # (2023,) sFID features
@@ -45,20 +56,27 @@ class ReferenceStatistics:
 
 def load_reference_statistics(path: str | Path) -> ReferenceStatistics:
     """The reference's `mu, sigma, mu_s, sigma_s`, checked to be present and of ADM's sizes."""
-    expected = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM),
-                "mu_s": (SPATIAL_DIM,), "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
+    expected = {
+        "mu": (POOL_DIM,),
+        "sigma": (POOL_DIM, POOL_DIM),
+        "mu_s": (SPATIAL_DIM,),
+        "sigma_s": (SPATIAL_DIM, SPATIAL_DIM),
+    }
     with np.load(path) as ref:
         missing = [key for key in expected if key not in ref.files]
         if missing:
             raise ValueError(
                 f"{path} has no reference statistics {missing} (it holds {ref.files}). Use ADM's "
                 "reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or build one with "
-                "`python evaluations/make_reference.py --source IMAGES --out ref.npz`")
+                "`python evaluations/make_reference.py --source IMAGES --out ref.npz`"
+            )
         stats = {key: np.asarray(ref[key], dtype=np.float64) for key in expected}
     for key, shape in expected.items():
         if stats[key].shape != shape:
-            raise ValueError(f"{path}: {key} has shape {stats[key].shape}, expected {shape}; "
-                             "was it made with another feature extractor (e.g. pytorch-fid)?")
+            raise ValueError(
+                f"{path}: {key} has shape {stats[key].shape}, expected {shape}; "
+                "was it made with another feature extractor (e.g. pytorch-fid)?"
+            )
     return ReferenceStatistics(**stats)
 
 
@@ -68,30 +86,43 @@ def check_sample_count(samples: ImageArray) -> None:
         warnings.warn(
             f"{samples.path} holds {len(samples)} samples, fewer than {PAPER_NUM_SAMPLES}: FID and "
             "sFID are biased upwards with fewer samples (the bias shrinks roughly like 1/N), so "
-            "these numbers are not comparable with 50K-sample numbers in papers", stacklevel=2)
+            "these numbers are not comparable with 50K-sample numbers in papers",
+            stacklevel=2,
+        )
 
 
 def check_resolutions(ref: ImageArray, samples: ImageArray) -> None:
+    """Warn when the samples' H×W differ from the reference images'."""
     if ref.shape[1:3] != samples.shape[1:3]:
-        warnings.warn(f"samples are {samples.shape[1]}×{samples.shape[2]} but the reference images "
-                      f"are {ref.shape[1]}×{ref.shape[2]}: is this the right reference?",
-                      stacklevel=2)
+        warnings.warn(
+            f"samples are {samples.shape[1]}×{samples.shape[2]} but the reference images "
+            f"are {ref.shape[1]}×{ref.shape[2]}: is this the right reference?",
+            stacklevel=2,
+        )
 
 
-def evaluate(ref_path: str | Path, sample_path: str | Path, net: InceptionFeatures, *,
-             batch_size: int = 64) -> dict[str, float]:
+def evaluate(
+    ref_path: str | Path, sample_path: str | Path, net: InceptionFeatures, *, batch_size: int = 64
+) -> dict[str, float]:
     """The five metrics and `num_samples` of `sample_path` against `ref_path`."""
     ref_stats = load_reference_statistics(ref_path)  # fail on a bad reference before any work
-    with tf32_disabled(), open_image_array(ref_path) as ref_images, \
-            open_image_array(sample_path) as samples:
+    with (
+        tf32_disabled(),
+        open_image_array(ref_path) as ref_images,
+        open_image_array(sample_path) as samples,
+    ):
         check_sample_count(samples)
         check_resolutions(ref_images, samples)
-        ref = extract_features(net, ref_images.batches(batch_size), len(ref_images),
-                               desc="reference")
+        ref = extract_features(
+            net, ref_images.batches(batch_size), len(ref_images), desc="reference"
+        )
         sample = extract_features(net, samples.batches(batch_size), len(samples), desc="samples")
+        # extract_features keeps the pool features by default (keep_pool=True).
+        assert ref.pool is not None and sample.pool is not None
         probs = net.class_probabilities(torch.from_numpy(sample.pool).to(net.device)).cpu().numpy()
-        precision, recall = precision_recall(ref.pool, sample.pool, k=PR_NEIGHBOURS,
-                                             block_size=PR_BLOCK_SIZE, device=net.device)
+        precision, recall = precision_recall(
+            ref.pool, sample.pool, k=PR_NEIGHBOURS, block_size=PR_BLOCK_SIZE, device=net.device
+        )
     return {
         "inception_score": inception_score(probs, IS_SPLIT_SIZE),
         "fid": frechet_distance(sample.mu, sample.sigma, ref_stats.mu, ref_stats.sigma),
@@ -104,8 +135,9 @@ def evaluate(ref_path: str | Path, sample_path: str | Path, net: InceptionFeatur
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("ref_batch",
-                        help="reference .npz: arr_0 images and mu, sigma, mu_s, sigma_s")
+    parser.add_argument(
+        "ref_batch", help="reference .npz: arr_0 images and mu, sigma, mu_s, sigma_s"
+    )
     parser.add_argument("sample_batch", help=".npz (or .npy) of uint8 N×H×W×3 samples in arr_0")
     parser.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
     add_inception_args(parser)
@@ -116,8 +148,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     net = inception_from_args(args)
     metrics = evaluate(args.ref_batch, args.sample_batch, net, batch_size=args.batch_size)
-    for name, label in [("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"),
-                        ("precision", "Precision"), ("recall", "Recall")]:
+    for name, label in [
+        ("inception_score", "Inception Score"),
+        ("fid", "FID"),
+        ("sfid", "sFID"),
+        ("precision", "Precision"),
+        ("recall", "Recall"),
+    ]:
         print(f"{label}: {metrics[name]}")
     if args.json:
         record = {**metrics, "ref_batch": args.ref_batch, "sample_batch": args.sample_batch}

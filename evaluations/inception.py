@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 from evaluations.metrics import GaussianAccumulator
 
 # The PyTorch port of the 2015 TF weights, as pytorch-fid and torch-fidelity use (95,628,359 B).
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               "pt_inception-2015-12-05-6726825d.pth")
+WEIGHTS_URL = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+    "pt_inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 POOL_DIM = 2048  # pool_3: FID, precision/recall, and the input of the IS logits
@@ -49,8 +51,10 @@ def fetch_weights(path: str | Path | None = None) -> Path:
     if not cached.exists():
         _download(cached)
     elif _sha256(cached) != WEIGHTS_SHA256:
-        raise RuntimeError(f"{cached} is not the Inception weights file (SHA-256 mismatch, perhaps "
-                           "an interrupted copy); delete it and run again")
+        raise RuntimeError(
+            f"{cached} is not the Inception weights file (SHA-256 mismatch, perhaps "
+            "an interrupted copy); delete it and run again"
+        )
     return cached
 
 
@@ -58,9 +62,11 @@ def _user_weights(path: Path) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"Inception weights {path} not found; download {WEIGHTS_URL}")
     if _sha256(path) != WEIGHTS_SHA256:
-        warnings.warn(f"{path} is not the reference Inception weights file (SHA-256 differs from "
-                      f"{WEIGHTS_SHA256}); metrics will not be comparable with published ones",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path} is not the reference Inception weights file (SHA-256 differs from "
+            f"{WEIGHTS_SHA256}); metrics will not be comparable with published ones",
+            stacklevel=3,
+        )
     return path
 
 
@@ -73,7 +79,8 @@ def _download(destination: Path) -> None:
         raise RuntimeError(
             f"Could not download the Inception weights ({error}). On a machine with internet "
             f"access download\n  {WEIGHTS_URL}\n(SHA-256 {WEIGHTS_SHA256}), then either pass "
-            f"--inception-weights PATH or copy the file to {destination}") from error
+            f"--inception-weights PATH or copy the file to {destination}"
+        ) from error
 
 
 def _sha256(path: Path) -> str:
@@ -99,15 +106,19 @@ def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     from torchvision.models import inception_v3
 
     with torch.device("meta"):
-        layout = inception_v3(weights=None, aux_logits=False, num_classes=NUM_CLASSES,
-                              init_weights=False).state_dict()
+        layout = inception_v3(
+            weights=None, aux_logits=False, num_classes=NUM_CLASSES, init_weights=False
+        ).state_dict()
     generator = torch.Generator().manual_seed(seed)
-    return {key: _random_tensor(key, value.shape, value.dtype, generator)
-            for key, value in layout.items()}
+    return {
+        key: _random_tensor(key, value.shape, value.dtype, generator)
+        for key, value in layout.items()
+    }
 
 
-def _random_tensor(key: str, shape: torch.Size, dtype: torch.dtype,
-                   generator: torch.Generator) -> torch.Tensor:
+def _random_tensor(
+    key: str, shape: torch.Size, dtype: torch.dtype, generator: torch.Generator
+) -> torch.Tensor:
     if key.endswith("num_batches_tracked"):
         return torch.zeros(shape, dtype=dtype)
     if key.endswith((".bn.weight", ".bn.running_var")):
@@ -115,7 +126,7 @@ def _random_tensor(key: str, shape: torch.Size, dtype: torch.dtype,
     if key.endswith(("bias", "running_mean")):
         return 0.1 * torch.randn(shape, generator=generator)
     fan_in = int(np.prod(shape[1:]))
-    scale = (2 / fan_in) ** 0.5 if len(shape) == 4 else fan_in ** -0.5  # conv (ReLU follows), fc
+    scale = (2 / fan_in) ** 0.5 if len(shape) == 4 else fan_in**-0.5  # conv (ReLU follows), fc
     return scale * torch.randn(shape, generator=generator)
 
 
@@ -139,17 +150,28 @@ class InceptionFeatures(nn.Module):
         self.net = _torch_fidelity_inception(state_dict)
         self._spatial: torch.Tensor | None = None
         # TF's `mixed_6/conv` is Mixed_6d's 1×1 branch after its BN and ReLU: this module's output.
-        self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+        self.net.get_submodule("Mixed_6d.branch1x1").register_forward_hook(self._keep_spatial)
 
-    def _keep_spatial(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def _keep_spatial(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> None:
         self._spatial = output[:, :SPATIAL_CHANNELS]  # (N, 7, 17, 17)
 
     @property
+    def _fc_weight(self) -> torch.Tensor:
+        """(1008, 2048) weight of the final fc layer (the IS logits' projection)."""
+        return self.net.get_parameter("fc.weight")
+
+    @property
     def device(self) -> torch.device:
-        return self.net.fc.weight.device
+        """Where the network's weights are, and so where its inputs must go."""
+        return self._fc_weight.device
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 (N, H, W, 3) images → pool features (N, 2048), sFID features (N, 2023)."""
         (pool,) = self.net(images.permute(0, 3, 1, 2))  # torch-fidelity takes NCHW; (N, 2048)
+        # The forward hook on Mixed_6d's 1×1 branch has just set it.
+        assert self._spatial is not None, "the Mixed_6d.branch1x1 hook did not run"
         # ADM flattens TF's NHWC tensor, so the 2023 numbers run over H, then W, then C.
         spatial = self._spatial.permute(0, 2, 3, 1).flatten(1)  # (N, 17·17·7)
         self._spatial = None
@@ -157,11 +179,12 @@ class InceptionFeatures(nn.Module):
 
     def class_probabilities(self, pool: torch.Tensor) -> torch.Tensor:
         """(N, 1008) softmax of `pool @ fc.weightᵀ`: ADM's IS logits leave out the fc bias."""
-        return torch.softmax(pool @ self.net.fc.weight.T, dim=1)
+        return torch.softmax(pool @ self._fc_weight.T, dim=1)
 
 
-def build_inception(weights: str | Path | None = None, *,
-                    random_weights_for_tests: bool = False, seed: int = 0) -> InceptionFeatures:
+def build_inception(
+    weights: str | Path | None = None, *, random_weights_for_tests: bool = False, seed: int = 0
+) -> InceptionFeatures:
     """The reference network from `weights` (else the cache or a download), in eval mode.
 
     `random_weights_for_tests=True` builds it with `random_state_dict(seed)` instead, through the
@@ -179,11 +202,15 @@ def build_inception(weights: str | Path | None = None, *,
 def add_inception_args(parser: argparse.ArgumentParser) -> None:
     """The flags that choose the network and where it runs, shared by both commands."""
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch")
-    parser.add_argument("--device", default=None,
-                        help="cuda, cuda:N or cpu (default: cuda when available)")
-    parser.add_argument("--inception-weights", metavar="PATH",
-                        help="pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
-                             "downloaded on first use)")
+    parser.add_argument(
+        "--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--inception-weights",
+        metavar="PATH",
+        help="pt_inception-2015-12-05-6726825d.pth (default: torch hub cache, "
+        "downloaded on first use)",
+    )
     # Test only: random Inception weights, so the pipeline runs offline. The numbers mean nothing.
     parser.add_argument("--random-weights-for-tests", action="store_true", help=argparse.SUPPRESS)
 
@@ -192,8 +219,9 @@ def inception_from_args(args: argparse.Namespace) -> InceptionFeatures:
     """The network chosen by `add_inception_args`' flags, on its device."""
     if args.random_weights_for_tests:
         print("WARNING: random Inception weights (test only): the results mean nothing")
-    net = build_inception(args.inception_weights,
-                          random_weights_for_tests=args.random_weights_for_tests)
+    net = build_inception(
+        args.inception_weights, random_weights_for_tests=args.random_weights_for_tests
+    )
     return net.to(resolve_device(args.device))
 
 
@@ -201,29 +229,38 @@ def resolve_device(device: str | None) -> torch.device:
     """`device`, or CUDA when there is one, else the CPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda asked for, but PyTorch sees no GPU; use --device cpu")
-    return device
+    return resolved
 
 
 @contextmanager
 def tf32_disabled() -> Iterator[None]:
     """Full float32 matmuls and convolutions (ADM's TensorFlow used no TF32); restored after."""
+    # (owner, attribute, value inside the block)
+    knobs: list[tuple[object, str, str | bool]]
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # PyTorch ≥ 2.9
         # Mixing this API with the legacy allow_tf32 flags raises, so use one or the other.
-        knobs = [(torch.backends.cuda.matmul, "fp32_precision", "ieee"),
-                 (torch.backends.cudnn.conv, "fp32_precision", "ieee")]
+        # torch.backends.cudnn swaps itself for a CudnnModule in sys.modules at import; `conv`
+        # is a class attribute there, but the annotations torch leaves on the module for type
+        # checkers omit it, hence the ignore.
+        knobs = [
+            (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+            (torch.backends.cudnn.conv, "fp32_precision", "ieee"),  # type: ignore[attr-defined]
+        ]
     else:
-        knobs = [(torch.backends.cuda.matmul, "allow_tf32", False),
-                 (torch.backends.cudnn, "allow_tf32", False)]
+        knobs = [
+            (torch.backends.cuda.matmul, "allow_tf32", False),
+            (torch.backends.cudnn, "allow_tf32", False),
+        ]
     saved = [getattr(owner, name) for owner, name, _ in knobs]
     try:
         for owner, name, value in knobs:
             setattr(owner, name, value)
         yield
     finally:
-        for (owner, name, _), value in zip(knobs, saved):
+        for (owner, name, _), value in zip(knobs, saved, strict=True):
             setattr(owner, name, value)
 
 
@@ -239,8 +276,14 @@ class Features:
 
 
 @torch.inference_mode()
-def extract_features(net: InceptionFeatures, batches: Iterable[np.ndarray], num_images: int, *,
-                     keep_pool: bool = True, desc: str = "images") -> Features:
+def extract_features(
+    net: InceptionFeatures,
+    batches: Iterable[np.ndarray],
+    num_images: int,
+    *,
+    keep_pool: bool = True,
+    desc: str = "images",
+) -> Features:
     """Run uint8 (B, H, W, 3) batches through `net` (on its device) with a progress bar."""
     pool_stats, spatial_stats = GaussianAccumulator(), GaussianAccumulator()
     pools = []

@@ -24,19 +24,31 @@ from PIL import Image
 if __package__ in (None, ""):  # run as `python evaluations/make_reference.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evaluations.arrays import open_image_array  # noqa: E402
-from evaluations.inception import (  # noqa: E402
-    InceptionFeatures, add_inception_args, extract_features, inception_from_args, tf32_disabled)
+from evaluations.arrays import open_image_array
+from evaluations.inception import (
+    InceptionFeatures,
+    add_inception_args,
+    extract_features,
+    inception_from_args,
+    tf32_disabled,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM's centre crop: box-halve while ≥ 2× too big, bicubic-scale the short side, crop."""
+    """ADM's centre crop: box-halve while ≥ 2× too big, bicubic-scale the short side, crop.
+
+    `image` is RGB; the result is uint8 (size, size, 3).
+    """
     while min(image.size) >= 2 * size:  # box steps first: a cheap, alias-free large reduction
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+        width, height = image.size
+        image = image.resize((width // 2, height // 2), resample=Image.Resampling.BOX)
     scale = size / min(image.size)
-    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    width, height = image.size
+    image = image.resize(
+        (round(width * scale), round(height * scale)), resample=Image.Resampling.BICUBIC
+    )
     pixels = np.asarray(image)  # (H, W, 3), short side == size
     top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
     return pixels[top : top + size, left : left + size]
@@ -47,7 +59,7 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-class ImageFolder(torch.utils.data.Dataset):
+class ImageFolder(torch.utils.data.Dataset[np.ndarray]):
     """Centre-cropped uint8 (size, size, 3) RGB images from a list of files."""
 
     def __init__(self, files: list[Path], size: int) -> None:
@@ -62,23 +74,26 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 @contextmanager
-def open_source(source: str | Path, resolution: int, batch_size: int,
-                workers: int) -> Iterator[tuple[Iterable[np.ndarray], int]]:
+def open_source(
+    source: str | Path, resolution: int, batch_size: int, workers: int
+) -> Iterator[tuple[Iterable[np.ndarray], int]]:
     """uint8 (B, H, W, 3) batches from a folder or an `.npz`, and how many images there are."""
     if Path(source).is_dir():
         files = list_images(source)
         if not files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {source}")
-        loader = torch.utils.data.DataLoader(ImageFolder(files, resolution), batch_size,
-                                             num_workers=workers, collate_fn=np.stack)
+        loader = torch.utils.data.DataLoader(
+            ImageFolder(files, resolution), batch_size, num_workers=workers, collate_fn=np.stack
+        )
         yield loader, len(files)
     else:
         with open_image_array(source) as array:
             yield array.batches(batch_size), len(array)
 
 
-def collect_subset(batches: Iterable[np.ndarray], keep: np.ndarray,
-                   kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+def collect_subset(
+    batches: Iterable[np.ndarray], keep: np.ndarray, kept: list[np.ndarray]
+) -> Iterator[np.ndarray]:
     """Pass the batches on, copying the images at the sorted indices `keep` into `kept`."""
     start = 0
     for batch in batches:
@@ -88,34 +103,61 @@ def collect_subset(batches: Iterable[np.ndarray], keep: np.ndarray,
         yield batch
 
 
-def make_reference(source: str | Path, out: str | Path, net: InceptionFeatures, *,
-                   resolution: int = 256, subset_size: int = 10_000, seed: int = 0,
-                   batch_size: int = 64, workers: int = 0) -> int:
+def make_reference(
+    source: str | Path,
+    out: str | Path,
+    net: InceptionFeatures,
+    *,
+    resolution: int = 256,
+    subset_size: int = 10_000,
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int = 0,
+) -> int:
     """Write `out` (statistics of all images in `source`, a random subset); return the count."""
     kept: list[np.ndarray] = []
     with tf32_disabled(), open_source(source, resolution, batch_size, workers) as (batches, count):
-        keep = np.sort(np.random.default_rng(seed).choice(count, min(subset_size, count),
-                                                          replace=False))
-        features = extract_features(net, collect_subset(batches, keep, kept), count,
-                                    keep_pool=False, desc="reference")
+        keep = np.sort(
+            np.random.default_rng(seed).choice(count, min(subset_size, count), replace=False)
+        )
+        features = extract_features(
+            net, collect_subset(batches, keep, kept), count, keep_pool=False, desc="reference"
+        )
     # Uncompressed, so that the evaluator can memory-map arr_0; written whole, then moved in place.
     partial = Path(f"{out}.partial")
     with open(partial, "wb") as f:
-        np.savez(f, arr_0=np.concatenate(kept), mu=features.mu, sigma=features.sigma,
-                 mu_s=features.mu_s, sigma_s=features.sigma_s)
+        np.savez(
+            f,
+            arr_0=np.concatenate(kept),
+            mu=features.mu,
+            sigma=features.sigma,
+            mu_s=features.mu_s,
+            sigma_s=features.sigma_s,
+        )
     os.replace(partial, out)
     return count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", required=True,
-                        help="folder of images (searched recursively) or .npz with uint8 arr_0")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="folder of images (searched recursively) or .npz with uint8 arr_0",
+    )
     parser.add_argument("--out", required=True, help="reference .npz to write")
-    parser.add_argument("--resolution", type=int, default=256,
-                        help="centre-crop size for folder images (an .npz is used as it is)")
-    parser.add_argument("--subset-size", type=int, default=10_000,
-                        help="images kept as arr_0 for precision/recall (ADM: 10000)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=256,
+        help="centre-crop size for folder images (an .npz is used as it is)",
+    )
+    parser.add_argument(
+        "--subset-size",
+        type=int,
+        default=10_000,
+        help="images kept as arr_0 for precision/recall (ADM: 10000)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset choice")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding processes (folders)")
     add_inception_args(parser)
@@ -125,11 +167,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     net = inception_from_args(args)
-    count = make_reference(args.source, args.out, net, resolution=args.resolution,
-                           subset_size=args.subset_size, seed=args.seed,
-                           batch_size=args.batch_size, workers=args.workers)
-    print(f"wrote {args.out}: statistics of {count} images, "
-          f"{min(count, args.subset_size)} of them as arr_0")
+    count = make_reference(
+        args.source,
+        args.out,
+        net,
+        resolution=args.resolution,
+        subset_size=args.subset_size,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    print(
+        f"wrote {args.out}: statistics of {count} images, "
+        f"{min(count, args.subset_size)} of them as arr_0"
+    )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@ class GaussianAccumulator:
         if self.shift is None:
             self.shift = rows.mean(0)
             self.total = torch.zeros_like(self.shift)
-            self.outer = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64,
-                                     device=rows.device)
+            self.outer = torch.zeros(
+                rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device
+            )
+        # The three are set together above, so after the first batch none of them is None.
+        assert self.total is not None and self.outer is not None
         centred = rows - self.shift
         self.count += len(rows)
         self.total += centred.sum(0)
@@ -43,14 +46,19 @@ class GaussianAccumulator:
         """(D,) mean and (D, D) unbiased covariance, as float64 numpy arrays."""
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 images, got {self.count}")
+        # A count of 2 or more means update() has run and set all three.
+        assert self.shift is not None and self.total is not None and self.outer is not None
         mean = self.total / self.count
         cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
         return (self.shift + mean).cpu().numpy(), cov.cpu().numpy()
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½), with ADM's `scipy.linalg.sqrtm` and its retry.
+
+    `mu1`, `mu2` are (D,) means, `sigma1`, `sigma2` (D, D) covariances.
 
     ADM passes the samples as (mu1, sigma1) and the reference as (mu2, sigma2); sqrtm(Σ₁Σ₂) is not
     symmetric in the two, so keep that order to reproduce its numbers to the last digits.
@@ -58,22 +66,27 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+        raise ValueError(
+            f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape}"
+        )
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # A (nearly) singular product, e.g. fewer images than feature dimensions: ADM then adds
         # eps to both diagonals and accepts whatever comes out.
-        warnings.warn(f"FID: singular product of covariances; adding {eps} to their diagonals",
-                      stacklevel=2)
+        warnings.warn(
+            f"FID: singular product of covariances; adding {eps} to their diagonals", stacklevel=2
+        )
         offset = np.eye(len(sigma1)) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         # Rounding leaves a tiny imaginary part; a large one means the statistics are broken.
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.abs(covmean.imag).max():.3g} in "
-                             "sqrtm(sigma1 @ sigma2); are both covariances valid?")
+            raise ValueError(
+                f"FID: imaginary component {np.abs(covmean.imag).max():.3g} in "
+                "sqrtm(sigma1 @ sigma2); are both covariances valid?"
+            )
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
@@ -148,8 +161,9 @@ def knn_radii(features: torch.Tensor, k: int = 3, block_size: int = 10_000) -> t
     Only the k + 1 smallest distances per row are kept while the columns go by in blocks.
     """
     if len(features) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} images, "
-                         f"got {len(features)}")
+        raise ValueError(
+            f"precision/recall with k={k} needs more than {k} images, got {len(features)}"
+        )
     radii = torch.empty(len(features), device=features.device)
     for start, rows in _blocks(features, block_size):
         nearest = features.new_empty(len(rows), 0)  # (B, ≤ k+1) smallest so far
@@ -160,9 +174,14 @@ def knn_radii(features: torch.Tensor, k: int = 3, block_size: int = 10_000) -> t
     return radii
 
 
-def precision_recall(ref: np.ndarray | torch.Tensor, samples: np.ndarray | torch.Tensor, *,
-                     k: int = 3, block_size: int = 10_000,
-                     device: str | torch.device = "cpu") -> tuple[float, float]:
+def precision_recall(
+    ref: np.ndarray | torch.Tensor,
+    samples: np.ndarray | torch.Tensor,
+    *,
+    k: int = 3,
+    block_size: int = 10_000,
+    device: str | torch.device = "cpu",
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM computes them.
 
     Precision: the fraction of samples within the k-NN ball (squared radius, `≤`) of some

@@ -20,10 +20,22 @@ from PIL import Image
 
 from evaluations import evaluator, inception, make_reference, metrics
 from evaluations.arrays import open_image_array
-from evaluations.inception import (NUM_CLASSES, POOL_DIM, SPATIAL_DIM, InceptionFeatures,
-                                   build_inception, random_state_dict, tf32_disabled)
-from evaluations.metrics import (GaussianAccumulator, frechet_distance, inception_score,
-                                 precision_recall, squared_distances)
+from evaluations.inception import (
+    NUM_CLASSES,
+    POOL_DIM,
+    SPATIAL_DIM,
+    InceptionFeatures,
+    build_inception,
+    random_state_dict,
+    tf32_disabled,
+)
+from evaluations.metrics import (
+    GaussianAccumulator,
+    frechet_distance,
+    inception_score,
+    precision_recall,
+    squared_distances,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,9 +53,11 @@ def run_with_taps(net: InceptionFeatures, images: np.ndarray) -> dict[str, np.nd
     taps = {}
     hooks = [
         net.net.Conv2d_1a_3x3.register_forward_pre_hook(
-            lambda m, args: taps.update(conv_input=args[0].clone())),
+            lambda m, args: taps.update(conv_input=args[0].clone())
+        ),
         net.net.Mixed_6d.branch1x1.register_forward_hook(
-            lambda m, args, out: taps.update(branch=out.clone())),
+            lambda m, args, out: taps.update(branch=out.clone())
+        ),
     ]
     try:
         with torch.inference_mode():
@@ -106,8 +120,12 @@ def test_network_input_is_tf1_resize_then_scaled(case, request):
     np.testing.assert_allclose(out["conv_input"], expected, rtol=0, atol=1e-6)
 
     # ... and not PyTorch's half-pixel rule, which moves every sample point by half a pixel.
-    half_pixel = F.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).double(),
-                               size=(299, 299), mode="bilinear", align_corners=False)
+    half_pixel = F.interpolate(
+        torch.from_numpy(images).permute(0, 3, 1, 2).double(),
+        size=(299, 299),
+        mode="bilinear",
+        align_corners=False,
+    )
     assert np.abs(out["conv_input"] - (half_pixel.numpy() - 128) / 128).max() > 0.05
 
 
@@ -135,8 +153,11 @@ def test_saved_random_state_dict_loads_strictly(tmp_path):
         InceptionFeatures(missing)
     with pytest.raises(RuntimeError, match="Unexpected key"):
         InceptionFeatures({**state_dict, "AuxLogits.fc.weight": torch.zeros(1)})
-    imagenet_head = {**state_dict, "fc.weight": torch.zeros(1000, 2048),
-                     "fc.bias": torch.zeros(1000)}
+    imagenet_head = {
+        **state_dict,
+        "fc.weight": torch.zeros(1000, 2048),
+        "fc.bias": torch.zeros(1000),
+    }
     with pytest.raises(RuntimeError, match="size mismatch"):
         InceptionFeatures(imagenet_head)
 
@@ -254,16 +275,21 @@ def brute_force_precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = 
     """Improved precision/recall by naive loops over exact integer distances."""
 
     def distance(a, b):
-        return sum((int(x) - int(y)) ** 2 for x, y in zip(a, b))
+        return sum((int(x) - int(y)) ** 2 for x, y in zip(a, b, strict=True))
 
     def radii(points):  # sorted distances include the point itself, at index 0
         return [sorted(distance(p, q) for q in points)[k] for p in points]
 
     ref_radii, sample_radii = radii(ref), radii(samples)
-    precision = np.mean([any(distance(s, r) <= rad for r, rad in zip(ref, ref_radii))
-                         for s in samples])
-    recall = np.mean([any(distance(r, s) <= rad for s, rad in zip(samples, sample_radii))
-                      for r in ref])
+    precision = np.mean(
+        [any(distance(s, r) <= rad for r, rad in zip(ref, ref_radii, strict=True)) for s in samples]
+    )
+    recall = np.mean(
+        [
+            any(distance(r, s) <= rad for s, rad in zip(samples, sample_radii, strict=True))
+            for r in ref
+        ]
+    )
     return precision, recall
 
 
@@ -294,7 +320,8 @@ def test_distances_fall_back_to_float32_beyond_float16_range():
     u, v = torch.tensor(ref, dtype=torch.float32), torch.tensor(samples, dtype=torch.float32)
     np.testing.assert_array_equal(squared_distances(u, v).numpy(), exact)
     assert precision_recall(ref, samples) == pytest.approx(
-        brute_force_precision_recall(ref, samples), abs=0)
+        brute_force_precision_recall(ref, samples), abs=0
+    )
 
 
 def test_distances_are_rounded_to_float16_like_adm():
@@ -329,39 +356,53 @@ def test_npy_reads_back_identically(tmp_path):
 
 
 @pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
-@pytest.mark.parametrize("array, message", [
-    (np.linspace(-1, 1, 4 * 8 * 8 * 3, dtype=np.float32).reshape(4, 8, 8, 3), r"uint8.*\[-1, 1\]"),
-    (np.zeros((4, 3, 8, 8), dtype=np.uint8), "transpose"),
-    (np.zeros((4, 8, 8), dtype=np.uint8), "N×H×W×3"),
-    (np.zeros((0, 8, 8, 3), dtype=np.uint8), "no images"),
-])
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (
+            np.linspace(-1, 1, 4 * 8 * 8 * 3, dtype=np.float32).reshape(4, 8, 8, 3),
+            r"uint8.*\[-1, 1\]",
+        ),
+        (np.zeros((4, 3, 8, 8), dtype=np.uint8), "transpose"),
+        (np.zeros((4, 8, 8), dtype=np.uint8), "N×H×W×3"),
+        (np.zeros((0, 8, 8, 3), dtype=np.uint8), "no images"),
+    ],
+)
 def test_bad_image_arrays_are_refused_at_open(tmp_path, save, array, message):
     save(tmp_path / "bad.npz", arr_0=array)
-    with pytest.raises(ValueError, match=message):
-        with open_image_array(tmp_path / "bad.npz"):
-            pass
+    with pytest.raises(ValueError, match=message), open_image_array(tmp_path / "bad.npz"):
+        pass
 
 
 def test_images_in_zero_one_are_refused(tmp_path):
     np.savez(tmp_path / "bad.npz", arr_0=np.ones((4, 8, 8, 3), dtype=np.uint8))
-    with open_image_array(tmp_path / "bad.npz") as array:
-        with pytest.raises(ValueError, match=r"\[0, 255\]"):
-            next(array.batches(2))
+    with (
+        open_image_array(tmp_path / "bad.npz") as array,
+        pytest.raises(ValueError, match=r"\[0, 255\]"),
+    ):
+        next(array.batches(2))
 
 
 def test_missing_array_is_named(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 8, 8, 3), dtype=np.uint8))
-    with pytest.raises(ValueError, match=r"no array 'arr_0'.*\['images'\]"):
-        with open_image_array(tmp_path / "x.npz"):
-            pass
+    with (
+        pytest.raises(ValueError, match=r"no array 'arr_0'.*\['images'\]"),
+        open_image_array(tmp_path / "x.npz"),
+    ):
+        pass
 
 
 def test_reference_without_statistics_is_refused(tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="make_reference.py"):
         evaluator.load_reference_statistics(tmp_path / "ref.npz")
-    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), mu_s=np.zeros(2048),
-             sigma_s=np.eye(2048))
+    np.savez(
+        tmp_path / "ref.npz",
+        mu=np.zeros(2048),
+        sigma=np.eye(2048),
+        mu_s=np.zeros(2048),
+        sigma_s=np.eye(2048),
+    )
     with pytest.raises(ValueError, match=r"mu_s has shape \(2048,\), expected \(2023,\)"):
         evaluator.load_reference_statistics(tmp_path / "ref.npz")
 
@@ -386,34 +427,71 @@ def test_reference_then_evaluation_end_to_end(tmp_path, net):
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i}.png")
     ref_path = tmp_path / "ref.npz"
-    make_reference.main(["--source", str(tmp_path / "dataset"), "--out", str(ref_path),
-                         "--resolution", "32", "--subset-size", "5", "--workers", "0",
-                         "--device", "cpu", "--random-weights-for-tests"])
+    make_reference.main(
+        [
+            "--source",
+            str(tmp_path / "dataset"),
+            "--out",
+            str(ref_path),
+            "--resolution",
+            "32",
+            "--subset-size",
+            "5",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--random-weights-for-tests",
+        ]
+    )
 
     with np.load(ref_path) as ref:
         assert ref["arr_0"].shape == (5, 32, 32, 3) and ref["arr_0"].dtype == np.uint8
         mu = ref["mu"]
-    crops = np.stack([make_reference.center_crop(Image.open(p).convert("RGB"), 32)
-                      for p in make_reference.list_images(tmp_path / "dataset")])
+    crops = np.stack(
+        [
+            make_reference.center_crop(Image.open(p).convert("RGB"), 32)
+            for p in make_reference.list_images(tmp_path / "dataset")
+        ]
+    )
     with torch.inference_mode():  # statistics cover all six images, not just the subset
-        np.testing.assert_allclose(mu, net(torch.from_numpy(crops))[0].mean(0).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            mu, net(torch.from_numpy(crops))[0].mean(0).numpy(), rtol=1e-5, atol=1e-5
+        )
 
     sample_path, json_path = tmp_path / "samples.npz", tmp_path / "metrics.json"
     np.savez_compressed(sample_path, arr_0=rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     with pytest.warns(UserWarning, match="fewer than 50000"):
-        evaluator.main([str(ref_path), str(sample_path), "--json", str(json_path),
-                        "--batch-size", "4", "--device", "cpu", "--random-weights-for-tests"])
+        evaluator.main(
+            [
+                str(ref_path),
+                str(sample_path),
+                "--json",
+                str(json_path),
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+                "--random-weights-for-tests",
+            ]
+        )
     record = json.loads(json_path.read_text())
     names = ["inception_score", "fid", "sfid", "precision", "recall"]
     assert all(np.isfinite(record[name]) for name in names) and record["num_samples"] == 6
     assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1
 
 
-@pytest.mark.parametrize("command", [["evaluations/evaluator.py"], ["-m", "evaluations.evaluator"],
-                                     ["evaluations/make_reference.py"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["evaluations/evaluator.py"],
+        ["-m", "evaluations.evaluator"],
+        ["evaluations/make_reference.py"],
+    ],
+)
 def test_commands_run_as_script_and_module(command):
-    result = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "--inception-weights" in result.stdout
