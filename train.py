@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -304,6 +305,10 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise ValueError(f"--resume: no checkpoint file {args.resume!r} (or pass 'auto')")
+    package = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(args.report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise ValueError(f"--report-to {args.report_to} needs the {package} package: "
+                         f"pip install {package} (or --report-to none)")  # fmt: skip
     clashes = sorted(set(args.model_config) & set(FLAG_OF_MODEL_KWARG))
     if clashes:
         raise ValueError(
@@ -762,14 +767,14 @@ def setup(
     return tr, dataset
 
 
-def describe(tr: Trainer, resume: str | None) -> str:
+def describe(tr: Trainer, macs: int, resume: str | None) -> str:
     """The plan of the run, for the log and --dry-run."""
     args, acc, plan, model = tr.args, tr.accelerator, tr.plan, tr.raw
     epochs = args.max_train_steps / plan.steps_per_epoch
     return "\n".join([
         f"model       {model.model_name}: {model.num_parameters() / 1e6:.4g} M parameters "
         f"({model.num_parameters(include_projectors=False) / 1e6:.4g} M without projectors), "
-        f"{training_macs(model) / 1e9:.4g} G MACs per image; alignment tap after block "
+        f"{macs / 1e9:.4g} G MACs per image; alignment tap after block "
         f"{model.encoder_depth}",
         f"arguments   {json.dumps(model.model_kwargs)}",
         f"objective   {tr.loss_fn}",
@@ -802,8 +807,9 @@ def main(args: argparse.Namespace) -> None:
     logger = create_logger(accelerator.is_main_process)
     try:
         tr, dataset = setup(args, accelerator, resume, logger)
+        macs = training_macs(tr.raw)
         if args.dry_run:
-            logger.info(describe(tr, resume))
+            logger.info(describe(tr, macs, resume))
             return
         if accelerator.is_main_process:
             for sub in ("checkpoints", "samples"):
@@ -818,14 +824,14 @@ def main(args: argparse.Namespace) -> None:
                 init_kwargs={"wandb": {"name": args.exp_name, "dir": run_dir}},
             )  # fmt: skip
         accelerator.wait_for_everyone()
-        logger.info(describe(tr, resume))
+        logger.info(describe(tr, macs, resume))
         if tr.step >= args.max_train_steps:
             logger.info(f"nothing to do: the run is at step {tr.step} of {args.max_train_steps}")
             return
         vae = load_vae(args.vae, accelerator.device) if accelerator.is_main_process else None
         peak = peak_flops(accelerator.device, args.mixed_precision, args.allow_tf32,
                           args.peak_tflops)  # fmt: skip
-        monitor = Monitor(tr, run_dir, logger, 6.0 * training_macs(tr.raw), peak)
+        monitor = Monitor(tr, run_dir, logger, 6.0 * macs, peak)
         train(tr, dataset, run_dir, vae, monitor)
         logger.info(f"done: step {tr.step}")
     finally:
