@@ -41,6 +41,7 @@ from checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
+from dataset import LatentDataset
 from frozen import RepresentationEncoder, encoder_dim, load_encoder, load_vae, parse_encoder_list
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS, SILoss
 from models import canonical_name
@@ -335,19 +336,12 @@ def create_accelerator(args: argparse.Namespace, run_dir: str) -> Accelerator:
             f"{accelerator.num_processes}; without GPUs, set ACCELERATE_USE_CPU=1 (or use "
             "`accelerate launch --cpu`) so that the processes train together"
         )
-    parts = accelerator.num_processes * args.gradient_accumulation_steps
-    if args.batch_size % parts:
-        raise TrainingError(
-            f"--batch-size {args.batch_size} is the global batch: it must be divisible by "
-            f"processes ({accelerator.num_processes}) × --gradient-accumulation-steps "
-            f"({args.gradient_accumulation_steps}) = {parts}"
-        )
     torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
     torch.backends.cudnn.allow_tf32 = args.allow_tf32
     return accelerator
 
 
-def resolve_run(args: argparse.Namespace, accelerator: Accelerator) -> str | None:
+def resolve_run(args: argparse.Namespace) -> str | None:
     """Check the run directory against --resume (on every process, before anything is written)
     and return the checkpoint to resume from, if any."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
@@ -366,8 +360,6 @@ def resolve_run(args: argparse.Namespace, accelerator: Accelerator) -> str | Non
 
 def open_dataset(args: argparse.Namespace) -> Dataset:
     """The preprocessed dataset, with the features (or, online, the pixels) this run needs."""
-    from dataset import LatentDataset
-
     online = args.encoder_mode == "online"
     dataset = LatentDataset(args.data_dir, encoders=[] if online else args.encoders, pixels=online)
     if dataset.resolution != args.resolution:
@@ -397,7 +389,7 @@ def create_model(
         kwargs["encoder_depth"] = args.encoder_depth
     kwargs.update(args.model_config)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
+        torch.default_generator.manual_seed(args.seed)  # the model is built on the CPU
         try:
             model = build_from_config(args.model, kwargs)
         except (TypeError, ValueError) as err:
@@ -729,14 +721,17 @@ def setup(
 ) -> tuple[Trainer, Dataset]:
     """Data, encoders, model, EMA, optimiser, objective; then the checkpoint to resume, if any."""
     dataset = open_dataset(args)
-    plan = BatchPlan(
-        len(dataset),  # type: ignore[arg-type]
-        args.batch_size,
-        args.gradient_accumulation_steps,
-        accelerator.num_processes,
-        accelerator.process_index,
-        args.seed,
-    )
+    try:
+        plan = BatchPlan(
+            len(dataset),  # type: ignore[arg-type]
+            args.batch_size,
+            args.gradient_accumulation_steps,
+            accelerator.num_processes,
+            accelerator.process_index,
+            args.seed,
+        )
+    except ValueError as err:  # the global batch does not split, or exceeds the dataset
+        raise TrainingError(str(err)) from None
     model = create_model(args, dataset, dataset[0])
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
     optimizer = torch.optim.AdamW(
@@ -803,7 +798,7 @@ def training_macs(model: AlignedDiffusionTransformer) -> int:
 def main(args: argparse.Namespace) -> None:
     run_dir = os.path.join(args.output_dir, args.exp_name)
     accelerator = create_accelerator(args, run_dir)
-    resume = resolve_run(args, accelerator)  # before anything is written, on every process
+    resume = resolve_run(args)  # before anything is written, on every process
     logger = create_logger(accelerator.is_main_process)
     try:
         tr, dataset = setup(args, accelerator, resume, logger)

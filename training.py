@@ -71,9 +71,9 @@ class BatchPlan:
         parts = self.num_processes * self.accumulation
         if self.global_batch % parts:
             raise ValueError(
-                f"the global batch ({self.global_batch}) must be divisible by processes "
-                f"({self.num_processes}) × gradient accumulation steps ({self.accumulation}) = "
-                f"{parts}"
+                f"--batch-size {self.global_batch} is the global batch: it must be divisible by "
+                f"processes ({self.num_processes}) × --gradient-accumulation-steps "
+                f"({self.accumulation}) = {parts}"
             )
         if self.dataset_size < self.global_batch:
             raise ValueError(

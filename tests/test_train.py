@@ -228,7 +228,7 @@ def test_plan_splits_each_global_batch_of_an_epoch_permutation():
         ]
         positions = [p for part in parts for p in range(part.start, part.stop)]
         assert positions == list(range(batch))  # every position once, each in one micro-batch
-    with pytest.raises(ValueError, match=r"processes \(5\) × gradient accumulation steps \(1\)"):
+    with pytest.raises(ValueError, match=r"processes \(5\) × --gradient-accumulation-steps \(1\)"):
         BatchPlan(n, batch, 1, 5, 0)
 
 
