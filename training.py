@@ -1,5 +1,6 @@
 """The parts of `train.py` that are not the loop itself: the deterministic data plan, the EMA,
-metric accumulation without host syncs, run logs and trackers, stop signals, RNG states.
+metric accumulation without host syncs, run logs, stop signals, a run's checkpoint files and
+whether a checkpoint may be resumed.
 
 Determinism: nothing in training draws from a global random number generator. What step s sees
 is a function of (seed, s) alone:
@@ -193,9 +194,6 @@ def update_ema(ema_params: list[Tensor], model_params: list[Tensor], decay: floa
     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
 
 
-METRIC_ORDER = ["total", "velocity", "repa", "manifold", "cos_sim", "grad_norm", "skipped"]
-
-
 class MetricMeans:
     """Sums 0-dim device tensors step by step without reading them (no host sync); `pop`
     averages them over the interval and over processes with one collective and one read."""
@@ -213,9 +211,7 @@ class MetricMeans:
     def pop(self, mean_over_processes: Callable[[Tensor], Tensor]) -> dict[str, float]:
         if not self.count:
             return {}
-        names = sorted(
-            self.sums, key=lambda n: (METRIC_ORDER.index(n) if n in METRIC_ORDER else 99, n)
-        )
+        names = list(self.sums)  # the same order on every process
         totals = mean_over_processes(torch.stack([self.sums[n] for n in names])).tolist()
         means = {n: total / self.count for n, total in zip(names, totals, strict=True)}
         self.sums, self.count = {}, 0

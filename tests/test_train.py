@@ -459,7 +459,7 @@ def test_run_directory_checkpoints_logs_and_previews(data_dir, tmp_path):
                 "images_per_sec", "epoch", "skipped"):  # fmt: skip
         assert all(np.isfinite(r[key]) for r in records), key
     log = (run_dir / "log.txt").read_text()
-    assert "step 6 | epoch 1.5 | total" in log and "saved checkpoint" in log
+    assert "step 6 | epoch 1.5 | velocity" in log and "saved checkpoint" in log
     # Previews: 4 images of 64 px in a 2×2 grid, every 3 steps.
     assert sorted(os.listdir(run_dir / "samples")) == ["0000003.png", "0000006.png"]
     assert Image.open(run_dir / "samples" / "0000006.png").size == (128, 128)
