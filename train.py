@@ -591,6 +591,7 @@ def batches_from(tr: Trainer, dataset: Dataset, start_step: int) -> Iterator[dic
         sampler=range(start_step * a, args.max_train_steps * a),
         num_workers=args.num_workers,
         pin_memory=tr.accelerator.device.type == "cuda",
+        worker_init_fn=StopRequest.ignore_in_worker,
     )
     device = tr.accelerator.device
     for batch in loader:
@@ -766,6 +767,8 @@ def describe(tr: Trainer, macs: int, resume: str | None) -> str:
     """The plan of the run, for the log and --dry-run."""
     args, acc, plan, model = tr.args, tr.accelerator, tr.plan, tr.raw
     epochs = args.max_train_steps / plan.steps_per_epoch
+    inactive = args.mixed_precision != "no" and not acc.native_amp
+    amp_note = f" (no autocast on {acc.device.type}: fp32)" if inactive else ""
     return "\n".join([
         f"model       {model.model_name}: {model.num_parameters() / 1e6:.4g} M parameters "
         f"({model.num_parameters(include_projectors=False) / 1e6:.4g} M without projectors), "
@@ -782,7 +785,8 @@ def describe(tr: Trainer, macs: int, resume: str | None) -> str:
         + (f", resuming {resume}" if resume else ""),
         f"checkpoints every {args.checkpointing_steps} steps; the last {args.keep_last} kept, and "
         f"every {args.milestone_every or '-'}th with an EMA export",
-        f"precision   {args.mixed_precision}, TF32 {args.allow_tf32}, compile {args.compile}, "
+        f"precision   {args.mixed_precision}{amp_note}, TF32 {args.allow_tf32}, "
+        f"compile {args.compile}, "
         f"device {acc.device} × {acc.num_processes}",
     ])  # fmt: skip
 

@@ -322,6 +322,14 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
+    @staticmethod
+    def ignore_in_worker(worker_id: int) -> None:
+        """DataLoader `worker_init_fn`: a scheduler signals the whole process group, and a
+        worker killed mid-step would crash the loop before it saves; the workers ignore the
+        signals and end with the main process."""
+        for sig in StopRequest.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def __call__(self) -> bool:
         """Whether any process has been asked to stop (a collective when distributed)."""
         if self._group is None:

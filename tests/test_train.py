@@ -531,16 +531,19 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
+    """A scheduler's SIGTERM to the whole process group, data-loading workers included."""
     cmd = [sys.executable, "train.py",
            *argv(data_dir, tmp_path, "term", "--max-train-steps", "100000", "--log-every", "1",
-                 "--checkpointing-steps", "100000")]  # fmt: skip
-    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 "--checkpointing-steps", "100000", "--num-workers", "2")]  # fmt: skip
+    process = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     jsonl = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (jsonl.exists() and len(jsonl.read_text().splitlines()) >= 2):
         assert process.poll() is None and time.time() < deadline, process.stdout.read().decode()
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     output = process.communicate(timeout=120)[0].decode()
     assert process.returncode == 0, output
     assert "stopped by a signal after step" in output
