@@ -274,8 +274,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Train SiT↓ / SiT with U-REPA or REPA.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add in (add_model_args, add_alignment_args, add_data_args, add_optimization_args,
-                add_precision_args, add_run_args):  # fmt: skip
+    for add in (
+        add_model_args,
+        add_alignment_args,
+        add_data_args,
+        add_optimization_args,
+        add_precision_args,
+        add_run_args,
+    ):
         add(parser)
     args = parser.parse_args(argv)
     try:
@@ -308,8 +314,10 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume: no checkpoint file {args.resume!r} (or pass 'auto')")
     package = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(args.report_to)
     if package and importlib.util.find_spec(package) is None:
-        raise ValueError(f"--report-to {args.report_to} needs the {package} package: "
-                         f"pip install {package} (or --report-to none)")  # fmt: skip
+        raise ValueError(
+            f"--report-to {args.report_to} needs the {package} package: "
+            f"pip install {package} (or --report-to none)"
+        )
     clashes = sorted(set(args.model_config) & set(FLAG_OF_MODEL_KWARG))
     if clashes:
         raise ValueError(
@@ -483,7 +491,7 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, Any]]) -> dict[str, Te
         **sums,
         "grad_norm": grad_norm.detach().float(),
         "nonfinite": (~torch.isfinite(sums["total"])).float(),
-        "skipped": (torch.ones_like if skip else torch.zeros_like)(grad_norm).float(),
+        "skipped": torch.full_like(grad_norm, float(skip), dtype=torch.float32),
     }
 
 
@@ -514,9 +522,10 @@ def save_training_checkpoint(tr: Trainer, run_dir: str, logger: Any) -> str:
     path = os.path.join(run_dir, "checkpoints", f"{tr.step:07d}.pt")
     error: list[str | None] = [None]
     if acc.is_main_process:
-        scaler = acc.scaler
-        state = checkpoint_state(tr.raw, tr.ema, tr.step, vars(args), tr.optimizer, scaler,
-                                 rng={"processes": rng}, data=data_position(tr))  # fmt: skip
+        state = checkpoint_state(
+            tr.raw, tr.ema, tr.step, args=vars(args), opt=tr.optimizer, scaler=acc.scaler,
+            rng={"processes": rng}, data=data_position(tr),
+        )  # fmt: skip
         milestone = args.milestone_every and tr.step % args.milestone_every == 0
         try:
             save_checkpoint(path, state)
@@ -555,8 +564,10 @@ def restore(tr: Trainer, ckpt: dict[str, Any], logger: Any) -> None:
     if len(rng) == tr.accelerator.num_processes:
         set_rng_state(rng[tr.accelerator.process_index])
     else:  # harmless: no training randomness comes from these generators
-        logger.warning(f"checkpoint has RNG states of {len(rng)} processes, this run has "
-                       f"{tr.accelerator.num_processes}: not restored")  # fmt: skip
+        logger.warning(
+            f"checkpoint has RNG states of {len(rng)} processes, this run has "
+            f"{tr.accelerator.num_processes}: not restored"
+        )
     tr.step = ckpt["step"]
 
 
@@ -693,8 +704,10 @@ def train(tr: Trainer, dataset: Dataset, run_dir: str, vae: Any, monitor: Monito
                     track_image(acc, save_preview(tr, vae, *preview, path), tr.step)
                 acc.wait_for_everyone()
             if stopping:
-                logger.info(f"stopped by a signal after step {tr.step}, checkpoint saved: "
-                            "continue with --resume auto")  # fmt: skip
+                logger.info(
+                    f"stopped by a signal after step {tr.step}, checkpoint saved: "
+                    "continue with --resume auto"
+                )
                 break
 
 
@@ -818,18 +831,21 @@ def main(args: argparse.Namespace) -> None:
                 json.dump(vars(args), f, indent=2)
             accelerator.init_trackers(
                 "u-repa",
-                config={k: v if isinstance(v, int | float | str | bool) else str(v)
-                        for k, v in vars(args).items()},
+                config={
+                    k: v if isinstance(v, int | float | str | bool) else str(v)
+                    for k, v in vars(args).items()
+                },
                 init_kwargs={"wandb": {"name": args.exp_name, "dir": run_dir}},
-            )  # fmt: skip
+            )
         accelerator.wait_for_everyone()
         logger.info(describe(tr, macs, resume))
         if tr.step >= args.max_train_steps:
             logger.info(f"nothing to do: the run is at step {tr.step} of {args.max_train_steps}")
             return
         vae = load_vae(args.vae, accelerator.device) if accelerator.is_main_process else None
-        peak = peak_flops(accelerator.device, args.mixed_precision, args.allow_tf32,
-                          args.peak_tflops)  # fmt: skip
+        peak = peak_flops(
+            accelerator.device, args.mixed_precision, args.allow_tf32, args.peak_tflops
+        )
         monitor = Monitor(tr, run_dir, logger, 6.0 * macs, peak)
         train(tr, dataset, run_dir, vae, monitor)
         logger.info(f"done: step {tr.step}")

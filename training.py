@@ -419,8 +419,10 @@ def check_resumable(
     new_args = {k: v for k, v in args.items() if k not in RESUMABLE_CHANGES}
     diffs += _differences(old_args, new_args, lambda k: "--" + k.replace("_", "-"))
     if ckpt["data"]["dataset_size"] != dataset_size:
-        diffs.append(f"dataset size: {ckpt['data']['dataset_size']} in the checkpoint, "
-                     f"{dataset_size} now (the data order would differ)")  # fmt: skip
+        diffs.append(
+            f"dataset size: {ckpt['data']['dataset_size']} in the checkpoint, "
+            f"{dataset_size} now (the data order would differ)"
+        )
     if diffs:
         raise TrainingError(
             "cannot resume: the checkpoint was trained with a different setup:\n  "
