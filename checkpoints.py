@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from models import SiT, SiT_models, SiTDown, build_model, canonical_name
+from models.base import AlignedDiffusionTransformer
 
 CHECKPOINT_FORMAT = "u-repa/1"
 CHECKPOINT_KEYS = (
@@ -40,7 +41,10 @@ CHECKPOINT_KEYS = (
     "model", "ema", "opt", "scaler", "rng", "data",
 )  # fmt: skip
 # Models built from a class rather than a registry name (see the module docstring).
-MODEL_CLASSES: dict[str, Callable[..., nn.Module]] = {"SiT": SiT, "SiTDown": SiTDown}
+MODEL_CLASSES: dict[str, Callable[..., AlignedDiffusionTransformer]] = {
+    "SiT": SiT,
+    "SiTDown": SiTDown,
+}
 
 
 #################################################################################
@@ -137,7 +141,9 @@ def export_ema_safetensors(
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and every CUDA device) RNG states, as weights_only-safe
     values (NumPy's key array becomes a tensor)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # The legacy global generator is what user code and libraries draw from, so it is saved.
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # noqa: NPY002
+    assert isinstance(keys, np.ndarray)  # the legacy layout: (name, keys, pos, has_gauss, cached)
     return {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
@@ -150,7 +156,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` captured."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -204,7 +210,7 @@ def model_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
     return name, dict(kwargs)
 
 
-def build_from_config(model_name: str, model_kwargs: dict[str, Any]) -> nn.Module:
+def build_from_config(model_name: str, model_kwargs: dict[str, Any]) -> AlignedDiffusionTransformer:
     """Rebuild a model from the config stored in a checkpoint."""
     if model_name in MODEL_CLASSES:
         model = MODEL_CLASSES[model_name](**model_kwargs)
@@ -309,10 +315,10 @@ def read_sampling_weights(
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return _strip_prefixes(obj["ema"]), obj["model_name"], obj["model_kwargs"], obj["args"]
     # REPA: its train.py saves {"model", "ema", "opt", "args", ...}; a bare EMA state dict too.
-    args = {}
+    args: dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
         if isinstance(obj.get("args"), argparse.Namespace):
-            args = vars(obj["args"])
+            args = dict(vars(obj["args"]))
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
@@ -346,7 +352,7 @@ def state_dict_mismatch(
 
 def load_model_for_sampling(
     path: str, device: torch.device | str = "cpu", model_name: str | None = None
-) -> nn.Module:
+) -> AlignedDiffusionTransformer:
     """The EMA model of a U-REPA checkpoint (`.pt` or safetensors export) or of REPA's released
     SiT checkpoint, in eval mode on `device`, loaded with `strict=True`.
 
@@ -355,8 +361,8 @@ def load_model_for_sampling(
     kept as `model.checkpoint_args`, e.g. for the path type the model was trained with.
     """
     state_dict, name, kwargs, args = read_sampling_weights(path, model_name)
-    stored_name = name not in MODEL_CLASSES and model_name is not None
-    if stored_name and canonical_name(model_name) != canonical_name(name):
+    registered = name not in MODEL_CLASSES
+    if registered and model_name is not None and canonical_name(model_name) != canonical_name(name):
         raise ValueError(f"{path!r} holds a {name}, not a {model_name}")
     with torch.device(device):
         model = build_from_config(name, kwargs)

@@ -59,8 +59,10 @@ class LatentDataset(Dataset):
                 )
             dim = self.manifest["modalities"][f"features-{name}"]["shape"][-1]
             if dim != encoder_dim(name):
-                raise DatasetError(f"features-{name} in {self.data_dir} are {dim}-d, but {name} "
-                                   f"has {encoder_dim(name)}-d features")  # fmt: skip
+                raise DatasetError(
+                    f"features-{name} in {self.data_dir} are {dim}-d, but {name} "
+                    f"has {encoder_dim(name)}-d features"
+                )
         if self.pixels and "pixels" not in self.manifest["modalities"]:
             raise DatasetError(
                 f"{self.data_dir} stores no pixels (needed by the online-encoder mode); prepare a "
@@ -75,14 +77,14 @@ class LatentDataset(Dataset):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
-        read = self._reader.read
+        arrays = self._reader.sample(i)
         sample = {
-            "moments": torch.from_numpy(read("moments", i).astype(np.float32, copy=False)),  # (8, h, w)
-            "label": torch.tensor(int(read("labels", i)), dtype=torch.int64),
-            "features": [torch.from_numpy(read(f"features-{e}", i)) for e in self.encoders],
-        }
+            "moments": torch.from_numpy(arrays["moments"].astype(np.float32, copy=False)),
+            "label": torch.tensor(int(arrays["labels"]), dtype=torch.int64),
+            "features": [torch.from_numpy(arrays[f"features-{e}"]) for e in self.encoders],
+        }  # moments (8, h, w); features (T, D) each
         if self.pixels:
-            sample["pixels"] = torch.from_numpy(read("pixels", i))  # (3, H, W) uint8
+            sample["pixels"] = torch.from_numpy(arrays["pixels"])  # (3, H, W) uint8
         return sample
 
     def labels(self) -> np.ndarray:

@@ -26,12 +26,22 @@ each image depends on its own seed only, whatever batch it is drawn in.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
+from typing import Protocol
 
 import torch
-import torch.nn as nn
 from torch import Tensor
 
 from loss import interpolant
+
+
+class VelocityModel(Protocol):
+    """What the samplers need of a model: `model(x, t, y) -> (v, zs)` and its null class index."""
+
+    num_classes: int
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]: ...
+
 
 # What `euler_maruyama_sampler(noises=...)` accepts: None (the global RNG, REPA's behaviour), a
 # (num_steps - 1, N, C, H, W) tensor, a callable step -> (N, C, H, W), or one torch.Generator per
@@ -51,7 +61,7 @@ def get_score_from_velocity(vt: Tensor, xt: Tensor, t: Tensor, path_type: str = 
     return (reverse_alpha_ratio * vt - xt) / var
 
 
-def compute_diffusion(t_cur: Tensor | float) -> Tensor | float:
+def compute_diffusion(t_cur: Tensor) -> Tensor:
     """Diffusion coefficient w(t) = 2t of REPA's released SDE sampler."""
     return 2 * t_cur
 
@@ -61,35 +71,32 @@ def guidance_active(t: Tensor | float, cfg_scale: float, low: float, high: float
     return cfg_scale != 1.0 and low <= float(t) <= high
 
 
-def guided_velocity(
-    model: nn.Module,
-    x: Tensor,
-    t: Tensor | float,
-    y: Tensor,
-    cfg_scale: float,
-    guided: bool,
-    model_dtype: torch.dtype,
+def model_velocity(
+    model: VelocityModel, x: Tensor, t: Tensor | float, y: Tensor, guided: bool, dtype: torch.dtype
 ) -> Tensor:
-    """v(x, t | y) in float64, guided (conditional and null batch in one forward) or not.
+    """v(x, t | y) in float64: (N, ...), or, when `guided`, (2N, ...) with the conditional half
+    first and the null-class half second (one forward for both).
 
-    x: (N, ...) float64 state; y: (N,) labels. The model runs on 2N images only when `guided`.
+    x: (N, ...) float64 state; y: (N,) labels. The model runs in `dtype`.
     """
     if guided:
-        x_in = torch.cat([x, x], dim=0)  # (2N, ...)
-        y_in = torch.cat([y, torch.full_like(y, model.num_classes)], dim=0)  # conditional, null
-    else:
-        x_in, y_in = x, y
-    t_in = torch.full((x_in.shape[0],), float(t), dtype=torch.float64, device=x.device)
-    v = model(x_in.to(model_dtype), t_in.to(model_dtype), y=y_in)[0].to(torch.float64)
-    if guided:
-        v_cond, v_uncond = v.chunk(2)
-        v = v_uncond + cfg_scale * (v_cond - v_uncond)
-    return v
+        x = torch.cat([x, x], dim=0)  # (2N, ...)
+        y = torch.cat([y, torch.full_like(y, model.num_classes)], dim=0)  # conditional, null
+    t_in = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device)
+    return model(x.to(dtype), t_in.to(dtype), y=y)[0].to(torch.float64)
+
+
+def apply_guidance(out: Tensor, cfg_scale: float, guided: bool) -> Tensor:
+    """(2N, ...) [conditional; null] -> (N, ...) u + s (c - u); unguided (N, ...) unchanged."""
+    if not guided:
+        return out
+    cond, uncond = out.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
 
 
 @torch.no_grad()
 def euler_sampler(
-    model: nn.Module,
+    model: VelocityModel,
     latents: Tensor,
     y: Tensor,
     num_steps: int = 20,
@@ -108,14 +115,16 @@ def euler_sampler(
     model_dtype = latents.dtype
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     x_next = latents.to(torch.float64)
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+    for i, (t_cur, t_next) in enumerate(pairwise(t_steps)):
         x_cur = x_next
         guided = guidance_active(t_cur, cfg_scale, guidance_low, guidance_high)
-        d_cur = guided_velocity(model, x_cur, t_cur, y, cfg_scale, guided, model_dtype)
+        d_cur = model_velocity(model, x_cur, t_cur, y, guided, model_dtype)
+        d_cur = apply_guidance(d_cur, cfg_scale, guided)
         x_next = x_cur + (t_next - t_cur) * d_cur
         if heun and i < num_steps - 1:
             # The corrector at t_next keeps the guidance decision made at t_cur (REPA's choice).
-            d_prime = guided_velocity(model, x_next, t_next, y, cfg_scale, guided, model_dtype)
+            d_prime = model_velocity(model, x_next, t_next, y, guided, model_dtype)
+            d_prime = apply_guidance(d_prime, cfg_scale, guided)
             x_next = x_cur + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
 
@@ -152,7 +161,7 @@ def sde_noise_source(noises: NoiseSpec, x: Tensor, num_draws: int) -> Callable[[
 
 @torch.no_grad()
 def euler_maruyama_sampler(
-    model: nn.Module,
+    model: VelocityModel,
     latents: Tensor,
     y: Tensor,
     num_steps: int = 20,
@@ -167,8 +176,8 @@ def euler_maruyama_sampler(
 
     latents: (N, C, H, W) noise, in the dtype the model should run in; y: (N,) labels.
     num_steps model evaluations: num_steps - 1 stochastic steps on linspace(1, 0.04, num_steps)
-    and a last deterministic Euler step to t = 0. Guidance is applied to the drift; the drift is
-    affine in v with the same x for both halves, so this equals the drift of the guided v.
+    and a last deterministic Euler step to t = 0. Guidance is applied to the drift, as REPA
+    does (the drift is affine in v, so this is the drift of the guided v up to rounding).
     Returns (N, C, H, W) float64 samples.
     """
     model_dtype = latents.dtype
@@ -179,10 +188,12 @@ def euler_maruyama_sampler(
 
     def drift(x: Tensor, t: Tensor) -> Tensor:
         guided = guidance_active(t, cfg_scale, guidance_low, guidance_high)
-        v = guided_velocity(model, x, t, y, cfg_scale, guided, model_dtype)
-        return v - 0.5 * compute_diffusion(t) * get_score_from_velocity(v, x, t, path_type)
+        v = model_velocity(model, x, t, y, guided, model_dtype)  # (N or 2N, ...)
+        x = torch.cat([x, x], dim=0) if guided else x
+        d = v - 0.5 * compute_diffusion(t) * get_score_from_velocity(v, x, t, path_type)
+        return apply_guidance(d, cfg_scale, guided)
 
-    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-2], t_steps[1:-1])):
+    for i, (t_cur, t_next) in enumerate(pairwise(t_steps[:-1])):
         dt = t_next - t_cur  # negative: time runs backwards
         x_cur = x_next
         deps = noise(i) * torch.sqrt(torch.abs(dt))

@@ -149,6 +149,8 @@ class ShardWriter:
         self.root, self.shard, self.modalities, self.capacity = root, shard, modalities, capacity
         os.makedirs(os.path.join(root, SHARD_DIR), exist_ok=True)
         remove_stale_temporaries(root, shard)  # from an interrupted run
+        if os.path.exists(sidecar_path(root, shard)):  # rewriting a damaged shard: not done yet
+            os.remove(sidecar_path(root, shard))
         self.count = 0
         self.sources: list[str] = []
         self.excluded: list[dict[str, str]] = []
@@ -241,8 +243,9 @@ class ShardWriter:
         remove_stale_temporaries(self.root, self.shard)
 
 
-def _write_prefix(array: np.memmap, count: int, path: str, chunk: int = 1024) -> None:
+def _write_prefix(array: np.memmap, count: int, path: str) -> None:
     """Replace `path` by an .npy holding the first `count` rows of `array`, in bounded memory."""
+    chunk = max(1, (64 << 20) // max(1, array[0].nbytes))  # rows per 64 MiB copy
     trimmed_path = path + ".trim"
     if count == 0:
         with open(trimmed_path, "wb") as f:  # a zero-length memmap cannot be created
@@ -284,7 +287,7 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Gather the shard sidecars into `manifest.json` (written last). `header` holds the
     dataset-level entries (settings, classes, resolution, ...)."""
-    shards, excluded, class_counts = [], [], np.zeros(0, dtype=np.int64)
+    entries, excluded, class_counts = [], [], np.zeros(0, dtype=np.int64)
     for s in range(num_shards):
         sidecar = completed_shard(root, s, modalities)
         if sidecar is None:
@@ -292,17 +295,17 @@ def write_manifest(
         labels = np.load(os.path.join(root, SHARD_DIR, f"labels-{s:05d}.npy"))
         counts = np.bincount(labels, minlength=len(class_counts))
         class_counts = np.pad(class_counts, (0, len(counts) - len(class_counts))) + counts
-        shards.append({"num_samples": sidecar["num_samples"], "files": sidecar["files"]})
+        entries.append({"num_samples": sidecar["num_samples"], "files": sidecar["files"]})
         excluded.extend(sidecar["excluded"])
     num_classes = header.get("num_classes", len(class_counts))
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         **header,
-        "num_samples": sum(s["num_samples"] for s in shards),
+        "num_samples": sum(e["num_samples"] for e in entries),
         "class_counts": np.pad(class_counts, (0, num_classes - len(class_counts))).tolist(),
         "modalities": {m.name: m.describe() for m in modalities},
-        "shards": shards,
+        "shards": entries,
         "excluded": sorted(header.get("excluded", []) + excluded, key=lambda e: e["path"]),
     }
     write_json_atomic(os.path.join(root, MANIFEST), manifest)
@@ -319,7 +322,10 @@ def load_manifest(root: str) -> dict[str, Any]:
     path = os.path.join(root, MANIFEST)
     if os.path.exists(path):
         manifest = read_json(path)
-        if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
+        if (
+            manifest.get("format") != FORMAT_NAME
+            or manifest.get("format_version") != FORMAT_VERSION
+        ):
             raise DatasetError(
                 f"{path} is not a {FORMAT_NAME} v{FORMAT_VERSION} manifest; rebuild the dataset "
                 f"with {PREPARE} into a new --dest"
@@ -349,6 +355,7 @@ class ShardReader:
         self.root = root
         self.manifest = manifest
         self.modalities = [modality_from_manifest(n, manifest["modalities"][n]) for n in names]
+        self._by_name = {m.name: m for m in self.modalities}
         counts = np.asarray([s["num_samples"] for s in manifest["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
         self._maps: dict[tuple[str, int], Any] = {}
@@ -363,8 +370,8 @@ class ShardReader:
         command = self.manifest.get("command", f"{PREPARE} ... --dest {self.root}")
         return (
             f"delete {os.path.join(self.root, SHARD_DIR, f'*-{shard:05d}.*')}, "
-            f"{sidecar_path(self.root, shard)} and {os.path.join(self.root, MANIFEST)}, then re-run "
-            f"the command that built it (only the missing shard is rebuilt): {command}"
+            f"{sidecar_path(self.root, shard)} and {os.path.join(self.root, MANIFEST)}, then "
+            f"re-run the command that built it (only the missing shard is rebuilt): {command}"
         )
 
     def _expected(self) -> list[tuple[int, str, dict[str, Any]]]:
@@ -395,6 +402,7 @@ class ShardReader:
 
     def _check_header(self, s: int, m: Modality, n: int) -> None:
         files = m.files(s)
+        shape: tuple[int, ...]
         if m.encoding == "png":
             path, dtype, shape = files[1], np.dtype(np.int64), (n + 1,)
         else:
@@ -407,7 +415,9 @@ class ShardReader:
                 )
                 got_shape, _, got_dtype = read_header(f)
             except ValueError as err:
-                raise DatasetError(f"{path} is not a valid .npy file; {self._rebuild_hint(s)}") from err
+                raise DatasetError(
+                    f"{path} is not a valid .npy file; {self._rebuild_hint(s)}"
+                ) from err
         if tuple(got_shape) != shape or got_dtype != dtype:
             raise DatasetError(
                 f"{path} holds {got_dtype} {tuple(got_shape)}, the manifest says {dtype} {shape}; "
@@ -437,18 +447,21 @@ class ShardReader:
                 self._maps[key] = np.load(files[0], mmap_mode="r")
         return self._maps[key]
 
-    def read(self, name: str, i: int) -> np.ndarray:
-        """One sample of one modality as a fresh (writable) array."""
-        m = next(m for m in self.modalities if m.name == name)
+    def sample(self, i: int) -> dict[str, np.ndarray]:
+        """Sample i of every opened modality, as fresh (writable) arrays."""
         shard, row = self.locate(i)
-        if m.encoding == "png":
-            blob, offsets = self._map(m, shard)
-            return decode_png(blob[offsets[row] : offsets[row + 1]].tobytes())
-        return np.array(self._map(m, shard)[row])
+        out = {}
+        for m in self.modalities:
+            if m.encoding == "png":
+                blob, offsets = self._map(m, shard)
+                out[m.name] = decode_png(blob[offsets[row] : offsets[row + 1]].tobytes())
+            else:
+                out[m.name] = np.array(self._map(m, shard)[row])
+        return out
 
     def read_all(self, name: str) -> np.ndarray:
         """A whole modality, concatenated over shards (for small ones such as labels)."""
-        m = next(m for m in self.modalities if m.name == name)
+        m = self._by_name[name]
         parts = [np.asarray(self._map(m, s)) for s in range(len(self.manifest["shards"]))]
         return np.concatenate(parts) if parts else np.empty((0, *m.shape), dtype=m.dtype)
 
@@ -458,4 +471,3 @@ def settings_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     differ = [k for k in keys if old.get(k) != new.get(k)]
     return [f"{k}: {old.get(k)!r} (on disk) vs {new.get(k)!r} (now)" for k in differ]
-

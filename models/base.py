@@ -46,6 +46,8 @@ class AlignedDiffusionTransformer(nn.Module):
     # Set by `models.build_model`: the registry name and the arguments the model was built with.
     model_name: str
     model_kwargs: dict[str, Any]
+    # Set by `checkpoints.load_model_for_sampling`: the training arguments stored with the weights.
+    checkpoint_args: dict[str, Any]
 
     def __init__(
         self,

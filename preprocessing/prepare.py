@@ -12,6 +12,7 @@ the manifest is written once every shard is complete.
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import shlex
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 import shards
 from frozen import (
+    ENCODER_STANDIN,
     ENCODERS,
     VAE_IDS,
     VAE_SCALE,
@@ -38,7 +40,13 @@ from frozen import (
     load_vae,
     parse_encoder_list,
 )
-from preprocessing.sources import CroppedImages, ImageSource, SourceError, collate_cropped
+from preprocessing.sources import (
+    CroppedImages,
+    ImageSource,
+    SourceError,
+    collate_cropped,
+    exit_with_parent,
+)
 
 logger = logging.getLogger("prepare")
 
@@ -48,33 +56,70 @@ BARRIER_TIMEOUT = timedelta(hours=48)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--source", required=True,
-                   help="ImageFolder directory (one sub-folder per class) or a .zip of one")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="ImageFolder directory (one sub-folder per class) or a .zip of one",
+    )
     p.add_argument("--dest", required=True, help="output dataset directory")
-    p.add_argument("--labels", default=None,
-                   help="labels file instead of class folders: JSON {relative path: label} or\n"
-                        "text lines 'relative/path label'; unlisted images are excluded")
-    p.add_argument("--resolution", type=int, default=256,
-                   help="centre-crop size in pixels (256 or 512; any multiple of 16)")
-    p.add_argument("--vae", default="ema",
-                   help=f"SD-VAE: {' / '.join(VAE_IDS)} ({', '.join(VAE_IDS.values())}), a local\n"
-                        "diffusers folder, or 'tiny-random' (test stand-in)")
-    p.add_argument("--moments-dtype", choices=["float32", "float16"], default="float32",
-                   help="storage dtype of the VAE posterior [mean, std]")
-    p.add_argument("--enc-type", default="dinov2-vit-b",
-                   help=f"comma-separated encoders ({', '.join(ENCODERS)},\n"
-                        "dinov2-vit-tiny-random for tests), or 'none' to store no features")
-    p.add_argument("--enc-weights", default=None,
-                   help="comma-separated local weight files, one per --enc-type entry")
-    p.add_argument("--save-pixels", action=argparse.BooleanOptionalAction, default=False,
-                   help="also store the cropped pixels (online-encoder mode, previews)")
-    p.add_argument("--pixel-format", choices=["png", "npy"], default="png",
-                   help="png: lossless and ~2/3 the size, decoded on read; npy: raw uint8")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="labels file instead of class folders: JSON {relative path: label} or\n"
+        "text lines 'relative/path label'; unlisted images are excluded",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=256,
+        help="centre-crop size in pixels (256 or 512; any multiple of 16)",
+    )
+    p.add_argument(
+        "--vae",
+        default="ema",
+        help=f"SD-VAE: {' / '.join(VAE_IDS)} ({', '.join(VAE_IDS.values())}), a local\n"
+        "diffusers folder, or 'tiny-random' (test stand-in)",
+    )
+    p.add_argument(
+        "--moments-dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="storage dtype of the VAE posterior [mean, std]",
+    )
+    p.add_argument(
+        "--enc-type",
+        default="dinov2-vit-b",
+        help="comma-separated DINOv2 encoders: dinov2-vit-{s,b,l,g}, optionally with _reg\n"
+        "(e.g. dinov2-vit-b,dinov2-vit-l_reg); 'none' stores no features;\n"
+        f"{ENCODER_STANDIN} is the test stand-in",
+    )
+    p.add_argument(
+        "--enc-weights",
+        default=None,
+        help="comma-separated local weight files, one per --enc-type entry",
+    )
+    p.add_argument(
+        "--save-pixels",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also store the cropped pixels (online-encoder mode, previews)",
+    )
+    p.add_argument(
+        "--pixel-format",
+        choices=["png", "npy"],
+        default="png",
+        help="png: lossless, smaller, one PNG decode per read; npy: raw uint8, fastest",
+    )
     p.add_argument("--shard-size", type=int, default=10000, help="source images per shard")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch, per process")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images per encoder batch, per process"
+    )
     p.add_argument("--num-workers", type=int, default=8, help="decoding workers per process")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list the source, check --dest, print the plan; load and write nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the source, check --dest, print the plan; load and write nothing",
+    )
     args = p.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 16:
         p.error("--resolution must be a positive multiple of 16 (VAE factor 8, DINOv2 patch 14)")
@@ -105,16 +150,19 @@ def build_modalities(args: argparse.Namespace) -> list[shards.Modality]:
     modalities = [
         shards.Modality("labels", "int64", ()),
         shards.Modality(
-            "moments", args.moments_dtype, (8, r // 8, r // 8),
+            "moments",
+            args.moments_dtype,
+            (8, r // 8, r // 8),
             info=(("model", vae_model), ("layout", "[mean, std] on dim 0"), ("scale", VAE_SCALE)),
-        ),  # fmt: skip
+        ),
     ]
     for name in args.encoders:
         timm_name = ENCODERS[name].timm_name if name in ENCODERS else name
         info = (("encoder", name), ("model", timm_name), ("input_size", 224 * r // 256))
         modalities.append(
-            shards.Modality(f"features-{name}", "float16", (grid * grid, encoder_dim(name)),
-                            info=info)  # fmt: skip
+            shards.Modality(
+                f"features-{name}", "float16", (grid * grid, encoder_dim(name)), info=info
+            )
         )
     if args.save_pixels:
         modalities.append(shards.Modality("pixels", "uint8", (3, r, r), args.pixel_format))
@@ -141,9 +189,22 @@ def build_settings(args: argparse.Namespace, source: ImageSource) -> dict[str, A
 
 def command_line(args: argparse.Namespace) -> str:
     """The single-process command that (re)builds this dataset, for error messages."""
-    flags = ["--source", args.source, "--dest", args.dest, "--resolution", str(args.resolution),
-             "--vae", args.vae, "--enc-type", args.enc_type, "--shard-size", str(args.shard_size),
-             "--moments-dtype", args.moments_dtype]  # fmt: skip
+    flags = [
+        "--source",
+        args.source,
+        "--dest",
+        args.dest,
+        "--resolution",
+        str(args.resolution),
+        "--vae",
+        args.vae,
+        "--enc-type",
+        args.enc_type,
+        "--shard-size",
+        str(args.shard_size),
+        "--moments-dtype",
+        args.moments_dtype,
+    ]
     if args.labels:
         flags += ["--labels", args.labels]
     if args.save_pixels:
@@ -159,16 +220,19 @@ def check_destination(dest: str, settings: dict[str, Any]) -> bool:
     path = os.path.join(dest, shards.SETTINGS)
     if not os.path.exists(path):
         if os.path.isdir(dest) and os.listdir(dest):
-            raise SystemExit(f"--dest {dest!r} is not empty and has no {shards.SETTINGS}: it was "
-                             "not made by this script. Choose a new or empty directory.")  # fmt: skip
+            raise SystemExit(
+                f"--dest {dest!r} is not empty and has no {shards.SETTINGS}: it was "
+                "not made by this script. Choose a new or empty directory."
+            )
         return False
     differences = shards.settings_mismatch(shards.read_json(path)["settings"], settings)
     if differences:
         raise SystemExit(
-            f"--dest {dest!r} was built with other settings:\n  " + "\n  ".join(differences)
+            f"--dest {dest!r} was built with other settings:\n  "
+            + "\n  ".join(differences)
             + f"\nUse a new --dest, re-run with the original settings to resume, or delete "
             f"{dest!r} to rebuild it."
-        )  # fmt: skip
+        )
     return True
 
 
@@ -210,12 +274,22 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, li
         load_encoder(name, args.resolution, weights=w, device=device)
         for name, w in zip(args.encoders, weights, strict=True)
     ]
+    for enc in encoders:  # the shard shapes were derived from the settings alone
+        if enc.grid_size != args.resolution // 16:
+            raise SystemExit(
+                f"{enc.name} gives a {enc.grid_size}² token grid at "
+                f"{args.resolution} px, expected {args.resolution // 16}²"
+            )
     return vae, encoders
 
 
 @torch.no_grad()
 def encode_batch(
-    batch: dict[str, Any], labels: np.ndarray, vae: Any, encoders: list[Any], args: Any
+    batch: dict[str, Any],
+    labels: np.ndarray,
+    vae: Any,
+    encoders: list[Any],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     """One decoded batch -> the rows of every modality (NumPy, storage dtypes)."""
     device = next(vae.parameters()).device
@@ -243,13 +317,23 @@ def encode_shards(
     ranges = shard_ranges(len(source), args.shard_size)
     vae, encoders = load_models(args, device)
     # batches never straddle shards, so each shard is a run of consecutive batches
-    batches = [list(ranges[s][k : k + args.batch_size])
-               for s in todo for k in range(0, len(ranges[s]), args.batch_size)]  # fmt: skip
-    images = CroppedImages(source, args.resolution, png=args.save_pixels and args.pixel_format == "png")
+    batches = [
+        list(ranges[s][k : k + args.batch_size])
+        for s in todo
+        for k in range(0, len(ranges[s]), args.batch_size)
+    ]
+    images = CroppedImages(
+        source, args.resolution, png=args.save_pixels and args.pixel_format == "png"
+    )
     loader = DataLoader(
-        images, batch_sampler=batches, num_workers=args.num_workers, collate_fn=collate_cropped,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if args.num_workers else None,
-    )  # fmt: skip
+        images,
+        batch_sampler=batches,
+        num_workers=args.num_workers,
+        collate_fn=collate_cropped,
+        worker_init_fn=exit_with_parent,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if args.num_workers else None,
+    )
     total = sum(len(ranges[s]) for s in todo)
     bar = tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True)
     writer: shards.ShardWriter | None = None
@@ -292,21 +376,34 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     modalities = build_modalities(args)
     ranges = shard_ranges(len(source), args.shard_size)
     resuming = check_destination(args.dest, settings)
-    pending = [s for s in range(len(ranges))
-               if not resuming or shards.completed_shard(args.dest, s, modalities) is None]  # fmt: skip
+    pending = [
+        s
+        for s in range(len(ranges))
+        if not resuming or shards.completed_shard(args.dest, s, modalities) is None
+    ]
     if args.dry_run:
-        print_plan(args, source, modalities, ranges, pending, world)
+        if rank == 0:
+            print_plan(args, source, modalities, ranges, pending, world)
         return None
+    # every rank has checked --dest and listed `pending` before anything is written there
+    barrier()
     if rank == 0:
         os.makedirs(args.dest, exist_ok=True)
+        for stale in glob.glob(os.path.join(args.dest, "*.json.tmp*")):  # a killed JSON write
+            os.remove(stale)
         record = {"settings": settings, "command": command_line(args)}
         shards.write_json_atomic(os.path.join(args.dest, shards.SETTINGS), record)
         if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
             os.remove(os.path.join(args.dest, shards.MANIFEST))  # stale until every shard is back
-    barrier()  # every rank has listed `pending` before any shard is written
     mine = pending[rank::world]
-    logger.info("%d images, %d shards, %d to do, %d on this rank (%s)",
-                len(source), len(ranges), len(pending), len(mine), device)  # fmt: skip
+    logger.info(
+        "%d images, %d shards, %d to do, %d on this rank (%s)",
+        len(source),
+        len(ranges),
+        len(pending),
+        len(mine),
+        device,
+    )
     if mine:
         encode_shards(args, source, mine, modalities, device, show_progress=rank == 0)
     barrier()  # every shard is published
@@ -336,8 +433,12 @@ def finalize(
         "excluded": [{"path": p, "reason": "not in the --labels file"} for p in source.unlabelled],
     }
     manifest = shards.write_manifest(args.dest, modalities, num_shards, header)
-    logger.info("wrote %s: %d samples, %d excluded", os.path.join(args.dest, shards.MANIFEST),
-                manifest["num_samples"], len(manifest["excluded"]))  # fmt: skip
+    logger.info(
+        "wrote %s: %d samples, %d excluded",
+        os.path.join(args.dest, shards.MANIFEST),
+        manifest["num_samples"],
+        len(manifest["excluded"]),
+    )
     return manifest
 
 
@@ -350,15 +451,21 @@ def print_plan(
     world: int,
 ) -> None:
     """--dry-run: what would be done, and the disk it needs."""
-    print(f"source: {args.source}: {len(source)} images, {source.num_classes} classes"
-          + (f", {len(source.unlabelled)} not in --labels" if source.unlabelled else ""))  # fmt: skip
-    print(f"dest:   {args.dest}: {len(ranges)} shards of {args.shard_size}, "
-          f"{len(pending)} to encode over {world} process(es)")  # fmt: skip
+    print(
+        f"source: {args.source}: {len(source)} images, {source.num_classes} classes"
+        + (f", {len(source.unlabelled)} not in --labels" if source.unlabelled else "")
+    )
+    print(
+        f"dest:   {args.dest}: {len(ranges)} shards of {args.shard_size}, "
+        f"{len(pending)} to encode over {world} process(es)"
+    )
     for m in modalities:
         per_sample = int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
-        note = " (raw size; PNG is about 2/3 of it)" if m.encoding == "png" else ""
-        print(f"  {m.name:<28} {m.dtype:<8} {m.shape!s:<18} "
-              f"{per_sample * len(source) / 2**30:9.2f} GiB{note}")  # fmt: skip
+        note = " (raw size; PNG is smaller)" if m.encoding == "png" else ""
+        print(
+            f"  {m.name:<28} {m.dtype:<8} {m.shape!s:<18} "
+            f"{per_sample * len(source) / 2**30:9.2f} GiB{note}"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import signal
+import sys
 import zipfile
 from typing import Any
 
@@ -17,8 +19,20 @@ from torch.utils.data import Dataset
 
 from shards import encode_png
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                    ".ppm", ".pgm", ".pbm"}  # fmt: skip
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".jfif",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+}
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
@@ -28,10 +42,11 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     images), bicubic-resize so the short side is `size`, then take the centre square.
     """
     while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
-    scale = size / min(image.size)
-    new_size = tuple(round(s * scale) for s in image.size)
-    image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+        w, h = image.size
+        image = image.resize((w // 2, h // 2), resample=Image.Resampling.BOX)
+    w, h = image.size
+    scale = size / min(w, h)
+    image = image.resize((round(w * scale), round(h * scale)), resample=Image.Resampling.BICUBIC)
     pixels = np.asarray(image)  # (H, W, C)
     top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
     return pixels[top : top + size, left : left + size]
@@ -69,8 +84,10 @@ class ImageSource:
 
     def __init__(self, source: str, labels_file: str | None = None):
         if not os.path.exists(source):
-            raise SourceError(f"--source {source!r} does not exist; pass an ImageFolder directory "
-                              "(one sub-folder per class) or a .zip of one")  # fmt: skip
+            raise SourceError(
+                f"--source {source!r} does not exist; pass an ImageFolder directory "
+                "(one sub-folder per class) or a .zip of one"
+            )
         self.source = source
         self.is_zip = os.path.isfile(source)
         if self.is_zip and not zipfile.is_zipfile(source):
@@ -115,8 +132,10 @@ class ImageSource:
                     if _is_image(path):
                         names.append(path)
         if not names:
-            raise SourceError(f"--source {self.source!r} contains no images "
-                              f"(extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")  # fmt: skip
+            raise SourceError(
+                f"--source {self.source!r} contains no images "
+                f"(extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
         return sorted(names)
 
     def read(self, i: int) -> bytes:
@@ -151,8 +170,10 @@ def _folder_labels(names: list[str], source: str) -> tuple[list[str], list[int],
     names = [n for n in names if "/" in n]
     classes = sorted({n.split("/", 1)[0] for n in names})
     if not classes:
-        raise SourceError(f"--source {source!r} has images but no class sub-folders; arrange it "
-                          "as <class>/<image> or pass --labels FILE")  # fmt: skip
+        raise SourceError(
+            f"--source {source!r} has images but no class sub-folders; arrange it "
+            "as <class>/<image> or pass --labels FILE"
+        )
     index = {c: k for k, c in enumerate(classes)}
     return names, [index[n.split("/", 1)[0]] for n in names], classes
 
@@ -200,10 +221,24 @@ class CroppedImages(Dataset):
         return i, image.transpose(2, 0, 1), png, None
 
 
+def exit_with_parent(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: die with the main process. A SIGKILLed run would otherwise
+    leave its workers blocked on a queue nobody reads (Linux only; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def failure_reason(err: Exception) -> str:
     """The exception as a reason for the manifest, without object addresses (which would make
     runs differ): PIL names the in-memory file `<_io.BytesIO object at 0x...>`."""
-    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "image data", f"{type(err).__name__}: {err}")
+    return re.sub(
+        r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "image data", f"{type(err).__name__}: {err}"
+    )
 
 
 def collate_cropped(items: list[tuple[Any, ...]]) -> dict[str, Any]:

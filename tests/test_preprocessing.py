@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -31,10 +32,15 @@ BAD = {"ant/broken.jpg", "moose/truncated.jpg", "zebra/empty.png"}
 # (width, height, mode, format): odd sizes, portrait and landscape, smaller than the crop,
 # large enough for two box halvings, and every mode ImageNet-like data throws at us
 SPECS = [
-    (40, 33, "RGB", "PNG"), (33, 51, "RGB", "JPEG"), (150, 131, "RGB", "PNG"),
-    (20, 27, "L", "PNG"), (64, 97, "CMYK", "JPEG"), (45, 45, "RGBA", "PNG"),
-    (71, 38, "P", "PNG"), (36, 80, "LA", "PNG"),
-]  # fmt: skip
+    (40, 33, "RGB", "PNG"),
+    (33, 51, "RGB", "JPEG"),
+    (150, 131, "RGB", "PNG"),
+    (20, 27, "L", "PNG"),
+    (64, 97, "CMYK", "JPEG"),
+    (45, 45, "RGBA", "PNG"),
+    (71, 38, "P", "PNG"),
+    (36, 80, "LA", "PNG"),
+]
 
 
 def make_image(w: int, h: int, mode: str, fmt: str, seed: int) -> bytes:
@@ -86,11 +92,18 @@ def reference_crop(image: Image.Image, size: int) -> np.ndarray:
     return np.array(image.crop((left, top, left + size, top + size)))
 
 
+def prepare_argv(source: str, dest: str, *extra: str) -> list[str]:
+    """The test settings: tiny stand-ins, 32 px, shards of 5 files, batches of 3; `extra` wins."""
+    flags = f"--vae tiny-random --enc-type {ENCODER_STANDIN} --resolution {RES} --shard-size 5"
+    flags += " --batch-size 3 --num-workers 0"
+    return ["--source", source, "--dest", dest, *flags.split(), *extra]
+
+
 def prepare(source: str, dest: str, *extra: str) -> dict:
-    argv = ["--source", source, "--dest", dest, "--vae", "tiny-random", "--enc-type",
-            ENCODER_STANDIN, "--resolution", str(RES), "--shard-size", "5", "--batch-size", "3",
-            "--num-workers", "0", *extra]  # fmt: skip
-    return main(parse_args(argv))
+    argv = prepare_argv(source, dest, *extra)
+    manifest = main(parse_args(argv))
+    assert manifest is not None
+    return manifest
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +149,8 @@ def test_center_crop_known_steps():
 
 @pytest.mark.parametrize("spec", SPECS + [(30, 50, "1", "PNG"), (40, 30, "I;16", "TIFF")])
 def test_every_mode_becomes_rgb(spec):
-    data = make_image(*spec, seed=1)
+    w, h, mode, fmt = spec
+    data = make_image(w, h, mode, fmt, seed=1)
     out = load_image(data, RES)
     assert out.shape == (RES, RES, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, reference_crop(Image.open(io.BytesIO(data)), RES))
@@ -182,7 +196,9 @@ def test_pipeline_stores_what_the_standins_compute(folder, built):
     assert {e["path"] for e in manifest["excluded"]} == BAD
     assert all(e["reason"] and "0x" not in e["reason"] for e in manifest["excluded"])
     assert manifest["classes"] == sorted(CLASSES) and manifest["class_counts"] == [8, 8, 8]
-    sources = [p for s in range(6) for p in shards.read_json(shards.sidecar_path(dest, s))["sources"]]
+    sources = [
+        p for s in range(6) for p in shards.read_json(shards.sidecar_path(dest, s))["sources"]
+    ]
     assert sources == order
 
     crops = np.stack([reference_crop(Image.open(io.BytesIO(good[p])), RES) for p in order])
@@ -223,28 +239,30 @@ def test_labels_file_and_no_features(folder, tmp_path):
     chosen = sorted(good)[::3]
     labels_file = tmp_path / "labels.json"
     labels_file.write_text(json.dumps({p: 7 - k % 3 for k, p in enumerate(chosen)}))
-    manifest = prepare(root, str(tmp_path / "l"), "--labels", str(labels_file),
-                       "--enc-type", "none")  # fmt: skip
+    manifest = prepare(
+        root, str(tmp_path / "l"), "--labels", str(labels_file), "--enc-type", "none"
+    )
     assert manifest["num_classes"] == 8 and manifest["num_samples"] == len(chosen)
     unlisted = {e["path"] for e in manifest["excluded"] if "--labels" in e["reason"]}
     # with a labels file, images outside class folders count too (flat folders are allowed)
     assert unlisted == (set(good) | BAD | {"top-level.png"}) - set(chosen)
     ds = LatentDataset(str(tmp_path / "l"))
     assert ds.labels().tolist() == [7 - k % 3 for k in range(len(chosen))]
-    assert ds[0]["features"] == [] and not any(m.startswith("features") for m in ds.manifest["modalities"])
+    assert ds[0]["features"] == [] and not any(
+        m.startswith("features") for m in ds.manifest["modalities"]
+    )
 
 
 def test_two_processes_write_the_same_dataset(folder, built, tmp_path):
     dest = str(tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "preprocessing/prepare.py", "--source", folder[0], "--dest", dest, "--vae", "tiny-random",
-           "--enc-type", ENCODER_STANDIN, "--resolution", str(RES), "--shard-size", "5",
-           "--batch-size", "3", "--num-workers", "1", "--save-pixels"]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    argv = prepare_argv(folder[0], dest, "--num-workers", "1", "--save-pixels")
+    cmd = [*torchrun, "preprocessing/prepare.py", *argv]
     # torchrun would set 1 thread per process; CPU kernels round differently with other thread
     # counts, so keep the reference's count to compare bits
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[:3000] + "\n...\n" + result.stderr[-3000:]
     assert "[rank 1]" in result.stderr  # both ranks worked
     manifest = shards.read_json(os.path.join(dest, shards.MANIFEST))
     reference = built[1]
@@ -264,7 +282,7 @@ def mtimes(dest: str, shard: int) -> dict[str, int]:
 
 def test_interrupted_run_resumes_to_the_same_dataset(folder, built, tmp_path, monkeypatch):
     dest = str(tmp_path / "r")
-    published = []
+    published: list[int] = []
     original = shards.ShardWriter.publish
 
     def crash_after_first_shard(self):
@@ -281,14 +299,44 @@ def test_interrupted_run_resumes_to_the_same_dataset(folder, built, tmp_path, mo
     with pytest.raises(shards.DatasetError, match="incomplete.*re-running the same command"):
         LatentDataset(dest)
     # what a SIGKILL leaves: a half-written temporary file of the next shard
-    with open(os.path.join(dest, shards.SHARD_DIR, "moments-00001.npy.tmp"), "wb") as f:
-        f.write(b"half a shard")
+    for leftover in ["shards/moments-00001.npy.tmp", "manifest.json.tmp123"]:
+        with open(os.path.join(dest, leftover), "wb") as f:
+            f.write(b"half a file")
     first = mtimes(dest, 0)
 
     manifest = prepare(folder[0], dest, "--save-pixels")
     assert mtimes(dest, 0) == first  # the completed shard was not rewritten
     assert shard_files(manifest) == shard_files(built[1])
-    assert not [p for p in os.listdir(os.path.join(dest, shards.SHARD_DIR)) if ".tmp" in p]
+    leftovers = os.listdir(dest) + os.listdir(os.path.join(dest, shards.SHARD_DIR))
+    assert not [p for p in leftovers if ".tmp" in p]
+
+
+def test_killed_run_resumes_to_the_same_dataset(tmp_path):
+    """A real SIGKILL (no cleanup runs) right after the first shard is published."""
+    root = str(tmp_path / "src")
+    for k in range(120):  # enough images that the run is still busy when it is killed
+        os.makedirs(os.path.join(root, f"c{k % 4}"), exist_ok=True)
+        with open(os.path.join(root, f"c{k % 4}", f"{k}.png"), "wb") as f:
+            f.write(make_image(30 + k % 7, 36, "RGB", "PNG", seed=k))
+    argv = prepare_argv(root, str(tmp_path / "killed"), "--save-pixels")
+    cmd = [sys.executable, "preprocessing/prepare.py", *argv]
+    first = shards.sidecar_path(str(tmp_path / "killed"), 0)
+    run = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists(first) and run.poll() is None:
+        time.sleep(0.005)
+    run.kill()
+    run.wait()
+    assert os.path.exists(first), "the run failed before its first shard"
+    assert not os.path.exists(str(tmp_path / "killed" / shards.MANIFEST)), "killed too late"
+    published = mtimes(str(tmp_path / "killed"), 0)
+
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = shards.read_json(str(tmp_path / "killed" / shards.MANIFEST))
+    reference = prepare(root, str(tmp_path / "reference"), "--save-pixels")
+    assert resumed["num_samples"] == 120
+    assert mtimes(str(tmp_path / "killed"), 0) == published  # not rewritten
+    assert shard_files(resumed) == shard_files(reference)
 
 
 def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
@@ -305,7 +353,9 @@ def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
 
 
 def test_destination_with_other_settings_is_a_clear_error(folder, built, tmp_path):
-    with pytest.raises(SystemExit, match=r"(?s)other settings:\n  encoders.*\n  pixels.*new --dest"):
+    with pytest.raises(
+        SystemExit, match=r"(?s)other settings:\n  encoders.*\n  pixels.*new --dest"
+    ):
         prepare(folder[0], built[0], "--enc-type", "none")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "photo.jpg").write_bytes(b"")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -49,7 +50,8 @@ def gaussian(path_type="linear"):
 
 
 def noise(n, seed=0):
-    return torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=generator, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
@@ -98,7 +100,7 @@ def euler_maruyama_moments(model, num_steps):
     """
     t_steps = torch.cat([torch.linspace(1, 0.04, num_steps, dtype=torch.float64), torch.zeros(1)])
     mean, var = torch.zeros_like(model.mu), torch.ones_like(model.mu)
-    for i, (t, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+    for i, (t, t_next) in enumerate(pairwise(t_steps)):
         dt = t_next - t
         alpha, sigma, d_alpha, d_sigma = (c.view(()) for c in model.coefficients(t.view(1)))
         var_t = alpha**2 * model.s**2 + sigma**2

@@ -1,0 +1,490 @@
+"""Sample images for FID: PNGs, then one `.npz` for the ADM evaluator (REPA's `generate.py`).
+
+    torchrun --nproc_per_node=8 generate.py --ckpt exps/run/checkpoints/0400000.pt \
+        --sample-dir samples/run-0400000 --preset paper-main
+
+writes `samples/run-0400000/{index:06d}.png`, the settings used (`settings.json`) beside them,
+and `samples/run-0400000.npz` (`arr_0`: uint8, N×H×W×3). Also runs as `python generate.py ...`
+in a single process (CPU or one GPU). The model is rebuilt from the checkpoint alone (ours:
+`.pt` or safetensors export; REPA's released SiT checkpoints too), so there are no model flags.
+
+* Determinism. Sample i draws its label, its initial noise and its SDE noise, in that order,
+  from its own torch.Generator (CPU) seeded with a hash of (--global-seed, i): its image depends
+  on (seed, i) alone, not on the number of processes, the batch it lands in or its place there.
+  Every batch has the same shape (a short last batch is padded), so a resumed run or another
+  process count repeats the same arithmetic bit for bit. Another --per-proc-batch-size gives
+  the same images up to float rounding: kernels are chosen per shape and sum in their own
+  order (so do CPU kernels per thread count; torchrun sets one thread per process), which can
+  move a rare pixel by one level.
+* Work split. The indices without a PNG are split strided over ranks (rank r takes every W-th
+  one, starting at the r-th), then cut into batches: the split does not depend on batch size.
+* Resume. A PNG is written to a temporary name and renamed, so every PNG present is complete;
+  re-running the same command generates only the missing ones, and the .npz is then byte for
+  byte an uninterrupted run's. A sample folder made with other settings is refused, not mixed.
+* Pixels. REPA's convention: uint8 = trunc(clamp(255 · (x + 1) / 2, 0, 255)) for decoded
+  x in [-1, 1] (truncation toward zero, as `.to(torch.uint8)` does; ADM's sampler does the same).
+  The rounding alternative, clamp(127.5 · x + 128), is brighter by half a level on average.
+* The `.npz` is written as an uncompressed zip whose single `arr_0.npy` member is streamed one
+  PNG at a time (one image in memory), with a fixed timestamp: the same PNGs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import zipfile
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from checkpoints import atomic_write, load_model_for_sampling
+from frozen import LatentAutoencoder, load_vae
+from models.base import AlignedDiffusionTransformer
+from samplers import euler_maruyama_sampler, euler_sampler
+
+# Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
+# SDE Euler-Maruyama with 250 steps, no guidance).
+SAMPLING_DEFAULTS: dict[str, Any] = {
+    "mode": "sde", "num_steps": 250, "heun": False,
+    "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0,
+}  # fmt: skip
+PRESETS: dict[str, dict[str, Any]] = {
+    # U-REPA Table 4 (and REPA's convention): SDE, 250 steps, cfg 1.65 on t in [0, 0.7].
+    "paper-main": {"mode": "sde", "num_steps": 250, "cfg_scale": 1.65, "guidance_high": 0.7},
+    # U-REPA Tables 5-8: "the default setting of the official REPA codebase": Euler ODE with
+    # 50 steps, cfg 1.8 on t in [0, 0.7].
+    "ablation": {"mode": "ode", "num_steps": 50, "heun": False, "cfg_scale": 1.8,
+                 "guidance_high": 0.7},
+}  # fmt: skip
+PIXELS = "trunc(clamp(255*(x+1)/2, 0, 255))"
+SETTINGS_FILE = "settings.json"
+PNG_NAME = re.compile(r"^(\d{6,})\.png$")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Sample images for FID (PNGs + one .npz).")
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--ckpt",
+        type=str,
+        required=True,
+        help="our .pt checkpoint, our .safetensors export, or REPA's SiT .pt",
+    )
+    group.add_argument(
+        "--model",
+        type=str,
+        default=None,
+        help="only for a REPA checkpoint whose SiT variant cannot be inferred",
+    )
+    group.add_argument(
+        "--vae",
+        type=str,
+        default="ema",
+        help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or "
+        "tiny-random (test stand-in)",
+    )
+    group = parser.add_argument_group("sampler (explicit flags override --preset)")
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="paper-main: SDE 250 steps, cfg 1.65, [0, 0.7] (Table 4); "
+        "ablation: Euler ODE 50 steps, cfg 1.8, [0, 0.7] (Tables 5-8)",
+    )
+    group.add_argument("--mode", choices=["sde", "ode"], default=None, help="default: sde")
+    group.add_argument("--num-steps", type=int, default=None, help="default: 250")
+    group.add_argument(
+        "--heun",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Heun instead of Euler steps (ODE only); default: off",
+    )
+    group.add_argument("--cfg-scale", type=float, default=None, help="default: 1 (no guidance)")
+    group.add_argument(
+        "--guidance-low",
+        "--guidance_low",
+        type=float,
+        default=None,
+        help="guidance only for t >= this (t = 1 is noise); default: 0",
+    )
+    group.add_argument(
+        "--guidance-high",
+        "--guidance_high",
+        type=float,
+        default=None,
+        help="guidance only for t <= this; default: 1",
+    )
+    group.add_argument(
+        "--path-type",
+        choices=["linear", "cosine"],
+        default=None,
+        help="default: the path the checkpoint was trained with, else linear",
+    )
+    group = parser.add_argument_group("output")
+    group.add_argument(
+        "--sample-dir",
+        type=str,
+        required=True,
+        help="folder of PNGs (and settings.json); the .npz goes beside it",
+    )
+    group.add_argument("--num-fid-samples", type=int, default=50_000)
+    group.add_argument(
+        "--per-proc-batch-size",
+        type=int,
+        default=32,
+        help="images per process per batch; does not change the images",
+    )
+    group.add_argument("--global-seed", type=int, default=0)
+    group.add_argument(
+        "--label-sampling",
+        choices=["random", "balanced"],
+        default="random",
+        help="random: uniform labels; balanced: exactly N/num_classes per class",
+    )
+    group.add_argument(
+        "--precision",
+        choices=["fp32", "tf32", "bf16"],
+        default="tf32",
+        help="model precision on GPU: fp32 (TF32 off), tf32 (REPA's default), "
+        "bf16 autocast; the sampler state is float64 and the VAE fp32",
+    )
+    args = parser.parse_args(argv)
+    resolve_sampling_args(args)
+    validate_args(parser, args)
+    return args
+
+
+def resolve_sampling_args(args: argparse.Namespace) -> None:
+    """Fill unset sampler flags from the preset, then from SAMPLING_DEFAULTS."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    for key, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, default))
+
+
+def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("num_steps", "num_fid_samples", "per_proc_batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.global_seed < 0:
+        parser.error("--global-seed must be non-negative")
+    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
+        parser.error("need 0 <= --guidance-low <= --guidance-high <= 1")
+    if args.heun and args.mode == "sde":
+        parser.error("--heun applies to the ODE sampler only (--mode ode)")
+
+
+#################################################################################
+#                       Seeds, labels and one batch                             #
+#################################################################################
+
+
+def sample_seed(global_seed: int, index: int) -> int:
+    """64-bit seed of sample `index`: a hash of (global_seed, index) (NumPy's SeedSequence),
+    so that neighbouring seeds and indices give unrelated streams."""
+    words = np.random.SeedSequence([global_seed, index]).generate_state(2, dtype=np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+def balanced_labels(num_samples: int, num_classes: int, global_seed: int) -> torch.Tensor:
+    """(N,) labels with exactly N / num_classes of each class, in an order fixed by the seed."""
+    if num_samples % num_classes:
+        raise ValueError(
+            f"--label-sampling balanced needs --num-fid-samples ({num_samples}) divisible by the "
+            f"number of classes ({num_classes})"
+        )
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(global_seed))
+    return perm % num_classes
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) images in [-1, 1] -> (N, H, W, 3) uint8 (REPA's truncation, see above)."""
+    images = torch.clamp(255.0 * ((images + 1) / 2.0), 0, 255)
+    return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+@torch.no_grad()
+def sample_batch(
+    model: AlignedDiffusionTransformer,
+    vae: LatentAutoencoder,
+    indices: list[int],
+    args: argparse.Namespace,
+    labels: torch.Tensor | None,
+    device: torch.device,
+) -> np.ndarray:
+    """The images of samples `indices`: (len(indices), H, W, 3) uint8. `labels` is the balanced
+    table, or None for random labels.
+
+    A short batch is padded to --per-proc-batch-size with throw-away rows: every batch then has
+    one shape, so the kernels (which libraries choose per shape, and which round differently)
+    are the same for every image, whichever process, batch or resumed run draws it.
+    """
+    seeds = [sample_seed(args.global_seed, i) for i in indices]
+    seeds += [0] * (args.per_proc_batch_size - len(indices))  # padding rows
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    # Every sample draws a random label first, balanced or not, so that its noise stream is the
+    # same in both modes.
+    y = torch.stack([torch.randint(model.num_classes, (), generator=g) for g in generators])
+    if labels is not None:
+        y[: len(indices)] = labels[indices]
+    size = model.x_embedder.grid_size * model.patch_size
+    shape = (model.in_channels, size, size)
+    z = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, C, h, w)
+    sampler_kwargs = {
+        "model": model,
+        "latents": z.to(device),
+        "y": y.to(device),
+        "num_steps": args.num_steps,
+        "cfg_scale": args.cfg_scale,
+        "guidance_low": args.guidance_low,
+        "guidance_high": args.guidance_high,
+        "path_type": args.path_type,
+    }
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        if args.mode == "sde":
+            latents = euler_maruyama_sampler(**sampler_kwargs, noises=generators)
+        else:
+            latents = euler_sampler(**sampler_kwargs, heun=args.heun)
+    return to_uint8(vae.decode(latents.float()))[: len(indices)]
+
+
+#################################################################################
+#                       Sample folder: settings, PNGs, .npz                     #
+#################################################################################
+
+
+def sampling_settings(
+    args: argparse.Namespace, model: AlignedDiffusionTransformer
+) -> dict[str, Any]:
+    """Everything the images depend on (not the batch size or the number of processes)."""
+    settings = {
+        "ckpt": os.path.abspath(args.ckpt),
+        "model_name": model.model_name,
+        "model_kwargs": model.model_kwargs,
+        "vae": args.vae,
+        "num_fid_samples": args.num_fid_samples,
+        "mode": args.mode,
+        "num_steps": args.num_steps,
+        "heun": args.heun,
+        "cfg_scale": args.cfg_scale,
+        "guidance_low": args.guidance_low,
+        "guidance_high": args.guidance_high,
+        "path_type": args.path_type,
+        "global_seed": args.global_seed,
+        "label_sampling": args.label_sampling,
+        "precision": args.precision,
+        "pixels": PIXELS,
+    }
+    return json.loads(json.dumps(settings))  # as it reads back from disk (tuples -> lists)
+
+
+def png_path(sample_dir: str, index: int) -> str:
+    return os.path.join(sample_dir, f"{index:06d}.png")
+
+
+def check_sample_dir(sample_dir: str, settings: dict[str, Any]) -> None:
+    """Refuse a folder whose samples were made with other settings (or whose settings are
+    unknown): its PNGs would be mixed into the .npz."""
+    path = os.path.join(sample_dir, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+        if existing != settings:
+            keys = sorted(set(existing) | set(settings))
+            diff = [f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in keys
+                    if existing.get(k) != settings.get(k)]  # fmt: skip
+            raise ValueError(
+                f"{sample_dir} holds samples made with other settings ({'; '.join(diff)}). "
+                "Use another --sample-dir (or delete this one) instead of mixing them."
+            )
+    elif os.path.isdir(sample_dir) and any(PNG_NAME.match(n) for n in os.listdir(sample_dir)):
+        raise ValueError(
+            f"{sample_dir} holds PNGs but no {SETTINGS_FILE}: their settings are unknown, so "
+            "they are not mixed with new ones. Use another --sample-dir."
+        )
+
+
+def init_sample_dir(sample_dir: str, settings: dict[str, Any]) -> None:
+    """Create the folder, record the settings, drop temporary files left by a crash."""
+    os.makedirs(sample_dir, exist_ok=True)
+    for name in os.listdir(sample_dir):
+        if name.startswith(".") and name.endswith(".png.tmp"):
+            os.remove(os.path.join(sample_dir, name))
+    path = os.path.join(sample_dir, SETTINGS_FILE)
+    if not os.path.exists(path):
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(settings, f, indent=2)
+
+        atomic_write(path, write)
+
+
+def missing_indices(sample_dir: str, num_samples: int) -> list[int]:
+    done = {int(m.group(1)) for m in map(PNG_NAME.match, os.listdir(sample_dir)) if m}
+    return [i for i in range(num_samples) if i not in done]
+
+
+def save_png(image: np.ndarray, sample_dir: str, index: int) -> None:
+    """Write to a temporary name, then rename: a PNG that exists is complete."""
+    tmp = os.path.join(sample_dir, f".{index:06d}.png.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, png_path(sample_dir, index))
+
+
+def read_png(sample_dir: str, index: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    path = png_path(sample_dir, index)
+    with Image.open(path) as img:
+        image = np.asarray(img)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{path} is not an 8-bit RGB image (shape {image.shape}, {image.dtype})")
+    if shape is not None and image.shape != shape:
+        raise ValueError(f"{path} is {image.shape}, the other samples are {shape}")
+    return image
+
+
+def write_npz(sample_dir: str, num_samples: int, npz_path: str) -> tuple[int, ...]:
+    """Stream PNGs 0..N-1 into `npz_path` (`arr_0`, uint8, N×H×W×3), one image at a time."""
+    first = read_png(sample_dir, 0)
+    shape = (num_samples, *first.shape)
+    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+    member = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))  # reproducible bytes
+
+    def write(tmp: str) -> None:
+        with (
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive,
+            archive.open(member, "w", force_zip64=True) as f,  # 50K images exceed 4 GiB
+        ):
+            np.lib.format.write_array_header_1_0(f, header)
+            for i in tqdm(range(num_samples), desc="Building .npz", unit="img"):
+                f.write(read_png(sample_dir, i, first.shape).tobytes())
+
+    atomic_write(npz_path, write)
+    return shape
+
+
+#################################################################################
+#                                   Main                                        #
+#################################################################################
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device): torchrun's environment (NCCL on GPUs, gloo on CPU), or a
+    single process."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def set_precision(precision: str) -> None:
+    allow_tf32 = precision != "fp32"  # bf16 runs its fp32 leftovers in TF32 too
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+
+
+def check_model(
+    model: AlignedDiffusionTransformer, vae: LatentAutoencoder, args: argparse.Namespace
+) -> None:
+    has_null_class = model.y_embedder.embedding_table.num_embeddings > model.num_classes
+    if args.cfg_scale != 1.0 and not has_null_class:
+        raise ValueError("the model has no null class (trained without label dropout), so it "
+                         "cannot be guided: use --cfg-scale 1")  # fmt: skip
+    if vae.latent_channels != model.in_channels:
+        raise ValueError(f"the VAE has {vae.latent_channels} latent channels, the model "
+                         f"{model.in_channels}")  # fmt: skip
+
+
+def generate_samples(
+    model: AlignedDiffusionTransformer,
+    vae: LatentAutoencoder,
+    todo: list[int],
+    args: argparse.Namespace,
+    labels: torch.Tensor | None,
+    device: torch.device,
+    rank: int,
+) -> None:
+    """Sample `todo` (this rank's indices) in batches and write their PNGs."""
+    batch_size = args.per_proc_batch_size
+    progress = tqdm(total=len(todo), unit="img", desc="Sampling (rank 0)", disable=rank != 0)
+    for start in range(0, len(todo), batch_size):
+        indices = todo[start : start + batch_size]
+        try:
+            images = sample_batch(model, vae, indices, args, labels, device)
+        except torch.cuda.OutOfMemoryError as err:
+            raise RuntimeError(
+                f"--per-proc-batch-size {batch_size} does not fit in GPU memory (with guidance "
+                "the model runs on twice as many images); lower it: noise and labels stay the same"
+            ) from err
+        for index, image in zip(indices, images, strict=True):
+            save_png(image, args.sample_dir, index)
+        progress.update(len(indices))
+    progress.close()
+
+
+def main(args: argparse.Namespace) -> None:
+    rank, world_size, device = setup_distributed()
+    set_precision(args.precision)
+
+    model = load_model_for_sampling(args.ckpt, device, args.model)
+    if args.path_type is None:
+        args.path_type = model.checkpoint_args.get("path_type", "linear")
+    vae = load_vae(args.vae, device)
+    check_model(model, vae, args)
+    labels = None
+    if args.label_sampling == "balanced":
+        labels = balanced_labels(args.num_fid_samples, model.num_classes, args.global_seed)
+
+    settings = sampling_settings(args, model)
+    check_sample_dir(args.sample_dir, settings)  # on every rank, so that all stop together
+    barrier()
+    if rank == 0:
+        init_sample_dir(args.sample_dir, settings)
+    barrier()
+
+    # Rank 0 lists the missing PNGs once, so that every rank splits the same list.
+    missing = broadcast_from_rank0(
+        missing_indices(args.sample_dir, args.num_fid_samples) if rank == 0 else None
+    )
+    if rank == 0:
+        done = args.num_fid_samples - len(missing)
+        print(
+            f"{args.sample_dir}: {done} of {args.num_fid_samples} images present, sampling "
+            f"{len(missing)} on {world_size} process(es); settings: {json.dumps(settings)}"
+        )
+    generate_samples(model, vae, missing[rank::world_size], args, labels, device, rank)
+
+    barrier()  # every PNG is written
+    if rank == 0:
+        npz_path = f"{os.path.normpath(args.sample_dir)}.npz"
+        shape = write_npz(args.sample_dir, args.num_fid_samples, npz_path)
+        print(f"Saved {npz_path} [arr_0: uint8, shape {shape}].")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,191 @@
+"""dataset.py and the reading side of shards.py: exact round trips and clear errors.
+
+Datasets are written here through `shards.ShardWriter` with known random values (no networks),
+including an excluded file, so that reads can be compared with what was written.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import shards
+from dataset import LatentDataset
+from frozen import ENCODER_STANDIN
+
+RES = 32
+COUNTS = [5, 3, 4]  # files per shard; one file of shard 1 is excluded -> 11 samples
+ENCODERS = {ENCODER_STANDIN: 32, "dinov2-vit-s": 384}
+
+
+def modalities(pixels: str | None) -> list[shards.Modality]:
+    out = [
+        shards.Modality("labels", "int64", ()),
+        shards.Modality("moments", "float16", (8, RES // 8, RES // 8)),
+    ]
+    out += [shards.Modality(f"features-{e}", "float16", (4, d)) for e, d in ENCODERS.items()]
+    if pixels:
+        out.append(shards.Modality("pixels", "uint8", (3, RES, RES), pixels))
+    return out
+
+
+def write_dataset(root: str, pixels: str | None = "png", seed: int = 0) -> list[dict]:
+    """Write COUNTS shards of random samples; return the stored samples, in order."""
+    rng = np.random.default_rng(seed)
+    mods = modalities(pixels)
+    samples = []
+    for s, n in enumerate(COUNTS):
+        writer = shards.ShardWriter(root, s, mods, capacity=n)
+        for k in range(n):
+            if (s, k) == (1, 1):
+                writer.exclude(f"c/{s}-{k}.jpg", "OSError: broken")
+                continue
+            rows: dict[str, Any] = {
+                m.name: rng.normal(size=(1, *m.shape)).astype(m.dtype)
+                for m in mods
+                if m.name not in ("labels", "pixels")
+            }
+            rows["labels"] = rng.integers(0, 10, (1,))
+            sample = {name: rows[name][0] for name in rows}
+            if pixels:
+                image = rng.integers(0, 256, (3, RES, RES), dtype=np.uint8)
+                png = [shards.encode_png(image.transpose(1, 2, 0))]
+                rows["pixels"] = png if pixels == "png" else image[None]
+                sample["pixels"] = image  # PNG is lossless: reads must give these bytes back
+            writer.add(rows, [f"c/{s}-{k}.jpg"])
+            samples.append(sample)
+        writer.publish()
+    header = {
+        "resolution": RES,
+        "num_classes": 10,
+        "settings": {"resolution": RES},
+        "command": "python preprocessing/prepare.py --dest X",
+    }
+    shards.write_manifest(root, mods, len(COUNTS), header)
+    return samples
+
+
+@pytest.fixture(params=["png", "npy"])
+def data(request, tmp_path):
+    root = str(tmp_path / "data")
+    return root, write_dataset(root, pixels=request.param)
+
+
+def test_reads_back_exactly_what_was_written(data):
+    root, samples = data
+    ds = LatentDataset(root, pixels=True, resolution=RES)
+    assert len(ds) == len(samples) == sum(COUNTS) - 1 and ds.num_classes == 10
+    assert ds.manifest["excluded"] == [{"path": "c/1-1.jpg", "reason": "OSError: broken"}]
+    assert ds.encoders == list(ENCODERS)  # None: every stored encoder, in stored order
+    for i, want in enumerate(samples):  # crosses both shard boundaries and the excluded row
+        got = ds[i]
+        assert got["moments"].dtype == torch.float32 and got["moments"].shape == (8, 4, 4)
+        np.testing.assert_array_equal(got["moments"].numpy(), want["moments"].astype(np.float32))
+        assert got["label"].dtype == torch.int64 and got["label"].ndim == 0
+        assert got["label"].item() == want["labels"]
+        for feats, name in zip(got["features"], ENCODERS, strict=True):
+            assert feats.dtype == torch.float16
+            np.testing.assert_array_equal(feats.numpy(), want[f"features-{name}"])
+        np.testing.assert_array_equal(got["pixels"].numpy(), want["pixels"])
+    np.testing.assert_array_equal(ds.labels(), [s["labels"] for s in samples])
+    torch.testing.assert_close(ds[-1]["moments"], ds[len(ds) - 1]["moments"])
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    ds.verify()
+
+
+def test_modality_selection(data):
+    root, samples = data
+    only_s = LatentDataset(root, encoders=["dinov2-vit-s"])
+    item = only_s[6]
+    assert set(item) == {"moments", "label", "features"} and len(item["features"]) == 1
+    np.testing.assert_array_equal(item["features"][0].numpy(), samples[6]["features-dinov2-vit-s"])
+    reordered = LatentDataset(root, encoders=["dinov2-vit-s", ENCODER_STANDIN])
+    assert [f.shape[-1] for f in reordered[0]["features"]] == [384, 32]
+    assert LatentDataset(root, encoders=[], pixels=True)[0]["features"] == []
+
+
+def test_dataloader_workers_see_the_same_samples(data):
+    root, _ = data
+    ds = LatentDataset(root, pixels=True)
+    ds[0]  # opens maps in this process; workers must get none of them
+    assert ds._reader._maps and pickle.loads(pickle.dumps(ds))._reader._maps == {}
+    loader = DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
+    batches = list(loader)
+    moments = torch.cat([b["moments"] for b in batches])  # (N, 8, 4, 4)
+    torch.testing.assert_close(moments, torch.stack([ds[i]["moments"] for i in range(len(ds))]))
+    assert torch.cat([b["features"][1] for b in batches]).shape == (len(ds), 4, 384)
+
+
+def test_request_mismatch_is_a_clear_error(tmp_path):
+    root = str(tmp_path / "d")
+    write_dataset(root, pixels=None)
+    with pytest.raises(shards.DatasetError, match="no features of encoder 'dinov2-vit-b'.*prepare"):
+        LatentDataset(root, encoders=["dinov2-vit-b"])
+    with pytest.raises(shards.DatasetError, match="32-px.*256 px.*--resolution 256"):
+        LatentDataset(root, resolution=256)
+    with pytest.raises(shards.DatasetError, match="stores no pixels.*--save-pixels"):
+        LatentDataset(root, pixels=True)
+
+
+def test_wrong_feature_dim_is_a_clear_error(tmp_path):
+    root = str(tmp_path / "d")
+    write_dataset(root, pixels=None)
+    manifest = shards.read_json(os.path.join(root, shards.MANIFEST))
+    manifest["modalities"]["features-dinov2-vit-s"]["shape"] = [4, 768]
+    shards.write_json_atomic(os.path.join(root, shards.MANIFEST), manifest)
+    with pytest.raises(shards.DatasetError, match="768-d, but dinov2-vit-s has 384-d"):
+        LatentDataset(root)
+
+
+def test_missing_or_incomplete_dataset_says_what_to_run(tmp_path):
+    with pytest.raises(shards.DatasetError, match="no dataset.*Build one with: python prepro"):
+        LatentDataset(str(tmp_path / "nothing"))
+    root = str(tmp_path / "d")
+    write_dataset(root, pixels=None)
+    shards.write_json_atomic(os.path.join(root, shards.SETTINGS), {"command": "python p.py --x"})
+    os.remove(os.path.join(root, shards.MANIFEST))
+    with pytest.raises(shards.DatasetError, match="incomplete.*python p.py --x"):
+        LatentDataset(root)
+
+
+def test_truncated_missing_or_corrupted_shard(tmp_path):
+    root = str(tmp_path / "d")
+    write_dataset(root, pixels="png")
+    path = os.path.join(root, "shards", "features-dinov2-vit-s-00002.npy")
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))  # a bit flip: same size, so only verify() sees it
+    ds = LatentDataset(root)
+    with pytest.raises(shards.DatasetError, match="checksum mismatch.*00002.*re-run"):
+        ds.verify()
+    LatentDataset(root, encoders=[ENCODER_STANDIN]).verify()  # only requested modalities count
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(shards.DatasetError, match=r"1000 bytes.*truncated.*shard-00002\.json"):
+        LatentDataset(root)
+    os.remove(os.path.join(root, "shards", "pixels-00001.png.bin"))
+    with pytest.raises(shards.DatasetError, match="missing shard file.*pixels-00001"):
+        LatentDataset(root, encoders=[], pixels=True)
+
+
+def test_header_mismatch_is_caught_at_open(tmp_path):
+    root = str(tmp_path / "d")
+    write_dataset(root, pixels=None)
+    path = os.path.join(root, "shards", "moments-00000.npy")
+    np.save(path, np.zeros((5, 8, 4, 4), np.float32))  # float32 where float16 was written
+    manifest = shards.read_json(os.path.join(root, shards.MANIFEST))
+    manifest["shards"][0]["files"]["shards/moments-00000.npy"]["bytes"] = os.path.getsize(path)
+    shards.write_json_atomic(os.path.join(root, shards.MANIFEST), manifest)
+    with pytest.raises(
+        shards.DatasetError, match=r"holds float32 \(5, 8, 4, 4\), the manifest says float16"
+    ):
+        LatentDataset(root)
