@@ -402,7 +402,6 @@ def create_model(
             model = build_from_config(args.model, kwargs)
         except (TypeError, ValueError) as err:
             raise TrainingError(f"cannot build {args.model}: {err}") from err
-    assert isinstance(model, AlignedDiffusionTransformer)
     return model
 
 
@@ -808,7 +807,6 @@ def training_macs(model: AlignedDiffusionTransformer) -> int:
     """Forward multiply-adds per image, projector included (counted on a meta-device copy)."""
     with torch.device("meta"):
         meta = build_from_config(model.model_name, model.model_kwargs)
-    assert isinstance(meta, AlignedDiffusionTransformer)
     return count_macs(meta, latent_shape(model)[-1], include_projectors=True)
 
 
