@@ -174,7 +174,8 @@ def torch_load(path: str) -> Any:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: the ranks of a node share the file's pages instead of each reading a copy
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         if isinstance(err, pickle.UnpicklingError) and "Weights only" in str(err):
             raise ValueError(

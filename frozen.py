@@ -73,10 +73,15 @@ class LatentAutoencoder(nn.Module):
         return self.vae.decode(latents.to(self.vae.dtype) / VAE_SCALE).sample.float()
 
 
-def sample_latents(moments: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """(N, 2·C, h, w) stored [mean, std] -> scaled latents VAE_SCALE · (mean + std · ε)."""
+def sample_latents(
+    moments: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None
+) -> Tensor:
+    """(N, 2·C, h, w) stored [mean, std] -> scaled latents VAE_SCALE · (mean + std · ε).
+
+    ε is drawn from `generator` unless given as `noise` (N, C, h, w)."""
     mean, std = moments.float().chunk(2, dim=1)
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    if noise is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * noise) * VAE_SCALE
 
 

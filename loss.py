@@ -67,6 +67,7 @@ def sample_time(
     p_std: float = 1.2,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Draw n training times t in [0, 1]: (n,).
 
@@ -80,9 +81,9 @@ def sample_time(
     linear path. p_mean = 0, p_std = 1 gives SD3's logit-normal instead.
     """
     if weighting == "uniform":
-        return torch.rand(n, device=device, dtype=dtype)
+        return torch.rand(n, device=device, dtype=dtype, generator=generator)
     if weighting == "lognormal":
-        log_ratio = torch.randn(n, device=device, dtype=dtype) * p_std + p_mean
+        log_ratio = torch.randn(n, device=device, dtype=dtype, generator=generator) * p_std + p_mean
         if path_type == "linear":
             return torch.sigmoid(log_ratio)  # = ratio / (1 + ratio), without overflow
         if path_type == "cosine":

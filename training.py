@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from frozen import VAE_SCALE
+from frozen import sample_latents
 from loss import sample_time
 
 # Purposes of derived seeds, so that no two streams of random numbers ever coincide.
@@ -119,13 +119,12 @@ class StepDraws:
         self, seed: int, step: int, n: int, latent_shape: tuple[int, ...]
     ) -> dict[str, Tensor]:
         """Draws for a whole global batch of n: t (n,), noise and eps (n, *latent_shape), drop
-        (n,) bool. Made under a forked CPU RNG, so the global generator is left untouched."""
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(derive_seed(seed, SEED_STEP, step))  # CPU only
-            t = sample_time(n, self.weighting, self.path_type)
-            noise = torch.randn(n, *latent_shape)  # interpolation noise, x_t = α x + σ noise
-            eps = torch.randn(n, *latent_shape)  # VAE posterior sample, x = mean + std · eps
-            drop = torch.rand(n) < self.cfg_prob  # label dropout for classifier-free guidance
+        (n,) bool. From a CPU generator of their own: the global generator is left untouched."""
+        gen = torch.Generator().manual_seed(derive_seed(seed, SEED_STEP, step))
+        t = sample_time(n, self.weighting, self.path_type, generator=gen)
+        noise = torch.randn(n, *latent_shape, generator=gen)  # x_t = α x + σ noise
+        eps = torch.randn(n, *latent_shape, generator=gen)  # VAE posterior, x = mean + std · eps
+        drop = torch.rand(n, generator=gen) < self.cfg_prob  # label dropout for CFG
         return {"t": t, "noise": noise, "eps": eps, "drop": drop}
 
 
@@ -164,10 +163,9 @@ class TrainingBatches(Dataset):
             self.plan.global_batch,
             (moments.shape[1] // 2, *moments.shape[2:]),
         )
-        mean, std = moments.chunk(2, dim=1)
         batch: dict[str, Any] = {
-            # frozen.sample_latents's formula, with eps drawn for the global batch and sliced
-            "x": (mean + std * draws["eps"][local]) * VAE_SCALE,
+            # ε is drawn for the whole global batch, then sliced: independent of the process count
+            "x": sample_latents(moments, noise=draws["eps"][local]),
             "y": torch.stack([s["label"] for s in samples]),
             "t": draws["t"][local],
             "noise": draws["noise"][local],
