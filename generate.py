@@ -35,7 +35,11 @@ import json
 import os
 import re
 import zipfile
-from typing import Any
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,7 +50,14 @@ from tqdm import tqdm
 from checkpoints import atomic_write, load_model_for_sampling
 from frozen import LatentAutoencoder, load_vae
 from models.base import AlignedDiffusionTransformer
-from samplers import euler_maruyama_sampler, euler_sampler
+from models.layers import SDPA_BACKENDS, sdpa_backend
+from samplers import (
+    AlignedModel,
+    VelocityOnly,
+    draw_noise_stream,
+    euler_maruyama_sampler,
+    euler_sampler,
+)
 
 # Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
 # SDE Euler-Maruyama with 250 steps, no guidance).
@@ -154,6 +165,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="model precision on GPU: fp32 (TF32 off), tf32 (REPA's default), "
         "bf16 autocast; the sampler state is float64 and the VAE fp32",
     )
+    group = parser.add_argument_group("speed (none changes the images beyond float rounding)")
+    group.add_argument(
+        "--predraw-noise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw each sample's whole SDE noise stream once per batch, in a background thread "
+        "while the previous batch samples (the same numbers as step-by-step draws); off: each "
+        "step draws from every sample's generator and copies to the device (a host sync)",
+    )
+    group.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model (the first batches pay for compilation)",
+    )
+    group.add_argument(
+        "--sdpa-backend",
+        choices=SDPA_BACKENDS,
+        default="auto",
+        help="attention kernel: PyTorch's choice, or only flash, efficient, cudnn or math",
+    )
     args = parser.parse_args(argv)
     resolve_sampling_args(args)
     validate_args(parser, args)
@@ -209,17 +241,26 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
-@torch.no_grad()
-def sample_batch(
-    model: AlignedDiffusionTransformer,
-    vae: LatentAutoencoder,
+@dataclass
+class BatchInputs:
+    """The random inputs of one batch, on the CPU (pinned when sampling on a GPU)."""
+
+    indices: list[int]  # the samples; rows past len(indices) are padding
+    y: torch.Tensor  # (B,) labels
+    z: torch.Tensor  # (B, C, h, w) initial noise
+    noises: torch.Tensor | list[torch.Generator] | None  # SDE: (K, B, C, h, w) or generators
+
+
+def draw_inputs(
     indices: list[int],
     args: argparse.Namespace,
     labels: torch.Tensor | None,
-    device: torch.device,
-) -> np.ndarray:
-    """The images of samples `indices`: (len(indices), H, W, 3) uint8. `labels` is the balanced
-    table, or None for random labels.
+    num_classes: int,
+    shape: tuple[int, int, int],
+    pin: bool = False,
+) -> BatchInputs:
+    """Labels, initial noise and SDE noise of samples `indices`, each from the sample's own
+    generator, in that order. `labels` is the balanced table, or None for random labels.
 
     A short batch is padded to --per-proc-batch-size with throw-away rows: every batch then has
     one shape, so the kernels (which libraries choose per shape, and which round differently)
@@ -230,16 +271,35 @@ def sample_batch(
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     # Every sample draws a random label first, balanced or not, so that its noise stream is the
     # same in both modes.
-    y = torch.stack([torch.randint(model.num_classes, (), generator=g) for g in generators])
+    y = torch.stack([torch.randint(num_classes, (), generator=g) for g in generators])
     if labels is not None:
         y[: len(indices)] = labels[indices]
-    size = model.x_embedder.grid_size * model.patch_size
-    shape = (model.in_channels, size, size)
     z = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, C, h, w)
+    noises: torch.Tensor | list[torch.Generator] | None = None
+    if args.mode == "sde":
+        noises = (
+            draw_noise_stream(generators, args.num_steps - 1, shape)  # (K, B, C, h, w)
+            if args.predraw_noise
+            else generators
+        )
+    if pin:  # page-locked, so that the copies to the GPU do not wait for it
+        y, z = y.pin_memory(), z.pin_memory()
+        noises = noises.pin_memory() if isinstance(noises, torch.Tensor) else noises
+    return BatchInputs(indices, y, z, noises)
+
+
+@torch.no_grad()
+def sample_latents(
+    model: AlignedModel, inputs: BatchInputs, args: argparse.Namespace, device: torch.device
+) -> torch.Tensor:
+    """(B, C, h, w) float64 latents of one batch (padding rows included)."""
+    noises = inputs.noises
+    if isinstance(noises, torch.Tensor):
+        noises = noises.to(device, non_blocking=True)
     sampler_kwargs = {
-        "model": model,
-        "latents": z.to(device),
-        "y": y.to(device),
+        "model": VelocityOnly(model),  # the projector heads are not needed to sample
+        "latents": inputs.z.to(device, non_blocking=True),
+        "y": inputs.y.to(device, non_blocking=True),
         "num_steps": args.num_steps,
         "cfg_scale": args.cfg_scale,
         "guidance_low": args.guidance_low,
@@ -248,10 +308,37 @@ def sample_batch(
     }
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         if args.mode == "sde":
-            latents = euler_maruyama_sampler(**sampler_kwargs, noises=generators)
-        else:
-            latents = euler_sampler(**sampler_kwargs, heun=args.heun)
-    return to_uint8(vae.decode(latents.float()))[: len(indices)]
+            return euler_maruyama_sampler(**sampler_kwargs, noises=noises)
+        return euler_sampler(**sampler_kwargs, heun=args.heun)
+
+
+def generate_latents(
+    model: AlignedModel,
+    latent_shape: tuple[int, int, int],
+    todo: list[int],
+    args: argparse.Namespace,
+    labels: torch.Tensor | None,
+    device: torch.device,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices, float64 latents) of `todo` in batches of --per-proc-batch-size. A background
+    thread draws each batch's inputs while the previous batch samples."""
+    size = args.per_proc_batch_size
+    batches = [todo[start : start + size] for start in range(0, len(todo), size)]
+    draw = partial(
+        draw_inputs,
+        args=args,
+        labels=labels,
+        num_classes=model.num_classes,
+        shape=latent_shape,
+        pin=device.type == "cuda",
+    )
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(draw, batch) for batch in batches[:1]]
+        for k, indices in enumerate(batches):
+            inputs = pending.pop().result()
+            if k + 1 < len(batches):
+                pending.append(pool.submit(draw, batches[k + 1]))
+            yield indices, sample_latents(model, inputs, args, device)
 
 
 #################################################################################
@@ -428,20 +515,25 @@ def generate_samples(
     rank: int,
 ) -> None:
     """Sample `todo` (this rank's indices) in batches and write their PNGs."""
-    batch_size = args.per_proc_batch_size
     progress = tqdm(total=len(todo), unit="img", desc="Sampling (rank 0)", disable=rank != 0)
-    for start in range(0, len(todo), batch_size):
-        indices = todo[start : start + batch_size]
-        try:
-            images = sample_batch(model, vae, indices, args, labels, device)
-        except torch.cuda.OutOfMemoryError as err:
-            raise RuntimeError(
-                f"--per-proc-batch-size {batch_size} does not fit in GPU memory (with guidance "
-                "the model runs on twice as many images); lower it: noise and labels stay the same"
-            ) from err
-        for index, image in zip(indices, images, strict=True):
-            save_png(image, args.sample_dir, index)
-        progress.update(len(indices))
+    sampling_model = (  # guided and unguided steps: two batch shapes, two static graphs
+        cast(AlignedModel, torch.compile(model, dynamic=False)) if args.compile else model
+    )
+    try:
+        with sdpa_backend(args.sdpa_backend):
+            for indices, latents in generate_latents(
+                sampling_model, model.latent_shape, todo, args, labels, device
+            ):
+                images = to_uint8(vae.decode(latents.float()))[: len(indices)]
+                for index, image in zip(indices, images, strict=True):
+                    save_png(image, args.sample_dir, index)
+                progress.update(len(indices))
+    except torch.cuda.OutOfMemoryError as err:
+        raise RuntimeError(
+            f"--per-proc-batch-size {args.per_proc_batch_size} does not fit in GPU memory (with "
+            "guidance the model runs on twice as many images); lower it: noise and labels stay "
+            "the same"
+        ) from err
     progress.close()
 
 

@@ -25,9 +25,10 @@ each image depends on its own seed only, whatever batch it is drawn in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from itertools import pairwise
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -41,6 +42,26 @@ class VelocityModel(Protocol):
     num_classes: int
 
     def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]: ...
+
+
+class AlignedModel(Protocol):
+    """A model with projector heads that it can skip: `model(x, t, y, return_zs=False)`."""
+
+    num_classes: int
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor, *, return_zs: bool = ...) -> Any: ...
+
+
+class VelocityOnly:
+    """`model` as the samplers call it, without its projector heads: sampling uses v only, so
+    `model(x, t, y, return_zs=False)` (models/base.py) skips their work and returns the same v."""
+
+    def __init__(self, model: AlignedModel):
+        self.model = model
+        self.num_classes = model.num_classes
+
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self.model(x, t, y, return_zs=False)
 
 
 # What `euler_maruyama_sampler(noises=...)` accepts: None (the global RNG, REPA's behaviour), a
@@ -157,6 +178,40 @@ def sde_noise_source(noises: NoiseSpec, x: Tensor, num_draws: int) -> Callable[[
         return torch.stack(draws).to(x)
 
     return per_sample
+
+
+# PyTorch's CPU normal sampler turns consecutive uniforms into normals in blocks of 16 values,
+# so one draw of (K, *shape) equals K consecutive draws of `shape` when prod(shape) is a multiple
+# of 16 (tests/test_samplers.py checks it). Other shapes are drawn step by step.
+_NORMAL_BLOCK = 16
+
+
+def draw_noise_stream(
+    generators: Sequence[torch.Generator], num_draws: int, shape: Sequence[int]
+) -> Tensor:
+    """Each sample's whole SDE noise stream at once: (num_draws, N, *shape) float32.
+
+    Bit for bit what `euler_maruyama_sampler(noises=generators)` draws step by step (one `shape`
+    per step from each generator), so it can be passed as `noises` instead: then the sampler does
+    no per-step Python loop over the batch and no per-step host-to-device copy.
+    """
+    shape = tuple(shape)
+    if math.prod(shape) % _NORMAL_BLOCK == 0:
+        draws = [
+            torch.randn((num_draws, *shape), generator=g, device=g.device, dtype=torch.float32)
+            for g in generators
+        ]  # N × (K, *shape)
+    else:
+        draws = [
+            torch.stack(
+                [
+                    torch.randn(shape, generator=g, device=g.device, dtype=torch.float32)
+                    for _ in range(num_draws)
+                ]
+            )
+            for g in generators
+        ]
+    return torch.stack(draws, dim=1)  # (K, N, *shape)
 
 
 @torch.no_grad()

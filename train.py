@@ -46,9 +46,10 @@ from frozen import RepresentationEncoder, encoder_dim, load_encoder, load_vae, p
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS, SILoss
 from models import canonical_name
 from models.base import AlignedDiffusionTransformer
+from models.layers import SDPA_BACKENDS, sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
-from samplers import euler_sampler
+from samplers import VelocityOnly, euler_sampler
 from training import (
     SEED_PREVIEW,
     BatchPlan,
@@ -236,6 +237,12 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
                    help="TF32 matmuls and convolutions on Ampere+ GPUs (REPA's command uses it)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model")
+    g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="AdamW's fused kernel (one launch for all parameters; with fp16, no host "
+                        "sync for the loss scaler); off: PyTorch's default foreach AdamW, as REPA")
+    g.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="auto",
+                   help="attention kernel of scaled_dot_product_attention: PyTorch's choice, or "
+                        "only flash, efficient (memory-efficient), cudnn or math")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -481,17 +488,32 @@ def train_step(tr: Trainer, micro_batches: list[dict[str, Any]]) -> dict[str, Te
     # --on-nonfinite skip reads the global gradient norm (equal on every process) to decide;
     # with fp16, the loss scaler skips steps with non-finite gradients by itself.
     skip = tr.args.on_nonfinite == "skip" and acc.scaler is None and not torch.isfinite(grad_norm)
+    skipped = torch.full_like(grad_norm, float(skip), dtype=torch.float32)
     if not skip:
+        scale = loss_scale(acc) if acc.scaler is not None else None
         tr.optimizer.step()
-        skip = tr.optimizer.step_was_skipped  # type: ignore[attr-defined]  # fp16 overflow
         update_ema(tr.ema_params, tr.model_params, tr.args.ema_decay)
+        if scale is not None:  # fp16: the scaler lowers its scale when it skips a step
+            skipped = (loss_scale(acc) < scale).float()
     tr.optimizer.zero_grad(set_to_none=True)
     return {
         **sums,
         "grad_norm": grad_norm.detach().float(),
         "nonfinite": (~torch.isfinite(sums["total"])).float(),
-        "skipped": torch.full_like(grad_norm, float(skip), dtype=torch.float32),
+        "skipped": skipped,
     }
+
+
+def loss_scale(acc: Accelerator) -> Tensor:
+    """fp16's current loss scale, a 0-dim device tensor (a copy).
+
+    Read on the device because `GradScaler.get_scale()` would sync with the host. The fused
+    AdamW skips an overflowing step inside its kernel, where accelerate's `step_was_skipped`
+    cannot see it; the drop of the scale shows it with either AdamW."""
+    scale = acc.scaler._get_scale_async() if acc.scaler is not None else None
+    if scale is None:
+        raise RuntimeError("no fp16 loss scale: the scaler is off or has not scaled a loss yet")
+    return scale.clone()
 
 
 #################################################################################
@@ -556,6 +578,10 @@ def restore(tr: Trainer, ckpt: dict[str, Any], logger: Any) -> None:
     """Load model, EMA, optimiser, loss scaler, RNG states and the data position."""
     tr.raw.load_state_dict(ckpt["model"])
     tr.ema.load_state_dict(ckpt["ema"])
+    # This run's AdamW kernel (--fused-optimizer may change on resume), not the checkpoint's;
+    # loading then puts the step counters where that kernel keeps them (device or CPU).
+    for saved, group in zip(ckpt["opt"]["param_groups"], tr.optimizer.param_groups, strict=True):
+        saved["fused"], saved["foreach"] = group["fused"], group["foreach"]
     tr.optimizer.load_state_dict(ckpt["opt"])
     if tr.accelerator.scaler is not None and ckpt["scaler"] is not None:
         tr.accelerator.scaler.load_state_dict(ckpt["scaler"])
@@ -579,7 +605,8 @@ def save_preview(tr: Trainer, vae: Any, noise: Tensor, labels: Tensor, path: str
     """Sample the EMA model from fixed noise and labels, decode, save a PNG grid."""
     cfg = PREVIEW_CFG_SCALE if tr.args.cfg_prob > 0 else 1.0
     with tr.accelerator.autocast():
-        latents = euler_sampler(tr.ema, noise, labels, PREVIEW_SAMPLING_STEPS, cfg_scale=cfg)
+        model = VelocityOnly(tr.ema)
+    latents = euler_sampler(model, noise, labels, PREVIEW_SAMPLING_STEPS, cfg_scale=cfg)
     grid = grid_image(vae.decode(latents.float()))
     Image.fromarray(grid).save(path)
     return grid
@@ -603,14 +630,19 @@ def batches_from(tr: Trainer, dataset: Dataset, start_step: int) -> Iterator[dic
         pin_memory=tr.accelerator.device.type == "cuda",
         worker_init_fn=StopRequest.ignore_in_worker,
     )
-    device = tr.accelerator.device
     for batch in loader:
-        yield {
-            k: v.to(device, non_blocking=True) if isinstance(v, Tensor)
-            else [f.to(device, non_blocking=True) for f in v] if isinstance(v, list)
-            else v
-            for k, v in batch.items()
-        }  # fmt: skip
+        yield to_device(batch, tr.accelerator.device)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A micro-batch's tensors (and lists of tensors) on `device`; from pinned memory the copies
+    are asynchronous (no host sync)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, Tensor)
+        else [f.to(device, non_blocking=True) for f in v] if isinstance(v, list)
+        else v
+        for k, v in batch.items()
+    }  # fmt: skip
 
 
 @dataclass
@@ -675,7 +707,7 @@ def train(tr: Trainer, dataset: Dataset, run_dir: str, vae: Any, monitor: Monito
     after the current step, with a checkpoint."""
     args, acc, logger = tr.args, tr.accelerator, monitor.logger
     generator = torch.Generator().manual_seed(derive_seed(args.seed, SEED_PREVIEW))
-    preview_noise = torch.randn(args.preview_images, *latent_shape(tr.raw), generator=generator)
+    preview_noise = torch.randn(args.preview_images, *tr.raw.latent_shape, generator=generator)
     preview_labels = torch.randint(tr.raw.num_classes, (args.preview_images,), generator=generator)
     preview = (preview_noise.to(acc.device), preview_labels.to(acc.device))
     checkpoints = list_checkpoints(run_dir)
@@ -724,11 +756,6 @@ def track_image(acc: Accelerator, grid: Any, step: int) -> None:
 #################################################################################
 
 
-def latent_shape(model: AlignedDiffusionTransformer) -> tuple[int, int, int]:
-    size = model.x_embedder.grid_size * model.patch_size
-    return (model.in_channels, size, size)
-
-
 def setup(
     args: argparse.Namespace, accelerator: Accelerator, resume: str | None, logger: Any
 ) -> tuple[Trainer, Dataset]:
@@ -746,14 +773,38 @@ def setup(
     except ValueError as err:  # the global batch does not split, or exceeds the dataset
         raise TrainingError(str(err)) from None
     model = create_model(args, dataset, dataset[0])
-    ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
-    optimizer = torch.optim.AdamW(
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:  # refuse before any state is touched
+        check_resumable(ckpt, model.model_name, model.model_kwargs, vars(args), plan.dataset_size)
+    tr = create_trainer(args, accelerator, model, plan, load_encoders(args, accelerator.device))
+    if ckpt is not None:
+        restore(tr, ckpt, logger)
+    return tr, dataset
+
+
+def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (REPA's protocol); --fused-optimizer picks PyTorch's fused kernel (CUDA and CPU)."""
+    return torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+        fused=args.fused_optimizer,
     )
+
+
+def create_trainer(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: AlignedDiffusionTransformer,
+    plan: BatchPlan,
+    encoders: list[RepresentationEncoder],
+) -> Trainer:
+    """EMA, optimiser and objective for `model`, then compilation and accelerate's wrapping.
+    `encoders`: the frozen encoders run in the loop (online mode), else []."""
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
+    optimizer = create_optimizer(args, model)
     loss_fn = SILoss(
         path_type=args.path_type,
         weighting=args.weighting,
@@ -762,17 +813,10 @@ def setup(
         manifold_mode=args.manifold_mode,
         lambda_schedule=args.lambda_schedule,
     )
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None:  # refuse before any state is touched
-        check_resumable(ckpt, model.model_name, model.model_kwargs, vars(args), plan.dataset_size)
     prepared = torch.compile(model) if args.compile else model
     prepared, optimizer = accelerator.prepare(prepared, optimizer)
     ema.to(accelerator.device)
-    encoders = load_encoders(args, accelerator.device)
-    tr = Trainer(args, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan)
-    if ckpt is not None:
-        restore(tr, ckpt, logger)
-    return tr, dataset
+    return Trainer(args, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan)
 
 
 def describe(tr: Trainer, macs: int, resume: str | None) -> str:
@@ -798,7 +842,8 @@ def describe(tr: Trainer, macs: int, resume: str | None) -> str:
         f"checkpoints every {args.checkpointing_steps} steps; the last {args.keep_last} kept, and "
         f"every {args.milestone_every or '-'}th with an EMA export",
         f"precision   {args.mixed_precision}{amp_note}, TF32 {args.allow_tf32}, "
-        f"compile {args.compile}, "
+        f"compile {args.compile}, fused AdamW {args.fused_optimizer}, "
+        f"attention {args.sdpa_backend}, "
         f"device {acc.device} × {acc.num_processes}",
     ])  # fmt: skip
 
@@ -807,7 +852,7 @@ def training_macs(model: AlignedDiffusionTransformer) -> int:
     """Forward multiply-adds per image, projector included (counted on a meta-device copy)."""
     with torch.device("meta"):
         meta = build_from_config(model.model_name, model.model_kwargs)
-    return count_macs(meta, latent_shape(model)[-1], include_projectors=True)
+    return count_macs(meta, model.latent_shape[-1], include_projectors=True)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -845,7 +890,8 @@ def main(args: argparse.Namespace) -> None:
             accelerator.device, args.mixed_precision, args.allow_tf32, args.peak_tflops
         )
         monitor = Monitor(tr, run_dir, logger, 6.0 * macs, peak)
-        train(tr, dataset, run_dir, vae, monitor)
+        with sdpa_backend(args.sdpa_backend):
+            train(tr, dataset, run_dir, vae, monitor)
         logger.info(f"done: step {tr.step}")
     finally:
         accelerator.end_training()

@@ -356,6 +356,7 @@ RESUMABLE_CHANGES = frozenset(
         "max_train_steps", "checkpointing_steps", "keep_last", "milestone_every",
         "sampling_steps", "preview_images", "log_every", "report_to", "num_workers",
         "data_dir", "output_dir", "exp_name", "resume", "dry_run", "compile", "peak_tflops",
+        "fused_optimizer", "sdpa_backend",
         "vae", "enc_weights", "on_nonfinite", "gradient_accumulation_steps",
     }
 )  # fmt: skip

@@ -170,17 +170,34 @@ class AlignedDiffusionTransformer(nn.Module):
         return [pool_tokens(z, self.tap_grid_size) for z in zs]
 
     def forward(
-        self, x: Tensor, t: Tensor, y: Tensor, force_drop_ids: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor,
+        force_drop_ids: Tensor | None = None,
+        return_zs: bool = True,
     ) -> tuple[Tensor, list[Tensor]]:
         """`force_drop_ids` (N,) bool: which labels to replace by the null class (training only;
-        by default the label embedder draws them with probability `class_dropout_prob`)."""
+        by default the label embedder draws them with probability `class_dropout_prob`).
+        `return_zs=False` skips the projector heads and returns `zs = []`: sampling needs v only
+        (v does not depend on the heads, so it is the same either way)."""
         tokens = self.embed_tokens(x)  # (N, T, C)
         t_emb = self.t_embedder(t)  # (N, C)
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)  # (N, C)
         tokens, tapped = self.forward_trunk(tokens, c)
-        zs = [projector(tapped, self.tap_grid_size, t_emb) for projector in self.projectors]
+        zs = (
+            [projector(tapped, self.tap_grid_size, t_emb) for projector in self.projectors]
+            if return_zs
+            else []
+        )
         out = self.final_layer(tokens, c)  # (N, T, p²·C_out)
         return unpatchify(out, self.patch_size, self.out_channels), zs
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the latents the model takes."""
+        size = self.x_embedder.grid_size * self.patch_size
+        return (self.in_channels, size, size)
 
     def num_parameters(self, include_projectors: bool = True) -> int:
         skip = set() if include_projectors else {id(p) for p in self.projectors.parameters()}

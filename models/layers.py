@@ -8,11 +8,13 @@ Module and parameter names follow REPA's `models/sit.py` (which uses timm's `Pat
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -178,6 +180,26 @@ class LabelEmbedder(nn.Module):
 #################################################################################
 #                        Attention, feed-forward, blocks                        #
 #################################################################################
+
+
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+_SDPA_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def sdpa_backend(name: str) -> AbstractContextManager[None]:
+    """Within the context, `F.scaled_dot_product_attention` uses only the kernel `name`, one of
+    SDPA_BACKENDS; "auto" leaves the choice to PyTorch. A kernel that cannot run the inputs
+    (e.g. flash in fp32, or efficient on a CPU) makes attention raise, naming the reason."""
+    if name == "auto":
+        return nullcontext()
+    if name not in _SDPA_KERNELS:
+        raise ValueError(f"SDPA backend must be one of {SDPA_BACKENDS}, got {name!r}")
+    return sdpa_kernel(_SDPA_KERNELS[name])
 
 
 class Attention(nn.Module):

@@ -151,6 +151,13 @@ def test_images_do_not_depend_on_the_number_of_processes(reference, ckpt, tmp_pa
     assert read(f"{sample_dir}.npz") == read(reference[1])  # byte-identical
 
 
+def test_noise_drawn_step_by_step_gives_the_same_npz(reference, ckpt, tmp_path):
+    # The default draws each batch's SDE noise at once, in a background thread.
+    assert read(run(ckpt, tmp_path / "stepwise", extra=["--no-predraw-noise"])) == read(
+        reference[1]
+    )
+
+
 def test_safetensors_export_gives_the_same_images(reference, ckpt, tmp_path):
     st = os.path.join(os.path.dirname(ckpt), "ema.safetensors")
     npz = run(st, tmp_path / "st")
@@ -179,10 +186,10 @@ def test_resume_after_a_crash_gives_the_same_npz(reference, ckpt, tmp_path, monk
     monkeypatch.setattr(generate, "save_png", real_save)
 
     sampled = []
-    real_batch = generate.sample_batch
-    monkeypatch.setattr(generate, "sample_batch",
-                        lambda model, vae, indices, *a: sampled.extend(indices)
-                        or real_batch(model, vae, indices, *a))  # fmt: skip
+    real_draw = generate.draw_inputs
+    monkeypatch.setattr(generate, "draw_inputs",
+                        lambda indices, *a, **k: sampled.extend(indices)
+                        or real_draw(indices, *a, **k))  # fmt: skip
     npz = run(ckpt, sample_dir)  # the same command
     assert sorted(sampled) == sorted(set(range(N)) - set(saved))  # only the missing ones
     assert read(npz) == read(reference[1])

@@ -507,3 +507,41 @@ def test_forced_label_drops_replace_exactly_those_labels():
     table = model.y_embedder.embedding_table.weight
     out = model.y_embedder(labels, train=True, force_drop_ids=forced)
     torch.testing.assert_close(out, table[[10, 3, 10]])
+
+
+# --------------------------------------------------------------------------- speed switches
+
+
+@pytest.mark.parametrize("make", [tiny_sit, tiny_sit_down])
+def test_return_zs_false_skips_the_projectors_and_keeps_v(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    for p in model.parameters():  # random weights everywhere, so that v is not zero
+        p.data.normal_(0, 0.1)
+    calls = []
+    for projector in model.projectors:
+        projector.register_forward_hook(lambda *args: calls.append(1))
+    x, t, y = batch()
+    v, zs = model(x, t, y)
+    assert len(zs) == 1 and calls == [1]
+    v_only, none = model(x, t, y, return_zs=False)
+    assert none == [] and calls == [1]  # the heads did not run
+    assert torch.equal(v_only, v)
+
+
+@pytest.mark.parametrize("backend", ["math", "flash"])
+def test_sdpa_backend_choice_keeps_attention(backend):
+    from models.layers import sdpa_backend
+
+    torch.manual_seed(0)
+    model = tiny_sit_down().eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    x, t, y = batch()
+    with torch.no_grad():
+        reference = model(x, t, y)[0]
+        with sdpa_backend(backend):
+            v = model(x, t, y)[0]
+    torch.testing.assert_close(v, reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="SDPA backend must be one of"):
+        sdpa_backend("fast")

@@ -200,7 +200,7 @@ def test_flag_errors_are_clear(extra, message, capsys):
 def test_dry_run_builds_everything_and_writes_nothing(data_dir, tmp_path, capsys):
     run(*argv(data_dir, tmp_path, "dry", "--dry-run", "--compile"))
     out = capsys.readouterr().out
-    assert "compile True" in out
+    assert "compile True, fused AdamW True, attention auto" in out
     assert "8 (global) = 1 processes × 1 accumulation steps × 8" in out
     assert "32 samples, 4 steps per epoch" in out
     assert not os.path.exists(tmp_path / "dry")
@@ -360,6 +360,44 @@ def test_bf16_autocast_step_runs(data_dir, tmp_path):
     run(*argv(data_dir, tmp_path, "bf16", "--mixed-precision", "bf16", "--max-train-steps", "2"))
     record = metrics(tmp_path, "bf16")[-1]
     assert np.isfinite(record["total"]) and record["step"] == 2
+
+
+def test_fused_and_foreach_adamw_agree_and_a_run_resumes_across_the_flag(data_dir, tmp_path):
+    run(*argv(data_dir, tmp_path, "fused"))  # the default
+    run(*argv(data_dir, tmp_path, "foreach", "--no-fused-optimizer", "--max-train-steps", "2"))
+    run(*argv(data_dir, tmp_path, "foreach", "--resume", "auto"))  # on with the fused kernel
+    a, b = checkpoint(tmp_path, "fused", 4), checkpoint(tmp_path, "foreach", 4)
+    assert a["opt"]["param_groups"][0]["fused"] and b["opt"]["param_groups"][0]["fused"]
+    assert not checkpoint(tmp_path, "foreach", 2)["opt"]["param_groups"][0]["fused"]
+    assert_states_equal(a["model"], b["model"], exact=False)
+    for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp16_overflow_is_skipped_and_reported_without_a_host_read(data_dir, tmp_path, fused):
+    """accelerate makes no loss scaler on a CPU, so this gives the step one: an fp16 step whose
+    gradients overflow leaves the weights as they were and is counted in `skipped`, with the
+    fused AdamW (which skips inside its kernel) as with the foreach one."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    args = train.parse_args(argv(data_dir, tmp_path, "fp16", "--fused-optimizer" if fused
+                                 else "--no-fused-optimizer"))  # fmt: skip
+    acc = train.create_accelerator(args, str(tmp_path / "fp16"))
+    tr, dataset = train.setup(args, acc, None, create_logger(False))
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    tr.optimizer = AcceleratedOptimizer(tr.optimizer.optimizer, scaler=acc.scaler)
+    batches = train.batches_from(tr, dataset, 0)
+    before = [p.detach().clone() for p in tr.model_params]
+    stats = train.train_step(tr, [next(batches)])
+    assert stats["skipped"].item() == 0 and acc.scaler.get_scale() == 2.0**10
+    assert not all(torch.equal(p, q) for p, q in zip(before, tr.model_params, strict=True))
+    batch = next(batches)
+    batch["x"][0, 0, 0, 0] = float("inf")
+    before = [p.detach().clone() for p in tr.model_params]
+    stats = train.train_step(tr, [batch])
+    assert stats["skipped"].item() == 1 and acc.scaler.get_scale() == 2.0**9
+    assert all(torch.equal(p, q) for p, q in zip(before, tr.model_params, strict=True))
 
 
 # --------------------------------------------------------------------------------------------
