@@ -312,6 +312,12 @@ def sample_latents(
         return euler_sampler(**sampler_kwargs, heun=args.heun)
 
 
+def sampling_model(model: AlignedDiffusionTransformer, args: argparse.Namespace) -> AlignedModel:
+    """The model as sampling calls it: compiled with --compile (guided and unguided steps have
+    two batch shapes, hence two static graphs)."""
+    return cast(AlignedModel, torch.compile(model, dynamic=False)) if args.compile else model
+
+
 def generate_latents(
     model: AlignedModel,
     latent_shape: tuple[int, int, int],
@@ -516,13 +522,10 @@ def generate_samples(
 ) -> None:
     """Sample `todo` (this rank's indices) in batches and write their PNGs."""
     progress = tqdm(total=len(todo), unit="img", desc="Sampling (rank 0)", disable=rank != 0)
-    sampling_model = (  # guided and unguided steps: two batch shapes, two static graphs
-        cast(AlignedModel, torch.compile(model, dynamic=False)) if args.compile else model
-    )
     try:
         with sdpa_backend(args.sdpa_backend):
             for indices, latents in generate_latents(
-                sampling_model, model.latent_shape, todo, args, labels, device
+                sampling_model(model, args), model.latent_shape, todo, args, labels, device
             ):
                 images = to_uint8(vae.decode(latents.float()))[: len(indices)]
                 for index, image in zip(indices, images, strict=True):

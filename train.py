@@ -617,21 +617,28 @@ def save_preview(tr: Trainer, vae: Any, noise: Tensor, labels: Tensor, path: str
 #################################################################################
 
 
-def batches_from(tr: Trainer, dataset: Dataset, start_step: int) -> Iterator[dict[str, Any]]:
-    """This process's micro-batches from step `start_step` on, loaded ahead by workers."""
-    args = tr.args
+def training_loader(
+    args: argparse.Namespace, dataset: Dataset, plan: BatchPlan, start_step: int, pin_memory: bool
+) -> DataLoader:
+    """This process's micro-batches from step `start_step` on, as CPU dicts (TrainingBatches);
+    --num-workers processes load the samples and make the draws ahead of the loop."""
     draws = StepDraws(args.weighting, args.path_type, args.cfg_prob)
     a = args.gradient_accumulation_steps
-    loader = DataLoader(
-        TrainingBatches(dataset, tr.plan, draws),
+    return DataLoader(
+        TrainingBatches(dataset, plan, draws),
         batch_size=None,
         sampler=range(start_step * a, args.max_train_steps * a),
         num_workers=args.num_workers,
-        pin_memory=tr.accelerator.device.type == "cuda",
+        pin_memory=pin_memory,
         worker_init_fn=StopRequest.ignore_in_worker,
     )
-    for batch in loader:
-        yield to_device(batch, tr.accelerator.device)
+
+
+def batches_from(tr: Trainer, dataset: Dataset, start_step: int) -> Iterator[dict[str, Any]]:
+    """This process's micro-batches from step `start_step` on, on the device."""
+    device = tr.accelerator.device
+    for batch in training_loader(tr.args, dataset, tr.plan, start_step, device.type == "cuda"):
+        yield to_device(batch, device)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
