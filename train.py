@@ -604,9 +604,9 @@ def restore(tr: Trainer, ckpt: dict[str, Any], logger: Any) -> None:
 def save_preview(tr: Trainer, vae: Any, noise: Tensor, labels: Tensor, path: str) -> Any:
     """Sample the EMA model from fixed noise and labels, decode, save a PNG grid."""
     cfg = PREVIEW_CFG_SCALE if tr.args.cfg_prob > 0 else 1.0
+    model = VelocityOnly(tr.ema)  # the projector heads are not needed to sample
     with tr.accelerator.autocast():
-        model = VelocityOnly(tr.ema)
-    latents = euler_sampler(model, noise, labels, PREVIEW_SAMPLING_STEPS, cfg_scale=cfg)
+        latents = euler_sampler(model, noise, labels, PREVIEW_SAMPLING_STEPS, cfg_scale=cfg)
     grid = grid_image(vae.decode(latents.float()))
     Image.fromarray(grid).save(path)
     return grid

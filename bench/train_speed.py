@@ -100,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument(
         "--configs",
         default="ours,repa-protocol",
-        help=f"comma-separated, or 'all': {', '.join(CONFIGS)}",
+        help=f"comma-separated (repeats allowed: ours,repa-protocol,ours,...), or 'all': "
+        f"{', '.join(CONFIGS)}",
     )
     p.add_argument("--steps", type=int, default=20, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
@@ -361,19 +362,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = environment(device)
     report("environment", {k: str(v) for k, v in env.items()})
     results: dict[str, Any] = {"environment": env, "train_args": vars(first), "configs": {}}
-    for name in bench.config_names:
+    for i, name in enumerate(bench.config_names):
+        key = name if name not in bench.config_names[:i] else f"{name}#{i}"  # a repeat
         try:
             r = measure(name, bench, train_argv)
         except Exception as err:  # e.g. an attention kernel that cannot run these inputs
-            results["configs"][name] = {"error": f"{type(err).__name__}: {err}"}
-            print(f"\n== training: {name} ==\nfailed: {type(err).__name__}: {err}")
+            results["configs"][key] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"\n== training: {key} ==\nfailed: {type(err).__name__}: {err}")
             continue
         finally:
             gc.collect()  # the configuration's model and optimiser go before the next one's
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        results["configs"][name] = r
-        show(name, r, bench)
+        results["configs"][key] = r
+        show(key, r, bench)
     ours = results["configs"].get("ours", {})
     ratios = {
         f"ours/{name}": ours["images_per_sec"] / r["images_per_sec"]
