@@ -1,11 +1,11 @@
 """Quickstart: the whole U-REPA pipeline on a toy dataset, in minutes on a laptop CPU.
 
-    python quickstart.py               # about 6 minutes on 2 CPU cores; a GPU is used if present
+    python quickstart.py        # about 3.5 minutes on 2 CPU cores; a GPU is used if present
 
-1. draws the toy dataset (`toy_shapes.py`: ten classes of coloured shapes, 64×64, 3,000 images);
+1. draws the toy dataset (`toy_shapes.py`: ten classes of coloured shapes, 3,000 images);
 2. `preprocessing/prepare.py`: "latents" and representation-encoder features;
-3. `train.py`: a small SiT↓ with U-REPA (tap in the 2×2 middle stage, MLP then ×2 upsample to
-   the encoder's 4×4 grid, manifold loss w = 3), checkpointed;
+3. `train.py`: a small SiT↓ with U-REPA (tap in the middle stage, manifold loss w = 3),
+   checkpointed;
 4. `generate.py`: the ODE sampler (the ablation preset: Euler 50 steps, cfg 1.8 on [0, 0.7]) and
    the SDE sampler (the paper-main preset: Euler-Maruyama 250 steps, cfg 1.65 on [0, 0.7]);
 5. evaluation: does each sample show its class's shape and colour (`toy_shapes.measure`); FID
@@ -13,9 +13,10 @@
 6. writes `samples.png` (one row per class), `training_curve.png` and `metrics.json` to --out.
 
 Every stage calls the repository's own entry point and prints the command that does the same
-by hand. The pretrained SD-VAE and DINOv2-S are used when they can be fetched (or are cached);
-otherwise the run says so and uses stand-ins: pixel space instead of the SD-VAE (the identity
-"autoencoder" `--vae pixels`, patch 16 giving SD-VAE + patch 2's token grid) and a tiny random
+by hand. The pretrained SD-VAE and DINOv2-S are used when they can be fetched (or are cached):
+64-px images, 8×8×4 latents, patch 2, a 2×2 middle stage upsampled to DINOv2's 4×4 grid.
+Otherwise the run says so and uses stand-ins: pixel space instead of the SD-VAE (the identity
+"autoencoder" `--vae pixels`: 32-px images in 8×8 patches, the same 4×4 tokens) and a tiny random
 ViT instead of DINOv2 (the alignment targets are then random features of the image). Re-running
 the same command resumes; use a new --out for another configuration.
 """
@@ -152,40 +153,35 @@ def reachable(host: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def try_load(what: str, load: Callable[[], Any]) -> str | None:
-    """None if `load()` works, else why not (one line)."""
+def try_load(load: Callable[[], Any]) -> str | None:
+    """None if `load()` works, else why not (the error's first sentence)."""
     try:
         load()
         return None
     except (RuntimeError, OSError, ValueError) as err:
-        return f"{what}: {str(err).splitlines()[0][:160]}"
+        return str(err).split(". ")[0]
 
 
 def pick_networks(choice: str) -> Networks:
     """The pretrained SD-VAE and DINOv2-S if they load (from the cache or the hub), else the
     stand-ins, saying what that means."""
     if choice == "stand-in":
-        failures = ["stand-ins asked for (--weights stand-in)"]
+        failures = ["--weights stand-in"]
     else:
-        if not reachable("huggingface.co"):  # use the local cache only; fail fast, not retry
+        failures = []
+        if not reachable("huggingface.co"):  # the local cache only: fail fast, do not retry
+            failures.append("huggingface.co cannot be reached")
             os.environ["HF_HUB_OFFLINE"] = "1"
             import huggingface_hub.constants
 
             huggingface_hub.constants.HF_HUB_OFFLINE = True
-        failures = [
-            why
-            for why in (
-                try_load("SD-VAE", lambda: load_vae(VAE_PRETRAINED)),
-                try_load("DINOv2-S", lambda: load_encoder(ENCODER_PRETRAINED, 64)),
-            )
-            if why
-        ]
-        if not failures:
+        vae_error = try_load(lambda: load_vae(VAE_PRETRAINED))
+        encoder_error = try_load(lambda: load_encoder(ENCODER_PRETRAINED, 64))
+        if vae_error is None and encoder_error is None:
             return Networks(VAE_PRETRAINED, ENCODER_PRETRAINED)
+        failures += [e for e in (vae_error, encoder_error) if e]
         if choice == "pretrained":
-            raise SystemExit(
-                "pretrained weights asked for but not available:\n  " + "\n  ".join(failures)
-            )
+            raise SystemExit("--weights pretrained, but:\n  " + "\n  ".join(failures))
     notes = [
         "STAND-INS: the pretrained SD-VAE and DINOv2 are not used (" + "; ".join(failures) + ").",
         "  * SD-VAE -> pixel space (--vae pixels): the model denoises 32x32 RGB images in 8x8 "
@@ -321,7 +317,7 @@ def training_curve(path: str, records: list[dict[str, Any]]) -> None:
     draw, small = ImageDraw.Draw(canvas), font(11)
     steps = [r["step"] for r in records]
     for p, (title, keys) in enumerate(panels):
-        x0, x1, y0, y1 = p * w + margin, (p + 1) * w - 12, 28, h - 24
+        x0, x1, y0, y1 = p * w + margin, (p + 1) * w - 12, 40, h - 24
         values = [r[k] for r in records for k in keys if k in r]
         if not values:
             continue
@@ -344,7 +340,7 @@ def training_curve(path: str, records: list[dict[str, Any]]) -> None:
                 if key in r
             ]
             draw.line(points, fill=colour, width=2)
-            draw.text((x1 - 80, y0 + 4 + 13 * k), key, colour, small)
+            draw.text((x0 + 70 * k, y0 - 15), key, colour, small)
     canvas.save(path)
 
 

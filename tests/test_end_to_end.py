@@ -20,7 +20,7 @@ from PIL import Image
 import quickstart
 import toy_shapes
 import train
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, load_model_for_sampling
 from dataset import LatentDataset
 from evaluations import evaluator, make_reference
 from frozen import VAE_SCALE
@@ -192,3 +192,18 @@ def test_evaluator_gives_finite_metrics(quick, tmp_path):
         assert math.isfinite(metrics[name]), name
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert json.loads((tmp_path / "m.json").read_text())["fid"] == metrics["fid"]
+
+
+def test_pretrained_path_geometry_with_sd_vae_shaped_stand_ins(tmp_path, monkeypatch):
+    """The path taken when SD-VAE and DINOv2 load: 64 px, 8×8×4 latents, patch 2, a 2×2 middle
+    stage upsampled to the encoder's 4×4 grid. Run with the tiny SD-VAE-shaped stand-in."""
+    net = quickstart.Networks("tiny-random", "dinov2-vit-tiny-random")
+    monkeypatch.setattr(quickstart, "pick_networks", lambda choice: net)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    record = quickstart.main(["--fast", "--steps", "2", "--out", str(tmp_path), "--device", "cpu"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    model = load_model_for_sampling(record["outputs"]["checkpoint"])
+    assert model.in_channels == 4 and model.patch_size == 2 and model.x_embedder.grid_size == 4
+    assert model.tap_grid_size == 2 and model.encoder_grid == 4  # the projector upsamples ×2
+    with np.load(tmp_path / "samples" / "sde-0000002.npz") as f:
+        assert f["arr_0"].shape == (CFG.samples_per_class * 10, 64, 64, 3)
