@@ -8,7 +8,9 @@ that says how to provide the weights.
 
 Tests never download: `load_vae("tiny-random")` and `load_encoder("dinov2-vit-tiny-random")` build
 tiny, randomly initialised networks of the same classes through the same wrappers. They are
-selected by name, explicitly; nothing falls back to them silently.
+selected by name, explicitly; nothing falls back to them silently. `load_vae("pixels")` is the
+identity "autoencoder" (pixel space, 3 channels, factor 1) that the quickstart uses when the
+SD-VAE cannot be fetched: its decoded samples are real images, not random-decoder noise.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import Tensor
 VAE_SCALE = 0.18215
 VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 VAE_STANDIN = "tiny-random"
+VAE_PIXELS = "pixels"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,6 +88,38 @@ def sample_latents(
     return (mean + std * noise) * VAE_SCALE
 
 
+class PixelAutoencoder(LatentAutoencoder):
+    """Pixel space in the latent conventions: 3 "latent" channels at factor 1, no network.
+
+    The stored mean is the image in [-1, 1] divided by VAE_SCALE and the std is 0, so that
+    `sample_latents` returns the image itself (data of std ≈ 0.5, as in pixel diffusion, rather
+    than ≈ 0.1); `decode` is the identity. Patch 16 on its 64×64 "latents" gives the token grid
+    that SD-VAE's factor 8 and patch 2 give (4×4 at 64 px, DINOv2's grid).
+    """
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)  # no diffusers network to wrap: LatentAutoencoder's init needs one
+        self.name = VAE_PIXELS
+        self.latent_channels = 3
+        self.downsample_factor = 1
+
+    @torch.no_grad()
+    def encode_moments(self, images: Tensor) -> Tensor:
+        """uint8 (N, 3, H, W) -> (N, 6, H, W) [image / VAE_SCALE, 0], fp32."""
+        x = images.float() / 127.5 - 1
+        return torch.cat([x / VAE_SCALE, torch.zeros_like(x)], dim=1)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """(N, 3, H, W) sampled pixels -> the same, fp32."""
+        return latents.float()
+
+
+def latent_geometry(spec: str) -> tuple[int, int]:
+    """(latent channels, downsample factor) of `--vae spec`, known without loading it."""
+    return (3, 1) if spec == VAE_PIXELS else (4, 8)
+
+
 def tiny_autoencoder_kl() -> nn.Module:
     """An SD-VAE-shaped AutoencoderKL (factor 8, 4 latent channels) with ~25K random weights."""
     from diffusers.models import AutoencoderKL
@@ -102,8 +137,10 @@ def tiny_autoencoder_kl() -> nn.Module:
 def load_vae(
     spec: str = "ema", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> LatentAutoencoder:
-    """`ema` / `mse` (Stability's fine-tuned SD-VAEs), a local diffusers folder, or the test
-    stand-in `tiny-random` (random weights, seeded, for tests only)."""
+    """`ema` / `mse` (Stability's fine-tuned SD-VAEs), a local diffusers folder, the test
+    stand-in `tiny-random` (random weights, seeded, for tests only), or `pixels` (identity)."""
+    if spec == VAE_PIXELS:
+        return PixelAutoencoder().to(device)
     if spec == VAE_STANDIN:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -114,8 +151,8 @@ def load_vae(
         source = VAE_IDS.get(spec, spec)
         if spec not in VAE_IDS and not os.path.isdir(spec):
             raise ValueError(
-                f"--vae must be one of {sorted(VAE_IDS)}, a local diffusers folder, or "
-                f"{VAE_STANDIN!r} (test stand-in); got {spec!r}"
+                f"--vae must be one of {sorted(VAE_IDS)}, a local diffusers folder, "
+                f"{VAE_PIXELS!r} (identity) or {VAE_STANDIN!r} (test stand-in); got {spec!r}"
             )
         try:
             vae = AutoencoderKL.from_pretrained(source)

@@ -36,6 +36,7 @@ from frozen import (
     VAE_IDS,
     VAE_SCALE,
     encoder_dim,
+    latent_geometry,
     load_encoder,
     load_vae,
     parse_encoder_list,
@@ -78,7 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--vae",
         default="ema",
         help=f"SD-VAE: {' / '.join(VAE_IDS)} ({', '.join(VAE_IDS.values())}), a local\n"
-        "diffusers folder, or 'tiny-random' (test stand-in)",
+        "diffusers folder, 'pixels' (identity: pixel space, the quickstart's stand-in)\n"
+        "or 'tiny-random' (test stand-in)",
     )
     p.add_argument(
         "--moments-dtype",
@@ -147,12 +149,13 @@ def build_modalities(args: argparse.Namespace) -> list[shards.Modality]:
     r = args.resolution
     grid = r // 16  # DINOv2 sees 224 px per 256 (14-pixel patches): 16×16 tokens at 256 px
     vae_model = VAE_IDS.get(args.vae, args.vae)
+    channels, factor = latent_geometry(args.vae)
     modalities = [
         shards.Modality("labels", "int64", ()),
         shards.Modality(
             "moments",
             args.moments_dtype,
-            (8, r // 8, r // 8),
+            (2 * channels, r // factor, r // factor),
             info=(("model", vae_model), ("layout", "[mean, std] on dim 0"), ("scale", VAE_SCALE)),
         ),
     ]
@@ -267,8 +270,11 @@ def barrier() -> None:
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, list[Any]]:
     vae = load_vae(args.vae, device=device)
-    if vae.latent_channels != 4 or vae.downsample_factor != 8:
-        raise SystemExit(f"--vae {args.vae!r} is not SD-VAE shaped (4 latent channels, factor 8)")
+    channels, factor = latent_geometry(args.vae)
+    if (vae.latent_channels, vae.downsample_factor) != (channels, factor):
+        raise SystemExit(
+            f"--vae {args.vae!r} is not SD-VAE shaped ({channels} latent channels, factor {factor})"
+        )
     weights = args.enc_weights_list or [None] * len(args.encoders)
     encoders = [
         load_encoder(name, args.resolution, weights=w, device=device)
@@ -290,9 +296,9 @@ def encode_batch(
     vae: Any,
     encoders: list[Any],
     args: argparse.Namespace,
+    device: torch.device,
 ) -> dict[str, Any]:
     """One decoded batch -> the rows of every modality (NumPy, storage dtypes)."""
-    device = next(vae.parameters()).device
     x = batch["pixels"].to(device, non_blocking=True)  # (B, 3, R, R) uint8
     rows: dict[str, Any] = {
         "labels": labels[batch["index"]],
@@ -347,7 +353,7 @@ def encode_shards(
                 logger.warning("excluded %s: %s", source.path(i), reason)
                 writer.exclude(source.path(i), reason)
             if batch["index"]:
-                rows = encode_batch(batch, source.labels, vae, encoders, args)
+                rows = encode_batch(batch, source.labels, vae, encoders, args, device)
                 writer.add(rows, [source.path(i) for i in batch["index"]])
             bar.update(len(batch["index"]) + len(batch["failed"]))
             if writer.seen == writer.capacity:

@@ -14,6 +14,7 @@ from frozen import (
     ENCODER_STANDIN,
     VAE_SCALE,
     encoder_dim,
+    latent_geometry,
     load_encoder,
     load_vae,
     parse_encoder_list,
@@ -43,6 +44,23 @@ def test_vae_standin_moments_latents_and_decode():
     out = vae.decode(z)
     torch.testing.assert_close(out, vae.vae.decode(z / VAE_SCALE).sample)
     assert out.shape == (2, 3, 32, 32)
+
+
+def test_pixel_autoencoder_is_the_identity_in_latent_conventions():
+    vae = load_vae("pixels")
+    assert (vae.latent_channels, vae.downsample_factor) == latent_geometry("pixels") == (3, 1)
+    assert latent_geometry("ema") == (4, 8)
+    x = images()
+    moments = vae.encode_moments(x)
+    assert moments.shape == (2, 6, 32, 32) and moments.dtype == torch.float32
+    assert (moments[:, 3:] == 0).all()  # no posterior noise
+    # the "latent" a training step draws is the image in [-1, 1], whatever the noise
+    z = sample_latents(moments, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, x.float() / 127.5 - 1)
+    torch.testing.assert_close(vae.decode(z), z)
+    # generate.py's uint8 conversion truncates, so float rounding can cost one level
+    back = torch.clamp(255 * (vae.decode(z) + 1) / 2, 0, 255).to(torch.uint8)
+    assert (back.int() - x.int()).abs().max() <= 1
 
 
 def test_standins_are_deterministic_and_frozen():

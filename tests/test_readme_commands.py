@@ -1,0 +1,136 @@
+"""Every command the README shows, and every command the table scripts run, parses with the
+real argument parsers: a renamed or removed flag fails here, not on a user's GPU cluster."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import generate
+import quickstart
+import train
+from evaluations import evaluator, make_reference
+from preprocessing import bench_dataset, prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PARSERS: dict[str, Callable[[list[str]], Any]] = {
+    "train.py": train.parse_args,
+    "generate.py": generate.parse_args,
+    "preprocessing/prepare.py": prepare.parse_args,
+    "preprocessing/bench_dataset.py": bench_dataset.parse_args,
+    "evaluations/evaluator.py": evaluator.parse_args,
+    "evaluations/make_reference.py": make_reference.parse_args,
+    "quickstart.py": quickstart.parse_args,
+}
+# The arguments of each table script that the README and the paper use.
+SCRIPTS = {
+    "scripts/prepare.sh": [[]],
+    "scripts/table3.sh": [
+        [m] for m in ("sitdown-b", "sitdown-l", "sitdown-xl", "sit-b", "sit-l", "sit-xl")
+    ],  # fmt: skip
+    "scripts/table4.sh": [["200"], ["400"]],
+    "scripts/table5.sh": [[str(k)] for k in (4, 8, 12, 16, 18, 20, 24, 28, 32)],
+    "scripts/table6.sh": [["upsample"], ["pool"]],
+    "scripts/table7.sh": [["after"], ["before"], ["within"]],
+    "scripts/table8.sh": [["0"], ["2"], ["3"], ["4"]],
+    "scripts/table9.sh": [["ordinary"], ["time-aware"]],
+    "scripts/table10.sh": [["constant"], ["rise"], ["fall"], ["dip"]],
+}
+SHELL_VALUES = {"$NODE_RANK": "0", "$MASTER_ADDR": "10.0.0.1"}
+
+
+def readme_commands() -> list[str]:
+    """The lines of the README's bash blocks, continuation lines joined, comments dropped."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            for name, value in SHELL_VALUES.items():
+                line = line.replace(name, value)
+            if shlex.split(line, comments=True):
+                commands.append(line)
+    return commands
+
+
+def split(command: str) -> tuple[dict[str, str], list[str]]:
+    """(leading NAME=value assignments, the command's words)."""
+    tokens = shlex.split(command, comments=True)
+    env = {}
+    while tokens and re.fullmatch(r"[A-Z_]+=\S*", tokens[0]):
+        name, value = tokens.pop(0).split("=", 1)
+        env[name] = value
+    return env, tokens
+
+
+def script_and_args(command: str) -> tuple[str, list[str]] | None:
+    """(script, its arguments) of a command that runs one of PARSERS' scripts, else None."""
+    tokens = split(command)[1]
+    for i, token in enumerate(tokens):
+        if token in PARSERS:
+            return token, tokens[i + 1 :]
+    return None
+
+
+def dry_run(script: str, args: list[str], **variables: str) -> list[str]:
+    env = {**os.environ, **variables, "DRY_RUN": "1"}
+    result = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def check(command: str) -> None:
+    found = script_and_args(command)
+    if found is not None:
+        script, args = found
+        PARSERS[script](args)  # argparse exits (SystemExit) on an unknown or invalid flag
+
+
+def test_readme_commands_parse():
+    commands = readme_commands()
+    checked = [c for c in commands if script_and_args(c)]
+    assert len(checked) >= 15, checked  # the README shows many; finding few means a parse bug
+    for command in checked:
+        check(command)
+
+
+def test_readme_runs_only_known_programs():
+    """Each README command is a parsed script, a table script, or one of a few known tools."""
+    known = ("pip ", "python -m pytest", "python -m models.summary", "bash scripts/",
+             "python scripts/gpu_hours.py", "ruff", "mypy", "curl ")  # fmt: skip
+    for command in readme_commands():
+        words = " ".join(split(command)[1])
+        assert script_and_args(command) or words.startswith(known), command
+
+
+def test_readme_table_scripts_exist_with_their_arguments():
+    for command in readme_commands():
+        env, tokens = split(command)
+        if tokens[:1] == ["bash"] and tokens[1].startswith("scripts/"):
+            assert tokens[1] in SCRIPTS, tokens[1]
+            for line in dry_run(tokens[1], tokens[2:], **env):
+                check(line)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_table_scripts_print_commands_that_parse(script):
+    for args in SCRIPTS[script]:
+        lines = dry_run(script, args)
+        checked = [line for line in lines if script_and_args(line)]
+        assert checked, lines
+        for line in checked:
+            check(line)
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_table_scripts_refuse_bad_arguments_with_their_usage(script):
+    result = subprocess.run(["bash", script, "nonsense", "extra"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith("usage: bash " + script)
