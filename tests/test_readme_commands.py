@@ -15,6 +15,7 @@ import pytest
 import generate
 import quickstart
 import train
+from bench import data_speed, sample_speed, train_speed
 from evaluations import evaluator, make_reference
 from preprocessing import bench_dataset, prepare
 
@@ -27,6 +28,9 @@ PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "evaluations/evaluator.py": evaluator.parse_args,
     "evaluations/make_reference.py": make_reference.parse_args,
     "quickstart.py": quickstart.parse_args,
+    "bench.train_speed": train_speed.parse_args,
+    "bench.sample_speed": sample_speed.parse_args,
+    "bench.data_speed": data_speed.parse_args,
 }
 # The arguments of each table script that the README and the paper use.
 SCRIPTS = {
@@ -104,7 +108,8 @@ def test_readme_commands_parse():
 def test_readme_runs_only_known_programs():
     """Each README command is a parsed script, a table script, or one of a few known tools."""
     known = ("pip ", "python -m pytest", "python -m models.summary", "bash scripts/",
-             "python scripts/gpu_hours.py", "ruff", "mypy", "curl ")  # fmt: skip
+             "python scripts/gpu_hours.py", "bash bench/run_gpu.sh", "ruff", "mypy",
+             "curl ")  # fmt: skip
     for command in readme_commands():
         words = " ".join(split(command)[1])
         assert script_and_args(command) or words.startswith(known), command
