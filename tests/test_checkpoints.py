@@ -225,3 +225,19 @@ def test_unknown_variant_needs_a_name_and_other_models_fail_clearly(tmp_path):
     save_checkpoint(str(tmp_path / "bad.pt"), state)
     with pytest.raises(ValueError, match="does not fit SiTDown.*4 missing keys: final_layer"):
         load_model_for_sampling(str(tmp_path / "bad.pt"))
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+@pytest.mark.parametrize(
+    "name", ["u-repa-1_sitdown-tiny.pt", "u-repa-1_sitdown-tiny-ema.safetensors"]
+)
+def test_format_1_files_written_by_the_first_release_still_load(name):
+    """A checkpoint and an EMA export written by earlier code load and give its outputs."""
+    reference = torch.load(os.path.join(FIXTURES, "u-repa-1_sitdown-tiny-outputs.pt"),
+                           weights_only=True)  # fmt: skip
+    model = load_model_for_sampling(os.path.join(FIXTURES, name))
+    v, zs = model(reference["x"], reference["t"], reference["y"])
+    assert torch.equal(v, reference["v"])
+    assert len(zs) == len(reference["zs"]) == 1 and torch.equal(zs[0], reference["zs"][0])
