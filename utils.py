@@ -1,0 +1,153 @@
+"""Small helpers that several entry points share: atomic file writes, seeds, the differences
+between two settings records, and torchrun's process group.
+
+`evaluations/` stands alone and keeps its own copies of what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+#################################################################################
+#                               Atomic writes                                   #
+#################################################################################
+
+
+def atomic_write(path: str, write: Callable[[str], None], durable: bool = True) -> None:
+    """Run `write(tmp)` on a temporary file beside `path`, then rename it to `path`.
+
+    A crash at any point leaves either the old file or the complete new one, never a partial
+    file; the temporary file (`.NAME.XXXX.tmp`) is removed if `write` fails. `durable` also
+    flushes the file and the rename to disk (fsync), so that they survive a power loss; small
+    files written by the thousand (sample PNGs) skip it.
+    """
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    if durable:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """Write `obj` as JSON, atomically and durably (readers see all of it or none)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def is_temporary(name: str, of: str = "") -> bool:
+    """Whether file name `name` is a temporary file of `atomic_write` (for the file named `of`,
+    when given): what a killed write leaves behind."""
+    return name.startswith(f".{of}") and name.endswith(".tmp")
+
+
+#################################################################################
+#                                   Seeds                                       #
+#################################################################################
+
+
+def hash_seed(*values: int) -> int:
+    """A well-mixed 64-bit seed for a tuple of non-negative integers (NumPy's SeedSequence):
+    neighbouring tuples, e.g. (seed, 0) and (seed, 1), give unrelated random streams."""
+    state = np.random.SeedSequence(values).generate_state(1, dtype=np.uint64)
+    return int(state[0])
+
+
+#################################################################################
+#                         Comparing settings records                            #
+#################################################################################
+
+
+def dict_differences(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    old_label: str = "before",
+    new_label: str = "now",
+    name: Callable[[str], str] = str,
+) -> list[str]:
+    """One line per key whose value differs: "NAME: OLD OLD_LABEL, NEW NEW_LABEL".
+
+    Values are compared as JSON, so that a tuple equals the list it reads back as."""
+
+    def as_json(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    return [
+        f"{name(key)}: {old.get(key)!r} {old_label}, {new.get(key)!r} {new_label}"
+        for key in sorted(set(old) | set(new))
+        if as_json(old.get(key)) != as_json(new.get(key))
+    ]
+
+
+#################################################################################
+#                           torchrun's process group                            #
+#################################################################################
+
+
+def init_distributed(
+    backend: str | None = None, timeout: timedelta | None = None
+) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment, or (0, 1, ...) without it.
+
+    Each process computes on the GPU of its local rank when there is one. `backend`: NCCL on
+    GPUs and gloo on CPUs by default; a process group that only meets at barriers may ask for
+    gloo everywhere."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else None
+    if device is not None:
+        torch.cuda.set_device(device)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device or torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every process (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's `obj` on every process."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
