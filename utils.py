@@ -128,7 +128,7 @@ def init_distributed(
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if cuda else "gloo")
-        dist.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+        dist.init_process_group(backend, timeout=timeout)  # None: PyTorch's default
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device or torch.device("cpu")
 
