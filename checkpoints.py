@@ -1,4 +1,5 @@
-"""Checkpoints: one self-describing format, atomic writes, and loading a model for sampling.
+"""Checkpoints and runs: one self-describing format, a run directory, resuming, and loading a
+model for sampling. Everything that reads or writes a checkpoint goes through this module.
 
 A training checkpoint (`.pt`, written by `train.py`) is a dict
 
@@ -15,6 +16,12 @@ with the full constructor arguments.
 `export_ema_safetensors` writes the EMA weights alone, with the model config in the metadata.
 `load_model_for_sampling` reads either, and also REPA's released SiT checkpoints, which carry no
 config: their SiT variant is inferred from the shapes of the state dict.
+
+A run directory `OUTPUT_DIR/EXP_NAME` holds `checkpoints/{step:07d}.pt` (the last `--keep-last`
+and the milestones) and `checkpoints/{step:07d}-ema.safetensors` (milestones and the final step).
+`resolve_run` decides whether a run starts or resumes, `check_resumable` refuses a checkpoint of
+another setup, `save_run_checkpoint` / `restore_run_state` write and read a run's state from
+explicit objects (model, EMA, optimiser, loss scaler).
 """
 
 from __future__ import annotations
@@ -24,59 +31,32 @@ import json
 import os
 import pickle
 import random
-import tempfile
-from collections.abc import Callable
+import re
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from models import SiT, SiT_models, SiTDown, build_model, canonical_name
+from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
+from utils import atomic_write, dict_differences
 
 CHECKPOINT_FORMAT = "u-repa/1"
 CHECKPOINT_KEYS = (
     "format", "model_name", "model_kwargs", "args", "step",
     "model", "ema", "opt", "scaler", "rng", "data",
 )  # fmt: skip
-# Models built from a class rather than a registry name (see the module docstring).
-MODEL_CLASSES: dict[str, Callable[..., AlignedDiffusionTransformer]] = {
-    "SiT": SiT,
-    "SiTDown": SiTDown,
-}
+
+
+class TrainingError(RuntimeError):
+    """A problem with a run's setup, directory or state, reported as a message without a
+    traceback (train.py exits with it)."""
 
 
 #################################################################################
 #                               Writing                                         #
 #################################################################################
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Run `write(tmp)` on a temporary file beside `path`, fsync it, then rename it to `path`.
-
-    A crash at any point leaves either the old file or the complete new one, never a partial
-    file; the temporary file is removed if `write` fails.
-    """
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def checkpoint_state(
@@ -89,8 +69,8 @@ def checkpoint_state(
     rng: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict of the module docstring. `model` must come from `build_model` (or
-    carry `model_name`/`model_kwargs`); `args` is a plain dict (e.g. `vars(args)`)."""
+    """The checkpoint dict of the module docstring. `model` must come from `build_model`;
+    `args` is a plain dict (e.g. `vars(args)`)."""
     name, kwargs = model_config(model)
     return {
         "format": CHECKPOINT_FORMAT,
@@ -199,27 +179,6 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return state
 
 
-def model_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
-    """(model_name, model_kwargs) recorded by `build_model` (or set by hand for class-built
-    models, with a `MODEL_CLASSES` name)."""
-    name, kwargs = getattr(model, "model_name", None), getattr(model, "model_kwargs", None)
-    if name is None or kwargs is None:
-        raise ValueError(
-            "the model does not record how it was built; create it with models.build_model "
-            "(or set model.model_name to 'SiT'/'SiTDown' and model.model_kwargs)"
-        )
-    return name, dict(kwargs)
-
-
-def build_from_config(model_name: str, model_kwargs: dict[str, Any]) -> AlignedDiffusionTransformer:
-    """Rebuild a model from the config stored in a checkpoint."""
-    if model_name in MODEL_CLASSES:
-        model = MODEL_CLASSES[model_name](**model_kwargs)
-        model.model_name, model.model_kwargs = model_name, dict(model_kwargs)
-        return model
-    return build_model(model_name, **model_kwargs)
-
-
 def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a DDP (`module.`) or torch.compile (`_orig_mod.`) prefix carried by every key."""
     for prefix in ("module.", "_orig_mod."):
@@ -276,9 +235,9 @@ def infer_repa_config(
         kwargs["projector_dim"] = state_dict["projectors.0.0.weight"].shape[0]
     if model_name is not None:
         return canonical_name(model_name), kwargs
-    for name, factory in SiT_models.items():
+    for name in SiT_models:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
-            candidate = factory(**kwargs)
+            candidate = build_model(name, **kwargs)
         if (candidate.hidden_size, candidate.depth, candidate.patch_size) == (hidden, depth, patch):
             return name, kwargs
     raise ValueError(
@@ -362,11 +321,10 @@ def load_model_for_sampling(
     kept as `model.checkpoint_args`, e.g. for the path type the model was trained with.
     """
     state_dict, name, kwargs, args = read_sampling_weights(path, model_name)
-    registered = name not in MODEL_CLASSES
-    if registered and model_name is not None and canonical_name(model_name) != canonical_name(name):
+    if model_name is not None and canonical_name(model_name) != canonical_name(name):
         raise ValueError(f"{path!r} holds a {name}, not a {model_name}")
     with torch.device(device):
-        model = build_from_config(name, kwargs)
+        model = build_model(name, **kwargs)
     problems = state_dict_mismatch(model.state_dict(), state_dict)
     if problems:
         raise ValueError(
@@ -377,9 +335,154 @@ def load_model_for_sampling(
     return model.eval().requires_grad_(False)
 
 
-__all__ = [
-    "CHECKPOINT_FORMAT", "atomic_write", "build_from_config", "checkpoint_state",
-    "export_ema_safetensors", "infer_repa_config", "load_checkpoint", "load_model_for_sampling",
-    "model_config", "read_sampling_weights", "rng_state", "save_checkpoint", "set_rng_state",
-    "state_dict_mismatch", "torch_load",
-]  # fmt: skip
+#################################################################################
+#                               A run directory                                 #
+#################################################################################
+
+CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")  # checkpoints/0050000.pt; temporary files differ
+
+
+def checkpoint_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"{step:07d}.pt")
+
+
+def ema_export_path(checkpoint_path: str) -> str:
+    """checkpoints/0400000.pt -> checkpoints/0400000-ema.safetensors"""
+    return checkpoint_path.removesuffix(".pt") + "-ema.safetensors"
+
+
+def list_checkpoints(run_dir: str) -> dict[int, str]:
+    """{step: path} of the run's complete checkpoints, in step order."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    found = {int(m[1]): os.path.join(folder, n) for n in names if (m := CHECKPOINT_NAME.match(n))}
+    return dict(sorted(found.items()))
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The path of the run's last complete checkpoint, or None."""
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[max(checkpoints)] if checkpoints else None
+
+
+def prune_checkpoints(run_dir: str, keep_last: int, milestone_every: int) -> list[str]:
+    """Delete the checkpoints (and EMA exports) that are neither among the last `keep_last`
+    nor milestones."""
+    checkpoints = list_checkpoints(run_dir)
+    keep = set(list(checkpoints)[-keep_last:])
+    keep |= {s for s in checkpoints if milestone_every and s % milestone_every == 0}
+    removed = []
+    for step, path in checkpoints.items():
+        if step not in keep:
+            for doomed in (path, ema_export_path(path)):
+                if os.path.exists(doomed):
+                    os.remove(doomed)
+                    removed.append(doomed)
+    return removed
+
+
+def save_run_checkpoint(
+    run_dir: str, state: dict[str, Any], export_ema: bool, keep_last: int, milestone_every: int
+) -> tuple[str, list[str]]:
+    """Write `state` (see `checkpoint_state`) as checkpoints/{step:07d}.pt, its EMA as a
+    safetensors export if `export_ema`, then prune old checkpoints. Returns (path, removed).
+
+    A failed write raises a TrainingError and leaves the previous checkpoints as they were."""
+    path = checkpoint_path(run_dir, state["step"])
+    try:
+        save_checkpoint(path, state)
+        if export_ema:
+            name, kwargs = state["model_name"], state["model_kwargs"]
+            export_ema_safetensors(ema_export_path(path), state["ema"], name, kwargs)
+    except OSError as err:
+        earlier = [p for s, p in list_checkpoints(run_dir).items() if s < state["step"]]
+        raise TrainingError(
+            f"could not write the checkpoint of step {state['step']} to {path}: {err}. "
+            f"The previous checkpoint ({earlier[-1] if earlier else 'none'}) is intact; "
+            "make room and resume with --resume auto"
+        ) from err
+    return path, prune_checkpoints(run_dir, keep_last, milestone_every)
+
+
+#################################################################################
+#                                   Resuming                                    #
+#################################################################################
+
+# Flags that may change when a run is resumed: where things are, how the run reports, and how
+# the global batch is computed (accumulation, like the process count, leaves the samples and
+# draws of every step as they were). Any other difference is refused.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "max_train_steps", "checkpointing_steps", "keep_last", "milestone_every",
+        "sampling_steps", "preview_images", "log_every", "report_to", "num_workers",
+        "data_dir", "output_dir", "exp_name", "resume", "dry_run", "compile", "peak_tflops",
+        "fused_optimizer", "sdpa_backend",
+        "vae", "enc_weights", "on_nonfinite", "gradient_accumulation_steps",
+    }
+)  # fmt: skip
+
+
+def resolve_run(run_dir: str, resume: str | None) -> str | None:
+    """The checkpoint a run resumes from (None: it starts), checked against its directory
+    before anything is written. `resume`: None, "auto" or a checkpoint path (--resume)."""
+    if resume is None:
+        if os.path.exists(run_dir):
+            raise TrainingError(
+                f"the run directory {run_dir} already exists: pass --resume auto to continue "
+                "that run, or choose another --exp-name (runs are never overwritten)"
+            )
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    return resume
+
+
+def check_resumable(
+    ckpt: dict[str, Any],
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    args: dict[str, Any],
+    dataset_size: int,
+) -> None:
+    """Refuse a checkpoint of another model, objective or data order, listing every difference."""
+    where = ("in the checkpoint", "now")
+    diffs = dict_differences({"model": ckpt["model_name"]}, {"model": model_name}, *where)
+    diffs += dict_differences(
+        ckpt["model_kwargs"], model_kwargs, *where, name=lambda k: f"model argument {k}"
+    )
+    old_args = {k: v for k, v in ckpt["args"].items() if k not in RESUMABLE_CHANGES}
+    new_args = {k: v for k, v in args.items() if k not in RESUMABLE_CHANGES}
+    diffs += dict_differences(old_args, new_args, *where, name=lambda k: "--" + k.replace("_", "-"))
+    if ckpt["data"]["dataset_size"] != dataset_size:
+        diffs.append(
+            f"dataset size: {ckpt['data']['dataset_size']} in the checkpoint, "
+            f"{dataset_size} now (the data order would differ)"
+        )
+    if diffs:
+        raise TrainingError(
+            "cannot resume: the checkpoint was trained with a different setup:\n  "
+            + "\n  ".join(diffs)
+            + "\nRun the checkpoint's own command (its flags are in the run's args.json), or "
+            "start a new run with another --exp-name."
+        )
+
+
+def restore_run_state(
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any | None,
+) -> int:
+    """Load model, EMA, optimiser and loss-scaler states from a training checkpoint; returns
+    its step. The RNG states (one per process) are the caller's: `ckpt["rng"]`."""
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    # This run's AdamW kernel (--fused-optimizer may change on resume), not the checkpoint's;
+    # loading then puts the step counters where that kernel keeps them (device or CPU).
+    for saved, group in zip(ckpt["opt"]["param_groups"], optimizer.param_groups, strict=True):
+        saved["fused"], saved["foreach"] = group["fused"], group["foreach"]
+    optimizer.load_state_dict(ckpt["opt"])
+    if scaler is not None and ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    return int(ckpt["step"])

@@ -11,13 +11,14 @@ Two readers, each one training process's share of the global batch (--global-bat
 --processes samples per step) with --num-workers workers:
 
 * `LatentDataset` through a shuffled DataLoader: preprocessing/bench_dataset.py's `benchmark`;
-* `TrainingBatches` through `train.training_loader`: what train.py reads, including the per-step
-  draws (times, noise, VAE posterior sample, label dropout) made for the whole global batch.
+* `TrainingBatches` through `trainer.training_loader`: what train.py reads, including the
+  per-step draws (times, noise, VAE posterior sample, label dropout) made for the whole global
+  batch.
 
 The ratio is samples/s of the loader over --train-images-per-sec, the images/s of one GPU in
-training (bench/train_speed.py prints it): the target of issue 9 is ≥ 4. Each of the node's
-training processes has its own loader; this measures one, on a machine whose other cores are
-idle, so on a node the CPU cores per process bound it too (cpu_count is printed).
+training (bench/train_speed.py prints it); docs/benchmarks.md sets the target at ≥ 4. Each of
+the node's training processes has its own loader; this measures one, on a machine whose other
+cores are idle, so on a node the CPU cores per process bound it too (cpu_count is printed).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from typing import Any
 
 import train
 from bench.common import report, write_json
+from data_plan import BatchPlan
 from dataset import LatentDataset
 from preprocessing.bench_dataset import benchmark, write_synthetic
-from training import BatchPlan
+from trainer import training_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,66 +66,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)  # fmt: skip
 
 
-def training_batches_rate(dataset: LatentDataset, a: argparse.Namespace, encoders: list[str]
-                          ) -> float:  # fmt: skip
+def training_batches_rate(
+    dataset: LatentDataset, bench: argparse.Namespace, encoders: list[str]
+) -> float:
     """Samples/s of process 0's micro-batches through train.py's loader."""
     args = train.parse_args([
-        "--data-dir", "unused", "--exp-name", "bench", "--batch-size", str(a.global_batch),
-        "--num-workers", str(a.num_workers), "--max-train-steps", str(10**9),
+        "--data-dir", "unused", "--exp-name", "bench", "--batch-size", str(bench.global_batch),
+        "--num-workers", str(bench.num_workers), "--max-train-steps", str(10**9),
         "--enc-type", ",".join(encoders) or "none", *([] if encoders else ["--proj-coeff", "0"]),
     ])  # fmt: skip
-    plan = BatchPlan(len(dataset), a.global_batch, 1, a.processes, 0, args.seed)
-    loader = iter(train.training_loader(args, dataset, plan, 0, pin_memory=False))
+    plan = BatchPlan(len(dataset), bench.global_batch, 1, bench.processes, 0, args.seed)
+    loader = iter(training_loader(args, dataset, plan, 0, pin_memory=False))
     warmup = 5
     for _ in range(warmup):
         next(loader)
     start = time.perf_counter()
-    for _ in range(a.batches):
+    for _ in range(bench.batches):
         next(loader)
-    return a.batches * plan.micro_batch / (time.perf_counter() - start)
+    return bench.batches * plan.micro_batch / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parse_args(argv)
-    encoders = [e for e in a.encoders.split(",") if e]
-    micro = a.global_batch // a.processes
+    bench = parse_args(argv)
+    encoders = [e for e in bench.encoders.split(",") if e]
+    micro = bench.global_batch // bench.processes
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        root = a.data_dir or tmp
-        if a.data_dir is None:
+        root = bench.data_dir or tmp
+        if bench.data_dir is None:
             start = time.perf_counter()
-            write_synthetic(root, a.synthetic, "none")
-            print(f"wrote {a.synthetic} synthetic samples in {time.perf_counter() - start:.1f} s")
+            write_synthetic(root, bench.synthetic, "none")
+            print(
+                f"wrote {bench.synthetic} synthetic samples in {time.perf_counter() - start:.1f} s"
+            )
         dataset = LatentDataset(root, encoders=encoders)
-        latent_rate = benchmark(dataset, micro, a.num_workers, a.batches)
-        training_rate = training_batches_rate(dataset, a, encoders)
+        latent_rate = benchmark(dataset, micro, bench.num_workers, bench.batches)
+        training_rate = training_batches_rate(dataset, bench, encoders)
     result: dict[str, Any] = {
-        "data": a.data_dir or f"synthetic:{a.synthetic}",
+        "data": bench.data_dir or f"synthetic:{bench.synthetic}",
         "samples": len(dataset),
         "encoders": encoders,
         "micro_batch": micro,
-        "num_workers": a.num_workers,
+        "num_workers": bench.num_workers,
         "cpu_count": os.cpu_count(),
         "latent_dataset_samples_per_sec": latent_rate,
         "training_batches_samples_per_sec": training_rate,
-        "train_images_per_sec": a.train_images_per_sec,
+        "train_images_per_sec": bench.train_images_per_sec,
     }
     rows: dict[str, Any] = {
         "data": f"{result['data']} ({len(dataset)} samples, features {encoders or 'none'})",
-        "loader": f"one process: batches of {micro} (global {a.global_batch} over "
-        f"{a.processes}), {a.num_workers} workers, {os.cpu_count()} CPUs",
+        "loader": f"one process: batches of {micro} (global {bench.global_batch} over "
+        f"{bench.processes}), {bench.num_workers} workers, {os.cpu_count()} CPUs",
         "latent_dataset_samples_per_sec": f"{latent_rate:.0f} (preprocessing/bench_dataset.py)",
-        "training_batches_samples_per_sec": f"{training_rate:.0f} (train.training_loader)",
+        "training_batches_samples_per_sec": f"{training_rate:.0f} (trainer.training_loader)",
     }
-    if a.train_images_per_sec:
+    if bench.train_images_per_sec:
         for key in ("latent_dataset", "training_batches"):
-            ratio = result[f"{key}_samples_per_sec"] / a.train_images_per_sec
+            ratio = result[f"{key}_samples_per_sec"] / bench.train_images_per_sec
             result[f"{key}_ratio"] = ratio
             rows[f"{key}_ratio"] = f"{ratio:.1f}x what one GPU consumes at " \
-                f"{a.train_images_per_sec:g} images/s"  # fmt: skip
+                f"{bench.train_images_per_sec:g} images/s"  # fmt: skip
     else:
         rows["ratio"] = "n/a (pass --train-images-per-sec, from bench/train_speed.py)"
     report("data loading", rows)
-    write_json(a.json, result)
+    write_json(bench.json, result)
     return result
 
 

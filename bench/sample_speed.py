@@ -49,12 +49,13 @@ from bench.common import (
     synchronize,
     write_json,
 )
-from checkpoints import build_from_config, load_model_for_sampling
+from checkpoints import load_model_for_sampling
+from models import build_model
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.summary import count_macs
+from run_log import peak_flops
 from train import json_object, model_name
-from training import peak_flops
 
 DEFAULT_GENERATE_FLAGS = ["--preset", "paper-main", "--precision", "bf16",
                           "--per-proc-batch-size", "64", "--path-type", "linear"]  # fmt: skip
@@ -124,14 +125,14 @@ class CountingModel:
         return self.model(x, t, y, **kwargs)
 
 
-def build_model(bench: argparse.Namespace, device: torch.device) -> AlignedDiffusionTransformer:
+def benchmark_model(bench: argparse.Namespace, device: torch.device) -> AlignedDiffusionTransformer:
     """The checkpoint's EMA model, or random weights with a non-zero velocity."""
     if bench.ckpt:
         return load_model_for_sampling(bench.ckpt, device)
     kwargs = {"input_size": bench.resolution // 8, "num_classes": bench.num_classes}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = build_from_config(bench.model, {**kwargs, **bench.model_config})
+        model = build_model(bench.model, **kwargs, **bench.model_config)
         for module in model.modules():  # AdaLN-Zero and the output layer start at zero
             if isinstance(module, torch.nn.Linear) and not module.weight.any():
                 torch.nn.init.normal_(module.weight, std=0.02)
@@ -211,9 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     generate.set_precision(args.precision)
     env = environment(device)
     report("environment", {k: str(v) for k, v in env.items()})
-    model = build_model(bench, device)
+    model = benchmark_model(bench, device)
     with torch.device("meta"):
-        meta = build_from_config(model.model_name, model.model_kwargs)
+        meta = build_model(model.model_name, **model.model_kwargs)
     macs = count_macs(meta, model.latent_shape[-1])  # the projector heads are skipped
     precision = "bf16" if args.precision == "bf16" else "no"  # the peak of the units used
     peak = peak_flops(device, precision, args.precision == "tf32", bench.peak_tflops)

@@ -13,9 +13,10 @@
 
 Flags other than this script's own go to train.py's parser, so every training flag applies;
 `--batch-size` is then the per-device batch (one process). What runs is train.py's: the model,
-EMA, AdamW and objective come from `train.create_model` / `train.create_trainer`, each step is
-`train.train_step` after `train.to_device` (the loop's copy from pinned memory), and the metric
-bookkeeping is the loop's `Monitor` (one read per log interval, here one per round of --steps).
+EMA, AdamW and objective come from `train.create_model` / `trainer.create_trainer`, each step
+is `trainer.train_step` after `trainer.to_device` (the loop's copy from pinned memory), and the
+metric bookkeeping is the loop's `trainer.Monitor` (one read per log interval, here one per
+round of --steps).
 The batch is synthetic (random latents, labels, features or pixels), made once: no dataset is
 read. Online encoders get random weights of the real architecture (nothing is downloaded).
 
@@ -59,11 +60,13 @@ from bench.common import (
     time_calls,
     write_json,
 )
-from checkpoints import build_from_config
+from data_plan import BatchPlan, StepDraws
 from frozen import encoder_dim, sample_latents
+from models import build_model
 from models.layers import sdpa_backend
 from models.summary import count_macs
-from training import BatchPlan, StepDraws, create_logger, peak_flops, update_ema
+from run_log import create_logger, peak_flops
+from trainer import Monitor, Trainer, create_trainer, to_device, train_step, update_ema
 
 IMAGENET_TRAIN = 1_281_167  # dataset size for the data plan (only the epoch counter uses it)
 DEFAULT_TRAIN_FLAGS = ["--batch-size", "32", "--mixed-precision", "bf16"]
@@ -139,7 +142,7 @@ def train_args(train_argv: list[str], extra: list[str]) -> argparse.Namespace:
     )  # fmt: skip
 
 
-def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> train.Trainer:
+def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> Trainer:
     """Model, EMA, AdamW, objective (and online encoders) as train.py builds them."""
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per configuration
     accelerator = train.create_accelerator(args, run_dir)
@@ -157,12 +160,12 @@ def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> t
     encoders = []
     if args.encoder_mode == "online":
         encoders = [random_encoder(e, args.resolution, accelerator.device) for e in args.encoders]
-    return train.create_trainer(args, accelerator, model, plan, encoders)
+    return create_trainer(args, accelerator, model, plan, encoders)
 
 
-def synthetic_batch(tr: train.Trainer, num_classes: int) -> dict[str, Any]:
+def synthetic_batch(trainer: Trainer, num_classes: int) -> dict[str, Any]:
     """One micro-batch as the data loader yields it (CPU, pinned on a GPU machine)."""
-    args, model, n = tr.args, tr.raw, tr.plan.micro_batch
+    args, model, n = trainer.args, trainer.raw, trainer.plan.micro_batch
     shape = model.latent_shape
     g = torch.Generator().manual_seed(0)
     draws = StepDraws(args.weighting, args.path_type, args.cfg_prob).draw(args.seed, 0, n, shape)
@@ -177,7 +180,7 @@ def synthetic_batch(tr: train.Trainer, num_classes: int) -> dict[str, Any]:
         "indices": torch.arange(n),
         "step": 0,
     }
-    if tr.encoders:
+    if trainer.encoders:
         side = args.resolution
         batch["pixels"] = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
     else:
@@ -185,20 +188,20 @@ def synthetic_batch(tr: train.Trainer, num_classes: int) -> dict[str, Any]:
         batch["features"] = [
             torch.randn(n, tokens, encoder_dim(e), generator=g).half() for e in args.encoders
         ]
-    return pinned(batch, tr.accelerator.device)
+    return pinned(batch, trainer.accelerator.device)
 
 
 def forward_macs(model: Any) -> tuple[int, int]:
     """Forward MACs per image: (Table 2's count, projector excluded; with the projector)."""
     with torch.device("meta"):
-        meta = build_from_config(model.model_name, model.model_kwargs)
+        meta = build_model(model.model_name, **model.model_kwargs)
     return count_macs(meta, model.latent_shape[-1]), train.training_macs(model)
 
 
-def read_like_repa(tr: train.Trainer, stats: dict[str, Tensor]) -> dict[str, float]:
+def read_like_repa(trainer: Trainer, stats: dict[str, Tensor]) -> dict[str, float]:
     """REPA's loop reads its logs on the host every step: loss, projection loss and gradient
     norm, each gathered over processes and `.item()`-ed."""
-    acc = tr.accelerator
+    acc = trainer.accelerator
     return {k: acc.gather(stats[k]).mean().detach().item() for k in ("total", "repa", "grad_norm")}
 
 
@@ -209,28 +212,30 @@ def repa_ema_loop(ema_params: list[Tensor], params: list[Tensor], decay: float) 
         e.mul_(decay).add_(p, alpha=1 - decay)
 
 
-def time_updates(tr: train.Trainer, repeats: int, compare: bool) -> dict[str, float]:
+def time_updates(trainer: Trainer, repeats: int, compare: bool) -> dict[str, float]:
     """Milliseconds of the AdamW step, the EMA update and the gradient clipping, each alone on
     random gradients (their cost does not depend on the values). Changes the weights."""
-    device, params = tr.accelerator.device, tr.model_params
+    device, params = trainer.accelerator.device, trainer.model_params
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    inner = getattr(tr.optimizer, "optimizer", tr.optimizer)  # AdamW without the loss scaler
-    decay, max_norm = tr.args.ema_decay, tr.args.max_grad_norm
+    inner = getattr(
+        trainer.optimizer, "optimizer", trainer.optimizer
+    )  # AdamW without the loss scaler
+    decay, max_norm = trainer.args.ema_decay, trainer.args.max_grad_norm
 
     def ms(fn: Callable[[], Any]) -> float:
         return 1e3 * time_calls(fn, device, repeats)
 
     out = {
         "adamw_step_ms": ms(inner.step),
-        "ema_update_ms": ms(lambda: update_ema(tr.ema_params, params, decay)),
+        "ema_update_ms": ms(lambda: update_ema(trainer.ema_params, params, decay)),
         "clip_grad_ms": ms(lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)),
     }
     if compare:
-        other = not tr.args.fused_optimizer
-        optimizer = torch.optim.AdamW(params, lr=tr.args.learning_rate, fused=other)
+        other = not trainer.args.fused_optimizer
+        optimizer = torch.optim.AdamW(params, lr=trainer.args.learning_rate, fused=other)
         out["adamw_fused_step_ms" if other else "adamw_foreach_step_ms"] = ms(optimizer.step)
-        out["ema_per_tensor_loop_ms"] = ms(lambda: repa_ema_loop(tr.ema_params, params, decay))
+        out["ema_per_tensor_loop_ms"] = ms(lambda: repa_ema_loop(trainer.ema_params, params, decay))
     for p in params:
         p.grad = None
     return out
@@ -245,26 +250,26 @@ def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict
     extra, log_every_step, description = CONFIGS[name]
     args = train_args(train_argv, extra)
     run_dir = tempfile.mkdtemp(prefix="bench-train-")
-    tr = build_trainer(args, bench.num_classes, run_dir)
-    device = tr.accelerator.device
-    batch = synthetic_batch(tr, bench.num_classes)
-    macs, macs_with_projector = forward_macs(tr.raw)
+    trainer = build_trainer(args, bench.num_classes, run_dir)
+    device = trainer.accelerator.device
+    batch = synthetic_batch(trainer, bench.num_classes)
+    macs, macs_with_projector = forward_macs(trainer.raw)
     peak = peak_flops(device, args.mixed_precision, args.allow_tf32, args.peak_tflops)
-    monitor = train.Monitor(tr, run_dir, create_logger(False), 6.0 * macs_with_projector, peak)
+    monitor = Monitor(trainer, run_dir, create_logger(False), 6.0 * macs_with_projector, peak)
     micro_batches = args.gradient_accumulation_steps
 
     def step() -> None:
-        stats = train.train_step(tr, [train.to_device(batch, device) for _ in range(micro_batches)])
-        tr.step += 1
-        monitor.add(stats, tr.step)
+        stats = train_step(trainer, [to_device(batch, device) for _ in range(micro_batches)])
+        trainer.step += 1
+        monitor.add(stats, trainer.step)
         if log_every_step:
-            read_like_repa(tr, stats)
+            read_like_repa(trainer, stats)
 
     def log() -> None:  # the loop's log: one gather and one host read of the interval's means
         monitor.check_finite(None)
-        monitor.log(tr.step)
+        monitor.log(trainer.step)
 
-    tr.model.train()
+    trainer.model.train()
     with sdpa_backend(args.sdpa_backend):
         reset_peak_memory(device)
         for _ in range(bench.warmup):
@@ -286,7 +291,7 @@ def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict
         synchronize(device)
         with count_syncs(device) as log_syncs:
             log()
-        updates = time_updates(tr, bench.update_repeats, compare=name == "ours")
+        updates = time_updates(trainer, bench.update_repeats, compare=name == "ours")
 
     images = args.batch_size * bench.steps
     rates = [images / s for s in seconds]

@@ -2,17 +2,22 @@
 
     model = build_model("SiTDown-XL/2", input_size=32, num_classes=1000, z_dims=[768])
 
-Factories accept every constructor argument of their class (`input_size`, `num_classes`, `z_dims`,
-`encoder_depth`, projector switches, ...); defaults give the baseline of each family. SiT↓ names
-are also reachable with the arrow, e.g. `SiT↓-B/2`.
+`build_model` takes flat keyword arguments (`input_size`, `num_classes`, `z_dims`, `encoder_depth`,
+the projector options of `ProjectorConfig`, ...) and records them; defaults give the baseline of
+each family. SiT↓ names are also reachable with the arrow, e.g. `SiT↓-B/2`; the classes `SiT` and
+`SiTDown` by their names, sized entirely by the arguments.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
+import torch.nn as nn
+
 from models.base import AlignedDiffusionTransformer
+from models.projector import ProjectorConfig
 from models.sit import SiT
 from models.sit_down import SiTDown
 
@@ -97,22 +102,56 @@ MODELS: dict[str, Callable[..., AlignedDiffusionTransformer]] = {
 }
 
 
+# Models built from a class rather than a registry name, sized entirely by their arguments
+# (small experiments and tests; `--model SiTDown --model-config '{...}'`).
+MODEL_CLASSES: dict[str, Callable[..., AlignedDiffusionTransformer]] = {
+    "SiT": SiT,
+    "SiTDown": SiTDown,
+}
+PROJECTOR_FIELDS = tuple(field.name for field in fields(ProjectorConfig))
+
+
 def canonical_name(name: str) -> str:
-    """`SiT↓-B/2` -> `SiTDown-B/2`; raises a KeyError listing the valid names otherwise."""
+    """`SiT↓-B/2` -> `SiTDown-B/2`; a class name (`SiT`, `SiTDown`) is its own canonical name.
+    Raises a KeyError listing the valid names otherwise."""
     canonical = name.replace("SiT↓", "SiTDown")
-    if canonical not in MODEL_NAMES:
-        raise KeyError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    if canonical not in MODEL_NAMES and canonical not in MODEL_CLASSES:
+        raise KeyError(
+            f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)} "
+            f"(or a class, {' or '.join(MODEL_CLASSES)}, sized by its arguments)"
+        )
     return canonical
 
 
 def build_model(name: str, **kwargs: Any) -> AlignedDiffusionTransformer:
-    """Build a registered model and record how (`model_name`, `model_kwargs`), so that a
-    checkpoint can rebuild it without any command-line flags."""
+    """Build a registered model (or a class, by name) and record how: `model_name` and
+    `model_kwargs`, from which a checkpoint rebuilds it without any command-line flags.
+
+    `kwargs` are flat and JSON-friendly, as flags and checkpoints hold them: the projector's
+    options (`projector_dim`, `projector_upsample`, ... the fields of `ProjectorConfig`) are
+    gathered into the model's `projector` config here, and only here.
+    """
     name = canonical_name(name)
-    model = MODELS[name](**kwargs)
+    projector = ProjectorConfig(**{k: v for k, v in kwargs.items() if k in PROJECTOR_FIELDS})
+    rest = {k: v for k, v in kwargs.items() if k not in PROJECTOR_FIELDS}
+    factory = MODEL_CLASSES.get(name) or MODELS[name]
+    model = factory(projector=projector, **rest)
     model.model_name = name
     model.model_kwargs = dict(kwargs)
     return model
 
 
-__all__ = ["MODELS", "MODEL_NAMES", "SiT", "SiTDown", "build_model", "canonical_name"]
+def model_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
+    """(model_name, model_kwargs) that `build_model` recorded on `model`."""
+    name, kwargs = getattr(model, "model_name", None), getattr(model, "model_kwargs", None)
+    if name is None or kwargs is None:
+        raise ValueError(
+            "the model does not record how it was built; create it with models.build_model"
+        )
+    return name, dict(kwargs)
+
+
+__all__ = [
+    "MODELS", "MODEL_CLASSES", "MODEL_NAMES", "PROJECTOR_FIELDS", "ProjectorConfig", "SiT",
+    "SiTDown", "build_model", "canonical_name", "model_config",
+]  # fmt: skip

@@ -1,8 +1,9 @@
 """What SiT and SiT↓ share: conditioning, alignment tap + projector heads, and the output head.
 
-A subclass builds its trunk and implements `forward_trunk(x, c) -> (tokens, tapped)` and
-`tap_grid(k)`; everything around the trunk — patch embedding, timestep/label embedding, projector
-heads, final layer, initialisation — lives here, so the two models differ only in their trunk.
+A subclass's constructor calls `build_stem` (patch, timestep and label embedding), builds its
+trunk, and calls `build_heads` (projector heads, final layer, initialisation); it implements
+`forward_trunk(x, c) -> (tokens, tapped)` and `tap_grid(k)`. Everything around the trunk lives
+here, so the two models differ only in their trunk.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from models.layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
-from models.projector import ALIGN_RESOLUTIONS, Projector, pool_tokens, resample_scale
+from models.projector import Projector, ProjectorConfig, pool_tokens, resample_scale
 
 
 class _WeightAndBias(Protocol):
@@ -48,75 +49,61 @@ class AlignedDiffusionTransformer(nn.Module):
     model_kwargs: dict[str, Any]
     # Set by `checkpoints.load_model_for_sampling`: the training arguments stored with the weights.
     checkpoint_args: dict[str, Any]
+    # Set by the subclass before `build_heads`: the number of blocks of its trunk.
+    depth: int
 
-    def __init__(
+    # -- construction: a subclass calls build_stem, builds its trunk, then calls build_heads ------
+
+    def build_stem(
         self,
         input_size: int,
         patch_size: int,
         in_channels: int,
         hidden_size: int,
-        depth: int,
         num_classes: int,
         class_dropout_prob: float,
-        z_dims: list[int] | tuple[int, ...],
-        encoder_depth: int,
-        projector_dim: int,
-        projector_upsample: str,
-        projector_kernel: str,
-        align_resolution: str,
-        time_aware_projector: bool,
-        encoder_grid: int | None,
-    ):
-        super().__init__()
-        if not 1 <= encoder_depth <= depth:
-            raise ValueError(
-                f"encoder_depth={encoder_depth} is out of range: this model has {depth} blocks, "
-                f"so the alignment tap must be a block index in 1..{depth}"
-            )
-        if align_resolution not in ALIGN_RESOLUTIONS:
-            raise ValueError(
-                f"align_resolution must be one of {ALIGN_RESOLUTIONS}, got {align_resolution!r}"
-            )
+    ) -> None:
+        """The embedders every model has before its trunk: patches, timestep, label."""
         self.in_channels = in_channels
         self.out_channels = in_channels  # velocity only, no learned sigma
         self.patch_size = patch_size
         self.hidden_size = hidden_size
-        self.depth = depth
         self.num_classes = num_classes
-        self.z_dims = list(z_dims)
-        self.encoder_depth = encoder_depth
-        self.align_resolution = align_resolution
-
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+
+    def build_heads(
+        self,
+        z_dims: list[int] | tuple[int, ...],
+        encoder_depth: int,
+        projector: ProjectorConfig | None,
+        encoder_grid: int | None,
+    ) -> None:
+        """After the trunk: one projector head per encoder at block `encoder_depth` (REPA's
+        head unless `projector` says otherwise), the output layer, then the initialisation."""
+        projector = projector or ProjectorConfig()
+        if not 1 <= encoder_depth <= self.depth:
+            raise ValueError(
+                f"encoder_depth={encoder_depth} is out of range: this model has {self.depth} "
+                f"blocks, so the alignment tap must be a block index in 1..{self.depth}"
+            )
+        self.z_dims = list(z_dims)
+        self.encoder_depth = encoder_depth
+        self.align_resolution = projector.align_resolution
         # DINOv2 sees a 256-px image at 224 px: 16×16 patches of 14, i.e. the latent side / 2.
         # Patch-4/8 models therefore project their coarser grid up to it (REPA's cannot).
-        self.encoder_grid = encoder_grid or input_size // 2
-        self.build_trunk()
-
+        self.encoder_grid = encoder_grid or self.x_embedder.grid_size * self.patch_size // 2
         self.tap_grid_size = self.tap_grid(encoder_depth)
         scale = resample_scale(self.tap_grid_size, self.encoder_grid)
-        projector_scale = 1 if align_resolution == "pool" else scale
+        head_scale = 1 if projector.align_resolution == "pool" else scale
         self.projectors = nn.ModuleList(
-            Projector(
-                hidden_size,
-                projector_dim,
-                z_dim,
-                scale=projector_scale,
-                upsample=projector_upsample,
-                kernel=projector_kernel,
-                time_aware=time_aware_projector,
-            )
-            for z_dim in self.z_dims
+            Projector(self.hidden_size, z_dim, head_scale, projector) for z_dim in self.z_dims
         )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels)
         self.initialize_weights()
 
     # -- subclass interface ---------------------------------------------------------------------
-
-    def build_trunk(self) -> None:
-        raise NotImplementedError
 
     def tap_grid(self, block_index: int) -> int:
         """Side of the token grid that block `block_index` (1-indexed) runs on."""

@@ -16,11 +16,16 @@ coarse grid and the *encoder* features are average-pooled onto it (`pool_tokens`
 `time_aware=True` (appendix Table 9) adds a SiLU -> Linear branch on the timestep embedding that
 predicts a per-channel scale γ(t) and shift β(t), applied as (1 + γ)·h + β. It is zero-initialised,
 so the head starts out identical to the plain one.
+
+All of these options are one `ProjectorConfig`; each field is also the `train.py` flag of the same
+name (`--projector-upsample`, ...) and a key of a checkpoint's `model_kwargs`, so a new option is
+a field here, its use in `Projector`, and its flag.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,43 +59,52 @@ def pool_tokens(z: Tensor, grid_size: int) -> Tensor:
     return grid_to_tokens(F.avg_pool2d(tokens_to_grid(z, source_grid), factor))
 
 
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """How the projector heads are built (U-REPA §3.3; REPA's head by default)."""
+
+    projector_dim: int = 2048  # hidden width of the MLP (REPA's)
+    projector_upsample: str = "after"  # Table 7: resample after the MLP, before it, or within it
+    projector_kernel: str = "bilinear"  # interpolation kernel of the resampling
+    align_resolution: str = "upsample"  # Table 6: upsample the model, or pool the encoder
+    time_aware_projector: bool = False  # Table 9: (1 + γ(t))·h + β(t) on the output
+
+    def __post_init__(self) -> None:
+        for field, value, choices in (
+            ("projector_upsample", self.projector_upsample, UPSAMPLE_ORDERS),
+            ("projector_kernel", self.projector_kernel, UPSAMPLE_KERNELS),
+            ("align_resolution", self.align_resolution, ALIGN_RESOLUTIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{field} must be one of {choices}, got {value!r}")
+
+
 class Projector(nn.Sequential):
     """h_φ: per-token MLP (+ optional resampling and time modulation).
 
     Subclasses `nn.Sequential` so that the MLP's parameters are named `0`, `2`, `4` exactly like
-    REPA's `build_mlp`, whose checkpoints therefore load unchanged.
+    REPA's `build_mlp`, whose checkpoints therefore load unchanged. `scale` is the factor from the
+    tapped grid to the grid of the predictions (1 with `align_resolution="pool"`).
     """
 
-    def __init__(
-        self,
-        hidden_size: int,
-        projector_dim: int,
-        z_dim: int,
-        scale: int = 1,
-        upsample: str = "after",
-        kernel: str = "bilinear",
-        time_aware: bool = False,
-    ):
-        if upsample not in UPSAMPLE_ORDERS:
-            raise ValueError(
-                f"projector upsample must be one of {UPSAMPLE_ORDERS}, got {upsample!r}"
-            )
-        if kernel not in UPSAMPLE_KERNELS:
-            raise ValueError(f"projector kernel must be one of {UPSAMPLE_KERNELS}, got {kernel!r}")
-        within = upsample == "within" and scale > 1
+    def __init__(self, hidden_size: int, z_dim: int, scale: int, config: ProjectorConfig):
+        within = config.projector_upsample == "within" and scale > 1
+        width = config.projector_dim
         super().__init__(
-            nn.Linear(hidden_size, projector_dim),
+            nn.Linear(hidden_size, width),
             nn.SiLU(),
-            nn.Linear(projector_dim, projector_dim),
+            nn.Linear(width, width),
             nn.SiLU(),
-            nn.Linear(projector_dim, z_dim * scale**2 if within else z_dim),
+            nn.Linear(width, z_dim * scale**2 if within else z_dim),
         )
         self.scale = scale
-        self.upsample = upsample
-        self.kernel = kernel
+        self.upsample = config.projector_upsample
+        self.kernel = config.projector_kernel
         self.z_dim = z_dim
         self.time_modulation = (
-            nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * z_dim)) if time_aware else None
+            nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * z_dim))
+            if config.time_aware_projector
+            else None
         )
 
     def mlp(self, x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from models.base import AlignedDiffusionTransformer
 from models.layers import TransformerBlock, sincos_pos_embed_2d
+from models.projector import ProjectorConfig
 
 
 class SiT(AlignedDiffusionTransformer):
@@ -33,43 +34,23 @@ class SiT(AlignedDiffusionTransformer):
         num_classes: int = 1000,
         z_dims: list[int] | tuple[int, ...] = (768,),
         encoder_depth: int = 8,
-        projector_dim: int = 2048,
-        projector_upsample: str = "after",
-        projector_kernel: str = "bilinear",
-        align_resolution: str = "upsample",
-        time_aware_projector: bool = False,
+        projector: ProjectorConfig | None = None,
         encoder_grid: int | None = None,
     ):
+        super().__init__()
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        super().__init__(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_classes=num_classes,
-            class_dropout_prob=class_dropout_prob,
-            z_dims=z_dims,
-            encoder_depth=encoder_depth,
-            projector_dim=projector_dim,
-            projector_upsample=projector_upsample,
-            projector_kernel=projector_kernel,
-            align_resolution=align_resolution,
-            time_aware_projector=time_aware_projector,
-            encoder_grid=encoder_grid,
+        self.depth = depth
+        self.build_stem(
+            input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob
         )
-
-    def build_trunk(self) -> None:
-        num_patches = self.x_embedder.num_patches
         # Fixed sin-cos table, a frozen parameter (REPA's layout, so it is in checkpoints).
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, num_patches, self.hidden_size), requires_grad=False
-        )
+        num_patches = self.x_embedder.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(
-            TransformerBlock(self.hidden_size, self.num_heads, self.mlp_ratio, ffn="gelu")
-            for _ in range(self.depth)
+            TransformerBlock(hidden_size, num_heads, mlp_ratio, ffn="gelu") for _ in range(depth)
         )
+        self.build_heads(z_dims, encoder_depth, projector, encoder_grid)
 
     def initialize_weights(self) -> None:
         super().initialize_weights()

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from models.base import AlignedDiffusionTransformer
 from models.layers import TransformerBlock, grid_to_tokens, tokens_to_grid
+from models.projector import ProjectorConfig
 
 DOWNSAMPLE_MODES = ("stride", "unshuffle")
 
@@ -88,11 +89,7 @@ class SiTDown(AlignedDiffusionTransformer):
         num_classes: int = 1000,
         z_dims: list[int] | tuple[int, ...] = (768,),
         encoder_depth: int | None = None,
-        projector_dim: int = 2048,
-        projector_upsample: str = "after",
-        projector_kernel: str = "bilinear",
-        align_resolution: str = "upsample",
-        time_aware_projector: bool = False,
+        projector: ProjectorConfig | None = None,
         encoder_grid: int | None = None,
         downsample: str = "stride",
     ):
@@ -100,38 +97,25 @@ class SiTDown(AlignedDiffusionTransformer):
             raise ValueError(f"depths must be (n1, n2, n1) with positive counts, got {depths}")
         if (input_size // patch_size) % 2:
             raise ValueError("SiT↓ halves the token grid, so input_size / patch_size must be even")
+        super().__init__()
         self.depths: tuple[int, int, int] = (depths[0], depths[1], depths[2])
+        self.depth = sum(self.depths)
         self.num_heads = num_heads
         self.mlp_ratio = mlp_ratio
-        self.downsample_mode = downsample
-        depth = sum(self.depths)
-        super().__init__(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_classes=num_classes,
-            class_dropout_prob=class_dropout_prob,
-            z_dims=z_dims,
-            encoder_depth=encoder_depth if encoder_depth is not None else (depth + 1) // 2,
-            projector_dim=projector_dim,
-            projector_upsample=projector_upsample,
-            projector_kernel=projector_kernel,
-            align_resolution=align_resolution,
-            time_aware_projector=time_aware_projector,
-            encoder_grid=encoder_grid,
+        self.build_stem(
+            input_size, patch_size, in_channels, hidden_size, num_classes, class_dropout_prob
         )
-
-    def build_trunk(self) -> None:
-        C = self.hidden_size
+        C = hidden_size
         self.blocks = nn.ModuleList(
-            TransformerBlock(C, self.num_heads, self.mlp_ratio, ffn="swiglu", use_rope=True)
+            TransformerBlock(C, num_heads, mlp_ratio, ffn="swiglu", use_rope=True)
             for _ in range(self.depth)
         )
-        self.downsample = Downsample(C, self.downsample_mode)
+        self.downsample = Downsample(C, downsample)
         self.upsample = Upsample(C)
         self.skip_linears = nn.ModuleList(nn.Linear(2 * C, C) for _ in range(self.depths[2]))
+        if encoder_depth is None:  # Table 5's tap: the centre block, in the middle stage
+            encoder_depth = (self.depth + 1) // 2
+        self.build_heads(z_dims, encoder_depth, projector, encoder_grid)
 
     def stage_of(self, block_index: int) -> int:
         """0, 1 or 2: the stage holding block `block_index` (1-indexed)."""

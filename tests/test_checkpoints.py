@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
 from checkpoints import (
     checkpoint_state,
     export_ema_safetensors,
@@ -21,7 +20,7 @@ from checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from models import SiTDown, build_model
+from models import build_model
 
 TINY_KWARGS = dict(input_size=8, hidden_size=32, depths=(1, 1, 1), num_heads=2, num_classes=4,
                    z_dims=[16], projector_dim=16)  # fmt: skip
@@ -30,10 +29,9 @@ TINY_KWARGS = dict(input_size=8, hidden_size=32, depths=(1, 1, 1), num_heads=2, 
 def tiny_model(seed=0):
     """A tiny SiT↓ with random (not zero-initialised) weights, rebuildable from its config."""
     torch.manual_seed(seed)
-    model = SiTDown(**TINY_KWARGS)
+    model = build_model("SiTDown", **TINY_KWARGS)
     for p in model.parameters():
         p.data.normal_(0, 0.1)
-    model.model_name, model.model_kwargs = "SiTDown", dict(TINY_KWARGS)
     return model
 
 
@@ -202,8 +200,8 @@ def test_repa_legacy_decoder_blocks_are_renumbered(tmp_path):
 
 
 def test_unknown_variant_needs_a_name_and_other_models_fail_clearly(tmp_path):
-    sit = checkpoints.SiT(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=4,
-                          z_dims=[16], encoder_depth=1, projector_dim=16)  # fmt: skip
+    sit = build_model("SiT", input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=4,
+                      z_dims=[16], encoder_depth=1, projector_dim=16)  # fmt: skip
     torch.save(sit.state_dict(), tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="pass the model name"):
         load_model_for_sampling(str(tmp_path / "odd.pt"))

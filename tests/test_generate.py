@@ -17,7 +17,7 @@ from PIL import Image
 import generate
 from checkpoints import checkpoint_state, export_ema_safetensors, save_checkpoint
 from generate import balanced_labels, main, parse_args, sample_seed
-from models import SiTDown
+from models import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_KWARGS = dict(input_size=8, hidden_size=32, depths=(1, 1, 1), num_heads=2, num_classes=4,
@@ -32,10 +32,9 @@ FLAGS = ["--vae", "tiny-random", "--num-fid-samples", str(N), "--mode", "sde", "
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    model = SiTDown(**TINY_KWARGS)
+    model = build_model("SiTDown", **TINY_KWARGS)
     for p in model.parameters():  # random weights, so that the velocity is not zero
         p.data.normal_(0, 0.1)
-    model.model_name, model.model_kwargs = "SiTDown", dict(TINY_KWARGS)
     folder = tmp_path_factory.mktemp("ckpt")
     path = str(folder / "0000100.pt")
     save_checkpoint(path, checkpoint_state(model, model, step=100, args={"path_type": "linear"}))

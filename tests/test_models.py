@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import MODEL_NAMES, MODELS, SiT, SiTDown, build_model, canonical_name
+from models import MODEL_NAMES, MODELS, build_model, canonical_name
 from models.layers import RotaryEmbedding2D, sincos_pos_embed_2d
 from models.summary import PAPER_TABLE, count_macs
 
@@ -24,7 +24,7 @@ def tiny_sit(**kwargs):
         encoder_depth=2,
         projector_dim=24,
     )
-    return SiT(**{**defaults, **kwargs})
+    return build_model("SiT", **{**defaults, **kwargs})
 
 
 def tiny_sit_down(**kwargs):
@@ -37,7 +37,7 @@ def tiny_sit_down(**kwargs):
         z_dims=[16],
         projector_dim=24,
     )
-    return SiTDown(**{**defaults, **kwargs})
+    return build_model("SiTDown", **{**defaults, **kwargs})
 
 
 def batch(n=3, size=8, num_classes=10, seed=0):

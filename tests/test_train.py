@@ -1,5 +1,5 @@
-"""train.py and training.py on a CPU: a tiny SiT↓ on a tiny dataset that preprocessing/prepare.py
-writes with the stand-in VAE and encoder.
+"""train.py and the training loop on a CPU: a tiny SiT↓ on a tiny dataset that
+preprocessing/prepare.py writes with the stand-in VAE and encoder.
 
 Runs are compared with each other (straight vs interrupted and resumed, 1 vs 2 processes,
 accumulation vs a full batch, online vs precomputed encoder) and with independent computations
@@ -23,19 +23,17 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import checkpoints
 import train
-from checkpoints import load_checkpoint, load_model_for_sampling
+import trainer
+from checkpoints import TrainingError, load_checkpoint, load_model_for_sampling
+from data_plan import BatchPlan, StepDraws, TrainingBatches
 from frozen import ENCODER_STANDIN
+from models import build_model
 from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
-from training import (
-    BatchPlan,
-    StepDraws,
-    TrainingBatches,
-    TrainingError,
-    create_logger,
-    update_ema,
-)
+from run_log import create_logger
+from trainer import update_ema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 64  # 8×8 latents; SiT↓'s middle stage runs on 4×4 tokens, DINOv2's grid is 4×4
@@ -168,7 +166,7 @@ def test_defaults_are_the_paper_recipe(data_dir):
     assert (args.path_type, args.weighting, args.mixed_precision) == ("linear", "uniform", "fp16")
     # The default tap is the model's middle block: 18 of SiT↓-XL/2's 36 (Table 5).
     with torch.device("meta"):
-        model = train.build_from_config(args.model, {"z_dims": [768]})
+        model = build_model(args.model, z_dims=[768])
     assert model.encoder_depth == 18
 
 
@@ -320,7 +318,7 @@ def test_ema_in_the_loop_and_label_dropout_decided_once(data_dir, tmp_path):
     )
     batch = batches[0]
     tr.model.train()
-    stats = train.train_step(tr, [batch])
+    stats = trainer.train_step(tr, [batch])
     hook.remove()
     # The label table saw exactly the loop's decisions: dropped labels -> the null class.
     expected = torch.where(batch["drop"], tr.raw.num_classes, batch["y"])
@@ -340,7 +338,7 @@ def test_loss_decreases_when_overfitting_a_fixed_batch(data_dir, tmp_path):
 
     def losses() -> dict[str, float]:
         with torch.no_grad():
-            targets = train.alignment_targets(tr, batch)
+            targets = trainer.alignment_targets(tr, batch)
             drop = {"force_drop_ids": batch["drop"]}
             out = tr.loss_fn(tr.model, batch["x"], batch["y"], targets, t=batch["t"],
                              noise=batch["noise"], model_kwargs=drop)  # fmt: skip
@@ -349,7 +347,7 @@ def test_loss_decreases_when_overfitting_a_fixed_batch(data_dir, tmp_path):
     tr.model.train()
     before = losses()
     for _ in range(60):
-        train.train_step(tr, [batch])
+        trainer.train_step(tr, [batch])
     after = losses()
     assert after["total"] < 0.5 * before["total"], (before, after)
     assert after["velocity"] < 0.6 * before["velocity"]
@@ -387,15 +385,15 @@ def test_fp16_overflow_is_skipped_and_reported_without_a_host_read(data_dir, tmp
     tr, dataset = train.setup(args, acc, None, create_logger(False))
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     tr.optimizer = AcceleratedOptimizer(tr.optimizer.optimizer, scaler=acc.scaler)
-    batches = train.batches_from(tr, dataset, 0)
+    batches = trainer.batches_from(tr, dataset, 0)
     before = [p.detach().clone() for p in tr.model_params]
-    stats = train.train_step(tr, [next(batches)])
+    stats = trainer.train_step(tr, [next(batches)])
     assert stats["skipped"].item() == 0 and acc.scaler.get_scale() == 2.0**10
     assert not all(torch.equal(p, q) for p, q in zip(before, tr.model_params, strict=True))
     batch = next(batches)
     batch["x"][0, 0, 0, 0] = float("inf")
     before = [p.detach().clone() for p in tr.model_params]
-    stats = train.train_step(tr, [batch])
+    stats = trainer.train_step(tr, [batch])
     assert stats["skipped"].item() == 1 and acc.scaler.get_scale() == 2.0**9
     assert all(torch.equal(p, q) for p, q in zip(before, tr.model_params, strict=True))
 
@@ -421,6 +419,23 @@ def test_exact_resume_is_bitwise(data_dir, tmp_path):
     assert metrics(tmp_path, "straight")[1] | {"images_per_sec": 0} == metrics(tmp_path, "resumed")[
         1
     ] | {"images_per_sec": 0}
+
+
+def test_a_run_saved_by_the_first_release_resumes_to_todays_straight_run(data_dir, tmp_path):
+    """A u-repa/1 training checkpoint of step 2, written by earlier code on this very toy set
+    (tests/fixtures/README.md), resumes; steps 1-2 of today's code are that code's, bit for bit."""
+    fixture = os.path.join(REPO, "tests", "fixtures", "u-repa-1_sitdown-tiny.pt")
+    tiny = '{"hidden_size": 16, "depths": [1, 1, 1], "num_heads": 2, "projector_dim": 16}'
+    flags = [*argv(data_dir, tmp_path, "", "--max-train-steps", "3")]
+    flags[flags.index("--model-config") + 1] = tiny
+    flags += ["--time-aware-projector", "--projector-upsample", "within", "--log-every", "1"]
+    flags[flags.index("--exp-name") + 1] = "straight"
+    run(*flags)
+    flags[flags.index("--exp-name") + 1] = "resumed"
+    run(*flags, "--resume", fixture)
+    a, b = checkpoint(tmp_path, "straight", 3), checkpoint(tmp_path, "resumed", 3)
+    assert_states_equal(a["model"], b["model"])
+    assert_states_equal(a["ema"], b["ema"])
 
 
 def test_accumulation_equals_the_full_batch(data_dir, tmp_path):
@@ -553,14 +568,14 @@ def test_nonfinite_steps_can_be_skipped(data_dir, tmp_path, monkeypatch):
 def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
     data_dir, tmp_path, monkeypatch
 ):
-    original = train.save_checkpoint
+    original = checkpoints.save_checkpoint
 
     def disk_full_at_step_4(path, state):
         if path.endswith("0000004.pt"):
             raise OSError(errno.ENOSPC, "No space left on device")
         original(path, state)
 
-    monkeypatch.setattr(train, "save_checkpoint", disk_full_at_step_4)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", disk_full_at_step_4)
     with pytest.raises(TrainingError, match="could not write the checkpoint of step 4") as err:
         run(*argv(data_dir, tmp_path, "full-disk", "--max-train-steps", "6"))
     assert "No space left on device" in str(err.value) and "0000002.pt) is intact" in str(err.value)

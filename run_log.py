@@ -1,0 +1,124 @@
+"""What a training run reports: the text log (stdout and log.txt on the main process), one JSON
+line of metrics per log interval (metrics.jsonl), interval means gathered without host syncs,
+the model FLOP utilisation (MFU), and preview grids for the trackers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+
+def create_logger(is_main: bool) -> logging.Logger:
+    """Main process: INFO to stdout (and a file, `add_log_file`). Others: warnings to stderr."""
+    logger = logging.getLogger("u-repa.train")
+    close_logger(logger)
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.propagate = False
+    add_handler(logger, logging.StreamHandler(sys.stdout if is_main else sys.stderr))
+    return logger
+
+
+def add_log_file(logger: logging.Logger, path: str) -> None:
+    add_handler(logger, logging.FileHandler(path))
+
+
+def add_handler(logger: logging.Logger, handler: logging.Handler) -> None:
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+
+
+def close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+def append_jsonl(path: str, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def format_metrics(step: int, metrics: dict[str, float]) -> str:
+    """One log line: `step 1000 | total 0.5123 | velocity 0.4012 | ...`."""
+    parts = [f"step {step}"]
+    for name, value in metrics.items():
+        if isinstance(value, float) and not value.is_integer():
+            parts.append(f"{name} {value:.4g}")
+        else:
+            parts.append(f"{name} {value}")
+    return " | ".join(parts)
+
+
+class MetricMeans:
+    """Sums 0-dim device tensors step by step without reading them (no host sync); `pop`
+    averages them over the interval and over processes with one collective and one read."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += 1
+
+    def pop(self, mean_over_processes: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        if not self.count:
+            return {}
+        names = list(self.sums)  # the same order on every process
+        totals = mean_over_processes(torch.stack([self.sums[n] for n in names])).tolist()
+        means = {n: total / self.count for n, total in zip(names, totals, strict=True)}
+        self.sums, self.count = {}, 0
+        return means
+
+
+# Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s), for the MFU estimate; --peak-tflops
+# overrides. TF32 runs at half of it; plain fp32 is not estimated.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def peak_flops(
+    device: torch.device, mixed_precision: str, allow_tf32: bool, override_tflops: float | None
+) -> float | None:
+    """Peak FLOP/s of one device for the MFU estimate, or None when unknown."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if tflops is None or (mixed_precision == "no" and not allow_tf32):
+        return None
+    return tflops * 1e12 / (2 if mixed_precision == "no" else 1)
+
+
+def grid_image(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) images in [-1, 1] -> one (rows·H, cols·W, 3) uint8 grid, near-square."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    grid = torch.zeros(rows * cols, c, h, w, dtype=torch.uint8)
+    grid[:n] = pixels
+    grid = grid.view(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
+    return grid.numpy()
+
+
+def track_image(acc: Accelerator, grid: Any, step: int) -> None:
+    """Send a preview grid (H, W, 3) uint8 to the tracker, if any."""
+    for tracker in acc.trackers:
+        if tracker.name == "wandb":
+            tracker.log_images({"preview": [grid]}, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.log_images({"preview": grid[None]}, step=step, dataformats="NHWC")

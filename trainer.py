@@ -1,0 +1,493 @@
+"""The training loop: the state a step needs (`Trainer`), one optimiser step, and the loop with
+its logs, checkpoints, previews and stop signals.
+
+`train.py` builds a `Trainer` from its flags (`create_trainer`) and runs `train`;
+`bench/train_speed.py` times `train_step` on its own. What each step reads and draws is fixed by
+`data_plan.py`; how a run is saved and resumed by `checkpoints.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from checkpoints import (
+    TrainingError,
+    checkpoint_state,
+    latest_checkpoint,
+    restore_run_state,
+    rng_state,
+    save_run_checkpoint,
+    set_rng_state,
+)
+from data_plan import SEED_PREVIEW, BatchPlan, StepDraws, TrainingBatches, derive_seed
+from frozen import RepresentationEncoder
+from loss import SILoss
+from models.base import AlignedDiffusionTransformer
+from run_log import MetricMeans, append_jsonl, format_metrics, grid_image, track_image
+from samplers import VelocityOnly, euler_sampler
+
+PREVIEW_SAMPLING_STEPS = 50  # Euler steps of the preview sampler (REPA's)
+PREVIEW_CFG_SCALE = 4.0  # classifier-free guidance of the previews (REPA's)
+
+
+@dataclass
+class Trainer:
+    """What a training step, a checkpoint and a preview need."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    model: nn.Module  # as prepared: possibly compiled and DDP-wrapped
+    ema: AlignedDiffusionTransformer  # eval mode, no gradients, never wrapped
+    optimizer: torch.optim.Optimizer
+    loss_fn: SILoss
+    encoders: list[RepresentationEncoder]  # online mode: run in the loop; else []
+    plan: BatchPlan
+    step: int = 0
+    raw: AlignedDiffusionTransformer = field(init=False)  # the model, unwrapped
+
+    def __post_init__(self) -> None:
+        raw = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        assert isinstance(raw, AlignedDiffusionTransformer)
+        self.raw = raw
+        self.ema_params: list[Tensor] = list(self.ema.parameters())
+        self.model_params: list[Tensor] = list(raw.parameters())
+
+
+def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW (REPA's protocol); --fused-optimizer picks PyTorch's fused kernel (CUDA and CPU)."""
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=args.fused_optimizer,
+    )
+
+
+def create_trainer(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: AlignedDiffusionTransformer,
+    plan: BatchPlan,
+    encoders: list[RepresentationEncoder],
+) -> Trainer:
+    """EMA, optimiser and objective for `model`, then compilation and accelerate's wrapping.
+    `encoders`: the frozen encoders run in the loop (online mode), else []."""
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
+    optimizer = create_optimizer(args, model)
+    loss_fn = SILoss(
+        path_type=args.path_type,
+        weighting=args.weighting,
+        proj_coeff=args.proj_coeff,
+        manifold_coeff=args.manifold_coeff,
+        manifold_mode=args.manifold_mode,
+        lambda_schedule=args.lambda_schedule,
+    )
+    prepared = torch.compile(model) if args.compile else model
+    prepared, optimizer = accelerator.prepare(prepared, optimizer)
+    ema.to(accelerator.device)
+    return Trainer(args, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan)
+
+
+#################################################################################
+#                                  One step                                     #
+#################################################################################
+
+
+def alignment_targets(trainer: Trainer, batch: dict[str, Any]) -> list[Tensor]:
+    """Encoder features (N, T, D) per encoder, on the grid of the model's projections."""
+    if trainer.encoders:  # online: run the frozen encoders on the stored pixels
+        zs = [encoder(batch["pixels"]) for encoder in trainer.encoders]
+    else:
+        zs = [f.float() for f in batch["features"]]
+    return trainer.raw.align_targets(zs)
+
+
+def accumulate_gradients(
+    trainer: Trainer, micro_batches: list[dict[str, Any]]
+) -> dict[str, Tensor]:
+    """Forward and backward of every micro-batch; the loss terms averaged over them."""
+    acc, accumulation = trainer.accelerator, len(micro_batches)
+    means: dict[str, Tensor] = {}
+    for i, batch in enumerate(micro_batches):
+        # Gradients are all-reduced once per step, in the last micro-batch's backward pass.
+        with nullcontext() if i == accumulation - 1 else acc.no_sync(trainer.model):
+            with acc.autocast():
+                losses = trainer.loss_fn(
+                    trainer.model,
+                    batch["x"],
+                    batch["y"],
+                    alignment_targets(trainer, batch),
+                    t=batch["t"],
+                    noise=batch["noise"],
+                    # Label dropout, drawn once per step for the global batch: given these
+                    # decisions, the model's label embedder applies them and draws nothing.
+                    model_kwargs={"force_drop_ids": batch["drop"]},
+                )
+            acc.backward(losses["total"] / accumulation)
+        for name, value in losses.items():
+            share = value.detach() / accumulation
+            means[name] = means[name] + share if name in means else share
+    return means
+
+
+def train_step(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> dict[str, Tensor]:
+    """One optimiser step on this process's micro-batches of the global batch: forward and
+    backward with gradient accumulation, gradient clipping, AdamW, EMA.
+
+    Returns 0-dim device tensors, never read here (no host sync): the loss terms of Eq. 5
+    averaged over the micro-batches, `cos_sim`, `grad_norm`, and `nonfinite` (1 if the loss was
+    not finite) and `skipped` (1 if the update was skipped).
+    """
+    acc, args = trainer.accelerator, trainer.args
+    losses = accumulate_gradients(trainer, micro_batches)
+    grad_norm = acc.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
+    # --on-nonfinite skip reads the global gradient norm (equal on every process) to decide;
+    # with fp16, the loss scaler skips steps with non-finite gradients by itself.
+    skip = args.on_nonfinite == "skip" and acc.scaler is None and not torch.isfinite(grad_norm)
+    skipped = torch.full_like(grad_norm, float(skip), dtype=torch.float32)
+    if not skip:
+        scale = loss_scale(acc) if acc.scaler is not None else None
+        trainer.optimizer.step()
+        update_ema(trainer.ema_params, trainer.model_params, args.ema_decay)
+        if scale is not None:  # fp16: the scaler lowers its scale when it skips a step
+            skipped = (loss_scale(acc) < scale).float()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return {
+        **losses,
+        "grad_norm": grad_norm.detach().float(),
+        "nonfinite": (~torch.isfinite(losses["total"])).float(),
+        "skipped": skipped,
+    }
+
+
+def loss_scale(acc: Accelerator) -> Tensor:
+    """fp16's current loss scale, a 0-dim device tensor (a copy).
+
+    Read on the device because `GradScaler.get_scale()` would sync with the host. The fused
+    AdamW skips an overflowing step inside its kernel, where accelerate's `step_was_skipped`
+    cannot see it; the drop of the scale shows it with either AdamW."""
+    scale = acc.scaler._get_scale_async() if acc.scaler is not None else None
+    if scale is None:
+        raise RuntimeError("no fp16 loss scale: the scaler is off or has not scaled a loss yet")
+    return scale.clone()
+
+
+@torch.no_grad()
+def update_ema(ema_params: list[Tensor], model_params: list[Tensor], decay: float) -> None:
+    """ema ← decay · ema + (1 − decay) · θ for every tensor at once (one foreach kernel)."""
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+#################################################################################
+#                                  The batches                                  #
+#################################################################################
+
+
+def training_loader(
+    args: argparse.Namespace, dataset: Dataset, plan: BatchPlan, start_step: int, pin_memory: bool
+) -> DataLoader:
+    """This process's micro-batches from step `start_step` on, as CPU dicts (TrainingBatches);
+    --num-workers processes load the samples and make the draws ahead of the loop."""
+    draws = StepDraws(args.weighting, args.path_type, args.cfg_prob)
+    accumulation = args.gradient_accumulation_steps
+    return DataLoader(
+        TrainingBatches(dataset, plan, draws),
+        batch_size=None,
+        sampler=range(start_step * accumulation, args.max_train_steps * accumulation),
+        num_workers=args.num_workers,
+        pin_memory=pin_memory,
+        worker_init_fn=StopRequest.ignore_in_worker,
+    )
+
+
+def batches_from(trainer: Trainer, dataset: Dataset, start_step: int) -> Iterator[dict[str, Any]]:
+    """This process's micro-batches from step `start_step` on, on the device."""
+    device = trainer.accelerator.device
+    pin = device.type == "cuda"
+    for batch in training_loader(trainer.args, dataset, trainer.plan, start_step, pin):
+        yield to_device(batch, device)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A micro-batch's tensors (and lists of tensors) on `device`; from pinned memory the copies
+    are asynchronous (no host sync)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, Tensor)
+        else [f.to(device, non_blocking=True) for f in v] if isinstance(v, list)
+        else v
+        for k, v in batch.items()
+    }  # fmt: skip
+
+
+#################################################################################
+#                        Checkpoints (every process takes part)                 #
+#################################################################################
+
+
+def data_position(trainer: Trainer) -> dict[str, int]:
+    """Where the data plan stands: step s reads global batch s of the (seed, epoch) orders."""
+    plan = trainer.plan
+    epoch, batch_in_epoch = divmod(trainer.step, plan.steps_per_epoch)
+    return dict(
+        step=trainer.step,
+        epoch=epoch,
+        batch_in_epoch=batch_in_epoch,
+        dataset_size=plan.dataset_size,
+        global_batch=plan.global_batch,
+        seed=plan.seed,
+    )
+
+
+def save_training_checkpoint(trainer: Trainer, run_dir: str, logger: Any) -> str:
+    """Write checkpoints/{step:07d}.pt on the main process (see `checkpoints.save_run_checkpoint`),
+    with the RNG states gathered from every process. A failed write raises on every process."""
+    acc, args, step = trainer.accelerator, trainer.args, trainer.step
+    rng = gather_object([rng_state()])  # one entry per process, in rank order
+    outcome: list[str | None] = [None]  # the path, or the error message
+    if acc.is_main_process:
+        state = checkpoint_state(
+            trainer.raw, trainer.ema, step, args=vars(args), opt=trainer.optimizer,
+            scaler=acc.scaler, rng={"processes": rng}, data=data_position(trainer),
+        )  # fmt: skip
+        milestone = bool(args.milestone_every) and step % args.milestone_every == 0
+        export = milestone or step == args.max_train_steps
+        try:
+            path, removed = save_run_checkpoint(
+                run_dir, state, export, args.keep_last, args.milestone_every
+            )
+        except TrainingError as err:
+            outcome = [f"error: {err}"]
+        else:
+            for old in removed:
+                logger.info(f"removed old checkpoint {old}")
+            logger.info(f"saved checkpoint {path}")
+            outcome = [path]
+    broadcast_object_list(outcome)
+    result = outcome[0]
+    assert result is not None
+    if result.startswith("error: "):
+        raise TrainingError(result.removeprefix("error: "))
+    return result
+
+
+def restore(trainer: Trainer, ckpt: dict[str, Any], logger: Any) -> None:
+    """Continue from a training checkpoint: states, step, and this process's RNG states."""
+    acc = trainer.accelerator
+    trainer.step = restore_run_state(ckpt, trainer.raw, trainer.ema, trainer.optimizer, acc.scaler)
+    rng = ckpt["rng"]["processes"]
+    if len(rng) == acc.num_processes:
+        set_rng_state(rng[acc.process_index])
+    else:  # harmless: no training randomness comes from these generators
+        logger.warning(
+            f"checkpoint has RNG states of {len(rng)} processes, this run has "
+            f"{acc.num_processes}: not restored"
+        )
+
+
+#################################################################################
+#                          Logs, non-finite losses, previews                    #
+#################################################################################
+
+
+@dataclass
+class Monitor:
+    """Interval bookkeeping of the loop: metrics, throughput, the first non-finite step."""
+
+    trainer: Trainer
+    run_dir: str
+    logger: Any
+    flops_per_image: float  # training FLOPs per image (3 × forward, 2 FLOPs per MAC)
+    peak: float | None  # peak FLOP/s of one device
+    meter: MetricMeans = field(default_factory=MetricMeans)
+    first_nonfinite: Tensor | None = None
+    last_time: float = field(default_factory=time.perf_counter)
+    last_step: int = 0
+
+    def add(self, stats: dict[str, Tensor], step: int) -> None:
+        bad = torch.where(stats.pop("nonfinite") > 0, step, sys.maxsize)
+        first = self.first_nonfinite
+        self.first_nonfinite = bad if first is None else torch.minimum(first, bad)
+        self.meter.add(stats)
+
+    def check_finite(self, last_good: str | None) -> None:
+        """Stop (on every process) if any process saw a non-finite loss (stop mode)."""
+        if self.first_nonfinite is None or self.trainer.args.on_nonfinite != "stop":
+            return
+        acc = self.trainer.accelerator
+        first = int(acc.gather(self.first_nonfinite.view(1)).min())
+        if first != sys.maxsize:
+            raise TrainingError(
+                f"the loss was not finite at step {first}: training stopped, no checkpoint was "
+                f"written after it. Last good checkpoint: {last_good or 'none'}. Resume from it "
+                "(--resume auto) with a lower --learning-rate or --mixed-precision bf16, or pass "
+                "--on-nonfinite skip to skip such steps"
+            )
+
+    def log(self, step: int) -> dict[str, Any]:
+        acc, args = self.trainer.accelerator, self.trainer.args
+        means = self.meter.pop(lambda x: acc.reduce(x, "mean"))  # the interval's one host sync
+        now = time.perf_counter()
+        images_per_sec = (step - self.last_step) * args.batch_size / (now - self.last_time)
+        self.last_time, self.last_step = now, step
+        epoch = step * args.batch_size / self.trainer.plan.dataset_size
+        record: dict[str, Any] = {"step": step, "epoch": round(epoch, 4)}
+        record.update({k: round(v, 6) for k, v in means.items()})
+        record["lr"] = self.trainer.optimizer.param_groups[0]["lr"]
+        record["images_per_sec"] = round(images_per_sec, 2)
+        if self.peak is not None:
+            mfu = self.flops_per_image * images_per_sec / (self.peak * acc.num_processes)
+            record["mfu"] = round(mfu, 4)
+        if acc.device.type == "cuda":
+            record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 2)
+        if acc.is_main_process:
+            append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
+            self.logger.info(format_metrics(step, {k: v for k, v in record.items() if k != "step"}))
+        acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        return record
+
+
+@dataclass
+class Previews:
+    """Preview grids of the EMA model from fixed noise and labels (seeded by --seed), decoded
+    by the VAE: the same images at every preview, so that they show the progress alone."""
+
+    trainer: Trainer
+    vae: Any  # LatentAutoencoder, on the main process only
+    noise: Tensor = field(init=False)
+    labels: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        args, model = self.trainer.args, self.trainer.raw
+        generator = torch.Generator().manual_seed(derive_seed(args.seed, SEED_PREVIEW))
+        noise = torch.randn(args.preview_images, *model.latent_shape, generator=generator)
+        labels = torch.randint(model.num_classes, (args.preview_images,), generator=generator)
+        device = self.trainer.accelerator.device
+        self.noise, self.labels = noise.to(device), labels.to(device)
+
+    def save(self, path: str) -> Any:
+        """Sample (50 Euler steps, CFG 4 if the model has a null class), decode, save a PNG
+        grid; returns the grid (H, W, 3) uint8."""
+        trainer = self.trainer
+        cfg = PREVIEW_CFG_SCALE if trainer.args.cfg_prob > 0 else 1.0
+        model = VelocityOnly(trainer.ema)  # the projector heads are not needed to sample
+        with trainer.accelerator.autocast():
+            latents = euler_sampler(
+                model, self.noise, self.labels, PREVIEW_SAMPLING_STEPS, cfg_scale=cfg
+            )
+        grid = grid_image(self.vae.decode(latents.float()))
+        Image.fromarray(grid).save(path)
+        return grid
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop then finishes its step, saves a checkpoint and exits.
+    A second SIGINT interrupts at once.
+
+    With several processes a signal may reach them at different steps, so the flag is combined
+    by an all-reduce (max) over a CPU (gloo) group after every step: all processes stop after the
+    same step, and the check never waits for the GPU.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        self._group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")
+
+    def __enter__(self) -> StopRequest:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @staticmethod
+    def ignore_in_worker(worker_id: int) -> None:
+        """DataLoader `worker_init_fn`: a scheduler signals the whole process group, and a
+        worker killed mid-step would crash the loop before it saves; the workers ignore the
+        signals and end with the main process."""
+        for sig in StopRequest.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def __call__(self) -> bool:
+        """Whether any process has been asked to stop (a collective when distributed)."""
+        if self._group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+
+#################################################################################
+#                                    The loop                                   #
+#################################################################################
+
+
+def train(
+    trainer: Trainer, dataset: Dataset, run_dir: str, previews: Previews, monitor: Monitor
+) -> None:
+    """The loop: a step, then on schedule logs, checkpoints and previews; a signal stops it
+    after the current step, with a checkpoint."""
+    args, acc, logger = trainer.args, trainer.accelerator, monitor.logger
+    last_good = latest_checkpoint(run_dir)
+    micro_batches = batches_from(trainer, dataset, trainer.step)
+    monitor.last_step, monitor.last_time = trainer.step, time.perf_counter()
+    trainer.model.train()
+    with StopRequest() as stop:
+        while trainer.step < args.max_train_steps:
+            batch = [next(micro_batches) for _ in range(args.gradient_accumulation_steps)]
+            stats = train_step(trainer, batch)
+            trainer.step += 1  # steps count from 1: step s ends with checkpoint s
+            step = trainer.step
+            monitor.add(stats, step)
+            stopping = stop()
+            last = step == args.max_train_steps or stopping
+            if step % args.log_every == 0 or last:
+                monitor.check_finite(last_good)
+                monitor.log(step)
+            if step % args.checkpointing_steps == 0 or last:
+                monitor.check_finite(last_good)
+                last_good = save_training_checkpoint(trainer, run_dir, logger)
+            if args.sampling_steps and step % args.sampling_steps == 0:
+                if acc.is_main_process:
+                    grid = previews.save(os.path.join(run_dir, "samples", f"{step:07d}.png"))
+                    track_image(acc, grid, step)
+                acc.wait_for_everyone()
+            if stopping:
+                logger.info(
+                    f"stopped by a signal after step {step}, checkpoint saved: "
+                    "continue with --resume auto"
+                )
+                break
