@@ -367,43 +367,20 @@ def run(args: argparse.Namespace, cfg: Config, device: str) -> dict[str, Any]:
     """Data -> preprocessing -> training -> sampling -> measurement -> figures and metrics."""
     clock = Clock()
     out = args.out
-    images, data, exps = (os.path.join(out, d) for d in ("images", "data", "exps"))
     print(f"U-REPA quickstart: {'--fast, ' if args.fast else ''}{cfg}, device {device}")
     net = pick_networks(args.weights)
     print("\n".join(net.notes) or f"pretrained weights: --vae {net.vae}, --enc-type {net.encoder}")
-
-    count = toy_shapes.write_dataset(images, cfg.images_per_class, net.resolution)
-    print(f"\n=== Toy dataset: {count} images of {toy_shapes.NUM_CLASSES} classes in {images}")
-    argv = prepare_argv(images, data, net)
-    stage("Preprocessing", "python preprocessing/prepare.py", argv)
-    prepare.main(prepare.parse_args(argv))
-    clock.lap("prepare")
-
-    argv = train_argv(data, exps, net, cfg, device == "cuda")
-    env = "ACCELERATE_USE_CPU=1 " if device == "cpu" else ""
-    stage(f"Training ({cfg.steps} steps)", f"{env}python train.py", argv)
-    train.main(train.parse_args(argv))
-    ckpt = os.path.join(exps, EXP_NAME, "checkpoints", f"{cfg.steps:07d}.pt")
-    clock.lap("train")
+    ckpt = prepare_and_train(out, net, cfg, device, clock)
 
     samples = {name: sample(name, ckpt, out, net, cfg) for name in SAMPLERS}
     clock.lap("generate")
     use_fid = args.fid if args.fid is not None else device == "cuda"
     npz = {name: s.npz for name, s in samples.items()}
+    images = os.path.join(out, "images")
     fid = fid_metrics(images, npz, out, net.resolution) if use_fid else {"skipped": "off on a CPU"}
     clock.lap("evaluate")
 
-    paths = {
-        "samples": os.path.join(out, "samples.png"),
-        "training_curve": os.path.join(out, "training_curve.png"),
-        "metrics": os.path.join(out, "metrics.json"),
-        "checkpoint": ckpt,
-        "log": os.path.join(exps, EXP_NAME, "log.txt"),
-    }
-    sample_grid(paths["samples"], images, samples, cfg.grid_columns)
-    with open(os.path.join(exps, EXP_NAME, "metrics.jsonl")) as f:
-        log = [json.loads(line) for line in f]
-    training_curve(paths["training_curve"], log)
+    paths, log = draw_figures(out, ckpt, samples, cfg)
     clock.lap("figures")
     record = {
         "comparable_to_paper": False,
@@ -427,6 +404,43 @@ def run(args: argparse.Namespace, cfg: Config, device: str) -> dict[str, Any]:
         json.dump(record, f, indent=2)
     report(record)
     return record
+
+
+def prepare_and_train(out: str, net: Networks, cfg: Config, device: str, clock: Clock) -> str:
+    """The toy dataset, prepare.py on it, then train.py; returns the final checkpoint's path."""
+    images, data, exps = (os.path.join(out, d) for d in ("images", "data", "exps"))
+    count = toy_shapes.write_dataset(images, cfg.images_per_class, net.resolution)
+    print(f"\n=== Toy dataset: {count} images of {toy_shapes.NUM_CLASSES} classes in {images}")
+    argv = prepare_argv(images, data, net)
+    stage("Preprocessing", "python preprocessing/prepare.py", argv)
+    prepare.main(prepare.parse_args(argv))
+    clock.lap("prepare")
+
+    argv = train_argv(data, exps, net, cfg, device == "cuda")
+    env = "ACCELERATE_USE_CPU=1 " if device == "cpu" else ""
+    stage(f"Training ({cfg.steps} steps)", f"{env}python train.py", argv)
+    train.main(train.parse_args(argv))
+    clock.lap("train")
+    return os.path.join(exps, EXP_NAME, "checkpoints", f"{cfg.steps:07d}.pt")
+
+
+def draw_figures(
+    out: str, ckpt: str, samples: dict[str, Samples], cfg: Config
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """samples.png and training_curve.png; returns the output paths and the training log."""
+    run_dir = os.path.join(out, "exps", EXP_NAME)
+    paths = {
+        "samples": os.path.join(out, "samples.png"),
+        "training_curve": os.path.join(out, "training_curve.png"),
+        "metrics": os.path.join(out, "metrics.json"),
+        "checkpoint": ckpt,
+        "log": os.path.join(run_dir, "log.txt"),
+    }
+    sample_grid(paths["samples"], os.path.join(out, "images"), samples, cfg.grid_columns)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    training_curve(paths["training_curve"], log)
+    return paths, log
 
 
 class Clock:

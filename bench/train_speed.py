@@ -218,9 +218,8 @@ def time_updates(trainer: Trainer, repeats: int, compare: bool) -> dict[str, flo
     device, params = trainer.accelerator.device, trainer.model_params
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    inner = getattr(
-        trainer.optimizer, "optimizer", trainer.optimizer
-    )  # AdamW without the loss scaler
+    # AdamW itself, without accelerate's wrapper and its loss scaler
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     decay, max_norm = trainer.args.ema_decay, trainer.args.max_grad_norm
 
     def ms(fn: Callable[[], Any]) -> float:
@@ -246,7 +245,38 @@ def time_updates(trainer: Trainer, repeats: int, compare: bool) -> dict[str, flo
 # --------------------------------------------------------------------------------------------
 
 
+def time_steps(
+    step: Callable[[], None], log: Callable[[], None], bench: argparse.Namespace, device: Any
+) -> dict[str, Any]:
+    """Warm-up, then --rounds of --steps steps (each round ends with the loop's log), then the
+    host syncs of --sync-steps steps and of one log. Seconds per round, peak memory, syncs."""
+    reset_peak_memory(device)
+    for _ in range(bench.warmup):
+        step()
+    log()
+    seconds = []
+    for _ in range(bench.rounds):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(bench.steps):
+            step()
+        log()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    peak_mem = peak_memory_gib(device)
+    with count_syncs(device) as syncs:
+        for _ in range(bench.sync_steps):
+            step()
+    synchronize(device)
+    with count_syncs(device) as log_syncs:
+        log()
+    per_step = None if syncs.value is None else syncs.value / bench.sync_steps
+    return {"seconds": seconds, "peak_mem_gib": peak_mem, "syncs_per_step": per_step,
+            "syncs_per_log": log_syncs.value}  # fmt: skip
+
+
 def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict[str, Any]:
+    """Time configuration `name` (CONFIGS) on train.py's own step; returns its figures."""
     extra, log_every_step, description = CONFIGS[name]
     args = train_args(train_argv, extra)
     run_dir = tempfile.mkdtemp(prefix="bench-train-")
@@ -271,34 +301,14 @@ def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict
 
     trainer.model.train()
     with sdpa_backend(args.sdpa_backend):
-        reset_peak_memory(device)
-        for _ in range(bench.warmup):
-            step()
-        log()
-        seconds = []
-        for _ in range(bench.rounds):
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(bench.steps):
-                step()
-            log()
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
-        peak_mem = peak_memory_gib(device)
-        with count_syncs(device) as syncs:
-            for _ in range(bench.sync_steps):
-                step()
-        synchronize(device)
-        with count_syncs(device) as log_syncs:
-            log()
+        timings = time_steps(step, log, bench, device)
         updates = time_updates(trainer, bench.update_repeats, compare=name == "ours")
 
-    images = args.batch_size * bench.steps
-    rates = [images / s for s in seconds]
-    rate, low, high = median_spread(rates)
+    rate, low, high = median_spread(
+        [args.batch_size * bench.steps / s for s in timings.pop("seconds")]
+    )
     step_ms = 1e3 * args.batch_size / rate
-    share = (updates["adamw_step_ms"] + updates["ema_update_ms"]) / step_ms
-    result: dict[str, Any] = {
+    return {
         "description": description,
         "model": args.model,
         "model_config": args.model_config,
@@ -319,13 +329,10 @@ def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict
         "step_ms": step_ms,
         "peak_tflops": None if peak is None else peak / 1e12,
         "mfu": mfu(rate * 6.0 * macs, peak),
-        "peak_mem_gib": peak_mem,
-        "syncs_per_step": None if syncs.value is None else syncs.value / bench.sync_steps,
-        "syncs_per_log": log_syncs.value,
+        **timings,
         **updates,
-        "ema_opt_share": share,
+        "ema_opt_share": (updates["adamw_step_ms"] + updates["ema_update_ms"]) / step_ms,
     }
-    return result
 
 
 def show(name: str, r: dict[str, Any], bench: argparse.Namespace) -> None:
