@@ -36,8 +36,8 @@ from training import BatchPlan
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-dir", help="a dataset written by preprocessing/prepare.py")
     source.add_argument(
         "--synthetic",
@@ -45,85 +45,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="write N random samples of ImageNet-256 shapes to a temporary folder",
     )
-    p.add_argument(
+    parser.add_argument(
         "--encoders",
         default="dinov2-vit-b",
         help="stored encoder features to read, comma-separated ('' for none)",
     )
-    p.add_argument("--global-batch", type=int, default=256)
-    p.add_argument("--processes", type=int, default=8, help="training processes sharing it")
-    p.add_argument("--num-workers", type=int, default=4, help="loader workers per process")
-    p.add_argument("--batches", type=int, default=30, help="timed batches (after 5 warm-up)")
-    p.add_argument(
+    parser.add_argument("--global-batch", type=int, default=256)
+    parser.add_argument("--processes", type=int, default=8, help="training processes sharing it")
+    parser.add_argument("--num-workers", type=int, default=4, help="loader workers per process")
+    parser.add_argument("--batches", type=int, default=30, help="timed batches (after 5 warm-up)")
+    parser.add_argument(
         "--train-images-per-sec",
         type=float,
         default=None,
         help="images/s of one GPU in training, for the ratio",
     )
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return p.parse_args(argv)  # fmt: skip
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)  # fmt: skip
 
 
-def training_batches_rate(dataset: LatentDataset, a: argparse.Namespace, encoders: list[str]
+def training_batches_rate(dataset: LatentDataset, bench: argparse.Namespace, encoders: list[str]
                           ) -> float:  # fmt: skip
     """Samples/s of process 0's micro-batches through train.py's loader."""
     args = train.parse_args([
-        "--data-dir", "unused", "--exp-name", "bench", "--batch-size", str(a.global_batch),
-        "--num-workers", str(a.num_workers), "--max-train-steps", str(10**9),
+        "--data-dir", "unused", "--exp-name", "bench", "--batch-size", str(bench.global_batch),
+        "--num-workers", str(bench.num_workers), "--max-train-steps", str(10**9),
         "--enc-type", ",".join(encoders) or "none", *([] if encoders else ["--proj-coeff", "0"]),
     ])  # fmt: skip
-    plan = BatchPlan(len(dataset), a.global_batch, 1, a.processes, 0, args.seed)
+    plan = BatchPlan(len(dataset), bench.global_batch, 1, bench.processes, 0, args.seed)
     loader = iter(train.training_loader(args, dataset, plan, 0, pin_memory=False))
     warmup = 5
     for _ in range(warmup):
         next(loader)
     start = time.perf_counter()
-    for _ in range(a.batches):
+    for _ in range(bench.batches):
         next(loader)
-    return a.batches * plan.micro_batch / (time.perf_counter() - start)
+    return bench.batches * plan.micro_batch / (time.perf_counter() - start)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    a = parse_args(argv)
-    encoders = [e for e in a.encoders.split(",") if e]
-    micro = a.global_batch // a.processes
+    bench = parse_args(argv)
+    encoders = [e for e in bench.encoders.split(",") if e]
+    micro = bench.global_batch // bench.processes
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
-        root = a.data_dir or tmp
-        if a.data_dir is None:
+        root = bench.data_dir or tmp
+        if bench.data_dir is None:
             start = time.perf_counter()
-            write_synthetic(root, a.synthetic, "none")
-            print(f"wrote {a.synthetic} synthetic samples in {time.perf_counter() - start:.1f} s")
+            write_synthetic(root, bench.synthetic, "none")
+            print(
+                f"wrote {bench.synthetic} synthetic samples in {time.perf_counter() - start:.1f} s"
+            )
         dataset = LatentDataset(root, encoders=encoders)
-        latent_rate = benchmark(dataset, micro, a.num_workers, a.batches)
-        training_rate = training_batches_rate(dataset, a, encoders)
+        latent_rate = benchmark(dataset, micro, bench.num_workers, bench.batches)
+        training_rate = training_batches_rate(dataset, bench, encoders)
     result: dict[str, Any] = {
-        "data": a.data_dir or f"synthetic:{a.synthetic}",
+        "data": bench.data_dir or f"synthetic:{bench.synthetic}",
         "samples": len(dataset),
         "encoders": encoders,
         "micro_batch": micro,
-        "num_workers": a.num_workers,
+        "num_workers": bench.num_workers,
         "cpu_count": os.cpu_count(),
         "latent_dataset_samples_per_sec": latent_rate,
         "training_batches_samples_per_sec": training_rate,
-        "train_images_per_sec": a.train_images_per_sec,
+        "train_images_per_sec": bench.train_images_per_sec,
     }
     rows: dict[str, Any] = {
         "data": f"{result['data']} ({len(dataset)} samples, features {encoders or 'none'})",
-        "loader": f"one process: batches of {micro} (global {a.global_batch} over "
-        f"{a.processes}), {a.num_workers} workers, {os.cpu_count()} CPUs",
+        "loader": f"one process: batches of {micro} (global {bench.global_batch} over "
+        f"{bench.processes}), {bench.num_workers} workers, {os.cpu_count()} CPUs",
         "latent_dataset_samples_per_sec": f"{latent_rate:.0f} (preprocessing/bench_dataset.py)",
         "training_batches_samples_per_sec": f"{training_rate:.0f} (train.training_loader)",
     }
-    if a.train_images_per_sec:
+    if bench.train_images_per_sec:
         for key in ("latent_dataset", "training_batches"):
-            ratio = result[f"{key}_samples_per_sec"] / a.train_images_per_sec
+            ratio = result[f"{key}_samples_per_sec"] / bench.train_images_per_sec
             result[f"{key}_ratio"] = ratio
             rows[f"{key}_ratio"] = f"{ratio:.1f}x what one GPU consumes at " \
-                f"{a.train_images_per_sec:g} images/s"  # fmt: skip
+                f"{bench.train_images_per_sec:g} images/s"  # fmt: skip
     else:
         rows["ratio"] = "n/a (pass --train-images-per-sec, from bench/train_speed.py)"
     report("data loading", rows)
-    write_json(a.json, result)
+    write_json(bench.json, result)
     return result
 
 
