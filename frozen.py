@@ -266,3 +266,14 @@ def parse_encoder_list(enc_type: str) -> list[str]:
     for n in names:
         encoder_dim(n)  # raises on unknown names
     return names
+
+
+def encoder_input_size(resolution: int) -> int:
+    """Side of the square image the encoder sees: 224 px per 256 px of image (REPA)."""
+    return 224 * resolution // 256
+
+
+def encoder_grid(resolution: int) -> int:
+    """Side of the encoder's token grid at `resolution` px: 16 at 256 px (DINOv2's 14-px patches
+    at 224 px)."""
+    return encoder_input_size(resolution) // 14

@@ -43,20 +43,38 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import atomic_write, load_model_for_sampling
+from checkpoints import load_model_for_sampling
+from cli import (
+    add_speed_args,
+    add_vae_args,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    unit_closed,
+)
 from frozen import LatentAutoencoder, load_vae
 from models.base import AlignedDiffusionTransformer
-from models.layers import SDPA_BACKENDS, sdpa_backend
+from models.layers import sdpa_backend
 from samplers import (
     AlignedModel,
     VelocityOnly,
     draw_noise_stream,
     euler_maruyama_sampler,
     euler_sampler,
+)
+from utils import (
+    atomic_write,
+    barrier,
+    broadcast_from_rank0,
+    close_distributed,
+    dict_differences,
+    hash_seed,
+    init_distributed,
+    is_temporary,
+    write_json,
 )
 
 # Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
@@ -74,121 +92,84 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "guidance_high": 0.7},
 }  # fmt: skip
 PIXELS = "trunc(clamp(255*(x+1)/2, 0, 255))"
+# How sample i's generator is seeded; recorded in the settings, so that a folder sampled under
+# another seeding rule is refused rather than mixed.
+SAMPLE_SEED = "hash_seed(global_seed, index)"
 SETTINGS_FILE = "settings.json"
 PNG_NAME = re.compile(r"^(\d{6,})\.png$")
 
 
+#################################################################################
+#                                     Flags                                     #
+#################################################################################
+
+
+# The flag tables below are formatted by hand, one flag per line or two, as in train.py.
+# fmt: off
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--ckpt", type=str, required=True,
+                       help="our .pt checkpoint, our .safetensors export, or REPA's SiT .pt")
+    group.add_argument("--model", type=str, default=None,
+                       help="only for a REPA checkpoint whose SiT variant cannot be inferred")
+    add_vae_args(group, "decodes the samples")
+
+
+def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampler (explicit flags override --preset)")
+    group.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                       help="paper-main: SDE 250 steps, cfg 1.65, [0, 0.7] (Table 4); "
+                            "ablation: Euler ODE 50 steps, cfg 1.8, [0, 0.7] (Tables 5-8)")
+    group.add_argument("--mode", choices=["sde", "ode"], default=None, help="default: sde")
+    group.add_argument("--num-steps", type=positive_int, default=None, help="default: 250")
+    group.add_argument("--heun", action=argparse.BooleanOptionalAction, default=None,
+                       help="Heun instead of Euler steps (ODE only); default: off")
+    group.add_argument("--cfg-scale", type=nonnegative_float, default=None,
+                       help="default: 1 (no guidance)")
+    group.add_argument("--guidance-low", "--guidance_low", type=unit_closed, default=None,
+                       help="guidance only for t >= this (t = 1 is noise); default: 0")
+    group.add_argument("--guidance-high", "--guidance_high", type=unit_closed, default=None,
+                       help="guidance only for t <= this; default: 1")
+    group.add_argument("--path-type", choices=["linear", "cosine"], default=None,
+                       help="default: the path the checkpoint was trained with, else linear")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--sample-dir", type=str, required=True,
+                       help="folder of PNGs (and settings.json); the .npz goes beside it")
+    group.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    group.add_argument("--per-proc-batch-size", type=positive_int, default=32,
+                       help="images per process per batch; does not change the images")
+    group.add_argument("--global-seed", type=nonnegative_int, default=0)
+    group.add_argument("--label-sampling", choices=["random", "balanced"], default="random",
+                       help="random: uniform labels; balanced: exactly N/num_classes per class")
+    group.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
+                       help="model precision on GPU: fp32 (TF32 off), tf32 (REPA's default), "
+                            "bf16 autocast; the sampler state is float64 and the VAE fp32")
+
+
+def add_sampling_speed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speed (none changes the images beyond float rounding)")
+    group.add_argument("--predraw-noise", action=argparse.BooleanOptionalAction, default=True,
+                       help="draw each sample's whole SDE noise stream once per batch, in a "
+                            "background thread while the previous batch samples (the same "
+                            "numbers as step-by-step draws); off: each step draws from every "
+                            "sample's generator and copies to the device (a host sync)")
+    add_speed_args(group)
+# fmt: on
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample images for FID (PNGs + one .npz).")
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--ckpt",
-        type=str,
-        required=True,
-        help="our .pt checkpoint, our .safetensors export, or REPA's SiT .pt",
-    )
-    group.add_argument(
-        "--model",
-        type=str,
-        default=None,
-        help="only for a REPA checkpoint whose SiT variant cannot be inferred",
-    )
-    group.add_argument(
-        "--vae",
-        type=str,
-        default="ema",
-        help="ema | mse (stabilityai/sd-vae-ft-*), a local diffusers folder, or "
-        "tiny-random (test stand-in)",
-    )
-    group = parser.add_argument_group("sampler (explicit flags override --preset)")
-    group.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=None,
-        help="paper-main: SDE 250 steps, cfg 1.65, [0, 0.7] (Table 4); "
-        "ablation: Euler ODE 50 steps, cfg 1.8, [0, 0.7] (Tables 5-8)",
-    )
-    group.add_argument("--mode", choices=["sde", "ode"], default=None, help="default: sde")
-    group.add_argument("--num-steps", type=int, default=None, help="default: 250")
-    group.add_argument(
-        "--heun",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="Heun instead of Euler steps (ODE only); default: off",
-    )
-    group.add_argument("--cfg-scale", type=float, default=None, help="default: 1 (no guidance)")
-    group.add_argument(
-        "--guidance-low",
-        "--guidance_low",
-        type=float,
-        default=None,
-        help="guidance only for t >= this (t = 1 is noise); default: 0",
-    )
-    group.add_argument(
-        "--guidance-high",
-        "--guidance_high",
-        type=float,
-        default=None,
-        help="guidance only for t <= this; default: 1",
-    )
-    group.add_argument(
-        "--path-type",
-        choices=["linear", "cosine"],
-        default=None,
-        help="default: the path the checkpoint was trained with, else linear",
-    )
-    group = parser.add_argument_group("output")
-    group.add_argument(
-        "--sample-dir",
-        type=str,
-        required=True,
-        help="folder of PNGs (and settings.json); the .npz goes beside it",
-    )
-    group.add_argument("--num-fid-samples", type=int, default=50_000)
-    group.add_argument(
-        "--per-proc-batch-size",
-        type=int,
-        default=32,
-        help="images per process per batch; does not change the images",
-    )
-    group.add_argument("--global-seed", type=int, default=0)
-    group.add_argument(
-        "--label-sampling",
-        choices=["random", "balanced"],
-        default="random",
-        help="random: uniform labels; balanced: exactly N/num_classes per class",
-    )
-    group.add_argument(
-        "--precision",
-        choices=["fp32", "tf32", "bf16"],
-        default="tf32",
-        help="model precision on GPU: fp32 (TF32 off), tf32 (REPA's default), "
-        "bf16 autocast; the sampler state is float64 and the VAE fp32",
-    )
-    group = parser.add_argument_group("speed (none changes the images beyond float rounding)")
-    group.add_argument(
-        "--predraw-noise",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="draw each sample's whole SDE noise stream once per batch, in a background thread "
-        "while the previous batch samples (the same numbers as step-by-step draws); off: each "
-        "step draws from every sample's generator and copies to the device (a host sync)",
-    )
-    group.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="torch.compile the model (the first batches pay for compilation)",
-    )
-    group.add_argument(
-        "--sdpa-backend",
-        choices=SDPA_BACKENDS,
-        default="auto",
-        help="attention kernel: PyTorch's choice, or only flash, efficient, cudnn or math",
-    )
+    for add in (add_model_args, add_sampler_args, add_output_args, add_sampling_speed_args):
+        add(parser)
     args = parser.parse_args(argv)
     resolve_sampling_args(args)
-    validate_args(parser, args)
+    try:
+        validate_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
@@ -200,28 +181,17 @@ def resolve_sampling_args(args: argparse.Namespace) -> None:
             setattr(args, key, preset.get(key, default))
 
 
-def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag in ("num_steps", "num_fid_samples", "per_proc_batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.global_seed < 0:
-        parser.error("--global-seed must be non-negative")
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks between flags (each flag's own range is checked by its `type`)."""
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
-        parser.error("need 0 <= --guidance-low <= --guidance-high <= 1")
+        raise ValueError("need 0 <= --guidance-low <= --guidance-high <= 1")
     if args.heun and args.mode == "sde":
-        parser.error("--heun applies to the ODE sampler only (--mode ode)")
+        raise ValueError("--heun applies to the ODE sampler only (--mode ode)")
 
 
 #################################################################################
 #                       Seeds, labels and one batch                             #
 #################################################################################
-
-
-def sample_seed(global_seed: int, index: int) -> int:
-    """64-bit seed of sample `index`: a hash of (global_seed, index) (NumPy's SeedSequence),
-    so that neighbouring seeds and indices give unrelated streams."""
-    words = np.random.SeedSequence([global_seed, index]).generate_state(2, dtype=np.uint32)
-    return int(words[0]) << 32 | int(words[1])
 
 
 def balanced_labels(num_samples: int, num_classes: int, global_seed: int) -> torch.Tensor:
@@ -266,7 +236,7 @@ def draw_inputs(
     one shape, so the kernels (which libraries choose per shape, and which round differently)
     are the same for every image, whichever process, batch or resumed run draws it.
     """
-    seeds = [sample_seed(args.global_seed, i) for i in indices]
+    seeds = [hash_seed(args.global_seed, i) for i in indices]
     seeds += [0] * (args.per_proc_batch_size - len(indices))  # padding rows
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     # Every sample draws a random label first, balanced or not, so that its noise stream is the
@@ -289,7 +259,7 @@ def draw_inputs(
 
 
 @torch.no_grad()
-def sample_latents(
+def sample_batch(
     model: AlignedModel, inputs: BatchInputs, args: argparse.Namespace, device: torch.device
 ) -> torch.Tensor:
     """(B, C, h, w) float64 latents of one batch (padding rows included)."""
@@ -344,7 +314,7 @@ def generate_latents(
             inputs = pending.pop().result()
             if k + 1 < len(batches):
                 pending.append(pool.submit(draw, batches[k + 1]))
-            yield indices, sample_latents(model, inputs, args, device)
+            yield indices, sample_batch(model, inputs, args, device)
 
 
 #################################################################################
@@ -373,6 +343,7 @@ def sampling_settings(
         "label_sampling": args.label_sampling,
         "precision": args.precision,
         "pixels": PIXELS,
+        "sample_seed": SAMPLE_SEED,
     }
     return json.loads(json.dumps(settings))  # as it reads back from disk (tuples -> lists)
 
@@ -388,12 +359,11 @@ def check_sample_dir(sample_dir: str, settings: dict[str, Any]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             existing = json.load(f)
-        if existing != settings:
-            keys = sorted(set(existing) | set(settings))
-            diff = [f"{k}: {existing.get(k)!r} there, {settings.get(k)!r} now" for k in keys
-                    if existing.get(k) != settings.get(k)]  # fmt: skip
+        differences = dict_differences(existing, settings, "there", "now")
+        if differences:
             raise ValueError(
-                f"{sample_dir} holds samples made with other settings ({'; '.join(diff)}). "
+                f"{sample_dir} holds samples made with other settings "
+                f"({'; '.join(differences)}). "
                 "Use another --sample-dir (or delete this one) instead of mixing them."
             )
     elif os.path.isdir(sample_dir) and any(PNG_NAME.match(n) for n in os.listdir(sample_dir)):
@@ -407,16 +377,11 @@ def init_sample_dir(sample_dir: str, settings: dict[str, Any]) -> None:
     """Create the folder, record the settings, drop temporary files left by a crash."""
     os.makedirs(sample_dir, exist_ok=True)
     for name in os.listdir(sample_dir):
-        if name.startswith(".") and name.endswith(".png.tmp"):
+        if is_temporary(name):
             os.remove(os.path.join(sample_dir, name))
     path = os.path.join(sample_dir, SETTINGS_FILE)
     if not os.path.exists(path):
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w") as f:
-                json.dump(settings, f, indent=2)
-
-        atomic_write(path, write)
+        write_json(path, settings)
 
 
 def missing_indices(sample_dir: str, num_samples: int) -> list[int]:
@@ -425,10 +390,13 @@ def missing_indices(sample_dir: str, num_samples: int) -> list[int]:
 
 
 def save_png(image: np.ndarray, sample_dir: str, index: int) -> None:
-    """Write to a temporary name, then rename: a PNG that exists is complete."""
-    tmp = os.path.join(sample_dir, f".{index:06d}.png.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, png_path(sample_dir, index))
+    """Write to a temporary name, then rename: a PNG that exists is complete. Not fsynced (50K
+    small files): a killed process leaves no partial PNG, though a power loss might."""
+
+    def write(tmp: str) -> None:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+    atomic_write(png_path(sample_dir, index), write, durable=False)
 
 
 def read_png(sample_dir: str, index: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -465,32 +433,6 @@ def write_npz(sample_dir: str, num_samples: int, npz_path: str) -> tuple[int, ..
 #################################################################################
 #                                   Main                                        #
 #################################################################################
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device): torchrun's environment (NCCL on GPUs, gloo on CPU), or a
-    single process."""
-    cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_from_rank0(obj: Any) -> Any:
-    if not dist.is_initialized():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
 
 
 def set_precision(precision: str) -> None:
@@ -541,7 +483,7 @@ def generate_samples(
 
 
 def main(args: argparse.Namespace) -> None:
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = init_distributed()
     set_precision(args.precision)
 
     model = load_model_for_sampling(args.ckpt, device, args.model)
@@ -577,8 +519,7 @@ def main(args: argparse.Namespace) -> None:
         npz_path = f"{os.path.normpath(args.sample_dir)}.npz"
         shape = write_npz(args.sample_dir, args.num_fid_samples, npz_path)
         print(f"Saved {npz_path} [arr_0: uint8, shape {shape}].")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ file's size and SHA-256, and the manifest gathers the sidecars.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from utils import atomic_write, write_json
 
 FORMAT_NAME = "u-repa-shards"
 FORMAT_VERSION = 1
@@ -100,17 +101,6 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to a temporary name, flush it to disk, then rename: readers see all or nothing."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_json(path: str) -> Any:
     with open(path) as f:
         return json.load(f)
@@ -157,14 +147,17 @@ class ShardWriter:
         self._arrays: dict[str, np.memmap] = {}
         self._blobs: dict[str, Any] = {}
         self._offsets: dict[str, list[int]] = {}
-        for m in modalities:
-            tmp = self._tmp(m.files(shard)[0])
-            if m.encoding == "png":
-                self._blobs[m.name] = open(tmp, "wb")  # noqa: SIM115 (closed in publish)
-                self._offsets[m.name] = [0]
+        for modality in modalities:
+            tmp = self._tmp(modality.files(shard)[0])
+            if modality.encoding == "png":
+                self._blobs[modality.name] = open(tmp, "wb")  # noqa: SIM115 (closed in publish)
+                self._offsets[modality.name] = [0]
             else:
-                self._arrays[m.name] = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np.dtype(m.dtype), shape=(capacity, *m.shape)
+                self._arrays[modality.name] = np.lib.format.open_memmap(
+                    tmp,
+                    mode="w+",
+                    dtype=np.dtype(modality.dtype),
+                    shape=(capacity, *modality.shape),
                 )
 
     def _tmp(self, relpath: str) -> str:
@@ -178,17 +171,19 @@ class ShardWriter:
     def add(self, rows: dict[str, Any], sources: list[str]) -> None:
         """Append len(sources) samples: `rows[name]` is an array (k, *shape), or for PNG
         modalities a list of k PNG byte strings."""
-        k = len(sources)
-        if self.seen + k > self.capacity:
+        added = len(sources)
+        if self.seen + added > self.capacity:
             raise ValueError(f"shard {self.shard}: more than {self.capacity} samples")
-        for m in self.modalities:
-            if m.encoding == "png":
-                for data in rows[m.name]:
-                    self._blobs[m.name].write(data)
-                    self._offsets[m.name].append(self._offsets[m.name][-1] + len(data))
+        for modality in self.modalities:
+            if modality.encoding == "png":
+                for data in rows[modality.name]:
+                    self._blobs[modality.name].write(data)
+                    self._offsets[modality.name].append(
+                        self._offsets[modality.name][-1] + len(data)
+                    )
             else:
-                self._arrays[m.name][self.count : self.count + k] = rows[m.name]
-        self.count += k
+                self._arrays[modality.name][self.count : self.count + added] = rows[modality.name]
+        self.count += added
         self.sources.extend(sources)
 
     def exclude(self, source: str, reason: str) -> None:
@@ -197,15 +192,14 @@ class ShardWriter:
     def _finish_tmp_files(self) -> list[str]:
         """Flush every temporary file, trimmed to `count` rows; return their final relpaths."""
         relpaths = []
-        for m in self.modalities:
-            files = m.files(self.shard)
-            if m.encoding == "png":
-                self._blobs.pop(m.name).close()
-                np.save(self._tmp(files[1]), np.asarray(self._offsets[m.name], dtype=np.int64))
-                # np.save appends ".npy" to a name without it; ours ends in ".tmp"
-                os.replace(self._tmp(files[1]) + ".npy", self._tmp(files[1]))
+        for modality in self.modalities:
+            files = modality.files(self.shard)
+            if modality.encoding == "png":
+                self._blobs.pop(modality.name).close()
+                with open(self._tmp(files[1]), "wb") as f:  # a path would gain ".npy"
+                    np.save(f, np.asarray(self._offsets[modality.name], dtype=np.int64))
             else:
-                array = self._arrays.pop(m.name)
+                array = self._arrays.pop(modality.name)
                 array.flush()
                 if self.count < self.capacity:  # some files were excluded: copy the prefix
                     _write_prefix(array, self.count, self._tmp(files[0]))
@@ -233,7 +227,7 @@ class ShardWriter:
             "excluded": self.excluded,
             "sources": self.sources,
         }
-        write_json_atomic(sidecar_path(self.root, self.shard), sidecar)
+        write_json(sidecar_path(self.root, self.shard), sidecar)
         return sidecar
 
     def abort(self) -> None:
@@ -244,26 +238,32 @@ class ShardWriter:
 
 
 def _write_prefix(array: np.memmap, count: int, path: str) -> None:
-    """Replace `path` by an .npy holding the first `count` rows of `array`, in bounded memory."""
+    """Replace `path` by an .npy holding the first `count` rows of `array`, in bounded memory.
+    Not flushed to disk here: `publish` flushes every file it publishes."""
     chunk = max(1, (64 << 20) // max(1, array[0].nbytes))  # rows per 64 MiB copy
-    trimmed_path = path + ".trim"
-    if count == 0:
-        with open(trimmed_path, "wb") as f:  # a zero-length memmap cannot be created
-            np.save(f, np.empty((0, *array.shape[1:]), dtype=array.dtype))
-    else:
-        out = np.lib.format.open_memmap(
-            trimmed_path, mode="w+", dtype=array.dtype, shape=(count, *array.shape[1:])
-        )
-        for a in range(0, count, chunk):
-            out[a : a + chunk] = array[a : min(a + chunk, count)]
+    shape = (count, *array.shape[1:])
+
+    def write(tmp: str) -> None:
+        if count == 0:  # a zero-length memmap cannot be created
+            with open(tmp, "wb") as f:  # a path would gain ".npy"
+                np.save(f, np.empty(shape, dtype=array.dtype))
+            return
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=shape)
+        for start in range(0, count, chunk):
+            out[start : start + chunk] = array[start : min(start + chunk, count)]
         out.flush()
         del out
-    os.replace(trimmed_path, path)
+
+    atomic_write(path, write, durable=False)
 
 
 def remove_stale_temporaries(root: str, shard: int) -> None:
-    for path in glob.glob(os.path.join(root, SHARD_DIR, f"*-{shard:05d}.*.tmp*")):
-        os.remove(path)
+    """Delete what an interrupted write of `shard` left: its `.tmp` data files, and temporary
+    files of `utils.atomic_write` (a trimmed array, the sidecar)."""
+    folder = os.path.join(root, SHARD_DIR)
+    for name in os.listdir(folder):
+        if f"-{shard:05d}." in name and ".tmp" in name:
+            os.remove(os.path.join(folder, name))
 
 
 def completed_shard(root: str, shard: int, modalities: list[Modality]) -> dict[str, Any] | None:
@@ -273,7 +273,7 @@ def completed_shard(root: str, shard: int, modalities: list[Modality]) -> dict[s
     if not os.path.exists(path):
         return None
     sidecar = read_json(path)
-    expected = [rel for m in modalities for rel in m.files(shard)]
+    expected = [rel for modality in modalities for rel in modality.files(shard)]
     for rel in expected:
         entry = sidecar["files"].get(rel)
         full = os.path.join(root, rel)
@@ -288,11 +288,11 @@ def write_manifest(
     """Gather the shard sidecars into `manifest.json` (written last). `header` holds the
     dataset-level entries (settings, classes, resolution, ...)."""
     entries, excluded, class_counts = [], [], np.zeros(0, dtype=np.int64)
-    for s in range(num_shards):
-        sidecar = completed_shard(root, s, modalities)
+    for shard in range(num_shards):
+        sidecar = completed_shard(root, shard, modalities)
         if sidecar is None:
-            raise DatasetError(f"shard {s} of {root} is not complete; re-run the same command")
-        labels = np.load(os.path.join(root, SHARD_DIR, f"labels-{s:05d}.npy"))
+            raise DatasetError(f"shard {shard} of {root} is not complete; re-run the same command")
+        labels = np.load(os.path.join(root, SHARD_DIR, f"labels-{shard:05d}.npy"))
         counts = np.bincount(labels, minlength=len(class_counts))
         class_counts = np.pad(class_counts, (0, len(counts) - len(class_counts))) + counts
         entries.append({"num_samples": sidecar["num_samples"], "files": sidecar["files"]})
@@ -304,11 +304,11 @@ def write_manifest(
         **header,
         "num_samples": sum(e["num_samples"] for e in entries),
         "class_counts": np.pad(class_counts, (0, num_classes - len(class_counts))).tolist(),
-        "modalities": {m.name: m.describe() for m in modalities},
+        "modalities": {modality.name: modality.describe() for modality in modalities},
         "shards": entries,
         "excluded": sorted(header.get("excluded", []) + excluded, key=lambda e: e["path"]),
     }
-    write_json_atomic(os.path.join(root, MANIFEST), manifest)
+    write_json(os.path.join(root, MANIFEST), manifest)
     return manifest
 
 
@@ -354,9 +354,11 @@ class ShardReader:
     def __init__(self, root: str, manifest: dict[str, Any], names: list[str]):
         self.root = root
         self.manifest = manifest
-        self.modalities = [modality_from_manifest(n, manifest["modalities"][n]) for n in names]
-        self._by_name = {m.name: m for m in self.modalities}
-        counts = np.asarray([s["num_samples"] for s in manifest["shards"]], dtype=np.int64)
+        self.modalities = [
+            modality_from_manifest(name, manifest["modalities"][name]) for name in names
+        ]
+        self._by_name = {modality.name: modality for modality in self.modalities}
+        counts = np.asarray([entry["num_samples"] for entry in manifest["shards"]], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # (num_shards + 1,)
         self._maps: dict[tuple[str, int], Any] = {}
 
@@ -376,37 +378,36 @@ class ShardReader:
 
     def _expected(self) -> list[tuple[int, str, dict[str, Any]]]:
         out = []
-        for s, shard in enumerate(self.manifest["shards"]):
-            for m in self.modalities:
-                for rel in m.files(s):
-                    out.append((s, rel, shard["files"][rel]))
+        for shard, entry in enumerate(self.manifest["shards"]):
+            for modality in self.modalities:
+                for rel in modality.files(shard):
+                    out.append((shard, rel, entry["files"][rel]))
         return out
 
     def check(self) -> None:
         """Cheap consistency checks: every file present, of the recorded size, with the recorded
         array header. Truncated or missing shards fail here; bit flips need `verify()`."""
-        for s, rel, entry in self._expected():
+        for shard, rel, entry in self._expected():
             path = os.path.join(self.root, rel)
             if not os.path.exists(path):
-                raise DatasetError(f"missing shard file {path}; {self._rebuild_hint(s)}")
+                raise DatasetError(f"missing shard file {path}; {self._rebuild_hint(shard)}")
             size = os.path.getsize(path)
             if size != entry["bytes"]:
                 raise DatasetError(
                     f"shard file {path} has {size} bytes, the manifest says {entry['bytes']} "
-                    f"(truncated or rewritten); {self._rebuild_hint(s)}"
+                    f"(truncated or rewritten); {self._rebuild_hint(shard)}"
                 )
-        for s in range(len(self.manifest["shards"])):
-            for m in self.modalities:
-                n = self.manifest["shards"][s]["num_samples"]
-                self._check_header(s, m, n)
+        for shard, entry in enumerate(self.manifest["shards"]):
+            for modality in self.modalities:
+                self._check_header(shard, modality, entry["num_samples"])
 
-    def _check_header(self, s: int, m: Modality, n: int) -> None:
-        files = m.files(s)
+    def _check_header(self, shard: int, modality: Modality, num_samples: int) -> None:
+        files = modality.files(shard)
         shape: tuple[int, ...]
-        if m.encoding == "png":
-            path, dtype, shape = files[1], np.dtype(np.int64), (n + 1,)
+        if modality.encoding == "png":
+            path, dtype, shape = files[1], np.dtype(np.int64), (num_samples + 1,)
         else:
-            path, dtype, shape = files[0], np.dtype(m.dtype), (n, *m.shape)
+            path, dtype, shape = files[0], np.dtype(modality.dtype), (num_samples, *modality.shape)
         with open(os.path.join(self.root, path), "rb") as f:
             try:
                 version = np.lib.format.read_magic(f)
@@ -416,31 +417,31 @@ class ShardReader:
                 got_shape, _, got_dtype = read_header(f)
             except ValueError as err:
                 raise DatasetError(
-                    f"{path} is not a valid .npy file; {self._rebuild_hint(s)}"
+                    f"{path} is not a valid .npy file; {self._rebuild_hint(shard)}"
                 ) from err
         if tuple(got_shape) != shape or got_dtype != dtype:
             raise DatasetError(
                 f"{path} holds {got_dtype} {tuple(got_shape)}, the manifest says {dtype} {shape}; "
-                f"{self._rebuild_hint(s)}"
+                f"{self._rebuild_hint(shard)}"
             )
 
     def verify(self) -> None:
         """Full check: recompute every file's SHA-256 (reads the whole dataset)."""
         self.check()
-        for s, rel, entry in self._expected():
+        for shard, rel, entry in self._expected():
             if file_sha256(os.path.join(self.root, rel)) != entry["sha256"]:
-                raise DatasetError(f"checksum mismatch in {rel}; {self._rebuild_hint(s)}")
+                raise DatasetError(f"checksum mismatch in {rel}; {self._rebuild_hint(shard)}")
 
     def locate(self, i: int) -> tuple[int, int]:
         """Global sample index -> (shard, row in shard)."""
-        s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return s, i - int(self.starts[s])
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return shard, i - int(self.starts[shard])
 
-    def _map(self, m: Modality, shard: int) -> Any:
-        key = (m.name, shard)
+    def _map(self, modality: Modality, shard: int) -> Any:
+        key = (modality.name, shard)
         if key not in self._maps:
-            files = [os.path.join(self.root, rel) for rel in m.files(shard)]
-            if m.encoding == "png":
+            files = [os.path.join(self.root, rel) for rel in modality.files(shard)]
+            if modality.encoding == "png":
                 blob = np.memmap(files[0], dtype=np.uint8, mode="r")
                 self._maps[key] = (blob, np.load(files[1], mmap_mode="r"))
             else:
@@ -451,23 +452,19 @@ class ShardReader:
         """Sample i of every opened modality, as fresh (writable) arrays."""
         shard, row = self.locate(i)
         out = {}
-        for m in self.modalities:
-            if m.encoding == "png":
-                blob, offsets = self._map(m, shard)
-                out[m.name] = decode_png(blob[offsets[row] : offsets[row + 1]].tobytes())
+        for modality in self.modalities:
+            if modality.encoding == "png":
+                blob, offsets = self._map(modality, shard)
+                out[modality.name] = decode_png(blob[offsets[row] : offsets[row + 1]].tobytes())
             else:
-                out[m.name] = np.array(self._map(m, shard)[row])
+                out[modality.name] = np.array(self._map(modality, shard)[row])
         return out
 
     def read_all(self, name: str) -> np.ndarray:
         """A whole modality, concatenated over shards (for small ones such as labels)."""
-        m = self._by_name[name]
-        parts = [np.asarray(self._map(m, s)) for s in range(len(self.manifest["shards"]))]
-        return np.concatenate(parts) if parts else np.empty((0, *m.shape), dtype=m.dtype)
-
-
-def settings_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two settings records."""
-    keys = sorted(set(old) | set(new))
-    differ = [k for k in keys if old.get(k) != new.get(k)]
-    return [f"{k}: {old.get(k)!r} (on disk) vs {new.get(k)!r} (now)" for k in differ]
+        modality = self._by_name[name]
+        num_shards = len(self.manifest["shards"])
+        parts = [np.asarray(self._map(modality, shard)) for shard in range(num_shards)]
+        return (
+            np.concatenate(parts) if parts else np.empty((0, *modality.shape), dtype=modality.dtype)
+        )

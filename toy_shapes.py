@@ -28,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from utils import atomic_write
+
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (225, 50, 45),
@@ -103,11 +105,13 @@ def draw(label: int, index: int, size: int = 64, seed: int = 0) -> np.ndarray:
     background = (grey, grey, grey)
     jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3)
     fill = tuple(int(c) for c in np.clip(np.array(PALETTE[colour]) + jitter, 0, 255))
-    r = rng.uniform(0.19, 0.34) * size
-    cx, cy = rng.uniform(r + 2, size - r - 2, 2)
-    s = SUPERSAMPLE
-    image = Image.new("RGB", (size * s, size * s), background)
-    draw_shape(ImageDraw.Draw(image), shape, cx * s, cy * s, r * s, fill, background)
+    radius = rng.uniform(0.19, 0.34) * size
+    cx, cy = rng.uniform(radius + 2, size - radius - 2, 2)
+    scale = SUPERSAMPLE
+    image = Image.new("RGB", (size * scale, size * scale), background)
+    draw_shape(
+        ImageDraw.Draw(image), shape, cx * scale, cy * scale, radius * scale, fill, background
+    )
     return np.asarray(image.resize((size, size), Image.Resampling.BOX))
 
 
@@ -121,8 +125,8 @@ def write_dataset(root: str, per_class: int, size: int = 64, seed: int = 0) -> i
         for index in range(per_class):
             path = os.path.join(folder, f"{index:05d}.png")
             if not os.path.exists(path):
-                Image.fromarray(draw(label, index, size, seed)).save(path + ".tmp", format="PNG")
-                os.replace(path + ".tmp", path)
+                image = Image.fromarray(draw(label, index, size, seed))
+                atomic_write(path, functools.partial(image.save, format="PNG"), durable=False)
     return NUM_CLASSES * per_class
 
 
@@ -165,9 +169,9 @@ def measure(image: np.ndarray) -> tuple[str | None, str | None]:
         return None, None
     rgb = np.median(pixels[mask], axis=0)
     colour = min(PALETTE, key=lambda c: float(np.sum((rgb - np.array(PALETTE[c])) ** 2)))
-    m = _box_resize(mask)
+    box_mask = _box_resize(mask)
     templates = _templates()
-    iou = np.minimum(templates, m).sum((1, 2)) / np.maximum(templates, m).sum((1, 2))
+    iou = np.minimum(templates, box_mask).sum((1, 2)) / np.maximum(templates, box_mask).sum((1, 2))
     return SHAPES[int(iou.argmax())], colour
 
 

@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,13 +24,28 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 
 from checkpoints import TrainingError, check_resumable, load_checkpoint, resolve_run
+from cli import (
+    add_encoder_args,
+    add_speed_args,
+    add_vae_args,
+    encoder_weights,
+    json_object,
+    model_name,
+    nonnegative_float,
+    nonnegative_int,
+    parse_encoder_args,
+    positive_float,
+    positive_int,
+    unit_closed,
+    unit_interval,
+)
 from data_plan import BatchPlan
 from dataset import LatentDataset
-from frozen import RepresentationEncoder, encoder_dim, load_encoder, load_vae, parse_encoder_list
+from frozen import RepresentationEncoder, encoder_dim, load_encoder, load_vae
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
-from models import MODEL_CLASSES, PROJECTOR_FIELDS, build_model, canonical_name
+from models import PROJECTOR_FIELDS, build_model
 from models.base import AlignedDiffusionTransformer
-from models.layers import SDPA_BACKENDS, sdpa_backend
+from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
 from run_log import add_log_file, close_logger, create_logger, peak_flops
@@ -53,48 +68,6 @@ FLAG_OF_MODEL_KWARG = {
 #################################################################################
 #                                     Flags                                     #
 #################################################################################
-
-
-def _checked(kind: type, valid: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
-    """An argparse `type`: parse `kind`, then require `valid(value)` ("must be {what}")."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if not valid(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-
-    return parse
-
-
-positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: v > 0, "> 0")
-nonnegative_float = _checked(float, lambda v: v >= 0, ">= 0")
-unit_interval = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
-unit_closed = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
-
-
-def model_name(text: str) -> str:
-    if text in MODEL_CLASSES:  # a bare class, sized by --model-config
-        return text
-    try:
-        return canonical_name(text)
-    except KeyError as err:
-        raise argparse.ArgumentTypeError(err.args[0]) from None
-
-
-def json_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 # The flag tables below are formatted by hand, one flag per line or two, as in REPA.
@@ -125,14 +98,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_alignment_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("objective (U-REPA Eq. 5: L_v + λ(t)·(L_REPA + w·L_ML))")
-    g.add_argument("--enc-type", default="dinov2-vit-b",
-                   help="representation encoder(s), comma-separated, or 'none' to train without "
-                        "alignment (needs --proj-coeff 0)")
+    add_encoder_args(g, none_means="trains without alignment (needs --proj-coeff 0)")
     g.add_argument("--encoder-mode", choices=["precomputed", "online"], default="precomputed",
                    help="read the dataset's stored encoder features, or run the encoder on the "
                         "dataset's stored pixels in the loop (as REPA does)")
-    g.add_argument("--enc-weights", default=None,
-                   help="online mode: local weight file of each encoder, comma-separated")
     g.add_argument("--proj-coeff", type=nonnegative_float, default=0.5,
                    help="λ, weight of the alignment terms (0: plain SiT, needs --enc-type none)")
     g.add_argument("--manifold-coeff", type=nonnegative_float, default=3.0,
@@ -159,9 +128,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="image resolution; must match the dataset's")
     g.add_argument("--num-workers", type=nonnegative_int, default=4,
                    help="data-loading processes per training process")
-    g.add_argument("--vae", default="ema",
-                   help="SD-VAE that decodes the previews: ema, mse, a local diffusers folder, or "
-                        "tiny-random (tests)")
+    add_vae_args(g, purpose="decodes the previews")
 
 
 def add_optimization_args(parser: argparse.ArgumentParser) -> None:
@@ -195,14 +162,10 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
                    help="autocast dtype; fp16 uses loss scaling (REPA's default)")
     g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls and convolutions on Ampere+ GPUs (REPA's command uses it)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the model")
     g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
                    help="AdamW's fused kernel (one launch for all parameters; with fp16, no host "
                         "sync for the loss scaler); off: PyTorch's default foreach AdamW, as REPA")
-    g.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="auto",
-                   help="attention kernel of scaled_dot_product_attention: PyTorch's choice, or "
-                        "only flash, efficient (memory-efficient), cudnn or math")
+    add_speed_args(g)
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -260,7 +223,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Checks between flags (each flag's own range is checked by its `type`)."""
-    args.encoders = [] if args.enc_type.lower() == "none" else parse_encoder_list(args.enc_type)
+    parse_encoder_args(args)
     if not args.encoders and args.proj_coeff > 0:
         raise ValueError("--enc-type none trains without alignment: it needs --proj-coeff 0")
     if args.encoders and args.proj_coeff == 0:
@@ -270,8 +233,6 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.encoder_mode == "online" and not args.encoders:
         raise ValueError("--encoder-mode online needs an encoder (--enc-type)")
-    if args.enc_weights is not None and len(args.enc_weights.split(",")) != len(args.encoders):
-        raise ValueError("--enc-weights needs one path per encoder of --enc-type")
     if args.batch_size % args.gradient_accumulation_steps:
         raise ValueError(
             f"--batch-size {args.batch_size} (global) is not divisible by "
@@ -356,7 +317,7 @@ def load_encoders(args: argparse.Namespace, device: torch.device) -> list[Repres
     """Online mode: the frozen encoders, run on the stored pixels in the loop."""
     if args.encoder_mode != "online":
         return []
-    weights = args.enc_weights.split(",") if args.enc_weights else [None] * len(args.encoders)
+    weights = encoder_weights(args.enc_weights, args.encoders)
     return [
         load_encoder(name, args.resolution, path, device)
         for name, path in zip(args.encoders, weights, strict=True)

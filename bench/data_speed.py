@@ -38,8 +38,8 @@ from trainer import training_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    source = p.add_mutually_exclusive_group(required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-dir", help="a dataset written by preprocessing/prepare.py")
     source.add_argument(
         "--synthetic",
@@ -47,23 +47,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="write N random samples of ImageNet-256 shapes to a temporary folder",
     )
-    p.add_argument(
+    parser.add_argument(
         "--encoders",
         default="dinov2-vit-b",
         help="stored encoder features to read, comma-separated ('' for none)",
     )
-    p.add_argument("--global-batch", type=int, default=256)
-    p.add_argument("--processes", type=int, default=8, help="training processes sharing it")
-    p.add_argument("--num-workers", type=int, default=4, help="loader workers per process")
-    p.add_argument("--batches", type=int, default=30, help="timed batches (after 5 warm-up)")
-    p.add_argument(
+    parser.add_argument("--global-batch", type=int, default=256)
+    parser.add_argument("--processes", type=int, default=8, help="training processes sharing it")
+    parser.add_argument("--num-workers", type=int, default=4, help="loader workers per process")
+    parser.add_argument("--batches", type=int, default=30, help="timed batches (after 5 warm-up)")
+    parser.add_argument(
         "--train-images-per-sec",
         type=float,
         default=None,
         help="images/s of one GPU in training, for the ratio",
     )
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return p.parse_args(argv)  # fmt: skip
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)  # fmt: skip
 
 
 def training_batches_rate(

@@ -50,12 +50,13 @@ from bench.common import (
     write_json,
 )
 from checkpoints import load_model_for_sampling
+from cli import json_object, model_name
 from models import build_model
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.summary import count_macs
 from run_log import peak_flops
-from train import json_object, model_name
+from utils import init_distributed
 
 DEFAULT_GENERATE_FLAGS = ["--preset", "paper-main", "--precision", "bf16",
                           "--per-proc-batch-size", "64", "--path-type", "linear"]  # fmt: skip
@@ -63,48 +64,50 @@ FID_SAMPLES, FID_DEVICES = 50_000, 8
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argparse.Namespace]:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="Any other flag is generate.py's (e.g. --num-steps, --precision, --compile).",
         allow_abbrev=False,
     )
-    p.add_argument(
+    parser.add_argument(
         "--model",
         type=model_name,
         default="SiTDown-XL/2",
         help="registry name, or SiT / SiTDown sized by --model-config",
     )
-    p.add_argument(
+    parser.add_argument(
         "--model-config",
         type=json_object,
         default={},
         help="JSON object of further constructor arguments",
     )
-    p.add_argument("--ckpt", default=None, help="a checkpoint to sample instead of random weights")
-    p.add_argument("--resolution", type=int, default=256, help="image side (latents: /8)")
-    p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--batches", type=int, default=2, help="timed batches (after one untimed)")
-    p.add_argument(
+    parser.add_argument(
+        "--ckpt", default=None, help="a checkpoint to sample instead of random weights"
+    )
+    parser.add_argument("--resolution", type=int, default=256, help="image side (latents: /8)")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--batches", type=int, default=2, help="timed batches (after one untimed)")
+    parser.add_argument(
         "--compare-noise",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="also time the other way of drawing the SDE noise (--predraw-noise)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--compare-precision",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="sample --compare-samples images in fp32, TF32 and bf16 and compare",
     )
-    p.add_argument("--compare-samples", type=int, default=8)
-    p.add_argument(
+    parser.add_argument("--compare-samples", type=int, default=8)
+    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=None,
         help="peak TFLOP/s of the device, for MFU (default: known GPUs, bf16)",
     )
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    bench, rest = p.parse_known_args(argv)
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench, rest = parser.parse_known_args(argv)
     args = generate.parse_args(["--ckpt", bench.ckpt or "random", "--sample-dir", "unused",
                                 *DEFAULT_GENERATE_FLAGS, *rest])  # fmt: skip
     return bench, args
@@ -177,7 +180,7 @@ def count_step_syncs(model: AlignedDiffusionTransformer, args: argparse.Namespac
                                   pin=device.type == "cuda")  # fmt: skip
     synchronize(device)
     with sdpa_backend(args.sdpa_backend), count_syncs(device) as syncs:
-        generate.sample_latents(model, inputs, short, device)
+        generate.sample_batch(model, inputs, short, device)
     return None if syncs.value is None else syncs.value / short.num_steps
 
 
@@ -208,7 +211,7 @@ def compare_precisions(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench, args = parse_args(argv)
-    rank, world, device = generate.setup_distributed()
+    rank, world, device = init_distributed()
     generate.set_precision(args.precision)
     env = environment(device)
     report("environment", {k: str(v) for k, v in env.items()})

@@ -12,7 +12,6 @@ the manifest is written once every shard is complete.
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
 import shlex
@@ -25,21 +24,28 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import shards
+from cli import (
+    add_encoder_args,
+    add_vae_args,
+    encoder_weights,
+    nonnegative_int,
+    parse_encoder_args,
+    positive_int,
+)
 from frozen import (
-    ENCODER_STANDIN,
     ENCODERS,
     VAE_IDS,
     VAE_SCALE,
     encoder_dim,
+    encoder_grid,
+    encoder_input_size,
     latent_geometry,
     load_encoder,
     load_vae,
-    parse_encoder_list,
 )
 from preprocessing.sources import (
     CroppedImages,
@@ -48,6 +54,14 @@ from preprocessing.sources import (
     collate_cropped,
     exit_with_parent,
 )
+from utils import (
+    barrier,
+    close_distributed,
+    dict_differences,
+    init_distributed,
+    is_temporary,
+    write_json,
+)
 
 logger = logging.getLogger("prepare")
 
@@ -55,87 +69,73 @@ logger = logging.getLogger("prepare")
 BARRIER_TIMEOUT = timedelta(hours=48)
 
 
+#################################################################################
+#                                     Flags                                     #
+#################################################################################
+
+
+def crop_size(text: str) -> int:
+    """--resolution: the VAE divides it by 8 and DINOv2 sees 224 px per 256 in 14-px patches,
+    so it must be a multiple of 16."""
+    size = positive_int(text)
+    if size % 16:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive multiple of 16 (VAE factor 8, DINOv2 patch 14), got {text}"
+        )
+    return size
+
+
+# The flag tables below are formatted by hand, one flag per line or two, as in train.py.
+# fmt: off
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("source and destination")
+    group.add_argument("--source", required=True,
+                       help="ImageFolder directory (one sub-folder per class) or a .zip of one")
+    group.add_argument("--dest", required=True, help="output dataset directory")
+    group.add_argument("--labels", default=None,
+                       help="labels file instead of class folders: JSON {relative path: label} "
+                            "or text lines 'relative/path label'; unlisted images are excluded")
+
+
+def add_encoding_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("what each image is stored as")
+    group.add_argument("--resolution", type=crop_size, default=256,
+                       help="centre-crop size in pixels (256 or 512; any multiple of 16)")
+    add_vae_args(group, "encodes the images")
+    group.add_argument("--moments-dtype", choices=["float32", "float16"], default="float32",
+                       help="storage dtype of the VAE posterior [mean, std]")
+    add_encoder_args(group, none_means="stores no features")
+    group.add_argument("--save-pixels", action=argparse.BooleanOptionalAction, default=False,
+                       help="also store the cropped pixels (online-encoder mode, previews)")
+    group.add_argument("--pixel-format", choices=["png", "npy"], default="png",
+                       help="png: lossless, smaller, one PNG decode per read; npy: raw uint8, "
+                            "fastest")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--shard-size", type=positive_int, default=10000,
+                       help="source images per shard")
+    group.add_argument("--batch-size", type=positive_int, default=64,
+                       help="images per encoder batch, per process")
+    group.add_argument("--num-workers", type=nonnegative_int, default=8,
+                       help="decoding workers per process")
+    group.add_argument("--dry-run", action="store_true",
+                       help="list the source, check --dest, print the plan; load and write nothing")
+# fmt: on
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--source",
-        required=True,
-        help="ImageFolder directory (one sub-folder per class) or a .zip of one",
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dest", required=True, help="output dataset directory")
-    p.add_argument(
-        "--labels",
-        default=None,
-        help="labels file instead of class folders: JSON {relative path: label} or\n"
-        "text lines 'relative/path label'; unlisted images are excluded",
-    )
-    p.add_argument(
-        "--resolution",
-        type=int,
-        default=256,
-        help="centre-crop size in pixels (256 or 512; any multiple of 16)",
-    )
-    p.add_argument(
-        "--vae",
-        default="ema",
-        help=f"SD-VAE: {' / '.join(VAE_IDS)} ({', '.join(VAE_IDS.values())}), a local\n"
-        "diffusers folder, 'pixels' (identity: pixel space, the quickstart's stand-in)\n"
-        "or 'tiny-random' (test stand-in)",
-    )
-    p.add_argument(
-        "--moments-dtype",
-        choices=["float32", "float16"],
-        default="float32",
-        help="storage dtype of the VAE posterior [mean, std]",
-    )
-    p.add_argument(
-        "--enc-type",
-        default="dinov2-vit-b",
-        help="comma-separated DINOv2 encoders: dinov2-vit-{s,b,l,g}, optionally with _reg\n"
-        "(e.g. dinov2-vit-b,dinov2-vit-l_reg); 'none' stores no features;\n"
-        f"{ENCODER_STANDIN} is the test stand-in",
-    )
-    p.add_argument(
-        "--enc-weights",
-        default=None,
-        help="comma-separated local weight files, one per --enc-type entry",
-    )
-    p.add_argument(
-        "--save-pixels",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="also store the cropped pixels (online-encoder mode, previews)",
-    )
-    p.add_argument(
-        "--pixel-format",
-        choices=["png", "npy"],
-        default="png",
-        help="png: lossless, smaller, one PNG decode per read; npy: raw uint8, fastest",
-    )
-    p.add_argument("--shard-size", type=int, default=10000, help="source images per shard")
-    p.add_argument(
-        "--batch-size", type=int, default=64, help="images per encoder batch, per process"
-    )
-    p.add_argument("--num-workers", type=int, default=8, help="decoding workers per process")
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="list the source, check --dest, print the plan; load and write nothing",
-    )
-    args = p.parse_args(argv)
-    if args.resolution <= 0 or args.resolution % 16:
-        p.error("--resolution must be a positive multiple of 16 (VAE factor 8, DINOv2 patch 14)")
-    if args.shard_size <= 0 or args.batch_size <= 0 or args.num_workers < 0:
-        p.error("--shard-size and --batch-size must be positive, --num-workers non-negative")
+    for add in (add_source_args, add_encoding_args, add_run_args):
+        add(parser)
+    args = parser.parse_args(argv)
     try:
-        args.encoders = [] if args.enc_type == "none" else parse_encoder_list(args.enc_type)
+        parse_encoder_args(args)
     except ValueError as err:
-        p.error(str(err))
-    if len(set(args.encoders)) != len(args.encoders):
-        p.error("--enc-type lists an encoder twice")
-    args.enc_weights_list = args.enc_weights.split(",") if args.enc_weights else []
-    if args.enc_weights_list and len(args.enc_weights_list) != len(args.encoders):
-        p.error("--enc-weights needs one path per --enc-type entry")
+        parser.error(str(err))
     return args
 
 
@@ -146,8 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_modalities(args: argparse.Namespace) -> list[shards.Modality]:
     """What every shard stores, with per-sample shapes derived from the settings alone."""
-    r = args.resolution
-    grid = r // 16  # DINOv2 sees 224 px per 256 (14-pixel patches): 16×16 tokens at 256 px
+    resolution = args.resolution
+    grid = encoder_grid(resolution)
     vae_model = VAE_IDS.get(args.vae, args.vae)
     channels, factor = latent_geometry(args.vae)
     modalities = [
@@ -155,20 +155,22 @@ def build_modalities(args: argparse.Namespace) -> list[shards.Modality]:
         shards.Modality(
             "moments",
             args.moments_dtype,
-            (2 * channels, r // factor, r // factor),
+            (2 * channels, resolution // factor, resolution // factor),
             info=(("model", vae_model), ("layout", "[mean, std] on dim 0"), ("scale", VAE_SCALE)),
         ),
     ]
     for name in args.encoders:
         timm_name = ENCODERS[name].timm_name if name in ENCODERS else name
-        info = (("encoder", name), ("model", timm_name), ("input_size", 224 * r // 256))
+        input_size = encoder_input_size(resolution)
+        info = (("encoder", name), ("model", timm_name), ("input_size", input_size))
         modalities.append(
             shards.Modality(
                 f"features-{name}", "float16", (grid * grid, encoder_dim(name)), info=info
             )
         )
     if args.save_pixels:
-        modalities.append(shards.Modality("pixels", "uint8", (3, r, r), args.pixel_format))
+        pixels_shape = (3, resolution, resolution)
+        modalities.append(shards.Modality("pixels", "uint8", pixels_shape, args.pixel_format))
     return modalities
 
 
@@ -228,7 +230,8 @@ def check_destination(dest: str, settings: dict[str, Any]) -> bool:
                 "not made by this script. Choose a new or empty directory."
             )
         return False
-    differences = shards.settings_mismatch(shards.read_json(path)["settings"], settings)
+    on_disk = shards.read_json(path)["settings"]
+    differences = dict_differences(on_disk, settings, "on disk", "now")
     if differences:
         raise SystemExit(
             f"--dest {dest!r} was built with other settings:\n  "
@@ -240,32 +243,13 @@ def check_destination(dest: str, settings: dict[str, Any]) -> bool:
 
 
 def shard_ranges(num_files: int, shard_size: int) -> list[range]:
-    return [range(a, min(a + shard_size, num_files)) for a in range(0, num_files, shard_size)]
+    starts = range(0, num_files, shard_size)
+    return [range(start, min(start + shard_size, num_files)) for start in starts]
 
 
 #################################################################################
 #                                    Encoding                                   #
 #################################################################################
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device). Ranks only synchronise at two barriers, so gloo serves on
-    GPUs and CPUs alike; each rank computes on the GPU of its local rank when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, list[Any]]:
@@ -275,16 +259,17 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, li
         raise SystemExit(
             f"--vae {args.vae!r} is not SD-VAE shaped ({channels} latent channels, factor {factor})"
         )
-    weights = args.enc_weights_list or [None] * len(args.encoders)
+    weights = encoder_weights(args.enc_weights, args.encoders)
     encoders = [
-        load_encoder(name, args.resolution, weights=w, device=device)
-        for name, w in zip(args.encoders, weights, strict=True)
+        load_encoder(name, args.resolution, weights=path, device=device)
+        for name, path in zip(args.encoders, weights, strict=True)
     ]
+    grid = encoder_grid(args.resolution)
     for enc in encoders:  # the shard shapes were derived from the settings alone
-        if enc.grid_size != args.resolution // 16:
+        if enc.grid_size != grid:
             raise SystemExit(
                 f"{enc.name} gives a {enc.grid_size}² token grid at "
-                f"{args.resolution} px, expected {args.resolution // 16}²"
+                f"{args.resolution} px, expected {grid}²"
             )
     return vae, encoders
 
@@ -324,9 +309,9 @@ def encode_shards(
     vae, encoders = load_models(args, device)
     # batches never straddle shards, so each shard is a run of consecutive batches
     batches = [
-        list(ranges[s][k : k + args.batch_size])
-        for s in todo
-        for k in range(0, len(ranges[s]), args.batch_size)
+        list(ranges[shard][start : start + args.batch_size])
+        for shard in todo
+        for start in range(0, len(ranges[shard]), args.batch_size)
     ]
     images = CroppedImages(
         source, args.resolution, png=args.save_pixels and args.pixel_format == "png"
@@ -340,15 +325,15 @@ def encode_shards(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if args.num_workers else None,
     )
-    total = sum(len(ranges[s]) for s in todo)
+    total = sum(len(ranges[shard]) for shard in todo)
     bar = tqdm(total=total, unit="img", disable=not show_progress, dynamic_ncols=True)
     writer: shards.ShardWriter | None = None
     queue = iter(todo)
     try:
         for batch in loader:
             if writer is None:
-                s = next(queue)
-                writer = shards.ShardWriter(args.dest, s, modalities, len(ranges[s]))
+                shard = next(queue)
+                writer = shards.ShardWriter(args.dest, shard, modalities, len(ranges[shard]))
             for i, reason in batch["failed"]:
                 logger.warning("excluded %s: %s", source.path(i), reason)
                 writer.exclude(source.path(i), reason)
@@ -372,7 +357,9 @@ def encode_shards(
 
 def main(args: argparse.Namespace) -> dict[str, Any] | None:
     """Build (or finish) the dataset; returns the manifest on rank 0, None elsewhere."""
-    rank, world, device = setup_distributed()
+    # Ranks only meet at two barriers, so gloo serves on GPUs and CPUs alike; each rank computes
+    # on the GPU of its local rank when there is one.
+    rank, world, device = init_distributed(backend="gloo", timeout=BARRIER_TIMEOUT)
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
     try:
         source = ImageSource(args.source, args.labels)
@@ -383,9 +370,9 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     ranges = shard_ranges(len(source), args.shard_size)
     resuming = check_destination(args.dest, settings)
     pending = [
-        s
-        for s in range(len(ranges))
-        if not resuming or shards.completed_shard(args.dest, s, modalities) is None
+        shard
+        for shard in range(len(ranges))
+        if not resuming or shards.completed_shard(args.dest, shard, modalities) is None
     ]
     if args.dry_run:
         if rank == 0:
@@ -395,10 +382,11 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     barrier()
     if rank == 0:
         os.makedirs(args.dest, exist_ok=True)
-        for stale in glob.glob(os.path.join(args.dest, "*.json.tmp*")):  # a killed JSON write
-            os.remove(stale)
+        for name in os.listdir(args.dest):
+            if is_temporary(name):  # a killed JSON write
+                os.remove(os.path.join(args.dest, name))
         record = {"settings": settings, "command": command_line(args)}
-        shards.write_json_atomic(os.path.join(args.dest, shards.SETTINGS), record)
+        write_json(os.path.join(args.dest, shards.SETTINGS), record)
         if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
             os.remove(os.path.join(args.dest, shards.MANIFEST))  # stale until every shard is back
     mine = pending[rank::world]
@@ -416,8 +404,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     manifest = None
     if rank == 0:
         manifest = finalize(args, source, settings, modalities, len(ranges))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
     return manifest
 
 
@@ -465,11 +452,11 @@ def print_plan(
         f"dest:   {args.dest}: {len(ranges)} shards of {args.shard_size}, "
         f"{len(pending)} to encode over {world} process(es)"
     )
-    for m in modalities:
-        per_sample = int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
-        note = " (raw size; PNG is smaller)" if m.encoding == "png" else ""
+    for modality in modalities:
+        per_sample = int(np.prod(modality.shape)) * np.dtype(modality.dtype).itemsize
+        note = " (raw size; PNG is smaller)" if modality.encoding == "png" else ""
         print(
-            f"  {m.name:<28} {m.dtype:<8} {m.shape!s:<18} "
+            f"  {modality.name:<28} {modality.dtype:<8} {modality.shape!s:<18} "
             f"{per_sample * len(source) / 2**30:9.2f} GiB{note}"
         )
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 import shards
 from dataset import LatentDataset
 from frozen import ENCODER_STANDIN
+from utils import write_json
 
 RES = 32
 COUNTS = [5, 3, 4]  # files per shard; one file of shard 1 is excluded -> 11 samples
@@ -139,7 +140,7 @@ def test_wrong_feature_dim_is_a_clear_error(tmp_path):
     write_dataset(root, pixels=None)
     manifest = shards.read_json(os.path.join(root, shards.MANIFEST))
     manifest["modalities"]["features-dinov2-vit-s"]["shape"] = [4, 768]
-    shards.write_json_atomic(os.path.join(root, shards.MANIFEST), manifest)
+    write_json(os.path.join(root, shards.MANIFEST), manifest)
     with pytest.raises(shards.DatasetError, match="768-d, but dinov2-vit-s has 384-d"):
         LatentDataset(root)
 
@@ -149,7 +150,7 @@ def test_missing_or_incomplete_dataset_says_what_to_run(tmp_path):
         LatentDataset(str(tmp_path / "nothing"))
     root = str(tmp_path / "d")
     write_dataset(root, pixels=None)
-    shards.write_json_atomic(os.path.join(root, shards.SETTINGS), {"command": "python p.py --x"})
+    write_json(os.path.join(root, shards.SETTINGS), {"command": "python p.py --x"})
     os.remove(os.path.join(root, shards.MANIFEST))
     with pytest.raises(shards.DatasetError, match="incomplete.*python p.py --x"):
         LatentDataset(root)
@@ -184,7 +185,7 @@ def test_header_mismatch_is_caught_at_open(tmp_path):
     np.save(path, np.zeros((5, 8, 4, 4), np.float32))  # float32 where float16 was written
     manifest = shards.read_json(os.path.join(root, shards.MANIFEST))
     manifest["shards"][0]["files"]["shards/moments-00000.npy"]["bytes"] = os.path.getsize(path)
-    shards.write_json_atomic(os.path.join(root, shards.MANIFEST), manifest)
+    write_json(os.path.join(root, shards.MANIFEST), manifest)
     with pytest.raises(
         shards.DatasetError, match=r"holds float32 \(5, 8, 4, 4\), the manifest says float16"
     ):

@@ -16,8 +16,9 @@ from PIL import Image
 
 import generate
 from checkpoints import checkpoint_state, export_ema_safetensors, save_checkpoint
-from generate import balanced_labels, main, parse_args, sample_seed
+from generate import balanced_labels, main, parse_args
 from models import build_model
+from utils import hash_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_KWARGS = dict(input_size=8, hidden_size=32, depths=(1, 1, 1), num_heads=2, num_classes=4,
@@ -104,7 +105,7 @@ def test_balanced_labels_and_sample_seeds():
     assert not torch.equal(labels, balanced_labels(1000, 10, global_seed=1))
     with pytest.raises(ValueError, match="divisible"):
         balanced_labels(1001, 10, global_seed=0)
-    seeds = {sample_seed(s, i) for s in range(3) for i in range(1000)}
+    seeds = {hash_seed(s, i) for s in range(3) for i in range(1000)}
     assert len(seeds) == 3000 and all(0 <= s < 2**64 for s in seeds)
 
 
@@ -172,7 +173,7 @@ def test_resume_after_a_crash_gives_the_same_npz(reference, ckpt, tmp_path, monk
 
     def crash_after_five(image, folder, index):
         if len(saved) == 5:  # the job dies while writing the sixth PNG
-            with open(os.path.join(folder, f".{index:06d}.png.tmp"), "wb") as f:
+            with open(os.path.join(folder, f".{index:06d}.png.x1y2z3.tmp"), "wb") as f:
                 f.write(b"half a png")
             raise KeyboardInterrupt
         real_save(image, folder, index)
@@ -210,6 +211,17 @@ def test_other_settings_are_refused_not_mixed(reference, ckpt, tmp_path):
         run(ckpt, sample_dir, extra=["--cfg-scale", "1.5"])
     os.remove(sample_dir / "settings.json")
     with pytest.raises(ValueError, match="no settings.json"):
+        run(ckpt, sample_dir)
+
+
+def test_samples_seeded_by_another_rule_are_refused(reference, ckpt, tmp_path):
+    # A folder whose settings do not record the seeding rule was sampled under an older one.
+    sample_dir = tmp_path / "old-seeds"
+    shutil.copytree(reference[0], sample_dir)
+    settings = json.loads((sample_dir / "settings.json").read_text())
+    del settings["sample_seed"]
+    (sample_dir / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"other settings \(sample_seed: None there, 'hash_seed"):
         run(ckpt, sample_dir)
 
 

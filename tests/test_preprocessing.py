@@ -299,7 +299,7 @@ def test_interrupted_run_resumes_to_the_same_dataset(folder, built, tmp_path, mo
     with pytest.raises(shards.DatasetError, match="incomplete.*re-running the same command"):
         LatentDataset(dest)
     # what a SIGKILL leaves: a half-written temporary file of the next shard
-    for leftover in ["shards/moments-00001.npy.tmp", "manifest.json.tmp123"]:
+    for leftover in ["shards/moments-00001.npy.tmp", ".manifest.json.x1y2z3.tmp"]:
         with open(os.path.join(dest, leftover), "wb") as f:
             f.write(b"half a file")
     first = mtimes(dest, 0)

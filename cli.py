@@ -1,0 +1,150 @@
+"""Command-line pieces shared by the entry points (train.py, generate.py, preprocessing/prepare.py,
+bench/): typed flag validators, and the flags that several scripts take (--vae, --enc-type and
+--enc-weights, --compile and --sdpa-backend), each defined once so that its default, its parsing
+and its help text are the same everywhere.
+
+A validator is an argparse `type`: a bad value stops the parser with the flag's name and the
+reason. Checks between flags stay in each script's own `validate_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+from frozen import ENCODER_STANDIN, VAE_IDS, VAE_PIXELS, VAE_STANDIN, parse_encoder_list
+from models import canonical_name
+from models.layers import SDPA_BACKENDS
+
+FlagGroup = argparse._ActionsContainer  # a parser, or one of its argument groups
+
+#################################################################################
+#                               Typed validators                                #
+#################################################################################
+
+
+def _checked(kind: type, valid: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse `type`: parse `kind`, then require `valid(value)` ("must be {what}").
+
+    A float must also be finite: `float()` reads "nan" and "inf", which would pass some range
+    checks (inf > 0) and slip past every one as NaN, only to poison the run much later."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _checked(float, lambda v: v > 0, "> 0")
+nonnegative_float = _checked(float, lambda v: v >= 0, ">= 0")
+unit_interval = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+unit_closed = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def model_name(text: str) -> str:
+    """A registry name (SiTDown-XL/2, alias SiT↓-XL/2) in its canonical spelling, or a bare
+    class name (SiT, SiTDown) that --model-config sizes."""
+    try:
+        return canonical_name(text)
+    except KeyError as err:
+        raise argparse.ArgumentTypeError(err.args[0]) from None
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+#################################################################################
+#                         Flags that several scripts take                       #
+#################################################################################
+
+# What --vae accepts, as `frozen.load_vae` reads it.
+VAE_CHOICES = (
+    ", ".join(f"{name} ({repo})" for name, repo in VAE_IDS.items())
+    + f", a local diffusers folder, {VAE_PIXELS} (identity: pixel space, the quickstart's "
+    f"stand-in) or {VAE_STANDIN} (test stand-in)"
+)
+
+
+def vae_help(purpose: str) -> str:
+    """--vae's help text; `purpose` says what the script uses the VAE for."""
+    return f"SD-VAE that {purpose}: {VAE_CHOICES}"
+
+
+# The flag tables below are formatted by hand, one flag per line or two, as in REPA.
+# fmt: off
+def add_vae_args(group: FlagGroup, purpose: str) -> None:
+    group.add_argument("--vae", default="ema", help=vae_help(purpose))
+
+
+def add_encoder_args(group: FlagGroup, none_means: str) -> None:
+    """--enc-type and --enc-weights; `none_means` says what --enc-type none does here."""
+    group.add_argument("--enc-type", default="dinov2-vit-b",
+                       help="representation encoder(s), comma-separated: dinov2-vit-{s,b,l,g}, "
+                            "optionally with _reg (e.g. dinov2-vit-b,dinov2-vit-l_reg), or "
+                            f"{ENCODER_STANDIN} (test stand-in); 'none' (any case) {none_means}")
+    group.add_argument("--enc-weights", default=None,
+                       help="local weight file of each encoder, comma-separated, one per "
+                            "--enc-type entry, read where the encoders run (prepare.py, train.py "
+                            "--encoder-mode online); without it timm downloads them")
+
+
+def add_speed_args(group: FlagGroup) -> None:
+    """--compile and --sdpa-backend: how fast the model runs, not what it computes."""
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model (the first steps or batches pay for the "
+                            "compilation)")
+    group.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="auto",
+                       help="attention kernel of scaled_dot_product_attention: PyTorch's choice, "
+                            "or only flash, efficient (memory-efficient), cudnn or math")
+# fmt: on
+
+
+#################################################################################
+#                             Parsing the encoder list                          #
+#################################################################################
+
+
+def encoder_list(enc_type: str) -> list[str]:
+    """--enc-type -> encoder names, each known and none twice; 'none' (any case) -> []."""
+    if enc_type.lower() == "none":
+        return []
+    names = parse_encoder_list(enc_type)  # ValueError on an unknown name
+    if len(set(names)) != len(names):
+        raise ValueError("--enc-type lists an encoder twice")
+    return names
+
+
+def encoder_weights(enc_weights: str | None, encoders: list[str]) -> list[str | None]:
+    """--enc-weights -> the local weight file of each encoder (None: the pretrained download)."""
+    if not enc_weights:
+        return [None] * len(encoders)
+    paths: list[str | None] = list(enc_weights.split(","))
+    if len(paths) != len(encoders):
+        raise ValueError("--enc-weights needs one path per encoder of --enc-type")
+    return paths
+
+
+def parse_encoder_args(args: argparse.Namespace) -> None:
+    """Set `args.encoders` from --enc-type and check --enc-weights against it (ValueError)."""
+    args.encoders = encoder_list(args.enc_type)
+    encoder_weights(args.enc_weights, args.encoders)

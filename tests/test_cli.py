@@ -1,0 +1,127 @@
+"""cli.py: the typed flag validators and the flags that several entry points share, checked
+through every entry point that takes them."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+import cli
+import generate
+import train
+from preprocessing import prepare
+
+BOUNDS = [
+    (cli.positive_int, "0", "must be a positive integer, got 0"),
+    (cli.positive_int, "-3", "must be a positive integer, got -3"),
+    (cli.nonnegative_int, "-1", "must be an integer >= 0, got -1"),
+    (cli.positive_float, "0", "must be > 0, got 0"),
+    (cli.nonnegative_float, "-0.5", "must be >= 0, got -0.5"),
+    (cli.unit_interval, "1", "must be in [0, 1), got 1"),
+    (cli.unit_interval, "-0.1", "must be in [0, 1), got -0.1"),
+    (cli.unit_closed, "1.5", "must be in [0, 1], got 1.5"),
+    (cli.positive_int, "2.5", "expected int, got '2.5'"),
+    (cli.positive_float, "fast", "expected float, got 'fast'"),
+]
+FLOAT_VALIDATORS = [
+    cli.positive_float,
+    cli.nonnegative_float,
+    cli.unit_interval,
+    cli.unit_closed,
+]
+
+
+# --------------------------------------------------------------------------- validators
+
+
+@pytest.mark.parametrize("validator, text, message", BOUNDS)
+def test_validators_refuse_out_of_range_values_with_their_message(validator, text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as err:
+        validator(text)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("validator", FLOAT_VALIDATORS)
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "NaN", "infinity"])
+def test_float_validators_refuse_non_finite_values(validator, text):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"must be a finite number, got {text}"):
+        validator(text)
+
+
+def test_validators_return_the_parsed_value():
+    assert cli.positive_int("3") == 3 and cli.nonnegative_int("0") == 0
+    assert cli.positive_float("1e-8") == 1e-8 and cli.nonnegative_float("0") == 0.0
+    assert cli.unit_interval("0") == 0.0 and cli.unit_closed("1") == 1.0
+
+
+def test_model_name_accepts_registry_names_and_bare_classes():
+    assert cli.model_name("SiT↓-XL/2") == "SiTDown-XL/2"
+    assert cli.model_name("SiTDown") == "SiTDown" and cli.model_name("SiT") == "SiT"
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown model 'SiT-Q/2'"):
+        cli.model_name("SiT-Q/2")
+
+
+def test_json_object_accepts_objects_only():
+    assert cli.json_object('{"hidden_size": 64}') == {"hidden_size": 64}
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a JSON object"):
+        cli.json_object("[1]")
+    with pytest.raises(argparse.ArgumentTypeError, match="not valid JSON"):
+        cli.json_object("{hidden_size: 64}")
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def test_encoder_list_and_weights():
+    assert cli.encoder_list("none") == cli.encoder_list("NONE") == cli.encoder_list("None") == []
+    both = ["dinov2-vit-b", "dinov2-vit-l_reg"]
+    assert cli.encoder_list("dinov2-vit-b, dinov2-vit-l_reg") == both
+    with pytest.raises(ValueError, match="unknown encoder 'clip-b'"):
+        cli.encoder_list("clip-b")
+    with pytest.raises(ValueError, match="lists an encoder twice"):
+        cli.encoder_list("dinov2-vit-b,dinov2-vit-b")
+    assert cli.encoder_weights(None, ["dinov2-vit-b"]) == [None]
+    assert cli.encoder_weights("b.pth,l.pth", ["a", "b"]) == ["b.pth", "l.pth"]
+    with pytest.raises(ValueError, match="--enc-weights needs one path per encoder"):
+        cli.encoder_weights("b.pth", ["a", "b"])
+
+
+# --------------------------------------------------------------------------- entry points
+
+ENTRY_POINTS = {  # the flags each needs besides those tested
+    "train": (train.parse_args, ["--data-dir", "d", "--exp-name", "x", "--proj-coeff", "0"]),
+    "prepare": (prepare.parse_args, ["--source", "s", "--dest", "d"]),
+}
+
+
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+def test_enc_type_none_is_case_insensitive_everywhere(entry_point):
+    parse, required = ENTRY_POINTS[entry_point]
+    lower = parse([*required, "--enc-type", "none"])
+    upper = parse([*required, "--enc-type", "NONE"])
+    assert lower.encoders == upper.encoders == []
+
+
+@pytest.mark.parametrize(
+    "parse, purpose",
+    [
+        (train.parse_args, "decodes the previews"),
+        (generate.parse_args, "decodes the samples"),
+        (prepare.parse_args, "encodes the images"),
+    ],
+)
+def test_vae_help_is_the_shared_text(parse, purpose, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: the text is not wrapped
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    assert cli.vae_help(purpose) in capsys.readouterr().out
+    assert "pixels" in cli.VAE_CHOICES and "tiny-random" in cli.VAE_CHOICES
+
+
+@pytest.mark.parametrize("bad", [["--cfg-scale", "nan"], ["--cfg-scale", "inf"]])
+def test_generate_refuses_a_non_finite_cfg_scale(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.parse_args(["--ckpt", "c.pt", "--sample-dir", "s", *bad])
+    assert exit_info.value.code == 2
+    assert "--cfg-scale: must be a finite number" in capsys.readouterr().err
