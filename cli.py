@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from frozen import ENCODER_STANDIN, VAE_IDS, VAE_PIXELS, VAE_STANDIN, parse_encoder_list
@@ -71,6 +71,21 @@ def json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
+
+
+def parse_checked(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    check: Callable[[argparse.Namespace], None],
+) -> argparse.Namespace:
+    """Parse `argv`, then run the checks between flags, `check(args)`: a ValueError it raises
+    stops the parser like a bad flag does (usage, the message, exit code 2)."""
+    args = parser.parse_args(argv)
+    try:
+        check(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
 
 
 #################################################################################

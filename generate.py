@@ -52,6 +52,7 @@ from cli import (
     add_vae_args,
     nonnegative_float,
     nonnegative_int,
+    parse_checked,
     positive_int,
     unit_closed,
 )
@@ -164,13 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample images for FID (PNGs + one .npz).")
     for add in (add_model_args, add_sampler_args, add_output_args, add_sampling_speed_args):
         add(parser)
-    args = parser.parse_args(argv)
-    resolve_sampling_args(args)
-    try:
-        validate_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    return args
+    return parse_checked(parser, argv, validate_args)
 
 
 def resolve_sampling_args(args: argparse.Namespace) -> None:
@@ -182,7 +177,9 @@ def resolve_sampling_args(args: argparse.Namespace) -> None:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Checks between flags (each flag's own range is checked by its `type`)."""
+    """Fill the sampler flags from the preset, then check between flags (each flag's own range
+    is checked by its `type`)."""
+    resolve_sampling_args(args)
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
         raise ValueError("need 0 <= --guidance-low <= --guidance-high <= 1")
     if args.heun and args.mode == "sde":

@@ -33,6 +33,7 @@ from cli import (
     model_name,
     nonnegative_float,
     nonnegative_int,
+    parse_checked,
     parse_encoder_args,
     positive_float,
     positive_int,
@@ -213,12 +214,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         add_run_args,
     ):
         add(parser)
-    args = parser.parse_args(argv)
-    try:
-        validate_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    return args
+    return parse_checked(parser, argv, validate_args)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -33,6 +33,7 @@ from cli import (
     add_vae_args,
     encoder_weights,
     nonnegative_int,
+    parse_checked,
     parse_encoder_args,
     positive_int,
 )
@@ -131,12 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for add in (add_source_args, add_encoding_args, add_run_args):
         add(parser)
-    args = parser.parse_args(argv)
-    try:
-        parse_encoder_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    return args
+    return parse_checked(parser, argv, parse_encoder_args)
 
 
 #################################################################################
