@@ -7,10 +7,16 @@
     # CPU smoke
     python -m bench.data_speed --synthetic 64 --global-batch 16 --processes 2 --batches 3
 
+`--synthetic N` first writes N random samples of ImageNet-256 shapes (fp32 moments 8×32×32,
+DINOv2-B fp16 features 256×768) to a temporary folder through prepare.py's shard writer. Freshly
+written data sits in the page cache, so that figure is the in-memory ceiling; on a real dataset
+larger than RAM the disk decides.
+
 Two readers, each one training process's share of the global batch (--global-batch /
 --processes samples per step) with --num-workers workers:
 
-* `LatentDataset` through a shuffled DataLoader: preprocessing/bench_dataset.py's `benchmark`;
+* `LatentDataset` through a shuffled DataLoader (`latent_dataset_rate`), as a plain PyTorch
+  training loop would read it;
 * `TrainingBatches` through `trainer.training_loader`: what train.py reads, including the
   per-step draws (times, noise, VAE posterior sample, label dropout) made for the whole global
   batch.
@@ -29,11 +35,15 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import shards
 import train
 from bench.common import report, write_json
 from data_plan import BatchPlan
 from dataset import LatentDataset
-from preprocessing.bench_dataset import benchmark, write_synthetic
 from trainer import training_loader
 
 
@@ -52,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="dinov2-vit-b",
         help="stored encoder features to read, comma-separated ('' for none)",
     )
+    parser.add_argument(
+        "--pixels",
+        choices=["none", "png", "npy"],
+        default="none",
+        help="also read the stored pixels (online-encoder mode); with --synthetic, store them "
+        "in this format",
+    )
     parser.add_argument("--global-batch", type=int, default=256)
     parser.add_argument("--processes", type=int, default=8, help="training processes sharing it")
     parser.add_argument("--num-workers", type=int, default=4, help="loader workers per process")
@@ -64,6 +81,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser.parse_args(argv)  # fmt: skip
+
+
+IMAGENET_CLASSES = 1000  # the synthetic data mimics ImageNet 256's shapes and label range
+
+
+def write_synthetic(root: str, n: int, pixels: str, shard_size: int = 2000) -> None:
+    """N random samples of real shapes, written through the same ShardWriter as prepare.py."""
+    rng = np.random.default_rng(0)
+    modalities = [
+        shards.Modality("labels", "int64", ()),
+        shards.Modality("moments", "float32", (8, 32, 32)),
+        shards.Modality("features-dinov2-vit-b", "float16", (256, 768)),
+    ]
+    if pixels != "none":
+        modalities.append(shards.Modality("pixels", "uint8", (3, 256, 256), pixels))
+    ramp = np.linspace(0, 200, 256, dtype=np.float32)
+    starts = list(range(0, n, shard_size))
+    for shard, first in enumerate(starts):
+        size = min(shard_size, n - first)
+        writer = shards.ShardWriter(root, shard, modalities, size)
+        for offset in range(0, size, 250):
+            m = min(250, size - offset)
+            rows = {
+                "labels": rng.integers(0, IMAGENET_CLASSES, m),
+                "moments": rng.standard_normal((m, 8, 32, 32), dtype=np.float32),
+                "features-dinov2-vit-b": rng.standard_normal(
+                    (m, 256, 768), dtype=np.float32
+                ).astype(np.float16),
+            }
+            if pixels != "none":  # smooth images with noise: compress roughly like photographs
+                noise = rng.integers(0, 40, (m, 256, 256, 3), dtype=np.uint8)
+                images = (ramp[None, :, None, None] + noise).astype(np.uint8)  # (m, H, W, 3)
+                rows["pixels"] = (
+                    [shards.encode_png(x) for x in images]
+                    if pixels == "png"
+                    else images.transpose(0, 3, 1, 2)
+                )
+            writer.add(rows, [f"synthetic/{first + offset + j}" for j in range(m)])
+        writer.publish()
+    header = {"resolution": 256, "num_classes": IMAGENET_CLASSES, "settings": {"synthetic": n}}
+    shards.write_manifest(root, modalities, len(starts), header)
+
+
+def latent_dataset_rate(
+    dataset: LatentDataset, batch_size: int, num_workers: int, batches: int
+) -> float:
+    """Samples per second of `dataset` over `batches` shuffled batches, after a warm-up."""
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    warmup, done = 5, 0
+    start = time.perf_counter()
+    while done < warmup + batches:
+        for _ in loader:
+            done += 1
+            if done == warmup:
+                start = time.perf_counter()
+            if done == warmup + batches:
+                break
+    return batches * batch_size / (time.perf_counter() - start)
 
 
 def training_batches_rate(
@@ -94,12 +177,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         root = bench.data_dir or tmp
         if bench.data_dir is None:
             start = time.perf_counter()
-            write_synthetic(root, bench.synthetic, "none")
+            write_synthetic(root, bench.synthetic, bench.pixels)
             print(
                 f"wrote {bench.synthetic} synthetic samples in {time.perf_counter() - start:.1f} s"
             )
-        dataset = LatentDataset(root, encoders=encoders)
-        latent_rate = benchmark(dataset, micro, bench.num_workers, bench.batches)
+        dataset = LatentDataset(root, encoders=encoders, pixels=bench.pixels != "none")
+        latent_rate = latent_dataset_rate(dataset, micro, bench.num_workers, bench.batches)
         training_rate = training_batches_rate(dataset, bench, encoders)
     result: dict[str, Any] = {
         "data": bench.data_dir or f"synthetic:{bench.synthetic}",
@@ -113,10 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "train_images_per_sec": bench.train_images_per_sec,
     }
     rows: dict[str, Any] = {
-        "data": f"{result['data']} ({len(dataset)} samples, features {encoders or 'none'})",
+        "data": f"{result['data']} ({len(dataset)} samples, features {encoders or 'none'}, "
+        f"pixels {bench.pixels})",
         "loader": f"one process: batches of {micro} (global {bench.global_batch} over "
         f"{bench.processes}), {bench.num_workers} workers, {os.cpu_count()} CPUs",
-        "latent_dataset_samples_per_sec": f"{latent_rate:.0f} (preprocessing/bench_dataset.py)",
+        "latent_dataset_samples_per_sec": f"{latent_rate:.0f} (LatentDataset, shuffled DataLoader)",
         "training_batches_samples_per_sec": f"{training_rate:.0f} (trainer.training_loader)",
     }
     if bench.train_images_per_sec:

@@ -1,2 +1,2 @@
 """Dataset preparation: `prepare.py` (ImageFolder -> shards), `sources.py` (reading and ADM's
-centre crop), `bench_dataset.py` (read throughput of `dataset.LatentDataset`)."""
+centre crop). Read throughput is measured by `bench/data_speed.py`."""

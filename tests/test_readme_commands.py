@@ -17,14 +17,13 @@ import quickstart
 import train
 from bench import data_speed, sample_speed, train_speed
 from evaluations import evaluator, make_reference
-from preprocessing import bench_dataset, prepare
+from preprocessing import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "train.py": train.parse_args,
     "generate.py": generate.parse_args,
     "preprocessing/prepare.py": prepare.parse_args,
-    "preprocessing/bench_dataset.py": bench_dataset.parse_args,
     "evaluations/evaluator.py": evaluator.parse_args,
     "evaluations/make_reference.py": make_reference.parse_args,
     "quickstart.py": quickstart.parse_args,
