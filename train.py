@@ -382,13 +382,6 @@ def describe(trainer: Trainer, macs: int, resume: str | None) -> str:
     ])  # fmt: skip
 
 
-def training_macs(model: AlignedDiffusionTransformer) -> int:
-    """Forward multiply-adds per image, projector included (counted on a meta-device copy)."""
-    with torch.device("meta"):
-        meta = build_model(model.model_name, **model.model_kwargs)
-    return count_macs(meta, model.latent_shape[-1], include_projectors=True)
-
-
 def start_run_directory(args: argparse.Namespace, accelerator: Accelerator, logger: Any) -> None:
     """Main process: the run's folders, log.txt, args.json and the tracker."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
@@ -414,7 +407,8 @@ def main(args: argparse.Namespace) -> None:
     logger = create_logger(accelerator.is_main_process)
     try:
         trainer, dataset = setup(args, accelerator, resume, logger)
-        macs = training_macs(trainer.raw)
+        model = trainer.raw  # forward MACs per image, projector included, for MFU
+        macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
         if args.dry_run:
             logger.info(describe(trainer, macs, resume))
             return

@@ -216,9 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = environment(device)
     report("environment", {k: str(v) for k, v in env.items()})
     model = benchmark_model(bench, device)
-    with torch.device("meta"):
-        meta = build_model(model.model_name, **model.model_kwargs)
-    macs = count_macs(meta, model.latent_shape[-1])  # the projector heads are skipped
+    macs = count_macs(model, model.latent_shape[-1])  # the projector heads are skipped
     precision = "bf16" if args.precision == "bf16" else "no"  # the peak of the units used
     peak = peak_flops(device, precision, args.precision == "tf32", bench.peak_tflops)
 

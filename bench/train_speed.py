@@ -62,7 +62,6 @@ from bench.common import (
 )
 from data_plan import BatchPlan, StepDraws
 from frozen import encoder_dim, sample_latents
-from models import build_model
 from models.layers import sdpa_backend
 from models.summary import count_macs
 from run_log import create_logger, peak_flops
@@ -193,9 +192,8 @@ def synthetic_batch(trainer: Trainer, num_classes: int) -> dict[str, Any]:
 
 def forward_macs(model: Any) -> tuple[int, int]:
     """Forward MACs per image: (Table 2's count, projector excluded; with the projector)."""
-    with torch.device("meta"):
-        meta = build_model(model.model_name, **model.model_kwargs)
-    return count_macs(meta, model.latent_shape[-1]), train.training_macs(model)
+    size = model.latent_shape[-1]
+    return count_macs(model, size), count_macs(model, size, include_projectors=True)
 
 
 def read_like_repa(trainer: Trainer, stats: dict[str, Tensor]) -> dict[str, float]:

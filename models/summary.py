@@ -36,11 +36,10 @@ def count_macs(
 ) -> int:
     """Forward multiply-accumulates for one sample of shape (C, input_size, input_size).
 
-    Counted on the meta device (a copy is moved there if needed): on CPU, PyTorch dispatches
-    attention to a fused kernel that the flop counter does not know, and would miss its MACs.
+    Counted on a meta-device copy (see `meta_copy`): on CPU, PyTorch dispatches attention to a
+    fused kernel that the flop counter does not know, and would miss its MACs.
     """
-    if next(model.parameters()).device.type != "meta":
-        model = copy.deepcopy(model).to("meta")
+    model = meta_copy(model)
     device = torch.device("meta")
     x = torch.zeros(1, model.in_channels, input_size, input_size, device=device)
     t = torch.zeros(1, device=device)
@@ -54,6 +53,17 @@ def count_macs(
     finally:
         model.projectors = projectors
     return counter.get_total_flops() // 2
+
+
+def meta_copy(model: AlignedDiffusionTransformer) -> AlignedDiffusionTransformer:
+    """`model` on the meta device: itself if it is there already, else rebuilt there from the
+    config `build_model` recorded (no memory, however large), else a deep copy moved there."""
+    if next(model.parameters()).device.type == "meta":
+        return model
+    if hasattr(model, "model_name"):
+        with torch.device("meta"):
+            return build_model(model.model_name, **model.model_kwargs)
+    return copy.deepcopy(model).to("meta")
 
 
 def summarize(name: str, input_size: int = 32) -> dict[str, float]:
