@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 PATH_TYPES = ("linear", "cosine")
-WEIGHTINGS = ("uniform", "lognormal")
+WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm")
 MANIFOLD_MODES = ("token", "sample", "batch")
 
 # One tensor (N, T, D) for a single encoder, or one per encoder.
@@ -70,12 +70,19 @@ def interpolate(x: Tensor, noise: Tensor, t: Tensor, path_type: str) -> tuple[Te
     return alpha * x + sigma * noise, d_alpha * x + d_sigma * noise
 
 
+# (mean, std) of log(sigma_t / alpha_t) for each log-normal weighting. "lognormal" is REPA's: its
+# loss draws log sigma ~ N(0, 1) (median t = 0.5 on either path); "lognormal-edm" takes EDM's
+# P_mean = -1.2 and P_std = 1.2, which move the median t to sigmoid(-1.2) = 0.23 on the linear path.
+LOGNORMAL_PARAMS: dict[str, tuple[float, float]] = {
+    "lognormal": (0.0, 1.0),
+    "lognormal-edm": (-1.2, 1.2),
+}
+
+
 def sample_time(
     n: int,
     weighting: str = "uniform",
     path_type: str = "linear",
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
@@ -83,18 +90,17 @@ def sample_time(
     """Draw n training times t in [0, 1]: (n,).
 
     uniform: t ~ U(0, 1).
-    lognormal: REPA's option "following EDM": the noise-to-signal ratio sigma_t / alpha_t is
-    log-normal, log(ratio) ~ N(p_mean, p_std^2), and t is the time with that ratio: for the linear
-    path ratio = t / (1 - t), so t = sigmoid(N(p_mean, p_std^2)) (a logit-normal); for the cosine
-    path ratio = tan(pi t / 2), so t = (2 / pi) * atan(ratio). REPA's released loss reads
-    `self.P_mean` / `self.P_std` without ever setting them (the option crashes there); we use EDM's
-    values, p_mean = -1.2 and p_std = 1.2, which put the median t at sigmoid(-1.2) = 0.23 on the
-    linear path. p_mean = 0, p_std = 1 gives SD3's logit-normal instead.
+    lognormal, lognormal-edm: the noise-to-signal ratio sigma_t / alpha_t is log-normal,
+    log(ratio) ~ N(mean, std^2) with (mean, std) from LOGNORMAL_PARAMS, and t is the time with
+    that ratio, as in REPA's loss: for the linear path ratio = t / (1 - t), so
+    t = ratio / (1 + ratio) = sigmoid(log ratio), a logit-normal (SD3's, with REPA's (0, 1));
+    for the cosine path ratio = tan(pi t / 2), so t = (2 / pi) * atan(ratio).
     """
     if weighting == "uniform":
         return torch.rand(n, device=device, dtype=dtype, generator=generator)
-    if weighting == "lognormal":
-        log_ratio = torch.randn(n, device=device, dtype=dtype, generator=generator) * p_std + p_mean
+    if weighting in LOGNORMAL_PARAMS:
+        mean, std = LOGNORMAL_PARAMS[weighting]
+        log_ratio = torch.randn(n, device=device, dtype=dtype, generator=generator) * std + mean
         if path_type == "linear":
             return torch.sigmoid(log_ratio)  # = ratio / (1 + ratio), without overflow
         if path_type == "cosine":
@@ -308,13 +314,13 @@ class SILoss:
     Named after REPA's SILoss; unlike it, a call returns a dict of named 0-dim tensors.
 
     path_type: interpolant, "linear" or "cosine" (t = 1 is noise).
-    weighting: time sampling, "uniform" or "lognormal" (see `sample_time`).
+    weighting: time sampling, "uniform", "lognormal" (REPA's) or "lognormal-edm" (EDM's values);
+        see `sample_time`.
     proj_coeff: lambda of Eqs. 2 and 5 (REPA's --proj-coeff). 0 switches off and skips both
         alignment terms (the plain SiT objective).
     manifold_coeff: w of Eq. 5 (Table 8's best, 3). 0 switches off and skips the manifold term.
     manifold_mode: which similarity matrices L_ML compares: "token", "sample" or "batch".
     lambda_schedule: name in LAMBDA_SCHEDULES (Table 10), applied per image, times proj_coeff.
-    p_mean, p_std: the log-normal time distribution (weighting="lognormal" only).
     chunk_size: rows per block of the similarity matrices (matters in batch mode).
     """
 
@@ -324,8 +330,6 @@ class SILoss:
     manifold_coeff: float = 3.0
     manifold_mode: str = "token"
     lambda_schedule: str = "constant"
-    p_mean: float = -1.2
-    p_std: float = 1.2
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
@@ -384,9 +388,7 @@ class SILoss:
     def draw_times(self, x: Tensor) -> Tensor:
         """Training times for the batch x: (N,), on x's device, in at least fp32."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        return sample_time(
-            x.shape[0], self.weighting, self.path_type, self.p_mean, self.p_std, x.device, dtype
-        )
+        return sample_time(x.shape[0], self.weighting, self.path_type, x.device, dtype)
 
     def alignment_terms(
         self, zs: Features, zs_tilde: Features, zero: Tensor
