@@ -208,7 +208,7 @@ class RepresentationEncoder(nn.Module):
         self.vit: Any = vit.eval().requires_grad_(False)  # timm VisionTransformer (untyped)
         self.name = name
         self.embed_dim: int = vit.embed_dim
-        self.input_size = 224 * resolution // 256
+        self.input_size = encoder_input_size(resolution)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -235,7 +235,7 @@ def load_encoder(
     the Hugging Face hub, or from a local file (`weights`), or the test stand-in."""
     import timm
 
-    input_size = 224 * resolution // 256
+    input_size = encoder_input_size(resolution)
     if name == ENCODER_STANDIN:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -266,3 +266,14 @@ def parse_encoder_list(enc_type: str) -> list[str]:
     for n in names:
         encoder_dim(n)  # raises on unknown names
     return names
+
+
+def encoder_input_size(resolution: int) -> int:
+    """Side of the square image the encoder sees: 224 px per 256 px of image (REPA)."""
+    return 224 * resolution // 256
+
+
+def encoder_grid(resolution: int) -> int:
+    """Side of the encoder's token grid at `resolution` px: 16 at 256 px (DINOv2's 14-px patches at
+    224 px)."""
+    return encoder_input_size(resolution) // 14
