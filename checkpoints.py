@@ -3,7 +3,7 @@ model for sampling. Everything that reads or writes a checkpoint goes through th
 
 A training checkpoint (`.pt`, written by `train.py`) is a dict
 
-    {"format": "u-repa/1", "model_name", "model_kwargs", "args", "step",
+    {"format": "u-repa/2", "model_name", "model_kwargs", "args", "step",
      "model", "ema", "opt", "scaler", "rng", "data"}
 
 holding only tensors and plain containers (dict, list, tuple, str, int, float, bool, None), so
@@ -12,6 +12,12 @@ that it loads with `torch.load(weights_only=True)`: loading never runs code from
 rebuilds the model from the checkpoint alone. `model_name` is a registry name (`SiTDown-XL/2`)
 or, for models built from a class directly (tiny test models), the class name (`SiT`, `SiTDown`)
 with the full constructor arguments.
+
+Formats: `u-repa/2` is written; `u-repa/1` (the first release) is read too, its arguments
+translated to today's meaning (`upgrade_args`): there, `--weighting lognormal` drew EDM's
+log-normal times, which today's flags call `lognormal-edm`. So a first-release run resumes with
+the distribution it was trained with, and a flag whose meaning changed never slips through the
+resume check.
 
 `export_ema_safetensors` writes the EMA weights alone, with the model config in the metadata.
 `load_model_for_sampling` reads either, and also REPA's released SiT checkpoints, which carry no
@@ -42,7 +48,8 @@ from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
 from utils import atomic_write, dict_differences
 
-CHECKPOINT_FORMAT = "u-repa/1"
+CHECKPOINT_FORMAT = "u-repa/2"
+READABLE_FORMATS = ("u-repa/1", CHECKPOINT_FORMAT)
 CHECKPOINT_KEYS = (
     "format", "model_name", "model_kwargs", "args", "step",
     "model", "ema", "opt", "scaler", "rng", "data",
@@ -167,15 +174,26 @@ def torch_load(path: str) -> Any:
         ) from err
 
 
+def upgrade_args(args: dict[str, Any], file_format: str) -> dict[str, Any]:
+    """The training arguments of a `file_format` checkpoint, in today's flag meanings."""
+    args = dict(args)
+    if file_format == "u-repa/1" and args.get("weighting") == "lognormal":
+        args["weighting"] = "lognormal-edm"  # u-repa/1's log-normal was EDM's (-1.2, 1.2)
+    return args
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read a training checkpoint written by `save_checkpoint` (weights_only)."""
+    """Read a training checkpoint written by `save_checkpoint` (weights_only), in the current
+    format (an older one is upgraded, see the module docstring)."""
     state = torch_load(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(
             f"{path!r} is not a {CHECKPOINT_FORMAT} checkpoint (format: {found!r}); "
             "generate.py also reads safetensors exports and REPA's SiT checkpoints"
         )
+    state["args"] = upgrade_args(state["args"], state["format"])
+    state["format"] = CHECKPOINT_FORMAT
     return state
 
 
@@ -266,19 +284,27 @@ def read_sampling_weights(
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
         state_dict, metadata = _read_safetensors(path)
-        if metadata.get("format") == CHECKPOINT_FORMAT:
+        if metadata.get("format") in READABLE_FORMATS:
             kwargs = json.loads(metadata["model_kwargs"])
-            return state_dict, metadata["model_name"], kwargs, json.loads(metadata["args"])
+            args = upgrade_args(json.loads(metadata["args"]), metadata["format"])
+            return state_dict, metadata["model_name"], kwargs, args
         name, kwargs = infer_repa_config(state_dict, model_name)  # a bare SiT state dict
         return state_dict, name, kwargs, {}
     obj = torch_load(path)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        return _strip_prefixes(obj["ema"]), obj["model_name"], obj["model_kwargs"], obj["args"]
-    # REPA: its train.py saves {"model", "ema", "opt", "args", ...}; a bare EMA state dict too.
-    args: dict[str, Any] = {}
+    if isinstance(obj, dict) and obj.get("format") in READABLE_FORMATS:
+        args = upgrade_args(obj["args"], obj["format"])
+        return _strip_prefixes(obj["ema"]), obj["model_name"], obj["model_kwargs"], args
+    return _read_repa_checkpoint(obj, path, model_name)
+
+
+def _read_repa_checkpoint(
+    obj: Any, path: str, model_name: str | None
+) -> tuple[dict[str, torch.Tensor], str, dict[str, Any], dict[str, Any]]:
+    """REPA's train.py saves {"model", "ema", "opt", "args", ...}; a bare EMA state dict too."""
+    repa_args: dict[str, Any] = {}
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
         if isinstance(obj.get("args"), argparse.Namespace):
-            args = dict(vars(obj["args"]))
+            repa_args = dict(vars(obj["args"]))
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(
@@ -287,7 +313,7 @@ def read_sampling_weights(
         )
     state_dict = _legacy_repa_keys(_strip_prefixes(obj))
     name, kwargs = infer_repa_config(state_dict, model_name)
-    return state_dict, name, kwargs, args
+    return state_dict, name, kwargs, repa_args
 
 
 def state_dict_mismatch(

@@ -26,6 +26,7 @@ from torch import Tensor
 
 # SD-VAE latent normalisation (LDM/DiT/REPA): z = 0.18215 · (mean + std · ε), bias 0.
 VAE_SCALE = 0.18215
+SD_VAE_FACTOR = 8  # image pixels per latent pixel (each side)
 VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 VAE_STANDIN = "tiny-random"
 VAE_PIXELS = "pixels"
@@ -117,7 +118,7 @@ class PixelAutoencoder(LatentAutoencoder):
 
 def latent_geometry(spec: str) -> tuple[int, int]:
     """(latent channels, downsample factor) of `--vae spec`, known without loading it."""
-    return (3, 1) if spec == VAE_PIXELS else (4, 8)
+    return (3, 1) if spec == VAE_PIXELS else (4, SD_VAE_FACTOR)
 
 
 def tiny_autoencoder_kl() -> nn.Module:
@@ -208,7 +209,7 @@ class RepresentationEncoder(nn.Module):
         self.vit: Any = vit.eval().requires_grad_(False)  # timm VisionTransformer (untyped)
         self.name = name
         self.embed_dim: int = vit.embed_dim
-        self.input_size = 224 * resolution // 256
+        self.input_size = encoder_input_size(resolution)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -235,7 +236,7 @@ def load_encoder(
     the Hugging Face hub, or from a local file (`weights`), or the test stand-in."""
     import timm
 
-    input_size = 224 * resolution // 256
+    input_size = encoder_input_size(resolution)
     if name == ENCODER_STANDIN:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 PATH_TYPES = ("linear", "cosine")
-WEIGHTINGS = ("uniform", "lognormal")
+WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm")
 MANIFOLD_MODES = ("token", "sample", "batch")
 
 # One tensor (N, T, D) for a single encoder, or one per encoder.
@@ -59,12 +59,30 @@ def interpolant(t: Tensor, path_type: str = "linear") -> tuple[Tensor, Tensor, T
     raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
 
 
+def interpolate(x: Tensor, noise: Tensor, t: Tensor, path_type: str) -> tuple[Tensor, Tensor]:
+    """The model input x_t = alpha_t x + sigma_t eps and its target d x_t / dt (REPA Eq. 4).
+
+    x, noise: (N, ...); t: (N,). Returns two tensors shaped like x.
+    """
+    alpha, sigma, d_alpha, d_sigma = (
+        c.view(x.shape[0], *[1] * (x.ndim - 1)) for c in interpolant(t, path_type)
+    )
+    return alpha * x + sigma * noise, d_alpha * x + d_sigma * noise
+
+
+# (mean, std) of log(sigma_t / alpha_t) for each log-normal weighting. "lognormal" is REPA's: its
+# loss draws log sigma ~ N(0, 1) (median t = 0.5 on either path); "lognormal-edm" takes EDM's
+# P_mean = -1.2 and P_std = 1.2, which move the median t to sigmoid(-1.2) = 0.23 on the linear path.
+LOGNORMAL_PARAMS: dict[str, tuple[float, float]] = {
+    "lognormal": (0.0, 1.0),
+    "lognormal-edm": (-1.2, 1.2),
+}
+
+
 def sample_time(
     n: int,
     weighting: str = "uniform",
     path_type: str = "linear",
-    p_mean: float = -1.2,
-    p_std: float = 1.2,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     generator: torch.Generator | None = None,
@@ -72,18 +90,17 @@ def sample_time(
     """Draw n training times t in [0, 1]: (n,).
 
     uniform: t ~ U(0, 1).
-    lognormal: REPA's option "following EDM": the noise-to-signal ratio sigma_t / alpha_t is
-    log-normal, log(ratio) ~ N(p_mean, p_std^2), and t is the time with that ratio: for the linear
-    path ratio = t / (1 - t), so t = sigmoid(N(p_mean, p_std^2)) (a logit-normal); for the cosine
-    path ratio = tan(pi t / 2), so t = (2 / pi) * atan(ratio). REPA's released loss reads
-    `self.P_mean` / `self.P_std` without ever setting them (the option crashes there); we use EDM's
-    values, p_mean = -1.2 and p_std = 1.2, which put the median t at sigmoid(-1.2) = 0.23 on the
-    linear path. p_mean = 0, p_std = 1 gives SD3's logit-normal instead.
+    lognormal, lognormal-edm: the noise-to-signal ratio sigma_t / alpha_t is log-normal,
+    log(ratio) ~ N(mean, std^2) with (mean, std) from LOGNORMAL_PARAMS, and t is the time with
+    that ratio, as in REPA's loss: for the linear path ratio = t / (1 - t), so
+    t = ratio / (1 + ratio) = sigmoid(log ratio), a logit-normal (SD3's, with REPA's (0, 1));
+    for the cosine path ratio = tan(pi t / 2), so t = (2 / pi) * atan(ratio).
     """
     if weighting == "uniform":
         return torch.rand(n, device=device, dtype=dtype, generator=generator)
-    if weighting == "lognormal":
-        log_ratio = torch.randn(n, device=device, dtype=dtype, generator=generator) * p_std + p_mean
+    if weighting in LOGNORMAL_PARAMS:
+        mean, std = LOGNORMAL_PARAMS[weighting]
+        log_ratio = torch.randn(n, device=device, dtype=dtype, generator=generator) * std + mean
         if path_type == "linear":
             return torch.sigmoid(log_ratio)  # = ratio / (1 + ratio), without overflow
         if path_type == "cosine":
@@ -182,60 +199,61 @@ def repa_loss(zs: Features, zs_tilde: Features) -> Tensor:
     return repa_loss_per_sample(zs, zs_tilde).mean()
 
 
-def _row_sq_diff(a_rows: Tensor, a: Tensor, b_rows: Tensor, b: Tensor) -> Tensor:
+def _row_sq_diff(target_rows: Tensor, target: Tensor, pred_rows: Tensor, pred: Tensor) -> Tensor:
     """Mean over columns of the squared difference of two cosine-similarity matrices: (B, R).
 
-    a_rows (B, R, Da) are some rows of a (B, M, Da); likewise b_rows and b. All are unit vectors,
-    so a_rows @ a^T is the (B, R, M) block of the M x M similarity matrix (Eq. 4).
+    target_rows (B, R, Dy) are some rows of target (B, M, Dy); likewise pred_rows of pred
+    (B, M, Dh). All are unit vectors, so target_rows @ target^T is the (B, R, M) block of the
+    M x M similarity matrix (Eq. 4).
     """
-    sim_target = a_rows @ a.transpose(1, 2)  # (B, R, M)
-    sim_pred = b_rows @ b.transpose(1, 2)  # (B, R, M)
+    sim_target = target_rows @ target.transpose(1, 2)  # (B, R, M)
+    sim_pred = pred_rows @ pred.transpose(1, 2)  # (B, R, M)
     return (sim_target - sim_pred).square().mean(dim=-1)
 
 
-def _gram_sq_diff(a: Tensor, b: Tensor, chunk_size: int) -> Tensor:
-    """Per-row mean squared difference of the M x M similarity matrices of a and b: (B, M).
+def _gram_sq_diff(target: Tensor, pred: Tensor, chunk_size: int) -> Tensor:
+    """Per-row mean squared difference of the M x M similarity matrices of target and pred: (B, M).
 
-    a: (B, M, Da), b: (B, M, Db), unit rows. Rows are processed in blocks of chunk_size, each block
-    under activation checkpointing, so neither the forward nor the saved-for-backward memory ever
-    holds more than a (B, chunk_size, M) block of the similarity matrices.
+    target: (B, M, Dy), pred: (B, M, Dh), unit rows. Rows are processed in blocks of chunk_size,
+    each block under activation checkpointing, so neither the forward nor the saved-for-backward
+    memory ever holds more than a (B, chunk_size, M) block of the similarity matrices.
     """
-    m = a.shape[1]
-    if m <= chunk_size:
-        return _row_sq_diff(a, a, b, b)
+    num_rows = target.shape[1]
+    if num_rows <= chunk_size:
+        return _row_sq_diff(target, target, pred, pred)
     # A loop over row blocks, not over images or tokens: each block is one batched matmul.
-    rows = [
+    blocks = [
         checkpoint(
             _row_sq_diff,
-            a[:, i : i + chunk_size],
-            a,
-            b[:, i : i + chunk_size],
-            b,
+            target[:, start : start + chunk_size],
+            target,
+            pred[:, start : start + chunk_size],
+            pred,
             use_reentrant=False,
         )
-        for i in range(0, m, chunk_size)
+        for start in range(0, num_rows, chunk_size)
     ]
-    return torch.cat(rows, dim=1)
+    return torch.cat(blocks, dim=1)
 
 
 def _manifold_one_encoder(z: Tensor, z_tilde: Tensor, mode: str, chunk_size: int) -> Tensor:
     """Eqs. 3-4 for one encoder, per image: (N, T, D) x 2 -> (N,)."""
-    n, t, _ = z.shape
-    a, b = _unit(z), _unit(z_tilde)
+    num_images, num_tokens, _ = z.shape
+    target, pred = _unit(z), _unit(z_tilde)  # y_* and h_phi(h_t) of Eq. 4, unit length
     if mode == "token":
         # N matrices T x T: tokens i, j of the same image.
-        rows = _gram_sq_diff(a, b, chunk_size)  # (N, T)
+        rows = _gram_sq_diff(target, pred, chunk_size)  # (N, T)
     elif mode == "sample":
         # T matrices N x N: images i, j at the same token position; image n owns row n.
-        rows = _gram_sq_diff(a.transpose(0, 1), b.transpose(0, 1), chunk_size).T  # (N, T)
+        rows = _gram_sq_diff(target.transpose(0, 1), pred.transpose(0, 1), chunk_size).T
     elif mode == "batch":
         # One (N T) x (N T) matrix over every token of the local batch; image n owns its T rows.
-        rows = _gram_sq_diff(a.reshape(1, n * t, -1), b.reshape(1, n * t, -1), chunk_size).view(
-            n, t
-        )  # (N, T)
+        all_tokens = (1, num_images * num_tokens, -1)
+        rows = _gram_sq_diff(target.reshape(all_tokens), pred.reshape(all_tokens), chunk_size)
+        rows = rows.view(num_images, num_tokens)
     else:
         raise ValueError(f"manifold mode must be one of {MANIFOLD_MODES}, got {mode!r}")
-    return rows.mean(dim=1)
+    return rows.mean(dim=1)  # (N,)
 
 
 def manifold_loss_per_sample(
@@ -296,13 +314,13 @@ class SILoss:
     Named after REPA's SILoss; unlike it, a call returns a dict of named 0-dim tensors.
 
     path_type: interpolant, "linear" or "cosine" (t = 1 is noise).
-    weighting: time sampling, "uniform" or "lognormal" (see `sample_time`).
+    weighting: time sampling, "uniform", "lognormal" (REPA's) or "lognormal-edm" (EDM's values);
+        see `sample_time`.
     proj_coeff: lambda of Eqs. 2 and 5 (REPA's --proj-coeff). 0 switches off and skips both
         alignment terms (the plain SiT objective).
     manifold_coeff: w of Eq. 5 (Table 8's best, 3). 0 switches off and skips the manifold term.
     manifold_mode: which similarity matrices L_ML compares: "token", "sample" or "batch".
     lambda_schedule: name in LAMBDA_SCHEDULES (Table 10), applied per image, times proj_coeff.
-    p_mean, p_std: the log-normal time distribution (weighting="lognormal" only).
     chunk_size: rows per block of the similarity matrices (matters in batch mode).
     """
 
@@ -312,8 +330,6 @@ class SILoss:
     manifold_coeff: float = 3.0
     manifold_mode: str = "token"
     lambda_schedule: str = "constant"
-    p_mean: float = -1.2
-    p_std: float = 1.2
     chunk_size: int = 1024
 
     def __post_init__(self) -> None:
@@ -349,39 +365,18 @@ class SILoss:
         Returns 0-dim tensors: "velocity", "repa", "manifold" (unweighted batch means),
         "total" (the loss to minimise) and "cos_sim" (mean token cosine similarity, detached).
         """
-        n = x.shape[0]
         if t is None:
-            t = sample_time(
-                n,
-                self.weighting,
-                self.path_type,
-                self.p_mean,
-                self.p_std,
-                device=x.device,
-                dtype=torch.promote_types(x.dtype, torch.float32),
-            )
+            t = self.draw_times(x)
         if noise is None:
             noise = torch.randn_like(x)
-
-        alpha, sigma, d_alpha, d_sigma = (
-            c.view(n, *[1] * (x.ndim - 1)) for c in interpolant(t, self.path_type)
-        )
-        x_t = alpha * x + sigma * noise  # (N, C, H, W)
-        v_target = d_alpha * x + d_sigma * noise  # d x_t / dt
+        x_t, v_target = interpolate(x, noise, t, self.path_type)
         v_pred, zs_tilde = model(x_t, t, y, **(model_kwargs or {}))
         velocity = mean_flat((_fp32(v_pred) - _fp32(v_target)).square())  # (N,) REPA Eq. 4
 
-        zero = velocity.new_zeros(n)
-        repa, manifold, total = zero, zero, velocity
-        if self.proj_coeff > 0:  # a weight of 0 removes the term and its computation
-            repa = repa_loss_per_sample(zs, zs_tilde)  # (N,)
-            if self.manifold_coeff > 0:
-                manifold = manifold_loss_per_sample(
-                    zs, zs_tilde, self.manifold_mode, self.chunk_size
-                )  # (N,)
-            lam = self.proj_coeff * LAMBDA_SCHEDULES[self.lambda_schedule](_fp32(t))
-            total = velocity + lam * (repa + self.manifold_coeff * manifold)  # Eq. 5
-
+        repa, manifold = self.alignment_terms(zs, zs_tilde, velocity.new_zeros(x.shape[0]))
+        total = velocity
+        if self.proj_coeff > 0:  # Eq. 5, per image
+            total = velocity + self.alignment_weight(t) * (repa + self.manifold_coeff * manifold)
         return {
             "velocity": velocity.mean(),
             "repa": repa.mean(),
@@ -389,3 +384,26 @@ class SILoss:
             "total": total.mean(),
             "cos_sim": 0 - repa.detach().mean(),  # Fig. 3's metric (0 - x: no "-0" when off)
         }
+
+    def draw_times(self, x: Tensor) -> Tensor:
+        """Training times for the batch x: (N,), on x's device, in at least fp32."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return sample_time(x.shape[0], self.weighting, self.path_type, x.device, dtype)
+
+    def alignment_terms(
+        self, zs: Features, zs_tilde: Features, zero: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Per-image L_REPA (Eq. 1) and L_ML (Eqs. 3-4): (N,) each.
+
+        A term whose weight is 0 is `zero` (N,) and is not computed at all.
+        """
+        if self.proj_coeff == 0:
+            return zero, zero
+        repa = repa_loss_per_sample(zs, zs_tilde)
+        if self.manifold_coeff == 0:
+            return repa, zero
+        return repa, manifold_loss_per_sample(zs, zs_tilde, self.manifold_mode, self.chunk_size)
+
+    def alignment_weight(self, t: Tensor) -> Tensor:
+        """lambda(t) of Eq. 5 per image: proj_coeff times the Table 10 schedule, (N,)."""
+        return self.proj_coeff * LAMBDA_SCHEDULES[self.lambda_schedule](_fp32(t))

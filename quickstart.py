@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 import generate
 import toy_shapes
 import train
-from frozen import ENCODER_STANDIN, VAE_PIXELS, load_encoder, load_vae
+from frozen import ENCODER_STANDIN, VAE_PIXELS, encoder_grid, load_encoder, load_vae
 from preprocessing import prepare
 
 EXP_NAME = "toy-sitdown-urepa"
@@ -92,7 +92,7 @@ class Networks:
         config: dict[str, Any] = dict(hidden_size=192, depths=[2, 2, 2], num_heads=4,
                                       projector_dim=256)  # fmt: skip
         if self.vae == VAE_PIXELS:
-            config.update(patch_size=8, in_channels=3, encoder_grid=self.resolution // 16)
+            config.update(patch_size=8, in_channels=3, encoder_grid=encoder_grid(self.resolution))
         return config
 
 

@@ -16,11 +16,11 @@ The sampler state lives in float64 (as REPA); the model is called in the dtype o
 (and under whatever autocast the caller has entered). The result is float64.
 
 Classifier-free guidance, v = v_u + s (v_c - v_u), runs only while guidance_low <= t <=
-guidance_high; outside that interval the model sees the un-doubled batch. Differences from REPA:
-the caller passes un-doubled latents and labels (REPA's `generate.py` doubles them and its
-sampler doubles them again, running 4N images per step for N kept ones), guidance is applied for
-any scale != 1 (REPA: only > 1), and the SDE noise can be supplied per sample (`noises`) so that
-each image depends on its own seed only, whatever batch it is drawn in.
+guidance_high; outside that interval the model sees the un-doubled batch. As in REPA, the caller
+passes N latents and labels and the sampler doubles them to 2N (conditional, null) only inside
+the interval. Differences from REPA: guidance is applied for any scale != 1 (REPA: only > 1), the
+null class is `model.num_classes` (REPA: 1000), and the SDE noise can be supplied per sample
+(`noises`) so that each image depends on its own seed only, whatever batch it is drawn in.
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def sde_noise_source(noises: NoiseSpec, x: Tensor, num_draws: int) -> Callable[[
         # Each sample's stream advances by exactly one (C, H, W) draw per step, so its noise is
         # the same whichever batch it is sampled in.
         draws = [
-            torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32)
-            for g in generators
+            torch.randn(x.shape[1:], generator=gen, device=gen.device, dtype=torch.float32)
+            for gen in generators
         ]
         return torch.stack(draws).to(x)
 
@@ -198,18 +198,18 @@ def draw_noise_stream(
     shape = tuple(shape)
     if math.prod(shape) % _NORMAL_BLOCK == 0:
         draws = [
-            torch.randn((num_draws, *shape), generator=g, device=g.device, dtype=torch.float32)
-            for g in generators
+            torch.randn((num_draws, *shape), generator=gen, device=gen.device, dtype=torch.float32)
+            for gen in generators
         ]  # N × (K, *shape)
     else:
         draws = [
             torch.stack(
                 [
-                    torch.randn(shape, generator=g, device=g.device, dtype=torch.float32)
+                    torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
                     for _ in range(num_draws)
                 ]
             )
-            for g in generators
+            for gen in generators
         ]
     return torch.stack(draws, dim=1)  # (K, N, *shape)
 
@@ -243,10 +243,10 @@ def euler_maruyama_sampler(
 
     def drift(x: Tensor, t: Tensor) -> Tensor:
         guided = guidance_active(t, cfg_scale, guidance_low, guidance_high)
-        v = model_velocity(model, x, t, y, guided, model_dtype)  # (N or 2N, ...)
+        velocity = model_velocity(model, x, t, y, guided, model_dtype)  # (N or 2N, ...)
         x = torch.cat([x, x], dim=0) if guided else x
-        d = v - 0.5 * compute_diffusion(t) * get_score_from_velocity(v, x, t, path_type)
-        return apply_guidance(d, cfg_scale, guided)
+        score = get_score_from_velocity(velocity, x, t, path_type)
+        return apply_guidance(velocity - 0.5 * compute_diffusion(t) * score, cfg_scale, guided)
 
     for i, (t_cur, t_next) in enumerate(pairwise(t_steps[:-1])):
         dt = t_next - t_cur  # negative: time runs backwards

@@ -116,7 +116,8 @@ def add_alignment_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--path-type", choices=PATH_TYPES, default="linear",
                    help="interpolant (t = 1 is noise)")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="uniform",
-                   help="distribution of training times: uniform, or log-normal (EDM's)")
+                   help="distribution of training times: uniform; lognormal, log(σ_t/α_t) ~ "
+                        "N(0, 1) (REPA's); lognormal-edm, N(-1.2, 1.2²) (EDM's P_mean, P_std)")
     g.add_argument("--cfg-prob", type=unit_interval, default=0.1,
                    help="probability of replacing a label by the null class (for CFG)")
 

@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from frozen import ENCODER_STANDIN, ENCODERS, RepresentationEncoder, load_encoder
+from frozen import (
+    ENCODER_STANDIN,
+    ENCODERS,
+    RepresentationEncoder,
+    encoder_input_size,
+    load_encoder,
+)
 
 CUDA_ONLY = "n/a (CUDA only)"
 SYNC_WARNING = "synchronizing CUDA operation"  # the text of set_sync_debug_mode's warning
@@ -157,7 +163,7 @@ def random_encoder(name: str, resolution: int, device: torch.device) -> Represen
     import timm
 
     vit = timm.create_model(
-        ENCODERS[name].timm_name, pretrained=False, img_size=224 * resolution // 256
+        ENCODERS[name].timm_name, pretrained=False, img_size=encoder_input_size(resolution)
     )
     return RepresentationEncoder(vit, name, resolution).to(device)
 

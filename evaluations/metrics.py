@@ -14,7 +14,14 @@ from scipy import linalg, special
 
 
 class GaussianAccumulator:
-    """Running mean and covariance in float64: `np.mean(x, 0)` and `np.cov(x, rowvar=False)`.
+    """Running mean and unbiased covariance of feature rows, accumulated in float64.
+
+    ADM computes `np.mean(x, 0)` and `np.cov(x, rowvar=False)` on float32 features. np.cov works
+    in float64, and the covariance here matches it to float64 rounding. The mean does not match
+    np.mean's: on float32 rows np.mean sums in float32, row after row, which at 50K images is off
+    from the exact mean by about 2e-6 relative (up to 1e-5), while the mean here is float64. FID
+    therefore differs from ADM's around the sixth decimal: by 4e-6 to 1e-5 at FID 8.2 on
+    synthetic 50K x 2048 features, far below FID's sampling noise.
 
     Streaming lets a reference be built from more images than fit in memory as features. The rows
     are shifted by the first batch's mean before summing so that E[xxᵀ] − μμᵀ does not cancel.
@@ -61,7 +68,7 @@ def frechet_distance(
     `mu1`, `mu2` are (D,) means, `sigma1`, `sigma2` (D, D) covariances.
 
     ADM passes the samples as (mu1, sigma1) and the reference as (mu2, sigma2); sqrtm(Σ₁Σ₂) is not
-    symmetric in the two, so keep that order to reproduce its numbers to the last digits.
+    symmetric in the two, and swapping them changes the last digits, so keep that order.
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from frozen import SD_VAE_FACTOR
+from frozen import encoder_grid as encoder_grid_at
 from models.layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 from models.projector import Projector, ProjectorConfig, pool_tokens, resample_scale
 
@@ -91,9 +93,11 @@ class AlignedDiffusionTransformer(nn.Module):
         self.z_dims = list(z_dims)
         self.encoder_depth = encoder_depth
         self.align_resolution = projector.align_resolution
-        # DINOv2 sees a 256-px image at 224 px: 16×16 patches of 14, i.e. the latent side / 2.
-        # Patch-4/8 models therefore project their coarser grid up to it (REPA's cannot).
-        self.encoder_grid = encoder_grid or self.x_embedder.grid_size * self.patch_size // 2
+        # By default the grid of DINOv2 on the image that SD-VAE latents of this size decode to
+        # (16×16 at 256 px). Patch-4/8 models therefore project their coarser grid up to it
+        # (REPA's keep their own grid: encoder_grid=input_size // patch_size does that).
+        latent_side = self.x_embedder.grid_size * self.patch_size
+        self.encoder_grid = encoder_grid or encoder_grid_at(SD_VAE_FACTOR * latent_side)
         self.tap_grid_size = self.tap_grid(encoder_depth)
         scale = resample_scale(self.tap_grid_size, self.encoder_grid)
         head_scale = 1 if projector.align_resolution == "pool" else scale

@@ -55,7 +55,7 @@ def test_round_trip_with_weights_only(tmp_path):
     path = str(tmp_path / "ckpt" / "0001234.pt")
     save_checkpoint(path, training_state(model, ema))
     state = load_checkpoint(path)  # torch.load(weights_only=True) inside
-    assert state["format"] == "u-repa/1" and state["step"] == 1234
+    assert state["format"] == "u-repa/2" and state["step"] == 1234
     assert state["model_name"] == "SiTDown" and state["model_kwargs"] == TINY_KWARGS
     assert state["args"]["path_type"] == "linear" and state["data"] == {"epoch": 3, "position": 17}
     for key, value in ema.state_dict().items():
@@ -109,7 +109,7 @@ def test_clear_errors_for_missing_corrupt_and_foreign_files(tmp_path):
         load_checkpoint(str(truncated))
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.ones(2)}, foreign)
-    with pytest.raises(ValueError, match="not a u-repa/1 checkpoint"):
+    with pytest.raises(ValueError, match="not a u-repa/2 checkpoint"):
         load_checkpoint(str(foreign))
     pickled = tmp_path / "pickled.pt"
     torch.save({"ema": {}, "when": datetime.date(2025, 1, 1)}, pickled)  # a Python object
@@ -239,3 +239,17 @@ def test_format_1_files_written_by_the_first_release_still_load(name):
     v, zs = model(reference["x"], reference["t"], reference["y"])
     assert torch.equal(v, reference["v"])
     assert len(zs) == len(reference["zs"]) == 1 and torch.equal(zs[0], reference["zs"][0])
+
+
+def test_format_1_lognormal_reads_as_the_distribution_it_drew(tmp_path):
+    """u-repa/1's `--weighting lognormal` was EDM's log-normal: read as `lognormal-edm`, so a
+    resume with today's `lognormal` (REPA's N(0, 1)) is refused instead of switching silently."""
+    state = torch.load(os.path.join(FIXTURES, "u-repa-1_sitdown-tiny.pt"), weights_only=True)
+    assert state["format"] == "u-repa/1" and state["args"]["weighting"] == "uniform"
+    for weighting, read_as in [("lognormal", "lognormal-edm"), ("uniform", "uniform")]:
+        state["args"]["weighting"] = weighting
+        torch.save(state, tmp_path / "old.pt")
+        loaded = load_checkpoint(str(tmp_path / "old.pt"))
+        assert loaded["format"] == "u-repa/2" and loaded["args"]["weighting"] == read_as
+        model = load_model_for_sampling(str(tmp_path / "old.pt"))
+        assert model.checkpoint_args["weighting"] == read_as

@@ -14,6 +14,8 @@ from frozen import (
     ENCODER_STANDIN,
     VAE_SCALE,
     encoder_dim,
+    encoder_grid,
+    encoder_input_size,
     latent_geometry,
     load_encoder,
     load_vae,
@@ -86,6 +88,20 @@ def test_encoder_standin_matches_repa_preprocessing():
 def test_encoder_grid_follows_resolution():
     enc = load_encoder(ENCODER_STANDIN, resolution=512)
     assert enc.input_size == 448 and enc.grid_size == 32
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 256, 512])
+def test_encoder_grid_rule_matches_the_built_encoder(resolution):
+    # 224 px per 256 px (REPA), 14-px patches: the SD-VAE latent side / 2 = resolution / 16.
+    assert encoder_input_size(resolution) == 224 * resolution // 256
+    assert encoder_grid(resolution) == resolution // 16
+    enc = load_encoder(ENCODER_STANDIN, resolution=resolution)
+    assert enc.input_size == encoder_input_size(resolution)
+    assert enc.grid_size == encoder_grid(resolution)
+    # timm builds the position embedding for that grid once, at creation.
+    grid = encoder_grid(resolution)
+    assert tuple(enc.vit.patch_embed.grid_size) == (grid, grid)
+    assert enc.vit.pos_embed.shape[1] == grid * grid + enc.vit.num_prefix_tokens
 
 
 def test_unknown_names_are_clear_errors():

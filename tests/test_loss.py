@@ -213,17 +213,34 @@ def test_interpolant_endpoints_and_velocity_is_time_derivative(path_type):
         torch.testing.assert_close(target, noise - x)  # v = eps - x
 
 
+# log(sigma_t / alpha_t) ~ N(mean, std^2): REPA's loss draws N(0, 1); EDM's P_mean, P_std.
+LOGNORMAL = {"lognormal": (0.0, 1.0), "lognormal-edm": (-1.2, 1.2)}
+
+
+def _time_of_log_ratio(log_ratio: float, path_type: str) -> float:
+    """REPA's map from sigma = exp(log_ratio) to t: sigma / (1 + sigma), or (2 / pi) atan(sigma)."""
+    ratio = math.exp(log_ratio)
+    return ratio / (1 + ratio) if path_type == "linear" else 2 / math.pi * math.atan(ratio)
+
+
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
-def test_lognormal_times(path_type):
+@pytest.mark.parametrize("weighting", list(LOGNORMAL))
+def test_lognormal_times(weighting, path_type):
     torch.manual_seed(0)
-    t = sample_time(20000, "lognormal", path_type).double()
+    t = sample_time(20000, weighting, path_type).double()
     assert t.dtype == torch.float64 and ((t > 0) & (t < 1)).all()
-    # The noise-to-signal ratio sigma_t / alpha_t is log-normal with EDM's (-1.2, 1.2).
+    # The noise-to-signal ratio sigma_t / alpha_t is log-normal with the weighting's parameters.
+    mean, std = LOGNORMAL[weighting]
     alpha, sigma, _, _ = interpolant(t, path_type)
     log_ratio = torch.log(sigma / alpha).numpy()
-    assert stats.kstest(log_ratio, "norm", args=(-1.2, 1.2)).pvalue > 1e-3
+    assert stats.kstest(log_ratio, "norm", args=(mean, std)).pvalue > 1e-3
+    # t is monotone in the ratio, so its quantiles are the images of the normal's quantiles.
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        expected = _time_of_log_ratio(mean + std * stats.norm.ppf(q), path_type)
+        assert np.quantile(t.numpy(), q) == pytest.approx(expected, abs=0.01)
     if path_type == "linear":
-        assert np.median(t.numpy()) == pytest.approx(1 / (1 + math.exp(1.2)), abs=0.01)
+        median = 0.5 if weighting == "lognormal" else 1 / (1 + math.exp(1.2))  # 0.23
+        assert np.median(t.numpy()) == pytest.approx(median, abs=0.01)
 
 
 def test_uniform_times():

@@ -497,7 +497,7 @@ def test_run_directory_checkpoints_logs_and_previews(data_dir, tmp_path):
         "0000004-ema.safetensors", "0000004.pt", "0000006-ema.safetensors", "0000006.pt",
     ]  # fmt: skip
     ckpt = checkpoint(tmp_path, "full-run", 6)
-    assert ckpt["format"] == "u-repa/1" and ckpt["step"] == 6
+    assert ckpt["format"] == "u-repa/2" and ckpt["step"] == 6
     assert ckpt["model_name"] == "SiTDown" and ckpt["model_kwargs"]["hidden_size"] == 32
     assert ckpt["args"] == json.loads((run_dir / "args.json").read_text())
     assert ckpt["scaler"] is None and len(ckpt["rng"]["processes"]) == 1
