@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
-from utils import atomic_write, dict_differences
+from utils import InputError, ReportedError, atomic_write, dict_differences
 
 CHECKPOINT_FORMAT = "u-repa/2"
 READABLE_FORMATS = ("u-repa/1", CHECKPOINT_FORMAT)
@@ -56,7 +56,7 @@ CHECKPOINT_KEYS = (
 )  # fmt: skip
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ReportedError, RuntimeError):
     """A problem with a run's setup, directory or state, reported as a message without a
     traceback (train.py exits with it)."""
 
@@ -98,7 +98,7 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """Write a checkpoint dict (see `checkpoint_state`) atomically."""
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     if missing or state["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(
+        raise InputError(
             f"not a {CHECKPOINT_FORMAT} checkpoint dict (missing {missing}); build it with "
             "checkpoints.checkpoint_state"
         )
@@ -165,11 +165,11 @@ def torch_load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         if isinstance(err, pickle.UnpicklingError) and "Weights only" in str(err):
-            raise ValueError(
+            raise InputError(
                 f"{path!r} holds Python objects other than tensors and plain containers, so it is "
                 "not a U-REPA or REPA checkpoint; it is not loaded (loading could run its code)"
             ) from err
-        raise ValueError(
+        raise InputError(
             f"could not read {path!r}: the file is truncated, corrupt or not a PyTorch checkpoint"
         ) from err
 
@@ -188,7 +188,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     state = torch_load(path)
     if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(
+        raise InputError(
             f"{path!r} is not a {CHECKPOINT_FORMAT} checkpoint (format: {found!r}); "
             "generate.py also reads safetensors exports and REPA's SiT checkpoints"
         )
@@ -234,7 +234,7 @@ def infer_repa_config(
     """
     required = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight")
     if not all(key in state_dict for key in required):
-        raise ValueError(
+        raise InputError(
             "this state dict is not a SiT's (no x_embedder.proj.weight / pos_embed / "
             "y_embedder.embedding_table.weight): it is neither a U-REPA checkpoint nor REPA's"
         )
@@ -258,7 +258,7 @@ def infer_repa_config(
             candidate = build_model(name, **kwargs)
         if (candidate.hidden_size, candidate.depth, candidate.patch_size) == (hidden, depth, patch):
             return name, kwargs
-    raise ValueError(
+    raise InputError(
         f"no registered SiT has width {hidden}, depth {depth} and patch size {patch}; pass the "
         f"model name (--model) to load this REPA checkpoint"
     )
@@ -273,7 +273,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
             metadata = f.metadata() or {}
         return load_file(path, device="cpu"), metadata
     except Exception as err:
-        raise ValueError(f"could not read {path!r} as safetensors (truncated or corrupt?)") from err
+        raise InputError(f"could not read {path!r} as safetensors (truncated or corrupt?)") from err
 
 
 def read_sampling_weights(
@@ -307,7 +307,7 @@ def _read_repa_checkpoint(
             repa_args = dict(vars(obj["args"]))
         obj = obj["ema"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
+        raise InputError(
             f"{path!r} is neither a {CHECKPOINT_FORMAT} checkpoint, a safetensors export, nor a "
             "REPA SiT checkpoint (a state dict, or a dict with an 'ema' state dict)"
         )
@@ -348,12 +348,12 @@ def load_model_for_sampling(
     """
     state_dict, name, kwargs, args = read_sampling_weights(path, model_name)
     if model_name is not None and canonical_name(model_name) != canonical_name(name):
-        raise ValueError(f"{path!r} holds a {name}, not a {model_name}")
+        raise InputError(f"{path!r} holds a {name}, not a {model_name}")
     with torch.device(device):
         model = build_model(name, **kwargs)
     problems = state_dict_mismatch(model.state_dict(), state_dict)
     if problems:
-        raise ValueError(
+        raise InputError(
             f"{path!r} does not fit {name} {kwargs} (a checkpoint of another model?): {problems}"
         )
     model.load_state_dict(state_dict, strict=True)
@@ -441,8 +441,8 @@ RESUMABLE_CHANGES = frozenset(
     {
         "max_train_steps", "checkpointing_steps", "keep_last", "milestone_every",
         "sampling_steps", "preview_images", "log_every", "report_to", "num_workers",
-        "data_dir", "output_dir", "exp_name", "resume", "dry_run", "compile", "peak_tflops",
-        "fused_optimizer", "sdpa_backend",
+        "data_dir", "output_dir", "exp_name", "resume", "dry_run", "debug", "compile",
+        "peak_tflops", "fused_optimizer", "sdpa_backend",
         "vae", "enc_weights", "on_nonfinite", "gradient_accumulation_steps",
     }
 )  # fmt: skip

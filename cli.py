@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from frozen import ENCODER_STANDIN, VAE_IDS, VAE_PIXELS, VAE_STANDIN, parse_encoder_list
 from models import canonical_name
 from models.layers import SDPA_BACKENDS
+from utils import EXIT_ERROR, EXIT_INTERRUPTED, ReportedError
 
 FlagGroup = argparse._ActionsContainer  # a parser, or one of its argument groups
 
@@ -86,6 +90,38 @@ def parse_checked(
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+#################################################################################
+#                            Running an entry point                             #
+#################################################################################
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an expected failure too")  # fmt: skip
+
+
+def run_main(main: Callable[[], object]) -> NoReturn:
+    """Run an entry point's `main` and exit: with the code it returns if that is an int, else 0.
+
+    An expected failure (`ReportedError`, or an OSError such as a missing file or a full disk)
+    prints `PROGRAM: error: MESSAGE` and exits with its code (EXIT_ERROR; EXIT_STOPPED for a
+    run stopped by a signal); with --debug its traceback comes first. A Ctrl-C that the program
+    does not handle exits EXIT_INTERRUPTED. Anything else is a bug and shows its traceback.
+    """
+    program = os.path.basename(sys.argv[0]) or "u-repa"
+    try:
+        code = main()
+    except (ReportedError, OSError) as err:
+        if "--debug" in sys.argv[1:]:
+            traceback.print_exc()
+        print(f"{program}: error: {err}", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", EXIT_ERROR))
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 #################################################################################

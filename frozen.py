@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils import InputError, ReportedError
+
 # SD-VAE latent normalisation (LDM/DiT/REPA): z = 0.18215 · (mean + std · ε), bias 0.
 VAE_SCALE = 0.18215
 SD_VAE_FACTOR = 8  # image pixels per latent pixel (each side)
@@ -33,6 +35,10 @@ VAE_PIXELS = "pixels"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(ReportedError, RuntimeError):
+    """Pretrained weights that cannot be loaded (no network and no local copy)."""
 
 
 def _offline_hint(what: str, source: str, flag: str) -> str:
@@ -151,14 +157,14 @@ def load_vae(
 
         source = VAE_IDS.get(spec, spec)
         if spec not in VAE_IDS and not os.path.isdir(spec):
-            raise ValueError(
+            raise InputError(
                 f"--vae must be one of {sorted(VAE_IDS)}, a local diffusers folder, "
                 f"{VAE_PIXELS!r} (identity) or {VAE_STANDIN!r} (test stand-in); got {spec!r}"
             )
         try:
             vae = AutoencoderKL.from_pretrained(source)
         except Exception as err:  # network errors come in many types; all mean "not available"
-            raise RuntimeError(_offline_hint("the SD-VAE", source, "--vae PATH")) from err
+            raise WeightsUnavailable(_offline_hint("the SD-VAE", source, "--vae PATH")) from err
     return LatentAutoencoder(vae.to(device=device, dtype=dtype), spec)
 
 
@@ -190,7 +196,7 @@ def encoder_dim(name: str) -> int:
     if name == ENCODER_STANDIN:
         return 32
     if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
+        raise InputError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
     return ENCODERS[name].dim
 
 
@@ -247,7 +253,7 @@ def load_encoder(
     else:
         spec = ENCODERS.get(name)
         if spec is None:
-            raise ValueError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
+            raise InputError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
         overlay = {"file": weights} if weights else None
         try:
             vit = timm.create_model(
@@ -255,7 +261,7 @@ def load_encoder(
             )
         except Exception as err:  # network errors come in many types; all mean "not available"
             source = weights or f"timm/{spec.timm_name}"
-            raise RuntimeError(
+            raise WeightsUnavailable(
                 _offline_hint(f"encoder {name}", source, "--enc-weights PATH")
             ) from err
     return RepresentationEncoder(vit, name, resolution).to(device)

@@ -48,12 +48,14 @@ from tqdm import tqdm
 
 from checkpoints import load_model_for_sampling
 from cli import (
+    add_debug_arg,
     add_speed_args,
     add_vae_args,
     nonnegative_float,
     nonnegative_int,
     parse_checked,
     positive_int,
+    run_main,
     unit_closed,
 )
 from frozen import LatentAutoencoder, load_vae
@@ -67,6 +69,8 @@ from samplers import (
     euler_sampler,
 )
 from utils import (
+    InputError,
+    ReportedError,
     atomic_write,
     barrier,
     broadcast_from_rank0,
@@ -165,6 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Sample images for FID (PNGs + one .npz).")
     for add in (add_model_args, add_sampler_args, add_output_args, add_sampling_speed_args):
         add(parser)
+    add_debug_arg(parser)
     return parse_checked(parser, argv, validate_args)
 
 
@@ -194,7 +199,7 @@ def validate_args(args: argparse.Namespace) -> None:
 def balanced_labels(num_samples: int, num_classes: int, global_seed: int) -> torch.Tensor:
     """(N,) labels with exactly N / num_classes of each class, in an order fixed by the seed."""
     if num_samples % num_classes:
-        raise ValueError(
+        raise InputError(
             f"--label-sampling balanced needs --num-fid-samples ({num_samples}) divisible by the "
             f"number of classes ({num_classes})"
         )
@@ -358,13 +363,13 @@ def check_sample_dir(sample_dir: str, settings: dict[str, Any]) -> None:
             existing = json.load(f)
         differences = dict_differences(existing, settings, "there", "now")
         if differences:
-            raise ValueError(
+            raise InputError(
                 f"{sample_dir} holds samples made with other settings "
                 f"({'; '.join(differences)}). "
                 "Use another --sample-dir (or delete this one) instead of mixing them."
             )
     elif os.path.isdir(sample_dir) and any(PNG_NAME.match(n) for n in os.listdir(sample_dir)):
-        raise ValueError(
+        raise InputError(
             f"{sample_dir} holds PNGs but no {SETTINGS_FILE}: their settings are unknown, so "
             "they are not mixed with new ones. Use another --sample-dir."
         )
@@ -401,9 +406,9 @@ def read_png(sample_dir: str, index: int, shape: tuple[int, ...] | None = None) 
     with Image.open(path) as img:
         image = np.asarray(img)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{path} is not an 8-bit RGB image (shape {image.shape}, {image.dtype})")
+        raise InputError(f"{path} is not an 8-bit RGB image (shape {image.shape}, {image.dtype})")
     if shape is not None and image.shape != shape:
-        raise ValueError(f"{path} is {image.shape}, the other samples are {shape}")
+        raise InputError(f"{path} is {image.shape}, the other samples are {shape}")
     return image
 
 
@@ -443,10 +448,10 @@ def check_model(
 ) -> None:
     has_null_class = model.y_embedder.embedding_table.num_embeddings > model.num_classes
     if args.cfg_scale != 1.0 and not has_null_class:
-        raise ValueError("the model has no null class (trained without label dropout), so it "
+        raise InputError("the model has no null class (trained without label dropout), so it "
                          "cannot be guided: use --cfg-scale 1")  # fmt: skip
     if vae.latent_channels != model.in_channels:
-        raise ValueError(f"the VAE has {vae.latent_channels} latent channels, the model "
+        raise InputError(f"the VAE has {vae.latent_channels} latent channels, the model "
                          f"{model.in_channels}")  # fmt: skip
 
 
@@ -471,7 +476,7 @@ def generate_samples(
                     save_png(image, args.sample_dir, index)
                 progress.update(len(indices))
     except torch.cuda.OutOfMemoryError as err:
-        raise RuntimeError(
+        raise ReportedError(
             f"--per-proc-batch-size {args.per_proc_batch_size} does not fit in GPU memory (with "
             "guidance the model runs on twice as many images); lower it: noise and labels stay "
             "the same"
@@ -520,4 +525,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(lambda: main(parse_args()))

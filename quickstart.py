@@ -41,8 +41,10 @@ from PIL import Image, ImageDraw, ImageFont
 import generate
 import toy_shapes
 import train
+from cli import add_debug_arg, run_main
 from frozen import ENCODER_STANDIN, VAE_PIXELS, encoder_grid, load_encoder, load_vae
 from preprocessing import prepare
+from utils import EXIT_STOPPED, RunStopped
 
 EXP_NAME = "toy-sitdown-urepa"
 VAE_PRETRAINED, ENCODER_PRETRAINED = "ema", "dinov2-vit-s"
@@ -111,6 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="FID etc. with evaluations/ (needs the Inception weights); default: on "
                         "with a GPU, off on a CPU, where it takes minutes")
+    add_debug_arg(p)
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 2:
         p.error("--steps must be at least 2")
@@ -419,7 +422,11 @@ def prepare_and_train(out: str, net: Networks, cfg: Config, device: str, clock: 
     argv = train_argv(data, exps, net, cfg, device == "cuda")
     env = "ACCELERATE_USE_CPU=1 " if device == "cpu" else ""
     stage(f"Training ({cfg.steps} steps)", f"{env}python train.py", argv)
-    train.main(train.parse_args(argv))
+    if train.main(train.parse_args(argv)) == EXIT_STOPPED:
+        raise RunStopped(
+            "training stopped by a signal, its checkpoint saved: re-run the same command to "
+            "continue"
+        )
     clock.lap("train")
     return os.path.join(exps, EXP_NAME, "checkpoints", f"{cfg.steps:07d}.pt")
 
@@ -520,4 +527,4 @@ def report(record: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

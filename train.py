@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import json
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +36,7 @@ from cli import (
     parse_encoder_args,
     positive_float,
     positive_int,
+    run_main,
     unit_closed,
     unit_interval,
 )
@@ -51,6 +51,7 @@ from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDER
 from models.summary import count_macs
 from run_log import add_log_file, close_logger, create_logger, peak_flops
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
+from utils import EXIT_STOPPED
 
 # Projector options that are flags of the same name (every field of ProjectorConfig but its
 # width); --model-config may not set them too.
@@ -198,6 +199,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                    help="peak TFLOP/s of one device, for the MFU estimate (default: known GPUs)")
     g.add_argument("--dry-run", action="store_true",
                    help="build everything, print the plan and exit without training")
+    g.add_argument("--debug", action="store_true",
+                   help="show the traceback of an expected failure too")
 # fmt: on
 
 
@@ -401,7 +404,9 @@ def start_run_directory(args: argparse.Namespace, accelerator: Accelerator, logg
     )
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> int:
+    """Train; returns the exit code: 0, or EXIT_STOPPED when a signal stopped the run after its
+    checkpoint (re-running the command with --resume auto continues it)."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
     accelerator = create_accelerator(args, run_dir)
     resume = resolve_run(run_dir, args.resume)  # before anything is written, on every process
@@ -412,7 +417,7 @@ def main(args: argparse.Namespace) -> None:
         macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
         if args.dry_run:
             logger.info(describe(trainer, macs, resume))
-            return
+            return 0
         if accelerator.is_main_process:
             start_run_directory(args, accelerator, logger)
         accelerator.wait_for_everyone()
@@ -421,22 +426,22 @@ def main(args: argparse.Namespace) -> None:
             logger.info(
                 f"nothing to do: the run is at step {trainer.step} of {args.max_train_steps}"
             )
-            return
+            return 0
         vae = load_vae(args.vae, accelerator.device) if accelerator.is_main_process else None
         peak = peak_flops(
             accelerator.device, args.mixed_precision, args.allow_tf32, args.peak_tflops
         )
         monitor = Monitor(trainer, run_dir, logger, 6.0 * macs, peak)
         with sdpa_backend(args.sdpa_backend):
-            train(trainer, dataset, run_dir, Previews(trainer, vae), monitor)
+            stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor)
+        if stopped:
+            return EXIT_STOPPED
         logger.info(f"done: step {trainer.step}")
+        return 0
     finally:
         accelerator.end_training()
         close_logger(logger)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except TrainingError as err:
-        sys.exit(f"train.py: error: {err}")
+    run_main(lambda: main(parse_args()))

@@ -457,9 +457,9 @@ class StopRequest:
 
 def train(
     trainer: Trainer, dataset: Dataset, run_dir: str, previews: Previews, monitor: Monitor
-) -> None:
+) -> bool:
     """The loop: a step, then on schedule logs, checkpoints and previews; a signal stops it
-    after the current step, with a checkpoint."""
+    after the current step, with a checkpoint. Returns whether a signal stopped it."""
     args, acc, logger = trainer.args, trainer.accelerator, monitor.logger
     last_good = latest_checkpoint(run_dir)
     micro_batches = batches_from(trainer, dataset, trainer.step)
@@ -490,4 +490,5 @@ def train(
                     f"stopped by a signal after step {step}, checkpoint saved: "
                     "continue with --resume auto"
                 )
-                break
+                return True
+    return False

@@ -1,5 +1,5 @@
-"""Small helpers that several entry points share: atomic file writes, seeds, the differences
-between two settings records, and torchrun's process group.
+"""Small helpers that several entry points share: the error surface and exit codes, atomic file
+writes, seeds, the differences between two settings records, and torchrun's process group.
 
 `evaluations/` stands alone and keeps its own copies of what it needs.
 """
@@ -16,6 +16,35 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+#################################################################################
+#                          Expected failures, exit codes                        #
+#################################################################################
+
+# Exit codes of every entry point (train.py, generate.py, preprocessing/prepare.py, quickstart.py).
+EXIT_ERROR = 1  # an expected failure, reported in one message (a bug shows a traceback)
+EXIT_USAGE = 2  # a bad command line (argparse's code)
+EXIT_STOPPED = 75  # stopped by SIGTERM/SIGINT after saving: re-run the same command to continue
+EXIT_INTERRUPTED = 130  # interrupted by a second Ctrl-C (nothing saved after the last save)
+
+
+class ReportedError(Exception):
+    """An expected failure: bad input, a missing or corrupt file, an incompatible resume, a full
+    disk, weights not available offline. The entry point reports its message (what is wrong,
+    which file, what to do) without a traceback and exits with its `exit_code`."""
+
+    exit_code = EXIT_ERROR
+
+
+class RunStopped(ReportedError):
+    """A run stopped by SIGTERM/SIGINT after saving its state; the same command continues it."""
+
+    exit_code = EXIT_STOPPED
+
+
+class InputError(ReportedError, ValueError):
+    """A value the user gave (a flag, a file's content) that cannot be used as it is."""
+
 
 #################################################################################
 #                               Atomic writes                                   #

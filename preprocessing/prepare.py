@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import shards
 from cli import (
+    add_debug_arg,
     add_encoder_args,
     add_vae_args,
     encoder_weights,
@@ -36,6 +37,7 @@ from cli import (
     parse_checked,
     parse_encoder_args,
     positive_int,
+    run_main,
 )
 from frozen import (
     ENCODERS,
@@ -132,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     for add in (add_source_args, add_encoding_args, add_run_args):
         add(parser)
+    add_debug_arg(parser)
     return parse_checked(parser, argv, parse_encoder_args)
 
 
@@ -458,4 +461,4 @@ def print_plan(
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_main(lambda: main(parse_args()))

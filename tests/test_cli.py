@@ -9,8 +9,17 @@ import pytest
 
 import cli
 import generate
+import quickstart
 import train
 from preprocessing import prepare
+from utils import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_STOPPED,
+    InputError,
+    ReportedError,
+    RunStopped,
+)
 
 BOUNDS = [
     (cli.positive_int, "0", "must be a positive integer, got 0"),
@@ -125,3 +134,61 @@ def test_generate_refuses_a_non_finite_cfg_scale(bad, capsys):
         generate.parse_args(["--ckpt", "c.pt", "--sample-dir", "s", *bad])
     assert exit_info.value.code == 2
     assert "--cfg-scale: must be a finite number" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the error surface
+
+
+def exit_of(main, argv, monkeypatch, capsys):
+    """(exit code, stderr) of cli.run_main(main) run as `prog.py ARGV`."""
+    monkeypatch.setattr("sys.argv", ["prog.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_main(main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def fail(error):
+    def main():
+        raise error
+
+    return main
+
+
+def test_an_expected_failure_is_one_line_and_exit_code_1(monkeypatch, capsys):
+    for error in [ReportedError("data/x is corrupt: re-run prepare.py"), InputError("bad"),
+                  FileNotFoundError(2, "No such file or directory", "ckpt.pt")]:  # fmt: skip
+        code, err = exit_of(fail(error), [], monkeypatch, capsys)
+        assert code == EXIT_ERROR == 1
+        assert err == f"prog.py: error: {error}\n" and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback_of_an_expected_failure(monkeypatch, capsys):
+    code, err = exit_of(fail(ReportedError("bad input")), ["--debug"], monkeypatch, capsys)
+    assert code == 1 and "Traceback" in err and err.endswith("prog.py: error: bad input\n")
+
+
+def test_stopped_runs_interrupts_and_return_codes(monkeypatch, capsys):
+    assert exit_of(fail(RunStopped("stopped")), [], monkeypatch, capsys)[0] == EXIT_STOPPED == 75
+    code, err = exit_of(fail(KeyboardInterrupt()), [], monkeypatch, capsys)
+    assert code == EXIT_INTERRUPTED == 130 and err == "prog.py: interrupted\n"
+    assert exit_of(lambda: EXIT_STOPPED, [], monkeypatch, capsys)[0] == 75
+    assert exit_of(lambda: {"a": "record"}, [], monkeypatch, capsys)[0] == 0
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["prog.py"])
+    with pytest.raises(ZeroDivisionError):
+        cli.run_main(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize(
+    "parse, required",
+    [
+        (train.parse_args, ["--data-dir", "d", "--exp-name", "x"]),
+        (generate.parse_args, ["--ckpt", "c.pt", "--sample-dir", "s"]),
+        (prepare.parse_args, ["--source", "s", "--dest", "d"]),
+        (quickstart.parse_args, []),
+    ],
+)
+def test_every_entry_point_takes_debug(parse, required):
+    assert parse([*required, "--debug"]).debug

@@ -34,6 +34,7 @@ from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
 from run_log import create_logger
 from trainer import update_ema
+from utils import EXIT_STOPPED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 64  # 8×8 latents; SiT↓'s middle stage runs on 4×4 tokens, DINOv2's grid is 4×4
@@ -583,6 +584,18 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
     assert checkpoint(tmp_path, "full-disk", 2)["step"] == 2
 
 
+def test_a_corrupt_checkpoint_is_one_line_and_exit_code_1(data_dir, tmp_path):
+    corrupt = tmp_path / "0000002.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    cmd = [sys.executable, "train.py", *argv(data_dir, tmp_path, "bad", "--resume", str(corrupt))]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"train.py: error: could not read {str(corrupt)!r}: the file is truncated, corrupt or not "
+        "a PyTorch checkpoint"
+    ]
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     """A scheduler's SIGTERM to the whole process group, data-loading workers included."""
     cmd = [sys.executable, "train.py",
@@ -598,7 +611,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGTERM)
     output = process.communicate(timeout=120)[0].decode()
-    assert process.returncode == 0, output
+    assert process.returncode == EXIT_STOPPED == 75, output  # a scheduler tells it from the end
     assert "stopped by a signal after step" in output
     steps = sorted(int(n[:7]) for n in os.listdir(tmp_path / "term" / "checkpoints"))
     assert len(steps) == 1 and steps[0] >= 2
