@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 import shards
 import train
 from bench.common import report, write_json
+from cli import encoder_list
 from data_plan import BatchPlan
 from dataset import LatentDataset
 from trainer import training_loader
@@ -58,9 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write N random samples of ImageNet-256 shapes to a temporary folder",
     )
     parser.add_argument(
+        "--enc-type",
         "--encoders",
+        dest="encoders",
         default="dinov2-vit-b",
-        help="stored encoder features to read, comma-separated ('' for none)",
+        help="stored encoder features to read, comma-separated, as train.py's --enc-type "
+        "('' or none: no features)",
     )
     parser.add_argument(
         "--pixels",
@@ -171,7 +175,7 @@ def training_batches_rate(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench = parse_args(argv)
-    encoders = [e for e in bench.encoders.split(",") if e]
+    encoders = encoder_list(bench.encoders) if bench.encoders else []
     micro = bench.global_batch // bench.processes
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         root = bench.data_dir or tmp

@@ -57,7 +57,8 @@ def model_evaluations(mode: str | None, steps: int, cfg: float, high: float) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the first paragraph, unwrapped
+    parser = argparse.ArgumentParser(description=summary)
     parser.add_argument("--mfu", type=float, default=0.3, help="assumed model FLOP utilisation")
     args = parser.parse_args(argv)
     flops_per_second = H100_PEAK * args.mfu

@@ -12,5 +12,5 @@ cd "$(dirname "$0")/.."
 source scripts/common.sh
 
 [[ $# -eq 1 ]] || usage_error
-[[ "$1" =~ ^[0-9]+$ ]] || usage_error
+[[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 && $1 <= 36 )) || usage_error
 ablation "ablation-w0-layer$1" --encoder-depth "$1" --manifold-coeff 0

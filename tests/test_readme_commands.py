@@ -138,3 +138,10 @@ def test_table_scripts_refuse_bad_arguments_with_their_usage(script):
     result = subprocess.run(["bash", script, "nonsense", "extra"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith("usage: bash " + script)
+
+
+@pytest.mark.parametrize("block", ["0", "37", "99"])
+def test_table5_refuses_a_block_outside_its_usage(block):
+    result = subprocess.run(["bash", "scripts/table5.sh", block], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "any block 1-36" in result.stderr
