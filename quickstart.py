@@ -223,7 +223,7 @@ def train_argv(data: str, out: str, net: Networks, cfg: Config, cuda: bool) -> l
         "--batch-size", str(cfg.batch_size), "--max-train-steps", str(cfg.steps),
         "--learning-rate", str(cfg.learning_rate), "--ema-decay", str(cfg.ema_decay),
         "--checkpointing-steps", str(cfg.steps // 2), "--milestone-every", "0",
-        "--sampling-steps", "0", "--log-every", str(max(1, cfg.steps // 50)),
+        "--sampling-steps", "0", "--log-every", str(max(1, cfg.steps // 100)),
         "--num-workers", "2" if cuda else "0", "--mixed-precision", "bf16" if cuda else "no",
     ]  # fmt: skip
 

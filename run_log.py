@@ -17,10 +17,12 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
+LOGGER_NAME = "u-repa.train"
+
 
 def create_logger(is_main: bool) -> logging.Logger:
     """Main process: INFO to stdout (and a file, `add_log_file`). Others: warnings to stderr."""
-    logger = logging.getLogger("u-repa.train")
+    logger = logging.getLogger(LOGGER_NAME)
     close_logger(logger)
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
@@ -57,6 +59,24 @@ def format_metrics(step: int, metrics: dict[str, float]) -> str:
         else:
             parts.append(f"{name} {value}")
     return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> "1h02m", 125 -> "2m05s", 42.4 -> "42s"."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def time_remaining(step: int, sec_per_step: float, max_steps: int, checkpoint_every: int) -> str:
+    """ "eta 1h02m to step 400000, 5m10s to the next checkpoint" at `sec_per_step`."""
+    next_checkpoint = min((step // checkpoint_every + 1) * checkpoint_every, max_steps)
+    to_end = format_duration((max_steps - step) * sec_per_step)
+    to_checkpoint = format_duration((next_checkpoint - step) * sec_per_step)
+    return f"eta {to_end} to step {max_steps}, {to_checkpoint} to the next checkpoint"
 
 
 class MetricMeans:

@@ -42,7 +42,7 @@ from cli import (
 )
 from data_plan import BatchPlan
 from dataset import LatentDataset
-from frozen import RepresentationEncoder, encoder_dim, load_encoder, load_vae
+from frozen import RepresentationEncoder, encoder_dim, latent_geometry, load_encoder, load_vae
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
 from models import PROJECTOR_FIELDS, build_model
 from models.base import AlignedDiffusionTransformer
@@ -161,8 +161,10 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("precision and speed")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="fp16",
-                   help="autocast dtype; fp16 uses loss scaling (REPA's default)")
+    g.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto",
+                   help="autocast dtype. auto: bf16 on GPUs that support it (no loss scaler), "
+                        "fp16 on older GPUs, no on CPUs; fp16 with loss scaling is REPA's "
+                        "protocol (pass it to reproduce REPA exactly)")
     g.add_argument("--allow-tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls and convolutions on Ampere+ GPUs (REPA's command uses it)")
     g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
@@ -222,7 +224,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Checks between flags (each flag's own range is checked by its `type`)."""
+    """Checks between flags (each flag's own range is checked by its `type`); resolves
+    --mixed-precision auto, so that checkpoints record the precision actually used."""
+    args.mixed_precision = resolve_precision(args.mixed_precision)
     parse_encoder_args(args)
     if not args.encoders and args.proj_coeff > 0:
         raise ValueError("--enc-type none trains without alignment: it needs --proj-coeff 0")
@@ -252,6 +256,15 @@ def validate_args(args: argparse.Namespace) -> None:
             "--model-config may not set "
             + ", ".join(f"{k} (set by {FLAG_OF_MODEL_KWARG[k]})" for k in clashes)
         )
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """--mixed-precision auto: bf16 where the GPU supports it, fp16 on older GPUs, no on CPUs."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 #################################################################################
@@ -377,12 +390,48 @@ def describe(trainer: Trainer, macs: int, resume: str | None) -> str:
         f"{args.gradient_accumulation_steps} accumulation steps × {plan.micro_batch}",
         f"steps       {trainer.step} → {args.max_train_steps} ({epochs:.2f} epochs)"
         + (f", resuming {resume}" if resume else ""),
-        f"checkpoints every {args.checkpointing_steps} steps; the last {args.keep_last} kept, and "
-        f"every {args.milestone_every or '-'}th with an EMA export",
+        f"checkpoints every {args.checkpointing_steps} steps; {retention(args)}",
         f"precision   {args.mixed_precision}{amp_note}, TF32 {args.allow_tf32}, "
         f"compile {args.compile}, fused AdamW {args.fused_optimizer}, "
         f"attention {args.sdpa_backend}, "
         f"device {acc.device} × {acc.num_processes}",
+    ])  # fmt: skip
+
+
+def retention(args: argparse.Namespace) -> str:
+    """Which checkpoints a run keeps, in words."""
+    kept = f"the last {args.keep_last} kept"
+    if not args.milestone_every:
+        return f"{kept}; the final one with an EMA export (no milestones)"
+    return f"{kept}, and every {args.milestone_every}th kept for good with an EMA export"
+
+
+def plan_without_data(args: argparse.Namespace, accelerator: Accelerator, error: Exception) -> str:
+    """--dry-run when the dataset cannot be opened: the model and the batch from the flags
+    alone (ImageNet's 1000 classes assumed), and what is missing."""
+    channels, factor = latent_geometry(args.vae)
+    kwargs: dict[str, Any] = dict(
+        input_size=args.resolution // factor,
+        in_channels=channels,
+        num_classes=1000,
+        z_dims=[encoder_dim(name) for name in args.encoders],
+        **{name: getattr(args, name) for name in PROJECTOR_FLAGS},
+        **({"encoder_depth": args.encoder_depth} if args.encoder_depth else {}),
+        **args.model_config,
+    )
+    with torch.device("meta"):
+        model = build_model(args.model, **kwargs)
+    macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
+    processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
+    return "\n".join([
+        f"data        cannot be opened: {error}",
+        "            the plan below assumes ImageNet's 1000 classes at --resolution",
+        f"model       {model.model_name}: {model.num_parameters() / 1e6:.4g} M parameters, "
+        f"{macs / 1e9:.4g} G MACs per image; alignment tap after block {model.encoder_depth}",
+        f"batch       {args.batch_size} (global) = {processes} processes × {accumulation} "
+        f"accumulation steps × {args.batch_size // (processes * accumulation)}",
+        f"steps       0 → {args.max_train_steps}; checkpoints every {args.checkpointing_steps} "
+        f"steps; {retention(args)}",
     ])  # fmt: skip
 
 
@@ -412,6 +461,10 @@ def main(args: argparse.Namespace) -> int:
     resume = resolve_run(run_dir, args.resume)  # before anything is written, on every process
     logger = create_logger(accelerator.is_main_process)
     try:
+        if args.dry_run and not os.path.isdir(args.data_dir):
+            error = FileNotFoundError(f"no folder {args.data_dir} (--data-dir)")
+            logger.info(plan_without_data(args, accelerator, error))
+            return 0
         trainer, dataset = setup(args, accelerator, resume, logger)
         model = trainer.raw  # forward MACs per image, projector included, for MFU
         macs = count_macs(model, model.latent_shape[-1], include_projectors=True)

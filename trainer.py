@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -28,6 +29,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from checkpoints import (
     TrainingError,
@@ -42,7 +45,15 @@ from data_plan import SEED_PREVIEW, BatchPlan, StepDraws, TrainingBatches, deriv
 from frozen import RepresentationEncoder
 from loss import SILoss
 from models.base import AlignedDiffusionTransformer
-from run_log import MetricMeans, append_jsonl, format_metrics, grid_image, track_image
+from run_log import (
+    LOGGER_NAME,
+    MetricMeans,
+    append_jsonl,
+    format_metrics,
+    grid_image,
+    time_remaining,
+    track_image,
+)
 from samplers import VelocityOnly, euler_sampler
 
 PREVIEW_SAMPLING_STEPS = 50  # Euler steps of the preview sampler (REPA's)
@@ -348,13 +359,15 @@ class Monitor:
         acc, args = self.trainer.accelerator, self.trainer.args
         means = self.meter.pop(lambda x: acc.reduce(x, "mean"))  # the interval's one host sync
         now = time.perf_counter()
-        images_per_sec = (step - self.last_step) * args.batch_size / (now - self.last_time)
+        sec_per_step = (now - self.last_time) / max(1, step - self.last_step)
+        images_per_sec = args.batch_size / sec_per_step
         self.last_time, self.last_step = now, step
-        epoch = step * args.batch_size / self.trainer.plan.dataset_size
+        epoch = step / self.trainer.plan.steps_per_epoch  # as the data plan counts epochs
         record: dict[str, Any] = {"step": step, "epoch": round(epoch, 4)}
         record.update({k: round(v, 6) for k, v in means.items()})
         record["lr"] = self.trainer.optimizer.param_groups[0]["lr"]
         record["images_per_sec"] = round(images_per_sec, 2)
+        record["sec_per_step"] = round(sec_per_step, 4)
         if self.peak is not None:
             mfu = self.flops_per_image * images_per_sec / (self.peak * acc.num_processes)
             record["mfu"] = round(mfu, 4)
@@ -362,7 +375,9 @@ class Monitor:
             record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 2)
         if acc.is_main_process:
             append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
-            self.logger.info(format_metrics(step, {k: v for k, v in record.items() if k != "step"}))
+            line = format_metrics(step, {k: v for k, v in record.items() if k != "step"})
+            eta = time_remaining(step, sec_per_step, args.max_train_steps, args.checkpointing_steps)
+            self.logger.info(f"{line} | {eta}")
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return record
 
@@ -455,6 +470,22 @@ class StopRequest:
 #################################################################################
 
 
+@contextmanager
+def progress_bar(trainer: Trainer) -> Iterator[tqdm]:
+    """On a terminal (main process): a bar of steps with the rate and the time remaining; the
+    log lines go above it. Elsewhere it is off and the log lines carry s/step and the ETA.
+    The bar reads the clock only: no host sync."""
+    args, acc = trainer.args, trainer.accelerator
+    interactive = acc.is_main_process and sys.stderr.isatty()
+    with tqdm(total=args.max_train_steps, initial=trainer.step, unit="step", desc="training",
+              disable=not interactive, dynamic_ncols=True) as bar:  # fmt: skip
+        if not interactive:
+            yield bar
+            return
+        with logging_redirect_tqdm(loggers=[logging.getLogger(LOGGER_NAME)]):
+            yield bar
+
+
 def train(
     trainer: Trainer, dataset: Dataset, run_dir: str, previews: Previews, monitor: Monitor
 ) -> bool:
@@ -465,11 +496,12 @@ def train(
     micro_batches = batches_from(trainer, dataset, trainer.step)
     monitor.last_step, monitor.last_time = trainer.step, time.perf_counter()
     trainer.model.train()
-    with StopRequest() as stop:
+    with StopRequest() as stop, progress_bar(trainer) as progress:
         while trainer.step < args.max_train_steps:
             batch = [next(micro_batches) for _ in range(args.gradient_accumulation_steps)]
             stats = train_step(trainer, batch)
             trainer.step += 1  # steps count from 1: step s ends with checkpoint s
+            progress.update()
             step = trainer.step
             monitor.add(stats, step)
             stopping = stop()

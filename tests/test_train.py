@@ -164,11 +164,23 @@ def test_defaults_are_the_paper_recipe(data_dir):
     assert (args.adam_weight_decay, args.adam_epsilon, args.max_grad_norm) == (0.0, 1e-8, 1.0)
     assert (args.ema_decay, args.cfg_prob, args.seed) == (0.9999, 0.1, 0)
     assert (args.max_train_steps, args.checkpointing_steps) == (400_000, 50_000)
-    assert (args.path_type, args.weighting, args.mixed_precision) == ("linear", "uniform", "fp16")
+    assert (args.path_type, args.weighting) == ("linear", "uniform")
+    assert args.mixed_precision == train.resolve_precision("auto")  # see the test below
     # The default tap is the model's middle block: 18 of SiT↓-XL/2's 36 (Table 5).
     with torch.device("meta"):
         model = build_model(args.model, z_dims=[768])
     assert model.encoder_depth == 18
+
+
+@pytest.mark.parametrize(
+    "cuda, bf16, expected", [(False, False, "no"), (True, True, "bf16"), (True, False, "fp16")]
+)
+def test_auto_precision_is_bf16_where_the_gpu_has_it(cuda, bf16, expected, monkeypatch):
+    """bf16 needs no loss scaler; fp16 (REPA's protocol) only on GPUs without bf16, or asked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    assert train.resolve_precision("auto") == expected
+    assert train.resolve_precision("fp16") == "fp16" and train.resolve_precision("no") == "no"
 
 
 @pytest.mark.parametrize(
@@ -203,6 +215,17 @@ def test_dry_run_builds_everything_and_writes_nothing(data_dir, tmp_path, capsys
     assert "8 (global) = 1 processes × 1 accumulation steps × 8" in out
     assert "32 samples, 4 steps per epoch" in out
     assert not os.path.exists(tmp_path / "dry")
+
+
+def test_dry_run_without_the_dataset_plans_from_the_flags(tmp_path, capsys):
+    missing = str(tmp_path / "not-prepared-yet")
+    run("--data-dir", missing, "--output-dir", str(tmp_path), "--exp-name", "plan", "--dry-run",
+        "--milestone-every", "0")  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"cannot be opened: no folder {missing} (--data-dir)" in out
+    assert "SiTDown-XL/2: 960.5 M parameters" in out and "alignment tap after block 18" in out
+    assert "the final one with an EMA export (no milestones)" in out
+    assert not os.path.exists(tmp_path / "plan")
 
 
 # --------------------------------------------------------------------------------------------
