@@ -16,6 +16,7 @@ SD-VAE cannot be fetched: its decoded samples are real images, not random-decode
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,10 +163,15 @@ def load_vae(
                 f"{VAE_PIXELS!r} (identity) or {VAE_STANDIN!r} (test stand-in); got {spec!r}"
             )
         try:
-            vae = AutoencoderKL.from_pretrained(source)
+            with warnings.catch_warnings():
+                # diffusers passes huggingface_hub an argument it deprecated; nothing to act on
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
         except Exception as err:  # network errors come in many types; all mean "not available"
             raise WeightsUnavailable(_offline_hint("the SD-VAE", source, "--vae PATH")) from err
-    return LatentAutoencoder(vae.to(device=device, dtype=dtype), spec)
+    if dtype != torch.float32 and spec == VAE_STANDIN:
+        vae = vae.to(dtype)  # (diffusers warns about any .to(dtype), even float32's)
+    return LatentAutoencoder(vae.to(device), spec)
 
 
 #################################################################################
