@@ -134,4 +134,4 @@ def test_offline_pretrained_load_says_how_to_provide_weights(call, flag, tmp_pat
         timeout=120,
     )
     assert result.returncode != 0
-    assert "RuntimeError" in result.stderr and flag in result.stderr
+    assert "WeightsUnavailable" in result.stderr and flag in result.stderr  # a RuntimeError
