@@ -18,7 +18,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from frozen import ENCODER_STANDIN, VAE_IDS, VAE_PIXELS, VAE_STANDIN, parse_encoder_list
+from frozen import (
+    ENCODER_STANDIN,
+    VAE_IDS,
+    VAE_PIXELS,
+    VAE_PIXELS_2X,
+    VAE_STANDIN,
+    parse_encoder_list,
+)
 from models import canonical_name
 from models.layers import SDPA_BACKENDS
 from utils import EXIT_ERROR, EXIT_INTERRUPTED, ReportedError
@@ -131,8 +138,9 @@ def run_main(main: Callable[[], object]) -> NoReturn:
 # What --vae accepts, as `frozen.load_vae` reads it.
 VAE_CHOICES = (
     ", ".join(f"{name} ({repo})" for name, repo in VAE_IDS.items())
-    + f", a local diffusers folder, {VAE_PIXELS} (identity: pixel space, the quickstart's "
-    f"stand-in) or {VAE_STANDIN} (test stand-in)"
+    + f", a local diffusers folder, {VAE_PIXELS} (identity: pixel space), {VAE_PIXELS_2X} "
+    f"(pixel space at half the resolution: the quickstart's stand-in) or {VAE_STANDIN} (test "
+    "stand-in)"
 )
 
 

@@ -9,8 +9,10 @@ that says how to provide the weights.
 Tests never download: `load_vae("tiny-random")` and `load_encoder("dinov2-vit-tiny-random")` build
 tiny, randomly initialised networks of the same classes through the same wrappers. They are
 selected by name, explicitly; nothing falls back to them silently. `load_vae("pixels")` is the
-identity "autoencoder" (pixel space, 3 channels, factor 1) that the quickstart uses when the
-SD-VAE cannot be fetched: its decoded samples are real images, not random-decoder noise.
+identity "autoencoder" (pixel space, 3 channels, factor 1), and `load_vae("pixels-2x")` the same
+at half the resolution (factor 2: 2×2 average pooling, decoded by repeating each pixel), which the
+quickstart uses when the SD-VAE cannot be fetched: decoded samples are real images, not
+random-decoder noise.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ SD_VAE_FACTOR = 8  # image pixels per latent pixel (each side)
 VAE_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 VAE_STANDIN = "tiny-random"
 VAE_PIXELS = "pixels"
+VAE_PIXELS_2X = "pixels-2x"
+PIXEL_VAES = {1: VAE_PIXELS, 2: VAE_PIXELS_2X}  # downsampling factor -> --vae name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -97,35 +101,37 @@ def sample_latents(
 
 
 class PixelAutoencoder(LatentAutoencoder):
-    """Pixel space in the latent conventions: 3 "latent" channels at factor 1, no network.
+    """Pixel space in the latent conventions: 3 "latent" channels, no network; `factor` 1 (the
+    image itself) or 2 (the image average-pooled 2×2, decoded by repeating each pixel 2×2).
 
-    The stored mean is the image in [-1, 1] divided by VAE_SCALE and the std is 0, so that
-    `sample_latents` returns the image itself (data of std ≈ 0.5, as in pixel diffusion, rather
-    than ≈ 0.1); `decode` is the identity. Patch 16 on its 64×64 "latents" gives the token grid
-    that SD-VAE's factor 8 and patch 2 give (4×4 at 64 px, DINOv2's grid).
+    The stored mean is the (pooled) image in [-1, 1] divided by VAE_SCALE and the std is 0, so
+    that `sample_latents` returns the image itself (data of std ≈ 0.5, as in pixel diffusion,
+    rather than ≈ 0.1). At factor 2, patch 8 gives the token grid that SD-VAE's factor 8 and
+    patch 2 give (4×4 at 64 px), and the encoder's grid is that grid, as with SD-VAE and DINOv2.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, factor: int = 1) -> None:
         nn.Module.__init__(self)  # no diffusers network to wrap: LatentAutoencoder's init needs one
-        self.name = VAE_PIXELS
+        self.name = PIXEL_VAES[factor]
         self.latent_channels = 3
-        self.downsample_factor = 1
+        self.downsample_factor = factor
 
     @torch.no_grad()
     def encode_moments(self, images: Tensor) -> Tensor:
-        """uint8 (N, 3, H, W) -> (N, 6, H, W) [image / VAE_SCALE, 0], fp32."""
-        x = images.float() / 127.5 - 1
+        """uint8 (N, 3, H, W) -> (N, 6, H/f, W/f) [image / VAE_SCALE, 0], fp32."""
+        x = F.avg_pool2d(images.float() / 127.5 - 1, self.downsample_factor)
         return torch.cat([x / VAE_SCALE, torch.zeros_like(x)], dim=1)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """(N, 3, H, W) sampled pixels -> the same, fp32."""
-        return latents.float()
+        """(N, 3, h, w) sampled pixels -> (N, 3, h·f, w·f), each pixel repeated f×f, fp32."""
+        return F.interpolate(latents.float(), scale_factor=self.downsample_factor, mode="nearest")
 
 
 def latent_geometry(spec: str) -> tuple[int, int]:
     """(latent channels, downsample factor) of `--vae spec`, known without loading it."""
-    return (3, 1) if spec == VAE_PIXELS else (4, SD_VAE_FACTOR)
+    factor = next((f for f, name in PIXEL_VAES.items() if name == spec), None)
+    return (4, SD_VAE_FACTOR) if factor is None else (3, factor)
 
 
 def tiny_autoencoder_kl() -> nn.Module:
@@ -146,9 +152,11 @@ def load_vae(
     spec: str = "ema", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> LatentAutoencoder:
     """`ema` / `mse` (Stability's fine-tuned SD-VAEs), a local diffusers folder, the test
-    stand-in `tiny-random` (random weights, seeded, for tests only), or `pixels` (identity)."""
-    if spec == VAE_PIXELS:
-        return PixelAutoencoder().to(device)
+    stand-in `tiny-random` (random weights, seeded, for tests only), `pixels` (identity) or
+    `pixels-2x` (pixels at half the resolution)."""
+    for factor, name in PIXEL_VAES.items():
+        if spec == name:
+            return PixelAutoencoder(factor).to(device)
     if spec == VAE_STANDIN:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -160,7 +168,8 @@ def load_vae(
         if spec not in VAE_IDS and not os.path.isdir(spec):
             raise InputError(
                 f"--vae must be one of {sorted(VAE_IDS)}, a local diffusers folder, "
-                f"{VAE_PIXELS!r} (identity) or {VAE_STANDIN!r} (test stand-in); got {spec!r}"
+                f"{VAE_PIXELS!r} (identity), {VAE_PIXELS_2X!r} (half resolution) or "
+                f"{VAE_STANDIN!r} (test stand-in); got {spec!r}"
             )
         try:
             with warnings.catch_warnings():

@@ -1,6 +1,7 @@
 """Quickstart: the whole U-REPA pipeline on a toy dataset, in minutes on a laptop CPU.
 
-    python quickstart.py        # about 3.5 minutes on 2 CPU cores; a GPU is used if present
+    python quickstart.py          # 1,200 steps; a GPU is used if present
+    python quickstart.py --fast   # 6 steps: checks the pipeline in about a minute and a half
 
 1. draws the toy dataset (`toy_shapes.py`: ten classes of coloured shapes, 3,000 images);
 2. `preprocessing/prepare.py`: "latents" and representation-encoder features;
@@ -15,10 +16,12 @@
 Every stage calls the repository's own entry point and prints the command that does the same
 by hand. The pretrained SD-VAE and DINOv2-S are used when they can be fetched (or are cached):
 64-px images, 8×8×4 latents, patch 2, a 2×2 middle stage upsampled to DINOv2's 4×4 grid.
-Otherwise the run says so and uses stand-ins: pixel space instead of the SD-VAE (the identity
-"autoencoder" `--vae pixels`: 32-px images in 8×8 patches, the same 4×4 tokens) and a tiny random
-ViT instead of DINOv2 (the alignment targets are then random features of the image). Re-running
-the same command resumes; use a new --out for another configuration.
+Otherwise the run says so and uses stand-ins: pixel space instead of the SD-VAE (`--vae
+pixels-2x`: the 64-px images pooled to 32×32, in 8×8 patches: the same 4×4 tokens and 2×2 middle
+stage, upsampled to the encoder's 4×4 grid) and a tiny random ViT instead of DINOv2 (the
+alignment targets are then random features of the image). Re-running the same command resumes;
+Ctrl-C stops it cleanly (training saves a checkpoint first); use a new --out for another
+configuration.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import generate
 import toy_shapes
 import train
 from cli import add_debug_arg, run_main
-from frozen import ENCODER_STANDIN, VAE_PIXELS, encoder_grid, load_encoder, load_vae
+from frozen import ENCODER_STANDIN, VAE_PIXELS_2X, encoder_grid, load_encoder, load_vae
 from preprocessing import prepare
 from utils import EXIT_STOPPED, RunStopped
 
@@ -80,20 +83,19 @@ class Networks:
 
     @property
     def stand_ins(self) -> bool:
-        return self.vae == VAE_PIXELS or self.encoder == ENCODER_STANDIN
+        return self.vae == VAE_PIXELS_2X or self.encoder == ENCODER_STANDIN
 
-    @property
-    def resolution(self) -> int:
-        """SD-VAE: 64 px (8×8 latents). Pixels: 32 px, patch 8 (4×4 tokens of 192 numbers: a
-        token may not hold more numbers than the width, or the velocity loses dimensions)."""
-        return 32 if self.vae == VAE_PIXELS else 64
+    resolution = 64  # px: SD-VAE 8×8 latents, or pixels-2x 32×32 "latents"
 
     def model_config(self) -> dict[str, Any]:
-        """Constructor arguments of the small SiT↓ (the rest come from the flags and the data);
-        both give 4×4 tokens and a 2×2 middle stage."""
+        """Constructor arguments of the small SiT↓ (the rest come from the flags and the data).
+        Both give 4×4 tokens, a 2×2 middle stage and the encoder's 4×4 grid at 64 px, so the
+        projector upsamples ×2 as with SD-VAE and DINOv2 at 256 px. Pixels take patch 8: 4×4
+        tokens of 192 numbers (a token may not hold more numbers than the width, or the
+        velocity loses dimensions)."""
         config: dict[str, Any] = dict(hidden_size=192, depths=[2, 2, 2], num_heads=4,
                                       projector_dim=256)  # fmt: skip
-        if self.vae == VAE_PIXELS:
+        if self.vae == VAE_PIXELS_2X:
             config.update(patch_size=8, in_channels=3, encoder_grid=encoder_grid(self.resolution))
         return config
 
@@ -113,6 +115,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None,
                    help="FID etc. with evaluations/ (needs the Inception weights); default: on "
                         "with a GPU, off on a CPU, where it takes minutes")
+    p.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth for --fid, where it cannot be "
+                        "downloaded (default: the torch hub cache, downloaded on first use)")
     add_debug_arg(p)
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 2:
@@ -187,16 +192,16 @@ def pick_networks(choice: str) -> Networks:
             raise SystemExit("--weights pretrained, but:\n  " + "\n  ".join(failures))
     notes = [
         "STAND-INS: the pretrained SD-VAE and DINOv2 are not used (" + "; ".join(failures) + ").",
-        "  * SD-VAE -> pixel space (--vae pixels): the model denoises 32x32 RGB images in 8x8 "
-        "patches (the 4x4 tokens SD-VAE + patch 2 gives at 64 px); samples are real images.",
-        "    The 2x2 middle stage then matches the stand-in encoder's 2x2 grid, so the projector "
-        "does not upsample (with SD-VAE and DINOv2 at 64 px it upsamples 2x2 -> 4x4).",
+        "  * SD-VAE -> pixel space at half the resolution (--vae pixels-2x): the model denoises "
+        "the 64-px images pooled to 32x32 in 8x8 patches (the 4x4 tokens SD-VAE + patch 2 give "
+        "at 64 px); samples are real images. The projector upsamples the 2x2 middle stage to "
+        "the encoder's 4x4 grid, as with SD-VAE and DINOv2.",
         "  * DINOv2 -> a tiny randomly initialised ViT (dinov2-vit-tiny-random): the alignment "
         "targets are random features of the image, not DINOv2's semantics.",
         "  The pipeline is the real one; the numbers say whether it works, not what U-REPA "
         "gains, and are not comparable to the paper's.",
     ]
-    return Networks(VAE_PIXELS, ENCODER_STANDIN, notes)
+    return Networks(VAE_PIXELS_2X, ENCODER_STANDIN, notes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,22 +239,26 @@ def generate_argv(ckpt: str, sample_dir: str, net: Networks, preset: str, n: int
             "--per-proc-batch-size", str(min(n, 100))]  # fmt: skip
 
 
-def fid_metrics(images: str, npz: dict[str, str], out: str, resolution: int) -> dict[str, Any]:
+def fid_metrics(
+    images: str, npz: dict[str, str], out: str, resolution: int, weights: str | None
+) -> dict[str, Any]:
     """evaluations/: a reference from the training images, then each sampler's metrics."""
     from evaluations import evaluator, make_reference
     from evaluations.inception import fetch_weights
 
     try:
-        fetch_weights()
-    except RuntimeError as err:
-        return {"skipped": f"no Inception weights: {str(err).splitlines()[0]}"}
+        weights = str(fetch_weights(weights))
+    except (RuntimeError, OSError) as err:
+        return {"skipped": f"no Inception weights ({err}); pass --inception-weights PATH"}
     ref = os.path.join(out, "reference.npz")
-    argv = ["--source", images, "--out", ref, "--resolution", str(resolution)]
+    argv = ["--source", images, "--out", ref, "--resolution", str(resolution),
+            "--inception-weights", weights]  # fmt: skip
     stage("Reference statistics for FID", "python evaluations/make_reference.py", argv)
     make_reference.main(argv)
     results: dict[str, Any] = {}
     for name, path in npz.items():
-        argv = [ref, path, "--json", os.path.join(out, f"fid-{name}.json")]
+        argv = [ref, path, "--json", os.path.join(out, f"fid-{name}.json"),
+                "--inception-weights", weights]  # fmt: skip
         stage(f"FID etc. of the {name.upper()} samples", "python evaluations/evaluator.py", argv)
         results[name] = evaluator.main(argv)
     return results
@@ -380,7 +389,11 @@ def run(args: argparse.Namespace, cfg: Config, device: str) -> dict[str, Any]:
     use_fid = args.fid if args.fid is not None else device == "cuda"
     npz = {name: s.npz for name, s in samples.items()}
     images = os.path.join(out, "images")
-    fid = fid_metrics(images, npz, out, net.resolution) if use_fid else {"skipped": "off on a CPU"}
+    fid = (
+        fid_metrics(images, npz, out, net.resolution, args.inception_weights)
+        if use_fid
+        else {"skipped": "off on a CPU"}
+    )
     clock.lap("evaluate")
 
     paths, log = draw_figures(out, ckpt, samples, cfg)
@@ -403,10 +416,21 @@ def run(args: argparse.Namespace, cfg: Config, device: str) -> dict[str, Any]:
         "times_s": clock.laps,
         "outputs": paths,
     }
+    record["times_s_earlier_runs"] = earlier_times(paths["metrics"])
     with open(paths["metrics"], "w") as f:
         json.dump(record, f, indent=2)
     report(record)
     return record
+
+
+def earlier_times(metrics_path: str) -> list[dict[str, float]]:
+    """The stage times of the runs before this one (a re-run resumes, and its own times are
+    those of the work left), from their metrics.json."""
+    if not os.path.exists(metrics_path):
+        return []
+    with open(metrics_path) as f:
+        earlier = json.load(f)
+    return [*earlier.get("times_s_earlier_runs", []), earlier["times_s"]]
 
 
 def prepare_and_train(out: str, net: Networks, cfg: Config, device: str, clock: Clock) -> str:
@@ -506,13 +530,14 @@ def report(record: dict[str, Any]) -> None:
     for note in record["networks"]["notes"]:
         print(note)
     print("\nDo the samples show their class's shape and colour? (toy_shapes.measure)")
-    print(f"  {'':<62}{'class':>7}{'shape':>7}{'colour':>7}")
     rows = [(SAMPLERS[k][1], v) for k, v in record["agreement"].items()]
     rows += [("fresh images drawn like the training set (the ceiling)",
               record["agreement_on_fresh_images"]),
              ("chance", record["agreement_chance"])]  # fmt: skip
+    width = max(len(title) for title, _ in rows) + 2
+    print(f"  {'':<{width}}{'class':>7}{'shape':>7}{'colour':>7}")
     for title, a in rows:
-        print(f"  {title:<62}{a['class']:>7.3f}{a['shape']:>7.3f}{a['colour']:>7.3f}")
+        print(f"  {title:<{width}}{a['class']:>7.3f}{a['shape']:>7.3f}{a['colour']:>7.3f}")
     fid = record["fid"]
     if "skipped" in fid:
         print(f"FID: skipped ({fid['skipped']}; --fid computes it when the Inception weights are "

@@ -177,13 +177,13 @@ def measure(image: np.ndarray) -> tuple[str | None, str | None]:
 
 def agreement(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """How often (N, H, W, 3) uint8 images show their labels' shape, colour and both (= class),
-    overall and per class; chance is 0.2, 0.2 and 0.1."""
+    overall and per class (keyed by the class's folder name); chance is 0.2, 0.2 and 0.1."""
     seen = [measure(image) for image in images]
     shape_ok = np.array([s == CLASSES[y][0] for (s, _), y in zip(seen, labels, strict=True)])
     colour_ok = np.array([c == CLASSES[y][1] for (_, c), y in zip(seen, labels, strict=True)])
     class_ok = shape_ok & colour_ok
-    per_class = [float(class_ok[labels == k].mean()) if (labels == k).any() else None
-                 for k in range(NUM_CLASSES)]  # fmt: skip
+    per_class = {folder_name(k): float(class_ok[labels == k].mean()) if (labels == k).any()
+                 else None for k in range(NUM_CLASSES)}  # fmt: skip
     return {
         "class": float(class_ok.mean()),
         "shape": float(shape_ok.mean()),

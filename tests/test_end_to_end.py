@@ -113,8 +113,8 @@ def test_quickstart_writes_figures_metrics_and_checkpoints(quick):
     )
 
 
-def test_preprocessed_data_is_pixel_space(quick):
-    out, _ = quick
+def test_preprocessed_data_is_pixel_space_at_half_resolution(quick):
+    out, record = quick
     dataset = LatentDataset(str(out / "data"))
     assert len(dataset) == CFG.images_per_class * toy_shapes.NUM_CLASSES
     sample = dataset[0]
@@ -122,8 +122,13 @@ def test_preprocessed_data_is_pixel_space(quick):
     assert mean.shape == (3, 32, 32) and (std == 0).all()
     path = os.path.join(str(out / "images"), toy_shapes.folder_name(0), "00000.png")
     with Image.open(path) as file:
-        image = torch.from_numpy(np.asarray(file)).permute(2, 0, 1).float()
-    torch.testing.assert_close(mean * VAE_SCALE, image / 127.5 - 1)
+        image = torch.from_numpy(np.asarray(file)).permute(2, 0, 1).float()  # (3, 64, 64)
+    pooled = (image / 127.5 - 1).view(3, 32, 2, 32, 2).mean(dim=(2, 4))  # 2×2 blocks
+    torch.testing.assert_close(mean * VAE_SCALE, pooled)
+    # Every part of U-REPA runs: the 2×2 middle stage is upsampled to the encoder's 4×4 grid.
+    model = load_model_for_sampling(record["outputs"]["checkpoint"])
+    assert model.x_embedder.grid_size == 4 and model.tap_grid_size == 2
+    assert model.encoder_grid == 4 and model.projectors[0].scale == 2
 
 
 def test_resuming_from_the_middle_gives_the_same_weights(quick, tmp_path):
@@ -161,7 +166,7 @@ def test_two_processes_generate_the_same_npz(quick, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(f"{sample_dir}.npz") as f:
         images = f["arr_0"]
-    assert images.dtype == np.uint8 and images.shape == (n, 32, 32, 3)
+    assert images.dtype == np.uint8 and images.shape == (n, 64, 64, 3)
     assert len([p for p in os.listdir(sample_dir) if p.endswith(".png")]) == n
     with open(f"{sample_dir}.npz", "rb") as f, open(out / "samples" / "ode-0000006.npz", "rb") as g:
         assert f.read() == g.read()  # the quickstart's one-process samples, byte for byte
@@ -173,7 +178,7 @@ def test_evaluator_gives_finite_metrics(quick, tmp_path):
     out, _ = quick
     with np.load(out / "samples" / "sde-0000006.npz") as f:
         samples = f["arr_0"]
-    reference_images = np.stack([toy_shapes.draw(k, i, 32) for k in range(10) for i in range(2)])
+    reference_images = np.stack([toy_shapes.draw(k, i, 64) for k in range(10) for i in range(2)])
     np.savez(tmp_path / "train.npz", arr_0=reference_images)
     ref = str(tmp_path / "ref.npz")
     offline = ["--random-weights-for-tests", "--device", "cpu", "--batch-size", "20"]

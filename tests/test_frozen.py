@@ -135,3 +135,19 @@ def test_offline_pretrained_load_says_how_to_provide_weights(call, flag, tmp_pat
     )
     assert result.returncode != 0
     assert "WeightsUnavailable" in result.stderr and flag in result.stderr  # a RuntimeError
+
+
+def test_half_resolution_pixel_space_pools_and_repeats():
+    """--vae pixels-2x: 2×2 average pooling, decoded by repeating each pixel; an image made of
+    2×2 blocks comes back exactly, and `latent_geometry` knows it without loading it."""
+    vae = load_vae("pixels-2x")
+    assert (vae.latent_channels, vae.downsample_factor) == latent_geometry("pixels-2x") == (3, 2)
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (2, 3, 4, 4), generator=g, dtype=torch.uint8)
+    images = blocks.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # (2, 3, 8, 8)
+    moments = vae.encode_moments(images)
+    mean, std = moments.chunk(2, dim=1)
+    assert moments.shape == (2, 6, 4, 4) and (std == 0).all()
+    torch.testing.assert_close(mean * VAE_SCALE, blocks.float() / 127.5 - 1)
+    decoded = vae.decode(sample_latents(moments))
+    torch.testing.assert_close(decoded, images.float() / 127.5 - 1)
