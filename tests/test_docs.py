@@ -33,16 +33,17 @@ def read(path: str) -> str:
 
 
 def tracked_text_files() -> list[str]:
+    """`git ls-files`' text files; outside a git checkout, the sources and docs on disk (run
+    outputs such as exps/ or quickstart-out/ hold paths of the machine they ran on)."""
     result = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:  # not a git checkout: every file under the root
-        return [
-            os.path.relpath(os.path.join(root, name), REPO)
-            for root, dirs, names in os.walk(REPO)
-            if not any(part.startswith(".") and part != ".ci" for part in root.split(os.sep))
-            for name in names
-            if name.endswith(TEXT_SUFFIXES)
-        ]
-    return [p for p in result.stdout.splitlines() if p.endswith(TEXT_SUFFIXES) or p == "LICENSE"]
+    if result.returncode == 0:
+        return [p for p in result.stdout.splitlines() if p.endswith(TEXT_SUFFIXES)]
+    outputs = {"exps", "data", "samples", "results", "wandb", "quickstart-out"}
+    files = []
+    for root, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in outputs and (d == ".ci" or not d.startswith("."))]
+        files += [os.path.join(root, n) for n in names if n.endswith((".md", ".py", ".sh"))]
+    return [os.path.relpath(f, REPO) for f in files]
 
 
 def prose(path: str) -> str:
