@@ -1,8 +1,10 @@
-"""Every command the README shows, and every command the table scripts run, parses with the
-real argument parsers: a renamed or removed flag fails here, not on a user's GPU cluster."""
+"""Every command the README and docs/*.md show, and every command the table scripts run,
+parses with the real argument parsers: a renamed or removed flag fails here, not on a user's GPU
+cluster."""
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shlex
@@ -20,6 +22,7 @@ from evaluations import evaluator, make_reference
 from preprocessing import prepare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/*.md"))]
 PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "train.py": train.parse_args,
     "generate.py": generate.parse_args,
@@ -45,28 +48,45 @@ SCRIPTS = {
     "scripts/table9.sh": [["ordinary"], ["time-aware"]],
     "scripts/table10.sh": [["constant"], ["rise"], ["fall"], ["dip"]],
 }
-SHELL_VALUES = {"$NODE_RANK": "0", "$MASTER_ADDR": "10.0.0.1"}
+# Variables the docs leave to the reader's environment.
+SHELL_VALUES = {"NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1"}
+ASSIGNMENT = re.compile(r"[A-Za-z_]\w*=.*", flags=re.S)
 
 
-def readme_commands() -> list[str]:
-    """The lines of the README's bash blocks, continuation lines joined, comments dropped."""
-    with open(os.path.join(REPO, "README.md")) as f:
+def substitute(token: str, variables: dict[str, str]) -> str:
+    """$NAME or ${NAME} in a word replaced by its value, where one is known."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m[1], m[0]), token)
+
+
+def doc_commands(path: str) -> list[str]:
+    """The commands of a Markdown file's bash blocks: continuation lines joined, comments dropped,
+    and $NAME replaced by what an earlier line of the block assigned (or SHELL_VALUES)."""
+    with open(os.path.join(REPO, path)) as f:
         blocks = re.findall(r"```bash\n(.*?)```", f.read(), flags=re.S)
     commands = []
     for block in blocks:
+        variables = dict(SHELL_VALUES)
         for line in block.replace("\\\n", " ").splitlines():
-            for name, value in SHELL_VALUES.items():
-                line = line.replace(name, value)
-            if shlex.split(line, comments=True):
-                commands.append(line)
+            tokens = [substitute(t, variables) for t in shlex.split(line, comments=True)]
+            if not tokens:
+                continue
+            words = tokens[1:] if tokens[0] == "export" else tokens
+            if all(ASSIGNMENT.fullmatch(w) for w in words):  # NAME=value ...: remember them
+                variables |= dict(w.split("=", 1) for w in words)
+            commands.append(shlex.join(tokens))
     return commands
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README and of every page in docs/."""
+    return [command for path in DOCS for command in doc_commands(path)]
 
 
 def split(command: str) -> tuple[dict[str, str], list[str]]:
     """(leading NAME=value assignments, the command's words)."""
     tokens = shlex.split(command, comments=True)
     env = {}
-    while tokens and re.fullmatch(r"[A-Z_]+=\S*", tokens[0]):
+    while tokens and ASSIGNMENT.fullmatch(tokens[0]):
         name, value = tokens.pop(0).split("=", 1)
         env[name] = value
     return env, tokens
@@ -96,22 +116,34 @@ def check(command: str) -> None:
         PARSERS[script](args)  # argparse exits (SystemExit) on an unknown or invalid flag
 
 
-def test_readme_commands_parse():
-    commands = readme_commands()
-    checked = [c for c in commands if script_and_args(c)]
-    assert len(checked) >= 15, checked  # the README shows many; finding few means a parse bug
-    for command in checked:
+def test_docs_are_found():
+    assert "README.md" in DOCS and "docs/training.md" in DOCS, DOCS
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_doc_commands_parse(path):
+    for command in doc_commands(path):
         check(command)
 
 
+def test_readme_and_docs_show_many_commands():
+    # Finding few would mean a parse bug in doc_commands, not a short page.
+    assert len([c for c in doc_commands("README.md") if script_and_args(c)]) >= 4
+    assert len([c for c in readme_commands() if script_and_args(c)]) >= 30
+
+
 def test_readme_runs_only_known_programs():
-    """Each README command is a parsed script, a table script, or one of a few known tools."""
+    """Each command is a parsed script, a table script, a variable assignment, or one of a few
+    known tools."""
     known = ("pip ", "python -m pytest", "python -m models.summary", "bash scripts/",
              "python scripts/gpu_hours.py", "bash bench/run_gpu.sh", "ruff", "mypy",
-             "curl ")  # fmt: skip
+             "curl ", "git clone ", "git -C ",
+             "python compare_with_repa.py")  # docs/differences-from-repa.md's script  # fmt: skip
     for command in readme_commands():
-        words = " ".join(split(command)[1])
-        assert script_and_args(command) or words.startswith(known), command
+        words = [w for w in split(command)[1] if w != "export"]
+        if not words or all(ASSIGNMENT.fullmatch(w) for w in words):
+            continue
+        assert script_and_args(command) or " ".join(words).startswith(known), command
 
 
 def test_readme_table_scripts_exist_with_their_arguments():
