@@ -7,7 +7,7 @@
 # alone), train-sit (SiT-XL/2 + REPA), sample (SDE 250, cfg 1.65 on [0, 0.7], bf16, with the
 # noise and precision comparisons), sample-compile, data (the loader against the measured
 # training rate). Each part writes OUT_DIR/PART.txt (what it printed) and OUT_DIR/PART.json.
-# A part takes a few minutes on an H200 (compilation included); run a few per session.
+# No part has been timed on a GPU yet; each compiles its model first where it compiles.
 set -euo pipefail
 out=${1:?usage: bash bench/run_gpu.sh OUT_DIR [PART ...]}
 shift
