@@ -99,6 +99,17 @@ def parse_checked(
     return args
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help unless there is nothing to say: no default
+    (None, a required flag, a switch that is off) or a help text that names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 #################################################################################
 #                            Running an entry point                             #
 #################################################################################

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from checkpoints import TrainingError, check_resumable, load_checkpoint, resolve_run
 from cli import (
+    DefaultsHelpFormatter,
     add_encoder_args,
     add_speed_args,
     add_vae_args,
@@ -209,7 +210,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train SiT↓ / SiT with U-REPA or REPA.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     for add in (
         add_model_args,

@@ -192,3 +192,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 )
 def test_every_entry_point_takes_debug(parse, required):
     assert parse([*required, "--debug"]).debug
+
+
+@pytest.mark.parametrize(
+    "parse", [train.parse_args, generate.parse_args, prepare.parse_args, quickstart.parse_args]
+)
+def test_help_never_says_default_none_or_a_default_twice(parse, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    for line in capsys.readouterr().out.splitlines():
+        assert "(default: None)" not in line and line.count("default") <= 1, line
