@@ -28,7 +28,7 @@ from frozen import (
 )
 from models import canonical_name
 from models.layers import SDPA_BACKENDS
-from utils import EXIT_ERROR, EXIT_INTERRUPTED, ReportedError
+from utils import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, ReportedError
 
 FlagGroup = argparse._ActionsContainer  # a parser, or one of its argument groups
 
@@ -124,8 +124,9 @@ def run_main(main: Callable[[], object]) -> NoReturn:
     """Run an entry point's `main` and exit: with the code it returns if that is an int, else 0.
 
     An expected failure (`ReportedError`, or an OSError such as a missing file or a full disk)
-    prints `PROGRAM: error: MESSAGE` and exits with its code (EXIT_ERROR; EXIT_STOPPED for a
-    run stopped by a signal); with --debug its traceback comes first. A Ctrl-C that the program
+    prints `PROGRAM: error: MESSAGE` and exits with its code (EXIT_ERROR; a run stopped by a
+    signal prints `PROGRAM: stopped: MESSAGE` and exits EXIT_STOPPED); with --debug its
+    traceback comes first. A Ctrl-C that the program
     does not handle exits EXIT_INTERRUPTED. Anything else is a bug and shows its traceback.
     """
     program = os.path.basename(sys.argv[0]) or "u-repa"
@@ -134,8 +135,10 @@ def run_main(main: Callable[[], object]) -> NoReturn:
     except (ReportedError, OSError) as err:
         if "--debug" in sys.argv[1:]:
             traceback.print_exc()
-        print(f"{program}: error: {err}", file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", EXIT_ERROR))
+        code = getattr(err, "exit_code", EXIT_ERROR)
+        kind = "stopped" if code == EXIT_STOPPED else "error"
+        print(f"{program}: {kind}: {err}", file=sys.stderr)
+        sys.exit(code)
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -168,7 +168,8 @@ def test_debug_shows_the_traceback_of_an_expected_failure(monkeypatch, capsys):
 
 
 def test_stopped_runs_interrupts_and_return_codes(monkeypatch, capsys):
-    assert exit_of(fail(RunStopped("stopped")), [], monkeypatch, capsys)[0] == EXIT_STOPPED == 75
+    code, err = exit_of(fail(RunStopped("re-run to continue")), [], monkeypatch, capsys)
+    assert code == EXIT_STOPPED == 75 and err == "prog.py: stopped: re-run to continue\n"
     code, err = exit_of(fail(KeyboardInterrupt()), [], monkeypatch, capsys)
     assert code == EXIT_INTERRUPTED == 130 and err == "prog.py: interrupted\n"
     assert exit_of(lambda: EXIT_STOPPED, [], monkeypatch, capsys)[0] == 75
