@@ -126,8 +126,8 @@ def run_main(main: Callable[[], object]) -> NoReturn:
     An expected failure (`ReportedError`, or an OSError such as a missing file or a full disk)
     prints `PROGRAM: error: MESSAGE` and exits with its code (EXIT_ERROR; a run stopped by a
     signal prints `PROGRAM: stopped: MESSAGE` and exits EXIT_STOPPED); with --debug its
-    traceback comes first. A Ctrl-C that the program
-    does not handle exits EXIT_INTERRUPTED. Anything else is a bug and shows its traceback.
+    traceback comes first. A Ctrl-C that the program does not handle exits EXIT_INTERRUPTED.
+    Anything else is a bug and shows its traceback.
     """
     program = os.path.basename(sys.argv[0]) or "u-repa"
     try:
@@ -135,10 +135,10 @@ def run_main(main: Callable[[], object]) -> NoReturn:
     except (ReportedError, OSError) as err:
         if "--debug" in sys.argv[1:]:
             traceback.print_exc()
-        code = getattr(err, "exit_code", EXIT_ERROR)
-        kind = "stopped" if code == EXIT_STOPPED else "error"
+        exit_code: int = getattr(err, "exit_code", EXIT_ERROR)
+        kind = "stopped" if exit_code == EXIT_STOPPED else "error"
         print(f"{program}: {kind}: {err}", file=sys.stderr)
-        sys.exit(code)
+        sys.exit(exit_code)
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
