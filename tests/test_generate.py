@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -342,3 +343,18 @@ def test_a_run_that_fails_before_its_first_image_leaves_the_folder_free(
         with pytest.raises(ReportedError, match="bf16"):
             run(ckpt, sample_dir, extra=["--precision", "bf16"])
     assert read(run(ckpt, sample_dir)) == read(reference[1])  # --precision fp32
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+def test_npz_png_and_settings_get_the_umask_mode(ckpt, tmp_path):
+    """0644 under umask 022, as any file written with open(). Needs `utils.atomic_write` to set
+    its temporary file's mode (tempfile.mkstemp makes it 0600, and the rename keeps it)."""
+    old = os.umask(0o022)
+    try:
+        npz = run(ckpt, tmp_path / "s", extra=["--num-fid-samples", "4"])
+    finally:
+        os.umask(old)
+    for path in (npz, tmp_path / "s" / "000000.png", tmp_path / "s" / "settings.json"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
