@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,11 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 import numpy as np
+
+from evaluations.commands import InputError
+
+# What numpy and zipfile raise on a truncated or corrupt file.
+CORRUPT_FILE_ERRORS = (ValueError, EOFError, struct.error, zipfile.BadZipFile, zlib.error)
 
 # A zip local file header is 30 bytes; the member's data follows its name and extra field, whose
 # lengths are the last two fields. (The central directory's extra field may differ, so read these.)
@@ -41,7 +47,7 @@ class ImageArray:
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Yield writable (B, H, W, 3) uint8 copies; the first is checked for a sane pixel range."""
         if batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {batch_size}")
+            raise InputError(f"batch size must be positive, got {batch_size}")
         for start in range(0, len(self), batch_size):
             batch = self._read_next(min(batch_size, len(self) - start))
             if start == 0:
@@ -50,12 +56,27 @@ class ImageArray:
 
 
 @contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Report what numpy or zipfile raise on a truncated or corrupt `path` as one InputError."""
+    try:
+        yield
+    except InputError:
+        raise
+    except CORRUPT_FILE_ERRORS as err:
+        raise InputError(
+            f"{path} is not a readable .npz or .npy file ({err}); it is truncated, corrupt or "
+            "of another format: write it again"
+        ) from err
+
+
+@contextmanager
 def open_image_array(path: str | Path, key: str = "arr_0") -> Iterator[ImageArray]:
     """Open `key` of an `.npz` (or a plain `.npy` file), checked to hold uint8 N×H×W×3 pixels."""
     path = str(path)
     with ExitStack() as stack:
         npy = path.endswith(".npy")
-        array = _open_npy(path) if npy else _open_npz_member(path, key, stack)
+        with reading(path):
+            array = _open_npy(path) if npy else _open_npz_member(path, key, stack)
         _check_layout(array)
         yield array
 
@@ -82,7 +103,7 @@ def _open_npz_member(path: str, key: str, stack: ExitStack) -> ImageArray:
     name = f"{key}.npy"
     if name not in archive.namelist():
         keys = sorted(n.removesuffix(".npy") for n in archive.namelist())
-        raise ValueError(
+        raise InputError(
             f"{path} has no array {key!r} (it holds {keys}); write images with "
             f"np.savez(path, {key}=images)"
         )
@@ -98,7 +119,7 @@ def _map_stored_member(path: str, info: zipfile.ZipInfo) -> ImageArray:
         f.seek(info.header_offset)
         magic, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(f.read(_ZIP_LOCAL_HEADER.size))
         if magic != _ZIP_LOCAL_MAGIC:
-            raise ValueError(f"{path}: corrupt zip (no local header for {info.filename})")
+            raise InputError(f"{path}: corrupt zip (no local header for {info.filename})")
         f.seek(info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len)
         shape, fortran_order, dtype = _read_npy_header(f, path)
         offset = f.tell()
@@ -111,14 +132,15 @@ def _stream_member(path: str, stream: IO[bytes]) -> ImageArray:
     """Decompress a compressed member front to back, `count` images at a time."""
     shape, fortran_order, dtype = _read_npy_header(stream, path)
     if fortran_order:
-        raise ValueError(
+        raise InputError(
             f"{path}: a compressed Fortran-ordered array cannot be read in batches; "
             "save it with np.savez(path, arr_0=np.ascontiguousarray(images))"
         )
     image_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
     def read_next(count: int) -> np.ndarray:
-        data = _read_exactly(stream, count * image_bytes, path)
+        with reading(path):  # a bad CRC or a broken deflate stream shows only now
+            data = _read_exactly(stream, count * image_bytes, path)
         return np.frombuffer(data, dtype=dtype).reshape(count, *shape[1:]).copy()
 
     return ImageArray(path, tuple(shape), dtype, False, read_next)
@@ -130,7 +152,7 @@ def _read_npy_header(f: IO[bytes], path: str) -> tuple[tuple[int, ...], bool, np
         return np.lib.format.read_array_header_1_0(f)
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(f)
-    raise ValueError(f"{path}: unsupported .npy format version {version}; re-save with np.savez")
+    raise InputError(f"{path}: unsupported .npy format version {version}; re-save with np.savez")
 
 
 def _read_exactly(stream: IO[bytes], size: int, path: str) -> bytes:
@@ -140,7 +162,7 @@ def _read_exactly(stream: IO[bytes], size: int, path: str) -> bytes:
     while remaining > 0:
         chunk = stream.read(remaining)
         if not chunk:
-            raise ValueError(f"{path}: file ends early (truncated or still being written?)")
+            raise InputError(f"{path}: file ends early (truncated or still being written?)")
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
@@ -150,20 +172,20 @@ def _check_layout(array: ImageArray) -> None:
     """Shape and dtype, from the header alone (plus a peek at the values to explain a bad dtype)."""
     shape, path = array.shape, array.path
     if len(shape) == 4 and shape[1] == 3 and shape[-1] != 3:
-        raise ValueError(
+        raise InputError(
             f"{path}: images are N×3×H×W {shape}, but the evaluator needs N×H×W×3 "
             "(NHWC); convert with images.transpose(0, 2, 3, 1)"
         )
     if len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(
+        raise InputError(
             f"{path}: expected RGB images of shape N×H×W×3, got {shape} "
             "(grayscale images must be repeated to three channels)"
         )
     if shape[0] == 0:
-        raise ValueError(f"{path}: the array holds no images")
+        raise InputError(f"{path}: the array holds no images")
     if array.dtype != np.uint8:
         peek = array._read_next(min(len(array), 16))
-        raise ValueError(
+        raise InputError(
             f"{path}: images have dtype {array.dtype} with values in "
             f"[{peek.min():.3g}, {peek.max():.3g}], but the evaluator needs uint8 "
             f"pixels in [0, 255] as ADM's does; convert with e.g. {_FIX_FLOAT}"
@@ -173,7 +195,7 @@ def _check_layout(array: ImageArray) -> None:
 def _check_pixel_range(batch: np.ndarray, path: str) -> None:
     # uint8 cannot leave [0, 255], but images in [0, 1] cast to uint8 pass every other check.
     if batch.max() <= 1:
-        raise ValueError(
+        raise InputError(
             f"{path}: the first {len(batch)} images hold only the values 0 and 1; "
             "were images in [0, 1] cast to uint8? Scale them to [0, 255] first"
         )

@@ -5,6 +5,7 @@
 Both files hold uint8 N×H×W×3 images as `arr_0`; the reference also holds its statistics
 (`mu`, `sigma`, `mu_s`, `sigma_s`; build one with `make_reference.py`). The conventions are those
 of OpenAI's guided-diffusion `evaluations/evaluator.py`; see `inception.py` and `metrics.py`.
+Both files are checked (`inputs.py`) before the network is loaded; a failure is one line, exit 1.
 """
 
 from __future__ import annotations
@@ -13,24 +14,27 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: find the package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluations.arrays import ImageArray, open_image_array
+from evaluations.commands import add_debug_arg, run_main
 from evaluations.inception import (
-    POOL_DIM,
-    SPATIAL_DIM,
     InceptionFeatures,
     add_inception_args,
     extract_features,
     inception_from_args,
     tf32_disabled,
+)
+from evaluations.inputs import (
+    ReferenceStatistics,
+    check_images,
+    check_output_folder,
+    load_reference_statistics,
 )
 from evaluations.metrics import (
     frechet_distance,
@@ -44,40 +48,12 @@ PR_NEIGHBOURS = 3
 PR_BLOCK_SIZE = 10_000
 
 
-@dataclass
-class ReferenceStatistics:
-    """A reference's float64 Gaussian statistics of the pool and the sFID features."""
-
-    mu: np.ndarray  # (2048,) pool features
-    sigma: np.ndarray  # (2048, 2048)
-    mu_s: np.ndarray  # (2023,) sFID features
-    sigma_s: np.ndarray  # (2023, 2023)
-
-
-def load_reference_statistics(path: str | Path) -> ReferenceStatistics:
-    """The reference's `mu, sigma, mu_s, sigma_s`, checked to be present and of ADM's sizes."""
-    expected = {
-        "mu": (POOL_DIM,),
-        "sigma": (POOL_DIM, POOL_DIM),
-        "mu_s": (SPATIAL_DIM,),
-        "sigma_s": (SPATIAL_DIM, SPATIAL_DIM),
-    }
-    with np.load(path) as ref:
-        missing = [key for key in expected if key not in ref.files]
-        if missing:
-            raise ValueError(
-                f"{path} has no reference statistics {missing} (it holds {ref.files}). Use ADM's "
-                "reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or build one with "
-                "`python evaluations/make_reference.py --source IMAGES --out ref.npz`"
-            )
-        stats = {key: np.asarray(ref[key], dtype=np.float64) for key in expected}
-    for key, shape in expected.items():
-        if stats[key].shape != shape:
-            raise ValueError(
-                f"{path}: {key} has shape {stats[key].shape}, expected {shape}; "
-                "was it made with another feature extractor (e.g. pytorch-fid)?"
-            )
-    return ReferenceStatistics(**stats)
+def check_inputs(ref_path: str | Path, sample_path: str | Path) -> ReferenceStatistics:
+    """The reference's statistics, once every array of both files is checked (`inputs.py`)."""
+    ref_stats = load_reference_statistics(ref_path)
+    for path in (ref_path, sample_path):
+        check_images(path, PR_NEIGHBOURS + 1, f"precision/recall with k={PR_NEIGHBOURS}")
+    return ref_stats
 
 
 def check_sample_count(samples: ImageArray) -> None:
@@ -102,10 +78,15 @@ def check_resolutions(ref: ImageArray, samples: ImageArray) -> None:
 
 
 def evaluate(
-    ref_path: str | Path, sample_path: str | Path, net: InceptionFeatures, *, batch_size: int = 64
+    ref_stats: ReferenceStatistics,
+    ref_path: str | Path,
+    sample_path: str | Path,
+    net: InceptionFeatures,
+    *,
+    batch_size: int = 64,
 ) -> dict[str, float]:
-    """The five metrics and `num_samples` of `sample_path` against `ref_path`."""
-    ref_stats = load_reference_statistics(ref_path)  # fail on a bad reference before any work
+    """The five metrics and `num_samples` of `sample_path` against `ref_path`, whose statistics
+    `check_inputs` returned."""
     with (
         tf32_disabled(),
         open_image_array(ref_path) as ref_images,
@@ -141,13 +122,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("sample_batch", help=".npz (or .npy) of uint8 N×H×W×3 samples in arr_0")
     parser.add_argument("--json", metavar="PATH", help="also write the metrics to this JSON file")
     add_inception_args(parser)
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    ref_stats = check_inputs(args.ref_batch, args.sample_batch)  # before the network loads
+    if args.json:
+        check_output_folder(args.json, "--json")
     net = inception_from_args(args)
-    metrics = evaluate(args.ref_batch, args.sample_batch, net, batch_size=args.batch_size)
+    metrics = evaluate(
+        ref_stats, args.ref_batch, args.sample_batch, net, batch_size=args.batch_size
+    )
     for name, label in [
         ("inception_score", "Inception Score"),
         ("fid", "FID"),
@@ -163,4 +150,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from evaluations.commands import Unavailable, positive_int
 from evaluations.metrics import GaussianAccumulator
 
 # The PyTorch port of the 2015 TF weights, as pytorch-fid and torch-fidelity use (95,628,359 B).
@@ -51,7 +52,7 @@ def fetch_weights(path: str | Path | None = None) -> Path:
     if not cached.exists():
         _download(cached)
     elif _sha256(cached) != WEIGHTS_SHA256:
-        raise RuntimeError(
+        raise Unavailable(
             f"{cached} is not the Inception weights file (SHA-256 mismatch, perhaps "
             "an interrupted copy); delete it and run again"
         )
@@ -76,9 +77,9 @@ def _download(destination: Path) -> None:
         # Writes to a temporary file and moves it into place only once the hash matches.
         torch.hub.download_url_to_file(WEIGHTS_URL, str(destination), hash_prefix=WEIGHTS_SHA256)
     except OSError as error:  # no network: URLError and socket errors are OSErrors
-        raise RuntimeError(
-            f"Could not download the Inception weights ({error}). On a machine with internet "
-            f"access download\n  {WEIGHTS_URL}\n(SHA-256 {WEIGHTS_SHA256}), then either pass "
+        raise Unavailable(
+            f"could not download the Inception weights ({error}). On a machine with internet "
+            f"access download {WEIGHTS_URL} (SHA-256 {WEIGHTS_SHA256}), then either pass "
             f"--inception-weights PATH or copy the file to {destination}"
         ) from error
 
@@ -201,7 +202,9 @@ def build_inception(
 
 def add_inception_args(parser: argparse.ArgumentParser) -> None:
     """The flags that choose the network and where it runs, shared by both commands."""
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception batch")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per Inception batch"
+    )
     parser.add_argument(
         "--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)"
     )
@@ -231,7 +234,7 @@ def resolve_device(device: str | None) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but PyTorch sees no GPU; use --device cpu")
+        raise Unavailable("--device cuda asked for, but PyTorch sees no GPU; use --device cpu")
     return resolved
 
 

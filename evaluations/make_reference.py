@@ -6,6 +6,8 @@ The output has the layout of ADM's VIRTUAL_imagenet256_labeled.npz: `mu, sigma` 
 and `mu_s, sigma_s` (sFID features) over every source image, and `arr_0`, a seeded random subset of
 10K of them (uint8 N×H×W×3, in source order) for precision/recall. Images in a folder are
 centre-cropped to the resolution as ADM prepares ImageNet; an `.npz`'s `arr_0` is used as it is.
+The source and the output folder are checked before the network is loaded; a failure is one line,
+exit 1.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ if __package__ in (None, ""):  # run as `python evaluations/make_reference.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evaluations.arrays import open_image_array
+from evaluations.commands import (
+    InputError,
+    add_debug_arg,
+    nonnegative_int,
+    positive_int,
+    run_main,
+)
 from evaluations.inception import (
     InceptionFeatures,
     add_inception_args,
@@ -32,8 +41,10 @@ from evaluations.inception import (
     inception_from_args,
     tf32_disabled,
 )
+from evaluations.inputs import check_images, check_output_folder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+MIN_IMAGES = 2  # for a covariance
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -55,8 +66,22 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files anywhere below `folder`, in a fixed (sorted) order."""
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files anywhere below `folder`, in a fixed (sorted) order; at least MIN_IMAGES."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < MIN_IMAGES:
+        raise InputError(
+            f"{len(files)} images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {folder}; "
+            f"the statistics need at least {MIN_IMAGES}"
+        )
+    return files
+
+
+def check_source(source: str | Path) -> None:
+    """A folder with images, or an `.npz`/`.npy` of uint8 N×H×W×3 images in [0, 255]."""
+    if Path(source).is_dir():
+        list_images(source)
+    else:
+        check_images(source, MIN_IMAGES, "a covariance")
 
 
 class ImageFolder(torch.utils.data.Dataset[np.ndarray]):
@@ -80,8 +105,6 @@ def open_source(
     """uint8 (B, H, W, 3) batches from a folder or an `.npz`, and how many images there are."""
     if Path(source).is_dir():
         files = list_images(source)
-        if not files:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) below {source}")
         loader = torch.utils.data.DataLoader(
             ImageFolder(files, resolution), batch_size, num_workers=workers, collate_fn=np.stack
         )
@@ -148,24 +171,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="reference .npz to write")
     parser.add_argument(
         "--resolution",
-        type=int,
+        type=positive_int,
         default=256,
         help="centre-crop size for folder images (an .npz is used as it is)",
     )
     parser.add_argument(
         "--subset-size",
-        type=int,
+        type=positive_int,
         default=10_000,
         help="images kept as arr_0 for precision/recall (ADM: 10000)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subset choice")
-    parser.add_argument("--workers", type=int, default=4, help="image-decoding processes (folders)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the subset choice")
+    parser.add_argument(
+        "--workers", type=nonnegative_int, default=4, help="image-decoding processes (folders)"
+    )
     add_inception_args(parser)
+    add_debug_arg(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_source(args.source)  # before the network loads
+    check_output_folder(args.out, "--out")
     net = inception_from_args(args)
     count = make_reference(
         args.source,
@@ -184,4 +212,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

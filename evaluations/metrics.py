@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from scipy import linalg, special
 
+from evaluations.commands import InputError
+
 
 class GaussianAccumulator:
     """Running mean and unbiased covariance of feature rows, accumulated in float64.
@@ -52,12 +54,19 @@ class GaussianAccumulator:
     def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
         """(D,) mean and (D, D) unbiased covariance, as float64 numpy arrays."""
         if self.count < 2:
-            raise ValueError(f"a covariance needs at least 2 images, got {self.count}")
+            raise InputError(f"a covariance needs at least 2 images, got {self.count}")
         # A count of 2 or more means update() has run and set all three.
         assert self.shift is not None and self.total is not None and self.outer is not None
         mean = self.total / self.count
         cov = (self.outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
         return (self.shift + mean).cpu().numpy(), cov.cpu().numpy()
+
+
+def check_finite(value: np.ndarray, what: str, advice: str) -> None:
+    """Refuse NaN and infinite entries: they would make a metric NaN, or hang sqrtm."""
+    bad = np.size(value) - np.count_nonzero(np.isfinite(value))
+    if bad:
+        raise InputError(f"{what} holds {bad} NaN or infinite values; {advice}")
 
 
 def frechet_distance(
@@ -69,28 +78,39 @@ def frechet_distance(
 
     ADM passes the samples as (mu1, sigma1) and the reference as (mu2, sigma2); sqrtm(Σ₁Σ₂) is not
     symmetric in the two, and swapping them changes the last digits, so keep that order.
+
+    Refuses rather than return NaN or hang: non-finite statistics (a NaN covariance has kept
+    sqrtm busy for 16 minutes), a product that overflows, and a square root that is still not
+    finite after ADM's retry (where ADM returns NaN). Finite, valid input gets ADM's numerics.
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(
+        raise InputError(
             f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        check_finite(value, f"FID: {name}", "check the images and features it was computed from")
     diff = mu1 - mu2
-    covmean = _sqrtm(sigma1 @ sigma2)
+    covmean = _sqrtm(_finite_product(sigma1, sigma2))
     if not np.isfinite(covmean).all():
         # A (nearly) singular product, e.g. fewer images than feature dimensions: ADM then adds
-        # eps to both diagonals and accepts whatever comes out.
+        # eps to both diagonals.
         warnings.warn(
             f"FID: singular product of covariances; adding {eps} to their diagonals", stacklevel=2
         )
         offset = np.eye(len(sigma1)) * eps
         covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if not np.isfinite(covmean).all():  # where ADM returned NaN
+        raise InputError(
+            f"FID: sqrtm(sigma1 @ sigma2) is not finite even with {eps} added to the diagonals; "
+            "the covariances are degenerate (too few images, or all alike?)"
+        )
     if np.iscomplexobj(covmean):
         # Rounding leaves a tiny imaginary part; a large one means the statistics are broken.
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(
+            raise InputError(
                 f"FID: imaginary component {np.abs(covmean.imag).max():.3g} in "
                 "sqrtm(sigma1 @ sigma2); are both covariances valid?"
             )
@@ -98,8 +118,19 @@ def frechet_distance(
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def _finite_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+        product = sigma1 @ sigma2
+    if not np.isfinite(product).all():
+        raise InputError(
+            f"FID: sigma1 @ sigma2 overflows (entries up to {np.abs(sigma1).max():.3g} and "
+            f"{np.abs(sigma2).max():.3g}); these are not covariances of Inception features"
+        )
+    return product
+
+
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
-    # Recent SciPy warns for singular input; the finiteness check above is the real test.
+    # Recent SciPy warns for singular input; the finiteness checks are the real test.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         return linalg.sqrtm(matrix)
@@ -168,7 +199,7 @@ def knn_radii(features: torch.Tensor, k: int = 3, block_size: int = 10_000) -> t
     Only the k + 1 smallest distances per row are kept while the columns go by in blocks.
     """
     if len(features) <= k:
-        raise ValueError(
+        raise InputError(
             f"precision/recall with k={k} needs more than {k} images, got {len(features)}"
         )
     radii = torch.empty(len(features), device=features.device)

@@ -6,9 +6,12 @@ and brute force.
 """
 
 import json
+import os
 import pickle
+import stat
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from PIL import Image
 
 from evaluations import evaluator, inception, make_reference, metrics
 from evaluations.arrays import open_image_array
+from evaluations.commands import InputError
 from evaluations.inception import (
     NUM_CLASSES,
     POOL_DIM,
@@ -244,6 +248,27 @@ def test_frechet_distance_retries_with_offset_when_sqrtm_fails(monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("which", ["mu1", "sigma1", "mu2", "sigma2"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_frechet_distance_refuses_non_finite_statistics_at_once(which, bad):
+    # A NaN covariance once kept scipy.linalg.sqrtm busy for 16 minutes; a NaN mean gave nan.
+    stats = {"mu1": np.zeros(64), "sigma1": np.eye(64), "mu2": np.ones(64), "sigma2": np.eye(64)}
+    stats[which] = stats[which].copy()
+    stats[which].flat[5] = bad
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=f"{which} holds 1 NaN or infinite"):
+        frechet_distance(**stats)
+    assert time.perf_counter() - start < 5
+
+
+def test_frechet_distance_refuses_what_the_retry_cannot_fix(monkeypatch):
+    monkeypatch.setattr(metrics.linalg, "sqrtm", lambda matrix: np.full_like(matrix, np.nan))
+    with pytest.warns(UserWarning, match="adding"), pytest.raises(InputError, match="even with"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
+    with pytest.raises(InputError, match="overflows"):
+        frechet_distance(np.zeros(2), np.eye(2) * 1e200, np.zeros(2), np.eye(2) * 1e200)
+
+
 def test_inception_score_known_values():
     rng = np.random.default_rng(0)
     same = np.tile(rng.dirichlet(np.ones(10)), (30, 1))
@@ -424,6 +449,111 @@ def test_reference_without_statistics_is_refused(tmp_path):
         evaluator.load_reference_statistics(tmp_path / "ref.npz")
 
 
+def valid_reference() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "arr_0": rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8),
+        "mu": np.zeros(POOL_DIM),
+        "sigma": np.eye(POOL_DIM),
+        "mu_s": np.zeros(SPATIAL_DIM),
+        "sigma_s": np.eye(SPATIAL_DIM),
+    }
+
+
+def no_network(args):
+    raise AssertionError("the network was loaded before the inputs were checked")
+
+
+def with_nan(array: np.ndarray) -> np.ndarray:
+    array = array.copy()
+    array.flat[7] = np.nan
+    return array
+
+
+def asymmetric(sigma: np.ndarray) -> np.ndarray:
+    sigma = sigma.copy()
+    sigma[0, 1] = 0.5
+    return sigma
+
+
+@pytest.mark.parametrize(
+    "key, change, message",
+    [
+        ("mu", with_nan, r"ref\.npz: mu holds 1 NaN or infinite"),
+        ("sigma", with_nan, r"ref\.npz: sigma holds 1 NaN or infinite"),
+        ("sigma_s", lambda s: s[:, :-1], r"ref\.npz: sigma_s has shape \(2023, 2022\)"),
+        ("mu", lambda m: m.astype(np.int64), r"ref\.npz: mu has dtype int64"),
+        ("mu_s", lambda m: m.astype(np.complex128), r"ref\.npz: mu_s has dtype complex128"),
+        ("sigma", asymmetric, r"ref\.npz: sigma is not symmetric"),
+        ("mu", lambda m: np.array([m], dtype=object), r"ref\.npz: cannot read mu"),
+        ("sigma_s", None, r"ref\.npz has no reference statistics \['sigma_s'\]"),
+        ("arr_0", lambda a: a.astype(np.float32), r"ref\.npz: images have dtype float32"),
+        ("arr_0", lambda a: a[:3], r"ref\.npz holds 3 images, fewer than the 4 that precision"),
+    ],
+    ids=[
+        "nan-mu",
+        "nan-sigma",
+        "shape",
+        "int",
+        "complex",
+        "asymmetric",
+        "object",
+        "missing",
+        "float-images",
+        "few",
+    ],
+)
+def test_bad_reference_is_refused_before_the_network_loads(
+    tmp_path, monkeypatch, key, change, message
+):
+    arrays = valid_reference()
+    if change is None:
+        del arrays[key]
+    else:
+        arrays[key] = change(arrays[key])
+    np.savez(tmp_path / "ref.npz", **arrays)
+    np.savez(tmp_path / "samples.npz", arr_0=valid_reference()["arr_0"])
+    monkeypatch.setattr(evaluator, "inception_from_args", no_network)
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=message) as refused:
+        evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz")])
+    assert "\n" not in str(refused.value)
+    assert time.perf_counter() - start < 10  # a NaN covariance never reaches sqrtm
+
+
+@pytest.mark.parametrize(
+    "samples, message",
+    [
+        ({"images": np.zeros((6, 16, 16, 3), np.uint8)}, r"samples\.npz has no array 'arr_0'"),
+        ({"arr_0": np.ones((6, 16, 16, 3), np.uint8)}, r"samples\.npz: the first 6 images"),
+        ({"arr_0": np.zeros((6, 3, 16, 16), np.uint8)}, r"samples\.npz: images are N×3×H×W"),
+    ],
+    ids=["missing", "zero-one", "nchw"],
+)
+def test_bad_samples_are_refused_before_the_network_loads(tmp_path, monkeypatch, samples, message):
+    np.savez(tmp_path / "ref.npz", **valid_reference())
+    np.savez(tmp_path / "samples.npz", **samples)
+    monkeypatch.setattr(evaluator, "inception_from_args", no_network)
+    with pytest.raises(InputError, match=message):
+        evaluator.main([str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz")])
+
+
+@pytest.mark.parametrize(
+    "parse, flags",
+    [
+        (evaluator.parse_args, ["r.npz", "s.npz", "--batch-size", "0"]),
+        (make_reference.parse_args, ["--source", "d", "--out", "r.npz", "--resolution", "0"]),
+        (make_reference.parse_args, ["--source", "d", "--out", "r.npz", "--subset-size", "0"]),
+        (make_reference.parse_args, ["--source", "d", "--out", "r.npz", "--workers", "-1"]),
+        (make_reference.parse_args, ["--source", "d", "--out", "r.npz", "--seed", "-1"]),
+    ],
+)
+def test_out_of_range_flags_are_usage_errors(parse, flags, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(flags)
+    assert exit_.value.code == 2 and "must be" in capsys.readouterr().err
+
+
 # --- the commands ----------------------------------------------------------------------------
 
 
@@ -444,10 +574,15 @@ def test_reference_then_evaluation_end_to_end(tmp_path, net):
         pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i}.png")
     ref_path = tmp_path / "ref.npz"
-    make_reference.main([
-        "--source", str(tmp_path / "dataset"), "--out", str(ref_path), "--resolution", "32",
-        "--subset-size", "5", "--workers", "0", "--device", "cpu", "--random-weights-for-tests",
-    ])  # fmt: skip
+    umask = os.umask(0o022)
+    try:
+        make_reference.main([
+            "--source", str(tmp_path / "dataset"), "--out", str(ref_path), "--resolution", "32",
+            "--subset-size", "5", "--workers", "0", "--device", "cpu", "--random-weights-for-tests",
+        ])  # fmt: skip
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(ref_path).st_mode) == 0o644  # as any file open() writes
 
     with np.load(ref_path) as ref:
         assert ref["arr_0"].shape == (5, 32, 32, 3) and ref["arr_0"].dtype == np.uint8
@@ -499,3 +634,25 @@ def test_commands_run_as_script_and_module(command):
     )
     assert result.returncode == 0, result.stderr
     assert "--inception-weights" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["evaluations/evaluator.py", "{bad}", "{bad}"],
+        ["evaluations/make_reference.py", "--source", "{bad}", "--out", "{out}"],
+    ],
+    ids=["evaluator", "make_reference"],
+)
+def test_a_corrupt_npz_is_one_line_and_exit_code_1(tmp_path, command):
+    bad = tmp_path / "cut.npz"
+    np.savez(bad, arr_0=np.zeros((4, 8, 8, 3), dtype=np.uint8))
+    bad.write_bytes(bad.read_bytes()[:300])  # a copy cut short
+    argv = [arg.format(bad=bad, out=tmp_path / "ref.npz") for arg in command]
+    result = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    program = Path(command[0]).name
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"{program}: error: {bad}"), result.stderr

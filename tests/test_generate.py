@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -15,10 +16,16 @@ import torch
 from PIL import Image
 
 import generate
-from checkpoints import checkpoint_state, export_ema_safetensors, save_checkpoint
+from checkpoints import (
+    checkpoint_state,
+    export_ema_safetensors,
+    load_model_for_sampling,
+    save_checkpoint,
+)
+from frozen import WeightsUnavailable
 from generate import balanced_labels, main, parse_args
 from models import build_model
-from utils import hash_seed
+from utils import InputError, ReportedError, hash_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_KWARGS = dict(input_size=8, hidden_size=32, depths=(1, 1, 1), num_heads=2, num_classes=4,
@@ -30,15 +37,26 @@ FLAGS = ["--vae", "tiny-random", "--num-fid-samples", str(N), "--mode", "sde", "
          "--precision", "fp32", "--global-seed", "3"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
     model = build_model("SiTDown", **TINY_KWARGS)
     for p in model.parameters():  # random weights, so that the velocity is not zero
         p.data.normal_(0, 0.1)
+    return model
+
+
+def save_tiny_checkpoint(path, seed=0):
+    model = tiny_model(seed)
+    save_checkpoint(str(path), checkpoint_state(model, model, step=100,
+                                                args={"path_type": "linear"}))  # fmt: skip
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     path = str(folder / "0000100.pt")
-    save_checkpoint(path, checkpoint_state(model, model, step=100, args={"path_type": "linear"}))
+    model = save_tiny_checkpoint(path)
     export_ema_safetensors(str(folder / "ema.safetensors"), model.state_dict(), "SiTDown",
                            TINY_KWARGS, {"path_type": "linear"})  # fmt: skip
     return path
@@ -91,6 +109,7 @@ def test_presets_and_explicit_overrides():
         ["--mode", "sde", "--heun"],
         ["--guidance-low", "0.8", "--guidance-high", "0.7"],
         ["--per-proc-batch-size", "0"],
+        ["--model", "SiT-XXL/2"],  # not a registered name: a usage error, not a traceback
     ],
 )
 def test_invalid_flags_are_refused(bad):
@@ -196,12 +215,20 @@ def test_resume_after_a_crash_gives_the_same_npz(reference, ckpt, tmp_path, monk
     assert not [n for n in os.listdir(sample_dir) if n.endswith(".tmp")]
 
 
-def test_resume_after_deleting_pngs(reference, ckpt, tmp_path):
+@pytest.mark.parametrize(
+    "moved, extra",
+    [(False, []), (True, []), (False, ["--model", "SiTDown"])],
+    ids=["same-path", "checkpoint-moved", "model-flag-agrees"],
+)
+def test_resume_after_deleting_pngs(reference, ckpt, tmp_path, moved, extra):
+    # The folder is tied to the weights, not to where the checkpoint lies.
+    if moved:
+        ckpt = str(shutil.copy(ckpt, tmp_path / "moved.pt"))
     sample_dir = tmp_path / "copy"
     shutil.copytree(reference[0], sample_dir)
     for i in (0, 5, 7):
         os.remove(sample_dir / f"{i:06d}.png")
-    assert read(run(ckpt, sample_dir)) == read(reference[1])
+    assert read(run(ckpt, sample_dir, extra=extra)) == read(reference[1])
 
 
 def test_other_settings_are_refused_not_mixed(reference, ckpt, tmp_path):
@@ -214,14 +241,16 @@ def test_other_settings_are_refused_not_mixed(reference, ckpt, tmp_path):
         run(ckpt, sample_dir)
 
 
-def test_samples_seeded_by_another_rule_are_refused(reference, ckpt, tmp_path):
-    # A folder whose settings do not record the seeding rule was sampled under an older one.
-    sample_dir = tmp_path / "old-seeds"
+@pytest.mark.parametrize("entry, now", [("sample_seed", "'hash_seed"), ("weights_sha256", "'")])
+def test_folders_older_than_an_entry_are_refused(reference, ckpt, tmp_path, entry, now):
+    # A folder whose settings do not record the seeding rule was sampled under an older one; one
+    # that does not record the weights may hold another checkpoint's images.
+    sample_dir = tmp_path / "old-settings"
     shutil.copytree(reference[0], sample_dir)
     settings = json.loads((sample_dir / "settings.json").read_text())
-    del settings["sample_seed"]
+    del settings[entry]
     (sample_dir / "settings.json").write_text(json.dumps(settings))
-    with pytest.raises(ValueError, match=r"other settings \(sample_seed: None there, 'hash_seed"):
+    with pytest.raises(ValueError, match=rf"other settings \({entry}: None there, {now}"):
         run(ckpt, sample_dir)
 
 
@@ -235,3 +264,97 @@ def test_ode_heun_bf16_random_labels(ckpt, tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run(str(tmp_path / "none.pt"), tmp_path / "s")
+
+
+# --------------------------------------------------------------------------- the checkpoint
+
+
+def test_weights_hash_names_the_weights_not_the_file(ckpt, tmp_path):
+    export = os.path.join(os.path.dirname(ckpt), "ema.safetensors")
+    save_tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    hashes = [
+        generate.weights_sha256(load_model_for_sampling(path))
+        for path in (ckpt, export, str(tmp_path / "other.pt"))
+    ]
+    assert hashes[0] == hashes[1] != hashes[2]  # a .pt and its export hold the same weights
+
+
+def test_another_checkpoint_at_the_same_path_is_refused(tmp_path):
+    path, sample_dir = tmp_path / "checkpoint.pt", tmp_path / "samples"
+    save_tiny_checkpoint(path, seed=0)
+    run(str(path), sample_dir, extra=["--num-fid-samples", "4"])
+    save_tiny_checkpoint(path, seed=1)  # another model written over it
+    os.remove(sample_dir / "000003.png")
+    with pytest.raises(
+        InputError, match=r"other settings \(weights_sha256: '[0-9a-f]{64}' there"
+    ) as refused:
+        run(str(path), sample_dir, extra=["--num-fid-samples", "4"])
+    assert "\n" not in str(refused.value)
+    assert not os.path.exists(sample_dir / "000003.png")  # nothing sampled from the other
+
+
+@pytest.mark.parametrize("name", ["0000100.pt", "ema.safetensors"])
+def test_model_flag_that_disagrees_with_the_checkpoint_is_refused(ckpt, tmp_path, name):
+    path = os.path.join(os.path.dirname(ckpt), name)
+    with pytest.raises(InputError, match=r"holds a SiTDown, not a SiT-B/2$"):
+        run(path, tmp_path / "s", extra=["--model", "SiT-B/2"])
+    assert not os.path.exists(tmp_path / "s")
+
+
+# --------------------------------------------------------------------------- a failed first run
+
+
+@pytest.mark.parametrize(
+    "loader, error, extra",
+    [
+        ("load_vae", WeightsUnavailable("offline: could not load the SD-VAE"), []),
+        ("load_model_for_sampling", InputError("corrupt checkpoint"), []),
+        (None, None, ["--vae", "no-such-vae"]),  # the real load_vae refuses the name
+    ],
+    ids=["vae-offline", "model-unreadable", "unknown-vae"],
+)
+def test_a_run_that_cannot_load_writes_nothing(
+    reference, ckpt, tmp_path, monkeypatch, loader, error, extra
+):
+    def fail(*args, **kwargs):
+        raise error
+
+    sample_dir = tmp_path / "samples"
+    with monkeypatch.context() as patch:
+        if loader:
+            patch.setattr(generate, loader, fail)
+        with pytest.raises(ReportedError):
+            run(ckpt, sample_dir, extra=extra)
+    assert not os.listdir(tmp_path)  # no folder, no settings, no .npz
+    assert read(run(ckpt, sample_dir)) == read(reference[1])  # the corrected command
+
+
+def test_a_run_that_fails_before_its_first_image_leaves_the_folder_free(
+    reference, ckpt, tmp_path, monkeypatch
+):
+    # Its settings.json is written, but with no PNG there is nothing to mix: another command,
+    # with other settings, starts over in the same folder.
+    def unsupported(*args, **kwargs):
+        raise ReportedError("--precision bf16 is not supported on this GPU")
+
+    sample_dir = tmp_path / "samples"
+    with monkeypatch.context() as patch:
+        patch.setattr(generate, "sample_batch", unsupported)
+        with pytest.raises(ReportedError, match="bf16"):
+            run(ckpt, sample_dir, extra=["--precision", "bf16"])
+    assert read(run(ckpt, sample_dir)) == read(reference[1])  # --precision fp32
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+def test_npz_png_and_settings_get_the_umask_mode(ckpt, tmp_path):
+    """0644 under umask 022, as any file written with open(). Needs `utils.atomic_write` to set
+    its temporary file's mode (tempfile.mkstemp makes it 0600, and the rename keeps it)."""
+    old = os.umask(0o022)
+    try:
+        npz = run(ckpt, tmp_path / "s", extra=["--num-fid-samples", "4"])
+    finally:
+        os.umask(old)
+    for path in (npz, tmp_path / "s" / "000000.png", tmp_path / "s" / "settings.json"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
