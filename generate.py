@@ -100,7 +100,7 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {
     # U-REPA Table 4 (and REPA's convention): SDE, 250 steps, cfg 1.65 on t in [0, 0.7].
     "paper-main": {"mode": "sde", "num_steps": 250, "cfg_scale": 1.65, "guidance_high": 0.7},
-    # U-REPA Tables 5-8: "the default setting of the official REPA codebase": Euler ODE with
+    # U-REPA Tables 5-10: "the default setting of the official REPA codebase": Euler ODE with
     # 50 steps, cfg 1.8 on t in [0, 0.7].
     "ablation": {"mode": "ode", "num_steps": 50, "heun": False, "cfg_scale": 1.8,
                  "guidance_high": 0.7},
@@ -136,7 +136,7 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler (explicit flags override --preset)")
     group.add_argument("--preset", choices=sorted(PRESETS), default=None,
                        help="paper-main: SDE 250 steps, cfg 1.65, [0, 0.7] (Table 4); "
-                            "ablation: Euler ODE 50 steps, cfg 1.8, [0, 0.7] (Tables 5-8)")
+                            "ablation: Euler ODE 50 steps, cfg 1.8, [0, 0.7] (Tables 5-10)")
     group.add_argument("--mode", choices=["sde", "ode"], default=None, help="default: sde")
     group.add_argument("--num-steps", type=positive_int, default=None, help="default: 250")
     group.add_argument("--heun", action=argparse.BooleanOptionalAction, default=None,
@@ -157,7 +157,8 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                        help="folder of PNGs (and settings.json); the .npz goes beside it")
     group.add_argument("--num-fid-samples", type=positive_int, default=50_000)
     group.add_argument("--per-proc-batch-size", type=positive_int, default=32,
-                       help="images per process per batch; does not change the images")
+                       help="images per process per batch; the images are the same up to float "
+                            "rounding")
     group.add_argument("--global-seed", type=nonnegative_int, default=0)
     group.add_argument("--label-sampling", choices=["random", "balanced"], default="random",
                        help="random: uniform labels; balanced: exactly N/num_classes per class")
