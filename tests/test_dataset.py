@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import stat
 from typing import Any
 
 import numpy as np
@@ -190,3 +191,16 @@ def test_header_mismatch_is_caught_at_open(tmp_path):
         shards.DatasetError, match=r"holds float32 \(5, 8, 4, 4\), the manifest says float16"
     ):
         LatentDataset(root)
+
+
+def test_every_dataset_file_gets_the_mode_of_open(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        root = str(tmp_path / "d")
+        write_dataset(root, pixels="png")
+    finally:
+        os.umask(previous)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
