@@ -425,6 +425,21 @@ class ShardReader:
                 f"{self._rebuild_hint(shard)}"
             )
 
+    def check_labels(self, num_classes: int) -> None:
+        """Every stored label lies in [0, num_classes): a bad one would otherwise fail deep inside
+        the model's label embedding, far from its cause (reads only the small label shards)."""
+        modality = self._by_name["labels"]
+        for shard in range(len(self.manifest["shards"])):
+            labels = np.asarray(self._map(modality, shard))  # (n,) int64
+            bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+            if bad.size:
+                path = os.path.join(self.root, modality.files(shard)[0])
+                raise DatasetError(
+                    f"{path} holds label {labels[bad[0]]} (row {bad[0]}), outside [0, "
+                    f"{num_classes}) for the {num_classes} classes of {MANIFEST}: the shard or the "
+                    f"manifest is damaged; {self._rebuild_hint(shard)}"
+                )
+
     def verify(self) -> None:
         """Full check: recompute every file's SHA-256 (reads the whole dataset)."""
         self.check()

@@ -204,3 +204,18 @@ def test_every_dataset_file_gets_the_mode_of_open(tmp_path):
         for name in files:
             path = os.path.join(folder, name)
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_label_outside_num_classes_is_caught_at_open(tmp_path, bad):
+    root = str(tmp_path / "d")
+    write_dataset(root, pixels=None)  # labels 0..9, num_classes 10
+    labels = np.load(os.path.join(root, "shards", "labels-00002.npy"), mmap_mode="r+")
+    labels[1] = bad  # same size: only the values say something is wrong
+    labels.flush()
+    del labels
+    with pytest.raises(
+        shards.DatasetError,
+        match=rf"labels-00002\.npy holds label {bad} \(row 1\), outside \[0, 10\).*re-run",
+    ):
+        LatentDataset(root)
