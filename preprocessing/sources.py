@@ -182,17 +182,70 @@ def _file_labels(names: list[str], labels_file: str) -> tuple[list[str], list[in
     """Labels from a JSON object {relative path: label} or text lines `relative/path label`."""
     if not os.path.isfile(labels_file):
         raise SourceError(f"--labels {labels_file!r} does not exist")
-    with open(labels_file) as f:
-        if labels_file.endswith(".json"):
-            mapping = {str(k): int(v) for k, v in json.load(f).items()}
-        else:
-            rows = [line.rsplit(maxsplit=1) for line in f if line.strip()]
-            mapping = {path: int(label) for path, label in rows}
-    if any(v < 0 for v in mapping.values()):
-        raise SourceError(f"--labels {labels_file!r} has negative labels")
+    read = _json_labels if labels_file.endswith(".json") else _text_labels
+    mapping = read(labels_file)
     files = [n for n in names if n in mapping]
     unlabelled = [n for n in names if n not in mapping]
     return files, [mapping[n] for n in files], unlabelled
+
+
+def _text_labels(labels_file: str) -> dict[str, int]:
+    """Lines `relative/path label` (the path may hold spaces; the label is the last word)."""
+    mapping: dict[str, tuple[int, int]] = {}  # path -> (label, line number)
+    with open(labels_file) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(maxsplit=1)
+            if len(parts) != 2 or not re.fullmatch(r"[0-9]+", parts[1]):
+                raise SourceError(
+                    f"--labels {labels_file!r} line {number}: {line.strip()!r} is not "
+                    "'relative/path label' (a path under --source, a space, a non-negative integer)"
+                )
+            path, label = parts[0], int(parts[1])
+            if path in mapping and mapping[path][0] != label:
+                raise SourceError(
+                    f"--labels {labels_file!r} line {number}: {path!r} has label {label}, "
+                    f"line {mapping[path][1]} gave {mapping[path][0]}; keep one line per image"
+                )
+            mapping[path] = (label, number)
+    return {path: label for path, (label, _) in mapping.items()}
+
+
+def _json_labels(labels_file: str) -> dict[str, int]:
+    """A JSON object {relative path: non-negative integer label}."""
+
+    def no_conflicts(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        mapping: dict[str, Any] = {}
+        for key, value in pairs:  # json.load would silently keep the last of repeated keys
+            if key in mapping and mapping[key] != value:
+                raise SourceError(
+                    f"--labels {labels_file!r}: {key!r} is listed twice, with labels "
+                    f"{mapping[key]!r} and {value!r}; keep one entry per image"
+                )
+            mapping[key] = value
+        return mapping
+
+    with open(labels_file) as f:
+        try:
+            mapping = json.load(f, object_pairs_hook=no_conflicts)
+        except json.JSONDecodeError as err:
+            raise SourceError(
+                f"--labels {labels_file!r} is not valid JSON (line {err.lineno}, column "
+                f'{err.colno}: {err.msg}); write an object {{"relative/path": label, ...}}'
+            ) from None
+    if not isinstance(mapping, dict):
+        raise SourceError(
+            f'--labels {labels_file!r} is not a JSON object; write {{"relative/path": label, ...}}'
+        )
+    for path, label in mapping.items():
+        # bool is an int in Python, and int(3.7) would silently give 3: only true integers pass
+        if type(label) is not int or label < 0:
+            raise SourceError(
+                f"--labels {labels_file!r}: the label of {path!r} is {label!r}; labels are "
+                "non-negative integers"
+            )
+    return mapping
 
 
 #################################################################################

@@ -23,7 +23,7 @@ import shards
 from dataset import LatentDataset
 from frozen import ENCODER_STANDIN, load_encoder, load_vae
 from preprocessing.prepare import main, parse_args
-from preprocessing.sources import ImageSource, center_crop_arr, load_image
+from preprocessing.sources import ImageSource, SourceError, center_crop_arr, load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32
@@ -181,6 +181,55 @@ def test_source_errors(tmp_path):
     with pytest.raises(SystemExit, match="no class sub-folders.*--labels"):
         prepare(str(tmp_path / "flat"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "lines, line_number",
+    [
+        (["zebra/img0.png 1", "zebra/img1.jpg"], 2),  # no label
+        (["zebra/img0.png seven"], 1),
+        (["zebra/img0.png 1", "", "zebra/img1.jpg -1"], 3),  # blank lines count
+        (["zebra/img0.png 2.0"], 1),
+    ],
+)
+def test_bad_line_in_labels_file_names_file_and_line(folder, tmp_path, lines, line_number):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("\n".join(lines) + "\n")
+    bad = lines[line_number - 1]
+    with pytest.raises(
+        SourceError,
+        match=rf"labels.txt' line {line_number}: '{bad}' is not 'relative/path label'.*integer",
+    ):
+        ImageSource(folder[0], str(labels_file))
+
+
+def test_conflicting_labels_file_lines(folder, tmp_path):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("zebra/img0.png 1\nant/img0.png 2\nzebra/img0.png 4\n")
+    with pytest.raises(SourceError, match=r"line 3: 'zebra/img0.png' has label 4, line 1 gave 1"):
+        ImageSource(folder[0], str(labels_file))
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"zebra/img0.png": 1,\n "ant/img0.png" 2}', r"not valid JSON \(line 2, column"),
+        ('["zebra/img0.png", 1]', r"not a JSON object"),
+        ('{"zebra/img0.png": 3.7}', r"label of 'zebra/img0.png' is 3.7"),
+        ('{"zebra/img0.png": true}', r"label of 'zebra/img0.png' is True"),
+        ('{"zebra/img0.png": "3"}', r"label of 'zebra/img0.png' is '3'"),
+        ('{"zebra/img0.png": -2}', r"label of 'zebra/img0.png' is -2"),
+        (
+            '{"zebra/img0.png": 1, "zebra/img0.png": 2}',
+            r"'zebra/img0.png' is listed twice, with labels 1 and 2",
+        ),
+    ],
+)
+def test_bad_json_labels_file(folder, tmp_path, text, match):
+    labels_file = tmp_path / "labels.json"
+    labels_file.write_text(text)
+    with pytest.raises(SourceError, match=r"labels.json'.*" + match):
+        ImageSource(folder[0], str(labels_file))
 
 
 #################################################################################
