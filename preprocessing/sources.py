@@ -55,13 +55,32 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 def load_image(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> centre-cropped RGB (size, size, 3) uint8.
 
-    Every mode goes through PIL's `convert("RGB")` as in ADM: greyscale is replicated, CMYK and
-    palette images are converted, and an alpha channel is dropped.
+    8-bit modes go through PIL's `convert("RGB")` as in ADM: greyscale is replicated, CMYK and
+    palette images are converted, and an alpha channel is dropped. 16-bit greyscale keeps its
+    high byte (see `to_8_bit`); PIL already reduces 16-bit colour to its high byte when reading.
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decode now, so that truncated files fail here
-        rgb = image.convert("RGB")
+        rgb = to_8_bit(image).convert("RGB")
     return np.ascontiguousarray(center_crop_arr(rgb, size))
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale ("I;16*", and "I", which older PIL gives 16-bit PNGs) -> "L" by its high
+    byte (value >> 8, as PIL and libpng reduce 16-bit colour). PIL's own conversion would clip
+    every value above 255 to white. Other modes are returned as they are; integer images beyond
+    16 bits and floating-point ones have no known range, so they are refused (excluded)."""
+    if image.mode == "F":
+        raise ValueError("floating-point image (mode F): its range is unknown; store 8 or 16 bits")
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image)  # (H, W) uint16 or int32
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"integer image (mode {image.mode}) with values outside 0..65535 "
+            f"({values.min()}..{values.max()}): its range is unknown; store 8 or 16 bits"
+        )
+    return Image.fromarray((values >> 8).astype(np.uint8))
 
 
 #################################################################################

@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -147,13 +149,74 @@ def test_center_crop_known_steps():
     np.testing.assert_array_equal(center_crop_arr(image, 100), np.asarray(halves)[:, 25:125])
 
 
-@pytest.mark.parametrize("spec", SPECS + [(30, 50, "1", "PNG"), (40, 30, "I;16", "TIFF")])
+@pytest.mark.parametrize("spec", SPECS + [(30, 50, "1", "PNG")])
 def test_every_mode_becomes_rgb(spec):
     w, h, mode, fmt = spec
     data = make_image(w, h, mode, fmt, seed=1)
     out = load_image(data, RES)
     assert out.shape == (RES, RES, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, reference_crop(Image.open(io.BytesIO(data)), RES))
+
+
+def png_16_bit(values: np.ndarray) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit colour): (H, W) grey or (H, W, 3)."""
+    h, w = values.shape[:2]
+    color_type = 2 if values.ndim == 3 else 0
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode, dtype, fmt",
+    [
+        ("I;16", "<u2", "PNG"),
+        ("I;16", "<u2", "TIFF"),
+        ("I;16B", ">u2", "TIFF"),
+        ("I", "<i4", "TIFF"),
+    ],
+)
+def test_16_bit_grey_keeps_the_high_byte(mode, dtype, fmt):
+    values = np.random.default_rng(0).integers(0, 65536, (RES, RES))
+    values[0, :5] = [0, 255, 256, 40000, 65535]
+    data = encode(Image.frombytes(mode, (RES, RES), values.astype(dtype).tobytes()), fmt)
+    out = load_image(data, RES)  # RES × RES: the crop is the identity
+    high = (values >> 8).astype(np.uint8)  # 0, 0, 1, 156, 255: not clipped to white
+    np.testing.assert_array_equal(out, np.repeat(high[..., None], 3, axis=-1))
+    constant = np.full((2 * RES + 7, 3 * RES), 40000)  # box halving and bicubic keep a constant
+    data = encode(
+        Image.frombytes(mode, constant.shape[::-1], constant.astype(dtype).tobytes()), fmt
+    )
+    np.testing.assert_array_equal(load_image(data, RES), np.full((RES, RES, 3), 40000 >> 8))
+
+
+def test_16_bit_colour_keeps_the_high_byte():
+    values = np.random.default_rng(1).integers(0, 65536, (RES, RES, 3))
+    np.testing.assert_array_equal(load_image(png_16_bit(values), RES), values >> 8)
+    grey = np.random.default_rng(2).integers(0, 65536, (RES, RES))
+    np.testing.assert_array_equal(load_image(png_16_bit(grey), RES)[..., 1], grey >> 8)
+
+
+def test_images_of_unknown_range_are_refused():
+    wide = np.array([[0, 70000]], dtype="<i4").repeat(RES, 0).repeat(RES // 2, 1)
+    with pytest.raises(ValueError, match=r"values outside 0\.\.65535.*8 or 16 bits"):
+        load_image(encode(Image.frombytes("I", (RES, RES), wide.tobytes()), "TIFF"), RES)
+    floats = np.full((RES, RES), 0.5, dtype="<f4")
+    with pytest.raises(ValueError, match=r"floating-point.*8 or 16 bits"):
+        load_image(encode(Image.frombytes("F", (RES, RES), floats.tobytes()), "TIFF"), RES)
 
 
 #################################################################################
