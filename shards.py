@@ -13,6 +13,7 @@ image):
     shards/pixels-00000.offsets.npy   int64 (n + 1,): byte offsets into the .bin
     shards/shard-00000.json           sidecar: written last, so its presence means "shard complete"
     manifest.json                     written after every shard is complete: what train.py reads
+                                      (classes, class_counts, empty_classes, excluded files, ...)
 
 `.npy` files are plain NumPy arrays (`np.load(path, mmap_mode="r")` opens them). A shard is written
 to `<name>.tmp` files and published with `os.replace` only when complete; the sidecar records each
@@ -298,12 +299,16 @@ def write_manifest(
         entries.append({"num_samples": sidecar["num_samples"], "files": sidecar["files"]})
         excluded.extend(sidecar["excluded"])
     num_classes = header.get("num_classes", len(class_counts))
+    class_counts = np.pad(class_counts, (0, num_classes - len(class_counts)))
+    names = header.get("classes") or list(range(num_classes))  # folder names, or the labels
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         **header,
         "num_samples": sum(e["num_samples"] for e in entries),
-        "class_counts": np.pad(class_counts, (0, num_classes - len(class_counts))).tolist(),
+        "class_counts": class_counts.tolist(),
+        # classes without a sample keep their label; listed so that nobody has to look for zeros
+        "empty_classes": [names[k] for k in np.flatnonzero(class_counts == 0)],
         "modalities": {modality.name: modality.describe() for modality in modalities},
         "shards": entries,
         "excluded": sorted(header.get("excluded", []) + excluded, key=lambda e: e["path"]),

@@ -7,6 +7,13 @@ Runs data-parallel (each process encodes a disjoint set of shards; `python prepr
 prepare.py ...` is one process), decodes images in DataLoader workers and writes the format
 defined in `shards.py`. Re-running the same command resumes: completed shards are skipped, and
 the manifest is written once every shard is complete.
+
+Labels are the index of each class folder among the sorted class folders (ImageNet's synsets
+give 0..999), unless --labels is given. A class folder without images keeps its index, so that
+the later classes keep theirs: it is reported when the run starts and listed under
+`empty_classes` in manifest.json. Links to files and folders are followed; a folder is entered
+once per class folder (a link loop is skipped with a warning), and a file reached by two paths
+is two samples, as in torchvision's ImageFolder.
 """
 
 from __future__ import annotations
@@ -91,7 +98,8 @@ def crop_size(text: str) -> int:
 def add_source_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("source and destination")
     group.add_argument("--source", required=True,
-                       help="ImageFolder directory (one sub-folder per class) or a .zip of one")
+                       help="ImageFolder directory (one sub-folder per class) or a .zip of one; "
+                            "labels follow the sorted sub-folder names, empty ones included")
     group.add_argument("--dest", required=True, help="output dataset directory")
     group.add_argument("--labels", default=None,
                        help="labels file instead of class folders: JSON {relative path: label} "
@@ -361,6 +369,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         source = ImageSource(args.source, args.labels)
     except SourceError as err:
         raise SystemExit(str(err)) from None
+    if source.empty_classes and rank == 0:
+        logger.warning(empty_classes_note(source))
     settings = build_settings(args, source)
     modalities = build_modalities(args)
     ranges = shard_ranges(len(source), args.shard_size)
@@ -431,6 +441,14 @@ def finalize(
     return manifest
 
 
+def empty_classes_note(source: ImageSource) -> str:
+    return (
+        f"{len(source.empty_classes)} class folder(s) without images: "
+        f"{', '.join(source.empty_classes)}; they keep their label (labels follow the sorted "
+        "folder names) and the manifest lists them under empty_classes"
+    )
+
+
 def print_plan(
     args: argparse.Namespace,
     source: ImageSource,
@@ -444,6 +462,8 @@ def print_plan(
         f"source: {args.source}: {len(source)} images, {source.num_classes} classes"
         + (f", {len(source.unlabelled)} not in --labels" if source.unlabelled else "")
     )
+    if source.empty_classes:
+        print(f"        {empty_classes_note(source)}")
     print(
         f"dest:   {args.dest}: {len(ranges)} shards of {args.shard_size}, "
         f"{len(pending)} to encode over {world} process(es)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -18,6 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from shards import encode_png
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {
     ".jpg",
@@ -113,13 +116,15 @@ class ImageSource:
             raise SourceError(f"--source {source!r} is a file but not a zip archive")
         self._zip: tuple[int, zipfile.ZipFile] | None = None
         self.prefix = ""  # zips made of a top folder (`zip -r train.zip train/`) keep it in names
-        names = self._list_images()
+        names, folders = self._list_images()
         if labels_file is None:
-            files, labels, self.classes = _folder_labels(names, source)
+            files, labels, self.classes = _folder_labels(names, folders, source)
             self.unlabelled: list[str] = []
         else:
             files, labels, self.unlabelled = _file_labels(names, labels_file)
             self.classes = []
+        # class folders without images keep their index (see _folder_labels); say which they are
+        self.empty_classes = sorted(set(self.classes) - {f.split("/", 1)[0] for f in files})
         if not files:
             raise SourceError(f"no labelled images found in --source {source!r}")
         self.files = np.asarray([f.encode() for f in files])  # (N,) bytes, sorted
@@ -132,30 +137,29 @@ class ImageSource:
     def path(self, i: int) -> str:
         return self.files[i].decode()
 
-    def _list_images(self) -> list[str]:
-        if self.is_zip:
-            with zipfile.ZipFile(self.source) as z:
-                names = [n for n in z.namelist() if _is_image(n)]
-            tops = {n.split("/", 1)[0] for n in names}
-            if len(tops) == 1 and any(n.count("/") >= 2 for n in names):
-                # one top folder above the class folders (`zip -r train.zip train/`): drop it
-                self.prefix = tops.pop() + "/"
-                names = [n[len(self.prefix) :] for n in names]
-        else:
-            names = []
-            for folder, dirs, files in os.walk(self.source, followlinks=True):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                rel = os.path.relpath(folder, self.source)
-                for f in files:
-                    path = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
-                    if _is_image(path):
-                        names.append(path)
+    def _list_images(self) -> tuple[list[str], set[str]]:
+        """The sorted image paths and the names of the class folders (with images or not)."""
+        names, folders = self._list_zip() if self.is_zip else _list_folder(self.source)
         if not names:
             raise SourceError(
                 f"--source {self.source!r} contains no images "
                 f"(extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        return sorted(names)
+        return sorted(names), folders
+
+    def _list_zip(self) -> tuple[list[str], set[str]]:
+        with zipfile.ZipFile(self.source) as z:
+            entries = z.namelist()
+        names = [n for n in entries if _is_image(n)]
+        tops = {n.split("/", 1)[0] for n in names}
+        if len(tops) == 1 and any(n.count("/") >= 2 for n in names):
+            # one top folder above the class folders (`zip -r train.zip train/`): drop it
+            self.prefix = tops.pop() + "/"
+            entries = [n[len(self.prefix) :] for n in entries if n.startswith(self.prefix)]
+            names = [n[len(self.prefix) :] for n in names]
+        # a folder is any entry's first component: `zip -r` also stores empty folders ("bee/")
+        tops = {n.split("/", 1)[0] for n in entries if "/" in n}
+        return names, {top for top in tops if not _is_hidden(top)}
 
     def read(self, i: int) -> bytes:
         """The encoded bytes of image i (opens the zip once per process: handles do not fork)."""
@@ -178,19 +182,97 @@ class ImageSource:
         return digest.hexdigest()
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _is_image(path: str) -> bool:
-    parts = path.split("/")
-    hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
+    hidden = any(_is_hidden(part) for part in path.split("/"))
     return not hidden and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _folder_labels(names: list[str], source: str) -> tuple[list[str], list[int], list[str]]:
-    """ImageFolder labels: sorted class folders; images outside a class folder are ignored."""
-    names = [n for n in names if "/" in n]
-    classes = sorted({n.split("/", 1)[0] for n in names})
-    if not classes:
+def _list_folder(root: str) -> tuple[list[str], set[str]]:
+    """The image paths under `root` (relative, "/"-separated) and its class folders."""
+    names, folders = [], set()
+    with os.scandir(root) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir():  # follows links, as ImageFolder does
+            folders.add(entry.name)
+            names += _walk_class_folder(root, entry.name)
+        elif _is_image(entry.name):  # outside a class folder: used only with --labels
+            names.append(entry.name)
+    return names, folders
+
+
+def _walk_class_folder(root: str, folder: str) -> list[str]:
+    """The image paths under `root/folder`, following links to files and folders as
+    torchvision's ImageFolder does, but entering each folder once.
+
+    Following links blindly never ends on a loop (`loop -> .`) and multiplies the images; so a
+    link to a folder already entered here (a loop, a link up to `root`, a second link to one
+    folder) is skipped with a warning naming it. A file reached by two paths (two file links, or
+    one folder linked into two classes) stays two samples, as in ImageFolder.
+    """
+    top = os.path.join(root, folder)
+    entered = {_identity(root)}
+    if not _first_entry(top, entered, root):
+        return []
+
+    def unreadable(err: OSError) -> None:  # os.walk would skip the folder without a word
         raise SourceError(
-            f"--source {source!r} has images but no class sub-folders; arrange it "
+            f"cannot list {err.filename}: {err.strerror}; make it readable or move it out "
+            "of --source"
+        )
+
+    names = []
+    for current, dirs, files in os.walk(top, onerror=unreadable, followlinks=True):
+        # real folders before links, so that a folder keeps its own path and the link is skipped
+        dirs.sort(key=lambda d: (os.path.islink(os.path.join(current, d)), d))
+        dirs[:] = [
+            d
+            for d in dirs
+            if not _is_hidden(d) and _first_entry(os.path.join(current, d), entered, root)
+        ]
+        rel = os.path.relpath(current, root).replace(os.sep, "/")
+        names += [f"{rel}/{f}" for f in files if _is_image(f"{rel}/{f}")]
+    return names
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """What makes a folder the same folder whatever the path (links followed)."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _first_entry(path: str, entered: set[tuple[int, int]], root: str) -> bool:
+    """Whether the folder at `path` is entered for the first time (and record it)."""
+    identity = _identity(path)
+    if identity in entered:
+        logger.warning(
+            "not following %s: it leads to %s, a folder already listed (a link loop, or a "
+            "second link to one folder); its images are listed once",
+            os.path.relpath(path, root).replace(os.sep, "/"),
+            os.path.realpath(path),
+        )
+        return False
+    entered.add(identity)
+    return True
+
+
+def _folder_labels(
+    names: list[str], folders: set[str], source: str
+) -> tuple[list[str], list[int], list[str]]:
+    """ImageFolder labels: the index among the sorted class folders, including folders without
+    images, so that a label always means the same folder (ImageNet's synset order) and an empty
+    folder does not shift every later class by one. Images outside a class folder are ignored."""
+    names = [n for n in names if "/" in n]
+    classes = sorted(folders)
+    if not names:
+        raise SourceError(
+            f"--source {source!r} has images but no class sub-folders with images; arrange it "
             "as <class>/<image> or pass --labels FILE"
         )
     index = {c: k for k, c in enumerate(classes)}

@@ -246,6 +246,85 @@ def test_source_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def write_images(root, *paths: str) -> None:
+    for k, rel in enumerate(paths):
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(make_image(20, 20, "RGB", "PNG", seed=k))
+
+
+def test_links_are_followed_but_no_folder_twice(tmp_path, caplog):
+    root, outside = tmp_path / "src", tmp_path / "outside"
+    write_images(root, "a/0.png", "a/sub/1.png", "b/0.png")
+    write_images(outside, "x.png", "deep/y.png")
+    (root / "a" / "loop").symlink_to(".")  # a loop: a/loop/loop/... would never end
+    (root / "a" / "sub" / "back").symlink_to("..")  # a loop through a parent
+    (root / "a" / "up").symlink_to("..")  # the source itself
+    (root / "a" / "again").symlink_to("sub")  # a second way into a folder already listed
+    (root / "b" / "more").symlink_to(outside)  # a folder elsewhere: followed
+    (root / "b" / "file.png").symlink_to(outside / "x.png")  # a file elsewhere: followed
+    (root / "c").symlink_to(outside)  # a class folder that is a link: followed
+    with caplog.at_level("WARNING"):
+        source = ImageSource(str(root))
+    paths = [source.path(i) for i in range(len(source))]
+    assert paths == [
+        "a/0.png",
+        "a/sub/1.png",
+        "b/0.png",
+        "b/file.png",
+        "b/more/deep/y.png",
+        "b/more/x.png",
+        "c/deep/y.png",
+        "c/x.png",  # the same file as b/more/x.png and b/file.png: ImageFolder counts each path
+    ]
+    assert source.labels.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    skipped = sorted(r.getMessage().split()[2] for r in caplog.records)
+    assert skipped == ["a/again:", "a/loop:", "a/sub/back:", "a/up:"]
+
+
+def test_unreadable_folder_is_an_error(tmp_path, monkeypatch):
+    root = tmp_path / "src"
+    write_images(root, "a/0.png", "b/sub/1.png")
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if os.path.basename(path) == "sub":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(SourceError, match=r"cannot list .*b/sub: Permission denied.*readable"):
+        ImageSource(str(root))
+
+
+def test_empty_class_folder_keeps_its_label(tmp_path, caplog, capsys):
+    root = tmp_path / "src"
+    write_images(root, "ant/0.png", "ant/1.png", "cat/0.png", "cat/1.png")
+    (root / "bee").mkdir()
+    (root / "dog").mkdir()
+    (root / "dog" / "notes.txt").write_text("no images here")
+    source = ImageSource(str(root))
+    assert source.classes == ["ant", "bee", "cat", "dog"] and source.num_classes == 4
+    assert source.labels.tolist() == [0, 0, 2, 2]  # cat stays 2, as its sorted position says
+    assert source.empty_classes == ["bee", "dog"]
+    main(parse_args(prepare_argv(str(root), str(tmp_path / "dry"), "--dry-run")))
+    plan = capsys.readouterr().out
+    assert "4 images, 4 classes" in plan and "without images: bee, dog" in plan
+    with caplog.at_level("WARNING"):
+        manifest = prepare(str(root), str(tmp_path / "out"), "--enc-type", "none")
+    assert "bee, dog" in caplog.text and "keep their label" in caplog.text
+    assert manifest["num_classes"] == 4 and manifest["class_counts"] == [2, 0, 2, 0]
+    assert manifest["empty_classes"] == ["bee", "dog"]
+    assert LatentDataset(str(tmp_path / "out")).labels().tolist() == [0, 0, 2, 2]
+    archive = str(tmp_path / "src.zip")
+    with zipfile.ZipFile(archive, "w") as z:  # `zip -r` stores folders as entries too
+        for name in ["ant", "ant/0.png", "bee", "cat", "cat/0.png", "dog", "dog/notes.txt"]:
+            z.write(root / name, name)
+    zipped = ImageSource(archive)
+    assert zipped.classes == source.classes and zipped.labels.tolist() == [0, 2]
+
+
 @pytest.mark.parametrize(
     "lines, line_number",
     [
