@@ -305,12 +305,13 @@ def encode_shards(
     source: ImageSource,
     todo: list[int],
     modalities: list[shards.Modality],
+    models: tuple[Any, list[Any]],
     device: torch.device,
     show_progress: bool,
 ) -> None:
     """Encode and publish the shards `todo`, one after another, through one DataLoader."""
     ranges = shard_ranges(len(source), args.shard_size)
-    vae, encoders = load_models(args, device)
+    vae, encoders = models
     # batches never straddle shards, so each shard is a run of consecutive batches
     batches = [
         list(ranges[shard][start : start + args.batch_size])
@@ -384,18 +385,16 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         if rank == 0:
             print_plan(args, source, modalities, ranges, pending, world)
         return None
-    # every rank has checked --dest and listed `pending` before anything is written there
+    mine = pending[rank::world]
+    # Load (and so check) the networks before anything is written into --dest: a run that fails
+    # here (unknown --vae, weights not downloadable) must leave no settings.json behind that
+    # would make the corrected command refuse as "built with other settings".
+    models = load_models(args, device) if mine else None
+    # every rank has checked --dest, listed `pending` and loaded its networks before anything is
+    # written there
     barrier()
     if rank == 0:
-        os.makedirs(args.dest, exist_ok=True)
-        for name in os.listdir(args.dest):
-            if is_temporary(name):  # a killed JSON write
-                os.remove(os.path.join(args.dest, name))
-        record = {"settings": settings, "command": command_line(args)}
-        write_json(os.path.join(args.dest, shards.SETTINGS), record)
-        if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
-            os.remove(os.path.join(args.dest, shards.MANIFEST))  # stale until every shard is back
-    mine = pending[rank::world]
+        prepare_destination(args, settings, pending)
     logger.info(
         "%d images, %d shards, %d to do, %d on this rank (%s)",
         len(source),
@@ -404,14 +403,28 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         len(mine),
         device,
     )
-    if mine:
-        encode_shards(args, source, mine, modalities, device, show_progress=rank == 0)
+    if models is not None:
+        encode_shards(args, source, mine, modalities, models, device, show_progress=rank == 0)
     barrier()  # every shard is published
     manifest = None
     if rank == 0:
         manifest = finalize(args, source, settings, modalities, len(ranges))
     close_distributed()
     return manifest
+
+
+def prepare_destination(
+    args: argparse.Namespace, settings: dict[str, Any], pending: list[int]
+) -> None:
+    """Rank 0, before any shard is written: record the settings, drop what a killed run left."""
+    os.makedirs(args.dest, exist_ok=True)
+    for name in os.listdir(args.dest):
+        if is_temporary(name):  # a killed JSON write
+            os.remove(os.path.join(args.dest, name))
+    record = {"settings": settings, "command": command_line(args)}
+    write_json(os.path.join(args.dest, shards.SETTINGS), record)
+    if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
+        os.remove(os.path.join(args.dest, shards.MANIFEST))  # stale until every shard is back
 
 
 def finalize(

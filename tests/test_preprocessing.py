@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import preprocessing.prepare as prepare_module
 import shards
 from dataset import LatentDataset
 from frozen import ENCODER_STANDIN, load_encoder, load_vae
@@ -552,6 +553,24 @@ def test_destination_with_other_settings_is_a_clear_error(folder, built, tmp_pat
     (tmp_path / "other" / "photo.jpg").write_bytes(b"")
     with pytest.raises(SystemExit, match="not empty.*new or empty directory"):
         prepare(folder[0], str(tmp_path / "other"))
+
+
+def test_failed_model_load_leaves_nothing_that_blocks_the_corrected_command(folder, tmp_path):
+    """An unavailable --vae fails before --dest is written, so the corrected command runs."""
+    dest = str(tmp_path / "first")
+
+    def offline(spec: str, **kwargs):
+        raise RuntimeError(f"could not load the SD-VAE from {spec!r} (no internet access)")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare_module, "load_vae", offline)
+        with pytest.raises(RuntimeError, match="could not load the SD-VAE"):
+            prepare(folder[0], dest, "--vae", "ema")
+    assert not os.path.exists(dest) or not os.listdir(dest)
+    with pytest.raises(ValueError, match="--vae must be one of"):
+        prepare(folder[0], dest, "--vae", "emma")  # a typo: the real loader refuses it
+    assert not os.path.exists(dest) or not os.listdir(dest)
+    assert prepare(folder[0], dest)["num_samples"] == 24  # the corrected command
 
 
 def test_dry_run_and_help_need_no_weights(folder, tmp_path, capsys):
