@@ -6,7 +6,8 @@
 Runs data-parallel (each process encodes a disjoint set of shards; `python preprocessing/
 prepare.py ...` is one process), decodes images in DataLoader workers and writes the format
 defined in `shards.py`. Re-running the same command resumes: completed shards are skipped, and
-the manifest is written once every shard is complete.
+the manifest is written once every shard is complete. A full disk stops the run before (or while)
+a shard is written, saying how much it needs; free space and re-run to resume.
 
 Labels are the index of each class folder among the sorted class folders (ImageNet's synsets
 give 0..999), unless --labels is given. A class folder without images keeps its index, so that
@@ -482,7 +483,7 @@ def print_plan(
         f"{len(pending)} to encode over {world} process(es)"
     )
     for modality in modalities:
-        per_sample = int(np.prod(modality.shape)) * np.dtype(modality.dtype).itemsize
+        per_sample = modality.sample_bytes()
         note = " (raw size; PNG is smaller)" if modality.encoding == "png" else ""
         print(
             f"  {modality.name:<28} {modality.dtype:<8} {modality.shape!s:<18} "

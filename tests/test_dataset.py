@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import stat
 from typing import Any
 
@@ -219,3 +220,19 @@ def test_label_outside_num_classes_is_caught_at_open(tmp_path, bad):
         match=rf"labels-00002\.npy holds label {bad} \(row 1\), outside \[0, 10\).*re-run",
     ):
         LatentDataset(root)
+
+
+def test_too_little_space_for_the_trimmed_copy(tmp_path, monkeypatch):
+    """A shard with excluded files is published as a copy of its first rows: that copy needs
+    space too, and is checked before it is written."""
+    root = str(tmp_path / "d")
+    mods = modalities(pixels=None)
+    writer = shards.ShardWriter(root, 0, mods, capacity=3)
+    rows = {m.name: np.zeros((2, *m.shape), m.dtype) for m in mods}
+    writer.add(rows, ["a.jpg", "b.jpg"])
+    writer.exclude("c.jpg", "OSError: broken")
+    disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=100))
+    with pytest.raises(shards.DatasetError, match=r"for shard 0: it needs .*, 100 B is free;"):
+        writer.publish()
+    assert not [p for p in os.listdir(os.path.join(root, "shards")) if ".tmp" in p]

@@ -6,9 +6,11 @@ every stored value is compared with the stand-in networks applied to an independ
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -529,6 +531,58 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path):
     assert resumed["num_samples"] == 120
     assert mtimes(str(tmp_path / "killed"), 0) == published  # not rewritten
     assert shard_files(resumed) == shard_files(reference)
+
+
+NO_SPACE = r"not enough disk space in .* for shard {}: it needs .*, .* is free; completed shards "
+NO_SPACE += r"are kept: free some space and re-run the same command to resume$"
+
+
+def fill_disk_then_resume(folder, built, dest: str, target, name: str, fake, shard: int) -> None:
+    """Build with `target.name` replaced by `fake` (a full disk): the run stops at `shard` with
+    NO_SPACE, keeps the shards before it and no temporary file; the same command, once the disk
+    has room, finishes the dataset."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(target, name, fake)
+        with pytest.raises(shards.DatasetError, match=NO_SPACE.format(shard)):
+            prepare(folder[0], dest, "--save-pixels")
+    done = [s for s in range(6) if os.path.exists(shards.sidecar_path(dest, s))]
+    assert done == list(range(shard))
+    leftovers = os.listdir(dest) + os.listdir(os.path.join(dest, shards.SHARD_DIR))
+    assert not [p for p in leftovers if ".tmp" in p] and shards.MANIFEST not in leftovers
+    assert shard_files(prepare(folder[0], dest, "--save-pixels")) == shard_files(built[1])
+
+
+def test_too_little_free_space_stops_before_the_shard(folder, built, tmp_path):
+    dest = str(tmp_path / "full")
+    disk_usage = shutil.disk_usage
+
+    def full_after_first_shard(path):
+        usage = disk_usage(path)
+        return usage._replace(free=1000) if os.path.exists(shards.sidecar_path(dest, 0)) else usage
+
+    fill_disk_then_resume(folder, built, dest, shutil, "disk_usage", full_after_first_shard, 1)
+
+
+def test_disk_full_when_reserving_a_shard(folder, built, tmp_path):
+    """Memory-mapped files get their disk blocks at creation: a full disk fails there, with the
+    same message, instead of killing the process with SIGBUS at the first write to a hole."""
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fill_disk_then_resume(folder, built, str(tmp_path / "full"), os, "posix_fallocate", no_space, 0)
+
+
+def test_disk_full_when_flushing_a_shard(folder, built, tmp_path):
+    fsync = shards._fsync
+
+    def no_space_in_shard_1(path: str) -> None:
+        if "-00001." in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(path)
+
+    dest = str(tmp_path / "full")
+    fill_disk_then_resume(folder, built, dest, shards, "_fsync", no_space_in_shard_1, 1)
 
 
 def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
