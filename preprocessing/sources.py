@@ -287,6 +287,15 @@ def _file_labels(names: list[str], labels_file: str) -> tuple[list[str], list[in
     mapping = read(labels_file)
     files = [n for n in names if n in mapping]
     unlabelled = [n for n in names if n not in mapping]
+    listed = set(names)
+    missing = [path for path in mapping if path not in listed]  # in the order of the file
+    if missing:  # a typo or a path prefix that differs: those labels would vanish unseen
+        logger.warning(
+            "%d entries of --labels %s name no image in --source (first: %r); they are ignored",
+            len(missing),
+            labels_file,
+            missing[0],
+        )
     return files, [mapping[n] for n in files], unlabelled
 
 

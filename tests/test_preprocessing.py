@@ -355,6 +355,15 @@ def test_conflicting_labels_file_lines(folder, tmp_path):
         ImageSource(folder[0], str(labels_file))
 
 
+def test_labels_file_entries_without_an_image_are_reported(folder, tmp_path, caplog):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("zebra/img0.png 1\nzebra/gone.png 2\ntrain/ant/img0.png 0\n")
+    with caplog.at_level("WARNING"):
+        source = ImageSource(folder[0], str(labels_file))
+    assert len(source) == 1
+    assert "2 entries of --labels" in caplog.text and "'zebra/gone.png'" in caplog.text
+
+
 @pytest.mark.parametrize(
     "text, match",
     [
