@@ -19,8 +19,9 @@ class LatentDataset(Dataset):
 
     `encoders=None` returns every stored encoder (in the order they were stored), `[]` none (the
     online-encoder mode, with `pixels=True`). `resolution`, if given, must match the stored
-    crop size. Opening checks the manifest against the request and every shard file's size and
-    header (cheap); `verify()` also checks every checksum (reads everything).
+    crop size. Opening checks the manifest against the request, every shard file's size and
+    header, and every label against `num_classes` (cheap); `verify()` also checks every checksum
+    (reads everything).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class LatentDataset(Dataset):
         names = ["labels", "moments", *(f"features-{e}" for e in self.encoders)]
         self._reader = ShardReader(data_dir, self.manifest, names + (["pixels"] if pixels else []))
         self._reader.check()
+        self._reader.check_labels(self.num_classes)
 
     def _check_request(self, stored: list[str], resolution: int | None) -> None:
         built_with = f"(it was built with: {self.manifest.get('command', PREPARE)})"

@@ -13,18 +13,27 @@ image):
     shards/pixels-00000.offsets.npy   int64 (n + 1,): byte offsets into the .bin
     shards/shard-00000.json           sidecar: written last, so its presence means "shard complete"
     manifest.json                     written after every shard is complete: what train.py reads
+                                      (classes, class_counts, empty_classes, excluded files, ...)
 
 `.npy` files are plain NumPy arrays (`np.load(path, mmap_mode="r")` opens them). A shard is written
 to `<name>.tmp` files and published with `os.replace` only when complete; the sidecar records each
 file's size and SHA-256, and the manifest gathers the sidecars.
+
+A shard is started only if the disk has room for all of it (an upper bound from the shapes), and
+its memory-mapped files have their disk blocks reserved when created: a disk that fills up anyway
+is a DatasetError that keeps the completed shards, never a SIGBUS in the middle of a write.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +47,7 @@ MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 SHARD_DIR = "shards"
 PREPARE = "python preprocessing/prepare.py"
+NPY_HEADER_BYTES = 4096  # an upper bound; NumPy writes 128 or 192
 
 
 class DatasetError(RuntimeError):
@@ -65,6 +75,19 @@ class Modality:
         if self.encoding == "png":
             return [stem + ".png.bin", stem + ".offsets.npy"]
         return [stem + ".npy"]
+
+    def sample_bytes(self) -> int:
+        """One sample as an array (for PNG, before compression)."""
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def shard_bytes(self, samples: int) -> int:
+        """At most what this modality's files of a shard of `samples` take on disk. A PNG takes at
+        most its raw size + 1% + 1 KiB (row filter bytes, deflate's stored blocks, chunks)."""
+        raw = self.sample_bytes()
+        if self.encoding == "png":
+            offsets = 8 * (samples + 1)
+            return samples * (raw + raw // 100 + 1024) + offsets + NPY_HEADER_BYTES
+        return samples * raw + NPY_HEADER_BYTES
 
     def describe(self) -> dict[str, Any]:
         entry = {"dtype": self.dtype, "shape": list(self.shape), "encoding": self.encoding}
@@ -99,6 +122,34 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_npy(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy of `shape`, memory-mapped for writing, with its disk blocks reserved now.
+
+    Writing through a map into a file the disk cannot hold kills the process with SIGBUS and no
+    message; reserving the blocks turns a full disk into an OSError (ENOSPC) here instead."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):  # not on macOS: there, only the free-space check guards
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.path.getsize(path))
+        except OSError as err:  # file systems that cannot reserve: write unreserved, as before
+            if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        finally:
+            os.close(fd)
+    return array
+
+
+def readable_size(num_bytes: int) -> str:
+    """1536 -> "1.5 KiB"."""
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def read_json(path: str) -> Any:
@@ -147,18 +198,45 @@ class ShardWriter:
         self._arrays: dict[str, np.memmap] = {}
         self._blobs: dict[str, Any] = {}
         self._offsets: dict[str, list[int]] = {}
-        for modality in modalities:
-            tmp = self._tmp(modality.files(shard)[0])
-            if modality.encoding == "png":
-                self._blobs[modality.name] = open(tmp, "wb")  # noqa: SIM115 (closed in publish)
-                self._offsets[modality.name] = [0]
-            else:
-                self._arrays[modality.name] = np.lib.format.open_memmap(
-                    tmp,
-                    mode="w+",
-                    dtype=np.dtype(modality.dtype),
-                    shape=(capacity, *modality.shape),
-                )
+        self.needed = sum(modality.shard_bytes(capacity) for modality in modalities)
+        with self._disk_full_is_an_error():
+            self._require_space(self.needed)
+            for modality in modalities:
+                self._open(modality)
+
+    def _open(self, modality: Modality) -> None:
+        tmp = self._tmp(modality.files(self.shard)[0])
+        if modality.encoding == "png":
+            self._blobs[modality.name] = open(tmp, "wb")  # noqa: SIM115 (closed in publish)
+            self._offsets[modality.name] = [0]
+        else:
+            shape = (self.capacity, *modality.shape)
+            self._arrays[modality.name] = open_npy(tmp, np.dtype(modality.dtype), shape)
+
+    def _require_space(self, num_bytes: int) -> None:
+        """Refuse to start writing `num_bytes` that the disk does not have."""
+        if shutil.disk_usage(self.root).free < num_bytes:
+            raise self._no_space(num_bytes)
+
+    @contextlib.contextmanager
+    def _disk_full_is_an_error(self) -> Iterator[None]:
+        """The disk filling up while the shard is written (ENOSPC) -> the same DatasetError."""
+        try:
+            yield
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise self._no_space(self.needed) from err
+
+    def _no_space(self, needed: int) -> DatasetError:
+        """Remove this shard's temporary files (freeing their space), then say what to do."""
+        self.abort()
+        free = shutil.disk_usage(self.root).free
+        return DatasetError(
+            f"not enough disk space in {self.root} for shard {self.shard}: it needs "
+            f"{readable_size(needed)}, {readable_size(free)} is free; completed shards are "
+            "kept: free some space and re-run the same command to resume"
+        )
 
     def _tmp(self, relpath: str) -> str:
         return os.path.join(self.root, relpath + ".tmp")
@@ -174,15 +252,17 @@ class ShardWriter:
         added = len(sources)
         if self.seen + added > self.capacity:
             raise ValueError(f"shard {self.shard}: more than {self.capacity} samples")
-        for modality in self.modalities:
-            if modality.encoding == "png":
-                for data in rows[modality.name]:
-                    self._blobs[modality.name].write(data)
-                    self._offsets[modality.name].append(
-                        self._offsets[modality.name][-1] + len(data)
-                    )
-            else:
-                self._arrays[modality.name][self.count : self.count + added] = rows[modality.name]
+        with self._disk_full_is_an_error():  # PNG writes; arrays have their blocks reserved
+            for modality in self.modalities:
+                if modality.encoding == "png":
+                    for data in rows[modality.name]:
+                        self._blobs[modality.name].write(data)
+                        self._offsets[modality.name].append(
+                            self._offsets[modality.name][-1] + len(data)
+                        )
+                else:
+                    rows_now = slice(self.count, self.count + added)
+                    self._arrays[modality.name][rows_now] = rows[modality.name]
         self.count += added
         self.sources.extend(sources)
 
@@ -202,6 +282,7 @@ class ShardWriter:
                 array = self._arrays.pop(modality.name)
                 array.flush()
                 if self.count < self.capacity:  # some files were excluded: copy the prefix
+                    self._require_space(self.count * array[0].nbytes + NPY_HEADER_BYTES)
                     _write_prefix(array, self.count, self._tmp(files[0]))
                 del array
             relpaths.extend(files)
@@ -211,23 +292,23 @@ class ShardWriter:
         """Make the shard visible: data files first, then the sidecar that marks it complete."""
         if self.seen != self.capacity:
             raise ValueError(f"shard {self.shard}: {self.seen} of {self.capacity} files handled")
-        relpaths = self._finish_tmp_files()
-        files = {}
-        for rel in relpaths:
-            tmp = self._tmp(rel)
-            _fsync(tmp)
-            files[rel] = {"bytes": os.path.getsize(tmp), "sha256": file_sha256(tmp)}
-            os.replace(tmp, os.path.join(self.root, rel))
-        sidecar = {
-            "format_version": FORMAT_VERSION,
-            "shard": self.shard,
-            "num_samples": self.count,
-            "num_files": self.capacity,
-            "files": files,
-            "excluded": self.excluded,
-            "sources": self.sources,
-        }
-        write_json(sidecar_path(self.root, self.shard), sidecar)
+        with self._disk_full_is_an_error():
+            files = {}
+            for rel in self._finish_tmp_files():
+                tmp = self._tmp(rel)
+                _fsync(tmp)  # where a full disk shows up if writing did not see it
+                files[rel] = {"bytes": os.path.getsize(tmp), "sha256": file_sha256(tmp)}
+                os.replace(tmp, os.path.join(self.root, rel))
+            sidecar = {
+                "format_version": FORMAT_VERSION,
+                "shard": self.shard,
+                "num_samples": self.count,
+                "num_files": self.capacity,
+                "files": files,
+                "excluded": self.excluded,
+                "sources": self.sources,
+            }
+            write_json(sidecar_path(self.root, self.shard), sidecar)
         return sidecar
 
     def abort(self) -> None:
@@ -248,7 +329,7 @@ def _write_prefix(array: np.memmap, count: int, path: str) -> None:
             with open(tmp, "wb") as f:  # a path would gain ".npy"
                 np.save(f, np.empty(shape, dtype=array.dtype))
             return
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=shape)
+        out = open_npy(tmp, array.dtype, shape)
         for start in range(0, count, chunk):
             out[start : start + chunk] = array[start : min(start + chunk, count)]
         out.flush()
@@ -298,12 +379,16 @@ def write_manifest(
         entries.append({"num_samples": sidecar["num_samples"], "files": sidecar["files"]})
         excluded.extend(sidecar["excluded"])
     num_classes = header.get("num_classes", len(class_counts))
+    class_counts = np.pad(class_counts, (0, num_classes - len(class_counts)))
+    names = header.get("classes") or list(range(num_classes))  # folder names, or the labels
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         **header,
         "num_samples": sum(e["num_samples"] for e in entries),
-        "class_counts": np.pad(class_counts, (0, num_classes - len(class_counts))).tolist(),
+        "class_counts": class_counts.tolist(),
+        # classes without a sample keep their label; listed so that nobody has to look for zeros
+        "empty_classes": [names[k] for k in np.flatnonzero(class_counts == 0)],
         "modalities": {modality.name: modality.describe() for modality in modalities},
         "shards": entries,
         "excluded": sorted(header.get("excluded", []) + excluded, key=lambda e: e["path"]),
@@ -424,6 +509,21 @@ class ShardReader:
                 f"{path} holds {got_dtype} {tuple(got_shape)}, the manifest says {dtype} {shape}; "
                 f"{self._rebuild_hint(shard)}"
             )
+
+    def check_labels(self, num_classes: int) -> None:
+        """Every stored label lies in [0, num_classes): a bad one would otherwise fail deep inside
+        the model's label embedding, far from its cause (reads only the small label shards)."""
+        modality = self._by_name["labels"]
+        for shard in range(len(self.manifest["shards"])):
+            labels = np.asarray(self._map(modality, shard))  # (n,) int64
+            bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+            if bad.size:
+                path = os.path.join(self.root, modality.files(shard)[0])
+                raise DatasetError(
+                    f"{path} holds label {labels[bad[0]]} (row {bad[0]}), outside [0, "
+                    f"{num_classes}) for the {num_classes} classes of {MANIFEST}: the shard or the "
+                    f"manifest is damaged; {self._rebuild_hint(shard)}"
+                )
 
     def verify(self) -> None:
         """Full check: recompute every file's SHA-256 (reads the whole dataset)."""

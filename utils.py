@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -62,8 +62,7 @@ def atomic_write(path: str, write: Callable[[str], None], durable: bool = True) 
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _new_file_beside(path)
     try:
         write(tmp)
         if durable:
@@ -80,6 +79,24 @@ def atomic_write(path: str, write: Callable[[str], None], durable: bool = True) 
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
+
+
+def _new_file_beside(path: str) -> str:
+    """Create an empty, uniquely named `.NAME.XXXXXXXX.tmp` beside `path`; return its path.
+
+    Not `tempfile.mkstemp`: its files are mode 0600 and keep it after the rename, so datasets and
+    checkpoints would be unreadable to the user's group. Opening with 0o666 lets the kernel apply
+    the umask exactly as a plain `open()` does (no need to read the umask, which only
+    `os.umask` can do, by changing it)."""
+    directory, name = os.path.split(path)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:  # another writer drew the same name: draw again
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}: 100 names were taken")
 
 
 def write_json(path: str, obj: Any, indent: int = 2) -> None:

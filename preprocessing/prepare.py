@@ -6,7 +6,15 @@
 Runs data-parallel (each process encodes a disjoint set of shards; `python preprocessing/
 prepare.py ...` is one process), decodes images in DataLoader workers and writes the format
 defined in `shards.py`. Re-running the same command resumes: completed shards are skipped, and
-the manifest is written once every shard is complete.
+the manifest is written once every shard is complete. A full disk stops the run before (or while)
+a shard is written, saying how much it needs; free space and re-run to resume.
+
+Labels are the index of each class folder among the sorted class folders (ImageNet's synsets
+give 0..999), unless --labels is given. A class folder without images keeps its index, so that
+the later classes keep theirs: it is reported when the run starts and listed under
+`empty_classes` in manifest.json. Links to files and folders are followed; a folder is entered
+once per class folder (a link loop is skipped with a warning), and a file reached by two paths
+is two samples, as in torchvision's ImageFolder.
 """
 
 from __future__ import annotations
@@ -93,7 +101,8 @@ def crop_size(text: str) -> int:
 def add_source_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("source and destination")
     group.add_argument("--source", required=True,
-                       help="ImageFolder directory (one sub-folder per class) or a .zip of one")
+                       help="ImageFolder directory (one sub-folder per class) or a .zip of one; "
+                            "labels follow the sorted sub-folder names, empty ones included")
     group.add_argument("--dest", required=True, help="output dataset directory")
     group.add_argument("--labels", default=None,
                        help="labels file instead of class folders: JSON {relative path: label} "
@@ -300,12 +309,13 @@ def encode_shards(
     source: ImageSource,
     todo: list[int],
     modalities: list[shards.Modality],
+    models: tuple[Any, list[Any]],
     device: torch.device,
     show_progress: bool,
 ) -> None:
     """Encode and publish the shards `todo`, one after another, through one DataLoader."""
     ranges = shard_ranges(len(source), args.shard_size)
-    vae, encoders = load_models(args, device)
+    vae, encoders = models
     # batches never straddle shards, so each shard is a run of consecutive batches
     batches = [
         list(ranges[shard][start : start + args.batch_size])
@@ -364,6 +374,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         source = ImageSource(args.source, args.labels)
     except SourceError as err:
         raise SystemExit(str(err)) from None
+    if source.empty_classes and rank == 0:
+        logger.warning(empty_classes_note(source))
     settings = build_settings(args, source)
     modalities = build_modalities(args)
     ranges = shard_ranges(len(source), args.shard_size)
@@ -377,18 +389,16 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         if rank == 0:
             print_plan(args, source, modalities, ranges, pending, world)
         return None
-    # every rank has checked --dest and listed `pending` before anything is written there
+    mine = pending[rank::world]
+    # Load (and so check) the networks before anything is written into --dest: a run that fails
+    # here (unknown --vae, weights not downloadable) must leave no settings.json behind that
+    # would make the corrected command refuse as "built with other settings".
+    models = load_models(args, device) if mine else None
+    # every rank has checked --dest, listed `pending` and loaded its networks before anything is
+    # written there
     barrier()
     if rank == 0:
-        os.makedirs(args.dest, exist_ok=True)
-        for name in os.listdir(args.dest):
-            if is_temporary(name):  # a killed JSON write
-                os.remove(os.path.join(args.dest, name))
-        record = {"settings": settings, "command": command_line(args)}
-        write_json(os.path.join(args.dest, shards.SETTINGS), record)
-        if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
-            os.remove(os.path.join(args.dest, shards.MANIFEST))  # stale until every shard is back
-    mine = pending[rank::world]
+        prepare_destination(args, settings, pending)
     logger.info(
         "%d images, %d shards, %d to do, %d on this rank (%s)",
         len(source),
@@ -397,14 +407,28 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         len(mine),
         device,
     )
-    if mine:
-        encode_shards(args, source, mine, modalities, device, show_progress=rank == 0)
+    if models is not None:
+        encode_shards(args, source, mine, modalities, models, device, show_progress=rank == 0)
     barrier()  # every shard is published
     manifest = None
     if rank == 0:
         manifest = finalize(args, source, settings, modalities, len(ranges))
     close_distributed()
     return manifest
+
+
+def prepare_destination(
+    args: argparse.Namespace, settings: dict[str, Any], pending: list[int]
+) -> None:
+    """Rank 0, before any shard is written: record the settings, drop what a killed run left."""
+    os.makedirs(args.dest, exist_ok=True)
+    for name in os.listdir(args.dest):
+        if is_temporary(name):  # a killed JSON write
+            os.remove(os.path.join(args.dest, name))
+    record = {"settings": settings, "command": command_line(args)}
+    write_json(os.path.join(args.dest, shards.SETTINGS), record)
+    if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
+        os.remove(os.path.join(args.dest, shards.MANIFEST))  # stale until every shard is back
 
 
 def finalize(
@@ -434,6 +458,14 @@ def finalize(
     return manifest
 
 
+def empty_classes_note(source: ImageSource) -> str:
+    return (
+        f"{len(source.empty_classes)} class folder(s) without images: "
+        f"{', '.join(source.empty_classes)}; they keep their label (labels follow the sorted "
+        "folder names) and the manifest lists them under empty_classes"
+    )
+
+
 def print_plan(
     args: argparse.Namespace,
     source: ImageSource,
@@ -447,12 +479,14 @@ def print_plan(
         f"source: {args.source}: {len(source)} images, {source.num_classes} classes"
         + (f", {len(source.unlabelled)} not in --labels" if source.unlabelled else "")
     )
+    if source.empty_classes:
+        print(f"        {empty_classes_note(source)}")
     print(
         f"dest:   {args.dest}: {len(ranges)} shards of {args.shard_size}, "
         f"{len(pending)} to encode over {world} process(es)"
     )
     for modality in modalities:
-        per_sample = int(np.prod(modality.shape)) * np.dtype(modality.dtype).itemsize
+        per_sample = modality.sample_bytes()
         note = " (raw size; PNG is smaller)" if modality.encoding == "png" else ""
         print(
             f"  {modality.name:<28} {modality.dtype:<8} {modality.shape!s:<18} "

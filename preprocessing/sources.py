@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -18,6 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from shards import encode_png
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {
     ".jpg",
@@ -55,13 +58,32 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 def load_image(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> centre-cropped RGB (size, size, 3) uint8.
 
-    Every mode goes through PIL's `convert("RGB")` as in ADM: greyscale is replicated, CMYK and
-    palette images are converted, and an alpha channel is dropped.
+    8-bit modes go through PIL's `convert("RGB")` as in ADM: greyscale is replicated, CMYK and
+    palette images are converted, and an alpha channel is dropped. 16-bit greyscale keeps its
+    high byte (see `to_8_bit`); PIL already reduces 16-bit colour to its high byte when reading.
     """
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decode now, so that truncated files fail here
-        rgb = image.convert("RGB")
+        rgb = to_8_bit(image).convert("RGB")
     return np.ascontiguousarray(center_crop_arr(rgb, size))
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale ("I;16*", and "I", which older PIL gives 16-bit PNGs) -> "L" by its high
+    byte (value >> 8, as PIL and libpng reduce 16-bit colour). PIL's own conversion would clip
+    every value above 255 to white. Other modes are returned as they are; integer images beyond
+    16 bits and floating-point ones have no known range, so they are refused (excluded)."""
+    if image.mode == "F":
+        raise ValueError("floating-point image (mode F): its range is unknown; store 8 or 16 bits")
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image)  # (H, W) uint16 or int32
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(
+            f"integer image (mode {image.mode}) with values outside 0..65535 "
+            f"({values.min()}..{values.max()}): its range is unknown; store 8 or 16 bits"
+        )
+    return Image.fromarray((values >> 8).astype(np.uint8))
 
 
 #################################################################################
@@ -94,13 +116,15 @@ class ImageSource:
             raise SourceError(f"--source {source!r} is a file but not a zip archive")
         self._zip: tuple[int, zipfile.ZipFile] | None = None
         self.prefix = ""  # zips made of a top folder (`zip -r train.zip train/`) keep it in names
-        names = self._list_images()
+        names, folders = self._list_images()
         if labels_file is None:
-            files, labels, self.classes = _folder_labels(names, source)
+            files, labels, self.classes = _folder_labels(names, folders, source)
             self.unlabelled: list[str] = []
         else:
             files, labels, self.unlabelled = _file_labels(names, labels_file)
             self.classes = []
+        # class folders without images keep their index (see _folder_labels); say which they are
+        self.empty_classes = sorted(set(self.classes) - {f.split("/", 1)[0] for f in files})
         if not files:
             raise SourceError(f"no labelled images found in --source {source!r}")
         self.files = np.asarray([f.encode() for f in files])  # (N,) bytes, sorted
@@ -113,30 +137,29 @@ class ImageSource:
     def path(self, i: int) -> str:
         return self.files[i].decode()
 
-    def _list_images(self) -> list[str]:
-        if self.is_zip:
-            with zipfile.ZipFile(self.source) as z:
-                names = [n for n in z.namelist() if _is_image(n)]
-            tops = {n.split("/", 1)[0] for n in names}
-            if len(tops) == 1 and any(n.count("/") >= 2 for n in names):
-                # one top folder above the class folders (`zip -r train.zip train/`): drop it
-                self.prefix = tops.pop() + "/"
-                names = [n[len(self.prefix) :] for n in names]
-        else:
-            names = []
-            for folder, dirs, files in os.walk(self.source, followlinks=True):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                rel = os.path.relpath(folder, self.source)
-                for f in files:
-                    path = f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")
-                    if _is_image(path):
-                        names.append(path)
+    def _list_images(self) -> tuple[list[str], set[str]]:
+        """The sorted image paths and the names of the class folders (with images or not)."""
+        names, folders = self._list_zip() if self.is_zip else _list_folder(self.source)
         if not names:
             raise SourceError(
                 f"--source {self.source!r} contains no images "
                 f"(extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        return sorted(names)
+        return sorted(names), folders
+
+    def _list_zip(self) -> tuple[list[str], set[str]]:
+        with zipfile.ZipFile(self.source) as z:
+            entries = z.namelist()
+        names = [n for n in entries if _is_image(n)]
+        tops = {n.split("/", 1)[0] for n in names}
+        if len(tops) == 1 and any(n.count("/") >= 2 for n in names):
+            # one top folder above the class folders (`zip -r train.zip train/`): drop it
+            self.prefix = tops.pop() + "/"
+            entries = [n[len(self.prefix) :] for n in entries if n.startswith(self.prefix)]
+            names = [n[len(self.prefix) :] for n in names]
+        # a folder is any entry's first component: `zip -r` also stores empty folders ("bee/")
+        tops = {n.split("/", 1)[0] for n in entries if "/" in n}
+        return names, {top for top in tops if not _is_hidden(top)}
 
     def read(self, i: int) -> bytes:
         """The encoded bytes of image i (opens the zip once per process: handles do not fork)."""
@@ -159,19 +182,97 @@ class ImageSource:
         return digest.hexdigest()
 
 
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _is_image(path: str) -> bool:
-    parts = path.split("/")
-    hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
+    hidden = any(_is_hidden(part) for part in path.split("/"))
     return not hidden and os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _folder_labels(names: list[str], source: str) -> tuple[list[str], list[int], list[str]]:
-    """ImageFolder labels: sorted class folders; images outside a class folder are ignored."""
-    names = [n for n in names if "/" in n]
-    classes = sorted({n.split("/", 1)[0] for n in names})
-    if not classes:
+def _list_folder(root: str) -> tuple[list[str], set[str]]:
+    """The image paths under `root` (relative, "/"-separated) and its class folders."""
+    names, folders = [], set()
+    with os.scandir(root) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        if _is_hidden(entry.name):
+            continue
+        if entry.is_dir():  # follows links, as ImageFolder does
+            folders.add(entry.name)
+            names += _walk_class_folder(root, entry.name)
+        elif _is_image(entry.name):  # outside a class folder: used only with --labels
+            names.append(entry.name)
+    return names, folders
+
+
+def _walk_class_folder(root: str, folder: str) -> list[str]:
+    """The image paths under `root/folder`, following links to files and folders as
+    torchvision's ImageFolder does, but entering each folder once.
+
+    Following links blindly never ends on a loop (`loop -> .`) and multiplies the images; so a
+    link to a folder already entered here (a loop, a link up to `root`, a second link to one
+    folder) is skipped with a warning naming it. A file reached by two paths (two file links, or
+    one folder linked into two classes) stays two samples, as in ImageFolder.
+    """
+    top = os.path.join(root, folder)
+    entered = {_identity(root)}
+    if not _first_entry(top, entered, root):
+        return []
+
+    def unreadable(err: OSError) -> None:  # os.walk would skip the folder without a word
         raise SourceError(
-            f"--source {source!r} has images but no class sub-folders; arrange it "
+            f"cannot list {err.filename}: {err.strerror}; make it readable or move it out "
+            "of --source"
+        )
+
+    names = []
+    for current, dirs, files in os.walk(top, onerror=unreadable, followlinks=True):
+        # real folders before links, so that a folder keeps its own path and the link is skipped
+        dirs.sort(key=lambda d: (os.path.islink(os.path.join(current, d)), d))
+        dirs[:] = [
+            d
+            for d in dirs
+            if not _is_hidden(d) and _first_entry(os.path.join(current, d), entered, root)
+        ]
+        rel = os.path.relpath(current, root).replace(os.sep, "/")
+        names += [f"{rel}/{f}" for f in files if _is_image(f"{rel}/{f}")]
+    return names
+
+
+def _identity(path: str) -> tuple[int, int]:
+    """What makes a folder the same folder whatever the path (links followed)."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
+def _first_entry(path: str, entered: set[tuple[int, int]], root: str) -> bool:
+    """Whether the folder at `path` is entered for the first time (and record it)."""
+    identity = _identity(path)
+    if identity in entered:
+        logger.warning(
+            "not following %s: it leads to %s, a folder already listed (a link loop, or a "
+            "second link to one folder); its images are listed once",
+            os.path.relpath(path, root).replace(os.sep, "/"),
+            os.path.realpath(path),
+        )
+        return False
+    entered.add(identity)
+    return True
+
+
+def _folder_labels(
+    names: list[str], folders: set[str], source: str
+) -> tuple[list[str], list[int], list[str]]:
+    """ImageFolder labels: the index among the sorted class folders, including folders without
+    images, so that a label always means the same folder (ImageNet's synset order) and an empty
+    folder does not shift every later class by one. Images outside a class folder are ignored."""
+    names = [n for n in names if "/" in n]
+    classes = sorted(folders)
+    if not names:
+        raise SourceError(
+            f"--source {source!r} has images but no class sub-folders with images; arrange it "
             "as <class>/<image> or pass --labels FILE"
         )
     index = {c: k for k, c in enumerate(classes)}
@@ -182,17 +283,79 @@ def _file_labels(names: list[str], labels_file: str) -> tuple[list[str], list[in
     """Labels from a JSON object {relative path: label} or text lines `relative/path label`."""
     if not os.path.isfile(labels_file):
         raise SourceError(f"--labels {labels_file!r} does not exist")
-    with open(labels_file) as f:
-        if labels_file.endswith(".json"):
-            mapping = {str(k): int(v) for k, v in json.load(f).items()}
-        else:
-            rows = [line.rsplit(maxsplit=1) for line in f if line.strip()]
-            mapping = {path: int(label) for path, label in rows}
-    if any(v < 0 for v in mapping.values()):
-        raise SourceError(f"--labels {labels_file!r} has negative labels")
+    read = _json_labels if labels_file.endswith(".json") else _text_labels
+    mapping = read(labels_file)
     files = [n for n in names if n in mapping]
     unlabelled = [n for n in names if n not in mapping]
+    listed = set(names)
+    missing = [path for path in mapping if path not in listed]  # in the order of the file
+    if missing:  # a typo or a path prefix that differs: those labels would vanish unseen
+        logger.warning(
+            "%d entries of --labels %s name no image in --source (first: %r); they are ignored",
+            len(missing),
+            labels_file,
+            missing[0],
+        )
     return files, [mapping[n] for n in files], unlabelled
+
+
+def _text_labels(labels_file: str) -> dict[str, int]:
+    """Lines `relative/path label` (the path may hold spaces; the label is the last word)."""
+    mapping: dict[str, tuple[int, int]] = {}  # path -> (label, line number)
+    with open(labels_file) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().rsplit(maxsplit=1)
+            if len(parts) != 2 or not re.fullmatch(r"[0-9]+", parts[1]):
+                raise SourceError(
+                    f"--labels {labels_file!r} line {number}: {line.strip()!r} is not "
+                    "'relative/path label' (a path under --source, a space, a non-negative integer)"
+                )
+            path, label = parts[0], int(parts[1])
+            if path in mapping and mapping[path][0] != label:
+                raise SourceError(
+                    f"--labels {labels_file!r} line {number}: {path!r} has label {label}, "
+                    f"line {mapping[path][1]} gave {mapping[path][0]}; keep one line per image"
+                )
+            mapping[path] = (label, number)
+    return {path: label for path, (label, _) in mapping.items()}
+
+
+def _json_labels(labels_file: str) -> dict[str, int]:
+    """A JSON object {relative path: non-negative integer label}."""
+
+    def no_conflicts(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        mapping: dict[str, Any] = {}
+        for key, value in pairs:  # json.load would silently keep the last of repeated keys
+            if key in mapping and mapping[key] != value:
+                raise SourceError(
+                    f"--labels {labels_file!r}: {key!r} is listed twice, with labels "
+                    f"{mapping[key]!r} and {value!r}; keep one entry per image"
+                )
+            mapping[key] = value
+        return mapping
+
+    with open(labels_file) as f:
+        try:
+            mapping = json.load(f, object_pairs_hook=no_conflicts)
+        except json.JSONDecodeError as err:
+            raise SourceError(
+                f"--labels {labels_file!r} is not valid JSON (line {err.lineno}, column "
+                f'{err.colno}: {err.msg}); write an object {{"relative/path": label, ...}}'
+            ) from None
+    if not isinstance(mapping, dict):
+        raise SourceError(
+            f'--labels {labels_file!r} is not a JSON object; write {{"relative/path": label, ...}}'
+        )
+    for path, label in mapping.items():
+        # bool is an int in Python, and int(3.7) would silently give 3: only true integers pass
+        if type(label) is not int or label < 0:
+            raise SourceError(
+                f"--labels {labels_file!r}: the label of {path!r} is {label!r}; labels are "
+                "non-negative integers"
+            )
+    return mapping
 
 
 #################################################################################

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import stat
 from typing import Any
 
 import numpy as np
@@ -190,3 +192,47 @@ def test_header_mismatch_is_caught_at_open(tmp_path):
         shards.DatasetError, match=r"holds float32 \(5, 8, 4, 4\), the manifest says float16"
     ):
         LatentDataset(root)
+
+
+def test_every_dataset_file_gets_the_mode_of_open(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        root = str(tmp_path / "d")
+        write_dataset(root, pixels="png")
+    finally:
+        os.umask(previous)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+
+
+@pytest.mark.parametrize("bad", [10, -1])
+def test_label_outside_num_classes_is_caught_at_open(tmp_path, bad):
+    root = str(tmp_path / "d")
+    write_dataset(root, pixels=None)  # labels 0..9, num_classes 10
+    labels = np.load(os.path.join(root, "shards", "labels-00002.npy"), mmap_mode="r+")
+    labels[1] = bad  # same size: only the values say something is wrong
+    labels.flush()
+    del labels
+    with pytest.raises(
+        shards.DatasetError,
+        match=rf"labels-00002\.npy holds label {bad} \(row 1\), outside \[0, 10\).*re-run",
+    ):
+        LatentDataset(root)
+
+
+def test_too_little_space_for_the_trimmed_copy(tmp_path, monkeypatch):
+    """A shard with excluded files is published as a copy of its first rows: that copy needs
+    space too, and is checked before it is written."""
+    root = str(tmp_path / "d")
+    mods = modalities(pixels=None)
+    writer = shards.ShardWriter(root, 0, mods, capacity=3)
+    rows = {m.name: np.zeros((2, *m.shape), m.dtype) for m in mods}
+    writer.add(rows, ["a.jpg", "b.jpg"])
+    writer.exclude("c.jpg", "OSError: broken")
+    disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: disk_usage(path)._replace(free=100))
+    with pytest.raises(shards.DatasetError, match=r"for shard 0: it needs .*, 100 B is free;"):
+        writer.publish()
+    assert not [p for p in os.listdir(os.path.join(root, "shards")) if ".tmp" in p]

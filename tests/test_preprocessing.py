@@ -6,24 +6,29 @@ every stored value is compared with the stand-in networks applied to an independ
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import preprocessing.prepare as prepare_module
 import shards
 from dataset import LatentDataset
 from frozen import ENCODER_STANDIN, load_encoder, load_vae
 from preprocessing.prepare import main, parse_args
-from preprocessing.sources import ImageSource, center_crop_arr, load_image
+from preprocessing.sources import ImageSource, SourceError, center_crop_arr, load_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32
@@ -147,13 +152,74 @@ def test_center_crop_known_steps():
     np.testing.assert_array_equal(center_crop_arr(image, 100), np.asarray(halves)[:, 25:125])
 
 
-@pytest.mark.parametrize("spec", SPECS + [(30, 50, "1", "PNG"), (40, 30, "I;16", "TIFF")])
+@pytest.mark.parametrize("spec", SPECS + [(30, 50, "1", "PNG")])
 def test_every_mode_becomes_rgb(spec):
     w, h, mode, fmt = spec
     data = make_image(w, h, mode, fmt, seed=1)
     out = load_image(data, RES)
     assert out.shape == (RES, RES, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, reference_crop(Image.open(io.BytesIO(data)), RES))
+
+
+def png_16_bit(values: np.ndarray) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit colour): (H, W) grey or (H, W, 3)."""
+    h, w = values.shape[:2]
+    color_type = 2 if values.ndim == 3 else 0
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode, dtype, fmt",
+    [
+        ("I;16", "<u2", "PNG"),
+        ("I;16", "<u2", "TIFF"),
+        ("I;16B", ">u2", "TIFF"),
+        ("I", "<i4", "TIFF"),
+    ],
+)
+def test_16_bit_grey_keeps_the_high_byte(mode, dtype, fmt):
+    values = np.random.default_rng(0).integers(0, 65536, (RES, RES))
+    values[0, :5] = [0, 255, 256, 40000, 65535]
+    data = encode(Image.frombytes(mode, (RES, RES), values.astype(dtype).tobytes()), fmt)
+    out = load_image(data, RES)  # RES × RES: the crop is the identity
+    high = (values >> 8).astype(np.uint8)  # 0, 0, 1, 156, 255: not clipped to white
+    np.testing.assert_array_equal(out, np.repeat(high[..., None], 3, axis=-1))
+    constant = np.full((2 * RES + 7, 3 * RES), 40000)  # box halving and bicubic keep a constant
+    data = encode(
+        Image.frombytes(mode, constant.shape[::-1], constant.astype(dtype).tobytes()), fmt
+    )
+    np.testing.assert_array_equal(load_image(data, RES), np.full((RES, RES, 3), 40000 >> 8))
+
+
+def test_16_bit_colour_keeps_the_high_byte():
+    values = np.random.default_rng(1).integers(0, 65536, (RES, RES, 3))
+    np.testing.assert_array_equal(load_image(png_16_bit(values), RES), values >> 8)
+    grey = np.random.default_rng(2).integers(0, 65536, (RES, RES))
+    np.testing.assert_array_equal(load_image(png_16_bit(grey), RES)[..., 1], grey >> 8)
+
+
+def test_images_of_unknown_range_are_refused():
+    wide = np.array([[0, 70000]], dtype="<i4").repeat(RES, 0).repeat(RES // 2, 1)
+    with pytest.raises(ValueError, match=r"values outside 0\.\.65535.*8 or 16 bits"):
+        load_image(encode(Image.frombytes("I", (RES, RES), wide.tobytes()), "TIFF"), RES)
+    floats = np.full((RES, RES), 0.5, dtype="<f4")
+    with pytest.raises(ValueError, match=r"floating-point.*8 or 16 bits"):
+        load_image(encode(Image.frombytes("F", (RES, RES), floats.tobytes()), "TIFF"), RES)
 
 
 #################################################################################
@@ -181,6 +247,143 @@ def test_source_errors(tmp_path):
     with pytest.raises(SystemExit, match="no class sub-folders.*--labels"):
         prepare(str(tmp_path / "flat"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def write_images(root, *paths: str) -> None:
+    for k, rel in enumerate(paths):
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(make_image(20, 20, "RGB", "PNG", seed=k))
+
+
+def test_links_are_followed_but_no_folder_twice(tmp_path, caplog):
+    root, outside = tmp_path / "src", tmp_path / "outside"
+    write_images(root, "a/0.png", "a/sub/1.png", "b/0.png")
+    write_images(outside, "x.png", "deep/y.png")
+    (root / "a" / "loop").symlink_to(".")  # a loop: a/loop/loop/... would never end
+    (root / "a" / "sub" / "back").symlink_to("..")  # a loop through a parent
+    (root / "a" / "up").symlink_to("..")  # the source itself
+    (root / "a" / "again").symlink_to("sub")  # a second way into a folder already listed
+    (root / "b" / "more").symlink_to(outside)  # a folder elsewhere: followed
+    (root / "b" / "file.png").symlink_to(outside / "x.png")  # a file elsewhere: followed
+    (root / "c").symlink_to(outside)  # a class folder that is a link: followed
+    with caplog.at_level("WARNING"):
+        source = ImageSource(str(root))
+    paths = [source.path(i) for i in range(len(source))]
+    assert paths == [
+        "a/0.png",
+        "a/sub/1.png",
+        "b/0.png",
+        "b/file.png",
+        "b/more/deep/y.png",
+        "b/more/x.png",
+        "c/deep/y.png",
+        "c/x.png",  # the same file as b/more/x.png and b/file.png: ImageFolder counts each path
+    ]
+    assert source.labels.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    skipped = sorted(r.getMessage().split()[2] for r in caplog.records)
+    assert skipped == ["a/again:", "a/loop:", "a/sub/back:", "a/up:"]
+
+
+def test_unreadable_folder_is_an_error(tmp_path, monkeypatch):
+    root = tmp_path / "src"
+    write_images(root, "a/0.png", "b/sub/1.png")
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if os.path.basename(path) == "sub":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    with pytest.raises(SourceError, match=r"cannot list .*b/sub: Permission denied.*readable"):
+        ImageSource(str(root))
+
+
+def test_empty_class_folder_keeps_its_label(tmp_path, caplog, capsys):
+    root = tmp_path / "src"
+    write_images(root, "ant/0.png", "ant/1.png", "cat/0.png", "cat/1.png")
+    (root / "bee").mkdir()
+    (root / "dog").mkdir()
+    (root / "dog" / "notes.txt").write_text("no images here")
+    source = ImageSource(str(root))
+    assert source.classes == ["ant", "bee", "cat", "dog"] and source.num_classes == 4
+    assert source.labels.tolist() == [0, 0, 2, 2]  # cat stays 2, as its sorted position says
+    assert source.empty_classes == ["bee", "dog"]
+    main(parse_args(prepare_argv(str(root), str(tmp_path / "dry"), "--dry-run")))
+    plan = capsys.readouterr().out
+    assert "4 images, 4 classes" in plan and "without images: bee, dog" in plan
+    with caplog.at_level("WARNING"):
+        manifest = prepare(str(root), str(tmp_path / "out"), "--enc-type", "none")
+    assert "bee, dog" in caplog.text and "keep their label" in caplog.text
+    assert manifest["num_classes"] == 4 and manifest["class_counts"] == [2, 0, 2, 0]
+    assert manifest["empty_classes"] == ["bee", "dog"]
+    assert LatentDataset(str(tmp_path / "out")).labels().tolist() == [0, 0, 2, 2]
+    archive = str(tmp_path / "src.zip")
+    with zipfile.ZipFile(archive, "w") as z:  # `zip -r` stores folders as entries too
+        for name in ["ant", "ant/0.png", "bee", "cat", "cat/0.png", "dog", "dog/notes.txt"]:
+            z.write(root / name, name)
+    zipped = ImageSource(archive)
+    assert zipped.classes == source.classes and zipped.labels.tolist() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "lines, line_number",
+    [
+        (["zebra/img0.png 1", "zebra/img1.jpg"], 2),  # no label
+        (["zebra/img0.png seven"], 1),
+        (["zebra/img0.png 1", "", "zebra/img1.jpg -1"], 3),  # blank lines count
+        (["zebra/img0.png 2.0"], 1),
+    ],
+)
+def test_bad_line_in_labels_file_names_file_and_line(folder, tmp_path, lines, line_number):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("\n".join(lines) + "\n")
+    bad = lines[line_number - 1]
+    with pytest.raises(
+        SourceError,
+        match=rf"labels.txt' line {line_number}: '{bad}' is not 'relative/path label'.*integer",
+    ):
+        ImageSource(folder[0], str(labels_file))
+
+
+def test_conflicting_labels_file_lines(folder, tmp_path):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("zebra/img0.png 1\nant/img0.png 2\nzebra/img0.png 4\n")
+    with pytest.raises(SourceError, match=r"line 3: 'zebra/img0.png' has label 4, line 1 gave 1"):
+        ImageSource(folder[0], str(labels_file))
+
+
+def test_labels_file_entries_without_an_image_are_reported(folder, tmp_path, caplog):
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("zebra/img0.png 1\nzebra/gone.png 2\ntrain/ant/img0.png 0\n")
+    with caplog.at_level("WARNING"):
+        source = ImageSource(folder[0], str(labels_file))
+    assert len(source) == 1
+    assert "2 entries of --labels" in caplog.text and "'zebra/gone.png'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"zebra/img0.png": 1,\n "ant/img0.png" 2}', r"not valid JSON \(line 2, column"),
+        ('["zebra/img0.png", 1]', r"not a JSON object"),
+        ('{"zebra/img0.png": 3.7}', r"label of 'zebra/img0.png' is 3.7"),
+        ('{"zebra/img0.png": true}', r"label of 'zebra/img0.png' is True"),
+        ('{"zebra/img0.png": "3"}', r"label of 'zebra/img0.png' is '3'"),
+        ('{"zebra/img0.png": -2}', r"label of 'zebra/img0.png' is -2"),
+        (
+            '{"zebra/img0.png": 1, "zebra/img0.png": 2}',
+            r"'zebra/img0.png' is listed twice, with labels 1 and 2",
+        ),
+    ],
+)
+def test_bad_json_labels_file(folder, tmp_path, text, match):
+    labels_file = tmp_path / "labels.json"
+    labels_file.write_text(text)
+    with pytest.raises(SourceError, match=r"labels.json'.*" + match):
+        ImageSource(folder[0], str(labels_file))
 
 
 #################################################################################
@@ -339,6 +542,58 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path):
     assert shard_files(resumed) == shard_files(reference)
 
 
+NO_SPACE = r"not enough disk space in .* for shard {}: it needs .*, .* is free; completed shards "
+NO_SPACE += r"are kept: free some space and re-run the same command to resume$"
+
+
+def fill_disk_then_resume(folder, built, dest: str, target, name: str, fake, shard: int) -> None:
+    """Build with `target.name` replaced by `fake` (a full disk): the run stops at `shard` with
+    NO_SPACE, keeps the shards before it and no temporary file; the same command, once the disk
+    has room, finishes the dataset."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(target, name, fake)
+        with pytest.raises(shards.DatasetError, match=NO_SPACE.format(shard)):
+            prepare(folder[0], dest, "--save-pixels")
+    done = [s for s in range(6) if os.path.exists(shards.sidecar_path(dest, s))]
+    assert done == list(range(shard))
+    leftovers = os.listdir(dest) + os.listdir(os.path.join(dest, shards.SHARD_DIR))
+    assert not [p for p in leftovers if ".tmp" in p] and shards.MANIFEST not in leftovers
+    assert shard_files(prepare(folder[0], dest, "--save-pixels")) == shard_files(built[1])
+
+
+def test_too_little_free_space_stops_before_the_shard(folder, built, tmp_path):
+    dest = str(tmp_path / "full")
+    disk_usage = shutil.disk_usage
+
+    def full_after_first_shard(path):
+        usage = disk_usage(path)
+        return usage._replace(free=1000) if os.path.exists(shards.sidecar_path(dest, 0)) else usage
+
+    fill_disk_then_resume(folder, built, dest, shutil, "disk_usage", full_after_first_shard, 1)
+
+
+def test_disk_full_when_reserving_a_shard(folder, built, tmp_path):
+    """Memory-mapped files get their disk blocks at creation: a full disk fails there, with the
+    same message, instead of killing the process with SIGBUS at the first write to a hole."""
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    fill_disk_then_resume(folder, built, str(tmp_path / "full"), os, "posix_fallocate", no_space, 0)
+
+
+def test_disk_full_when_flushing_a_shard(folder, built, tmp_path):
+    fsync = shards._fsync
+
+    def no_space_in_shard_1(path: str) -> None:
+        if "-00001." in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(path)
+
+    dest = str(tmp_path / "full")
+    fill_disk_then_resume(folder, built, dest, shards, "_fsync", no_space_in_shard_1, 1)
+
+
 def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
     dest = str(tmp_path / "d")
     prepare(folder[0], dest, "--save-pixels")
@@ -361,6 +616,24 @@ def test_destination_with_other_settings_is_a_clear_error(folder, built, tmp_pat
     (tmp_path / "other" / "photo.jpg").write_bytes(b"")
     with pytest.raises(SystemExit, match="not empty.*new or empty directory"):
         prepare(folder[0], str(tmp_path / "other"))
+
+
+def test_failed_model_load_leaves_nothing_that_blocks_the_corrected_command(folder, tmp_path):
+    """An unavailable --vae fails before --dest is written, so the corrected command runs."""
+    dest = str(tmp_path / "first")
+
+    def offline(spec: str, **kwargs):
+        raise RuntimeError(f"could not load the SD-VAE from {spec!r} (no internet access)")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare_module, "load_vae", offline)
+        with pytest.raises(RuntimeError, match="could not load the SD-VAE"):
+            prepare(folder[0], dest, "--vae", "ema")
+    assert not os.path.exists(dest) or not os.listdir(dest)
+    with pytest.raises(ValueError, match="--vae must be one of"):
+        prepare(folder[0], dest, "--vae", "emma")  # a typo: the real loader refuses it
+    assert not os.path.exists(dest) or not os.listdir(dest)
+    assert prepare(folder[0], dest)["num_samples"] == 24  # the corrected command
 
 
 def test_dry_run_and_help_need_no_weights(folder, tmp_path, capsys):
