@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from utils import atomic_write, write_json
+from utils import ReportedError, atomic_write, write_json
 
 FORMAT_NAME = "u-repa-shards"
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ PREPARE = "python preprocessing/prepare.py"
 NPY_HEADER_BYTES = 4096  # an upper bound; NumPy writes 128 or 192
 
 
-class DatasetError(RuntimeError):
+class DatasetError(ReportedError, RuntimeError):
     """A dataset directory is missing, incomplete, corrupt, or not what was asked for."""
 
 

@@ -61,11 +61,11 @@ from frozen import (
 from preprocessing.sources import (
     CroppedImages,
     ImageSource,
-    SourceError,
     collate_cropped,
     exit_with_parent,
 )
 from utils import (
+    InputError,
     barrier,
     close_distributed,
     dict_differences,
@@ -229,11 +229,11 @@ def check_destination(dest: str, settings: dict[str, Any]) -> bool:
     """True if `dest` already holds (part of) this dataset, False if it is new; an error if it
     holds something else."""
     if os.path.exists(dest) and not os.path.isdir(dest):
-        raise SystemExit(f"--dest {dest!r} exists and is not a directory")
+        raise InputError(f"--dest {dest!r} exists and is not a directory")
     path = os.path.join(dest, shards.SETTINGS)
     if not os.path.exists(path):
         if os.path.isdir(dest) and os.listdir(dest):
-            raise SystemExit(
+            raise InputError(
                 f"--dest {dest!r} is not empty and has no {shards.SETTINGS}: it was "
                 "not made by this script. Choose a new or empty directory."
             )
@@ -241,7 +241,7 @@ def check_destination(dest: str, settings: dict[str, Any]) -> bool:
     on_disk = shards.read_json(path)["settings"]
     differences = dict_differences(on_disk, settings, "on disk", "now")
     if differences:
-        raise SystemExit(
+        raise InputError(
             f"--dest {dest!r} was built with other settings:\n  "
             + "\n  ".join(differences)
             + f"\nUse a new --dest, re-run with the original settings to resume, or delete "
@@ -264,7 +264,7 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, li
     vae = load_vae(args.vae, device=device)
     channels, factor = latent_geometry(args.vae)
     if (vae.latent_channels, vae.downsample_factor) != (channels, factor):
-        raise SystemExit(
+        raise InputError(
             f"--vae {args.vae!r} is not SD-VAE shaped ({channels} latent channels, factor {factor})"
         )
     weights = encoder_weights(args.enc_weights, args.encoders)
@@ -275,7 +275,7 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, li
     grid = encoder_grid(args.resolution)
     for enc in encoders:  # the shard shapes were derived from the settings alone
         if enc.grid_size != grid:
-            raise SystemExit(
+            raise InputError(
                 f"{enc.name} gives a {enc.grid_size}² token grid at "
                 f"{args.resolution} px, expected {grid}²"
             )
@@ -370,10 +370,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     # on the GPU of its local rank when there is one.
     rank, world, device = init_distributed(backend="gloo", timeout=BARRIER_TIMEOUT)
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    try:
-        source = ImageSource(args.source, args.labels)
-    except SourceError as err:
-        raise SystemExit(str(err)) from None
+    source = ImageSource(args.source, args.labels)  # a SourceError is reported in one line
     if source.empty_classes and rank == 0:
         logger.warning(empty_classes_note(source))
     settings = build_settings(args, source)

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from shards import encode_png
+from utils import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def to_8_bit(image: Image.Image) -> Image.Image:
 #################################################################################
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """The --source (or --labels) cannot be used; the message says what to do."""
 
 

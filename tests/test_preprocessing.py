@@ -29,6 +29,7 @@ from dataset import LatentDataset
 from frozen import ENCODER_STANDIN, load_encoder, load_vae
 from preprocessing.prepare import main, parse_args
 from preprocessing.sources import ImageSource, SourceError, center_crop_arr, load_image
+from utils import ReportedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32
@@ -237,14 +238,14 @@ def test_folder_source_lists_sorted_classes(folder):
 
 
 def test_source_errors(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(ReportedError, match="does not exist"):
         prepare(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="contains no images"):
+    with pytest.raises(ReportedError, match="contains no images"):
         prepare(str(tmp_path / "empty"), str(tmp_path / "out"))
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.png").write_bytes(make_image(8, 8, "RGB", "PNG", 0))
-    with pytest.raises(SystemExit, match="no class sub-folders.*--labels"):
+    with pytest.raises(ReportedError, match="no class sub-folders.*--labels"):
         prepare(str(tmp_path / "flat"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
@@ -609,12 +610,12 @@ def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
 
 def test_destination_with_other_settings_is_a_clear_error(folder, built, tmp_path):
     with pytest.raises(
-        SystemExit, match=r"(?s)other settings:\n  encoders.*\n  pixels.*new --dest"
+        ReportedError, match=r"(?s)other settings:\n  encoders.*\n  pixels.*new --dest"
     ):
         prepare(folder[0], built[0], "--enc-type", "none")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "photo.jpg").write_bytes(b"")
-    with pytest.raises(SystemExit, match="not empty.*new or empty directory"):
+    with pytest.raises(ReportedError, match="not empty.*new or empty directory"):
         prepare(folder[0], str(tmp_path / "other"))
 
 
