@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import RES
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -30,40 +31,17 @@ from checkpoints import TrainingError, load_checkpoint, load_model_for_sampling
 from data_plan import BatchPlan, StepDraws, TrainingBatches
 from frozen import ENCODER_STANDIN
 from models import build_model
-from preprocessing.prepare import main as prepare_main
-from preprocessing.prepare import parse_args as prepare_args
 from run_log import create_logger
 from trainer import update_ema
 from utils import EXIT_STOPPED
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RES = 64  # 8×8 latents; SiT↓'s middle stage runs on 4×4 tokens, DINOv2's grid is 4×4
-NUM_IMAGES = 32
 TINY = json.dumps({"hidden_size": 32, "depths": [1, 2, 1], "num_heads": 2, "projector_dim": 32})
 
 
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    """32 smooth 64×64 images in 4 classes -> VAE moments, DINOv2 features and pixels."""
-    root = tmp_path_factory.mktemp("train-data")
-    for k in range(NUM_IMAGES):
-        yy, xx = np.mgrid[0:RES, 0:RES]
-        rgb = np.stack([np.sin(xx / (3 + c + k % 4) + yy / (5 + c) + k) for c in range(3)], -1)
-        folder = root / "images" / f"class{k % 4}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(((rgb * 0.4 + 0.5) * 255).astype(np.uint8)).save(folder / f"{k}.png")
-    dest = str(root / "data")
-    prepare_main(prepare_args([
-        "--source", str(root / "images"), "--dest", dest, "--vae", "tiny-random",
-        "--enc-type", ENCODER_STANDIN, "--resolution", str(RES), "--save-pixels",
-        "--num-workers", "0", "--batch-size", "16",
-    ]))  # fmt: skip
-    return dest
 
 
 @pytest.fixture(autouse=True)
