@@ -15,6 +15,8 @@ import argparse
 import importlib.util
 import json
 import os
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +46,7 @@ from data_plan import BatchPlan
 from dataset import LatentDataset
 from frozen import RepresentationEncoder, encoder_dim, load_encoder, load_vae
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
-from models import PROJECTOR_FIELDS, build_model
+from models import MODEL_CLASSES, MODELS, PROJECTOR_FIELDS, ProjectorConfig, build_model
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
@@ -252,6 +254,52 @@ def validate_args(args: argparse.Namespace) -> None:
             "--model-config may not set "
             + ", ".join(f"{k} (set by {FLAG_OF_MODEL_KWARG[k]})" for k in clashes)
         )
+    check_model_config(args.model, args.model_config)
+
+
+def constructor_types(name: str) -> dict[str, Any]:
+    """{argument: annotation} of the constructor that builds model `name`, projector options
+    included (a registry name's factory is annotated with the class it returns)."""
+    factory = MODEL_CLASSES.get(name) or MODELS[name]
+    cls = factory if isinstance(factory, type) else typing.get_type_hints(factory)["return"]
+    hints = typing.get_type_hints(vars(cls)["__init__"])
+    for gathered in ("return", "projector"):  # build_model makes `projector` from the fields
+        hints.pop(gathered, None)
+    return {**hints, **typing.get_type_hints(ProjectorConfig)}
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can be passed as an argument annotated `hint`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        items = [item for item in typing.get_args(hint) if item is not Ellipsis]
+        return isinstance(value, list) and all(any(fits(v, i) for i in items) for v in value)
+    if hint in (int, float) and isinstance(value, bool):
+        return False  # JSON's true is not a number here, although Python's bool is an int
+    if hint is float:
+        return isinstance(value, int | float)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # Any, or an annotation no JSON value is checked against
+
+
+def check_model_config(name: str, config: dict[str, Any]) -> None:
+    """Refuse --model-config keys the model does not take and values of the wrong type, naming
+    the key: a wrong type would otherwise fail deep inside the model with an unrelated message."""
+    types_ = constructor_types(name)
+    for key, value in config.items():
+        if key not in types_:
+            raise ValueError(
+                f"--model-config: {name} takes no argument {key!r} (it takes: "
+                f"{', '.join(sorted(types_))})"
+            )
+        hint = types_[key]
+        if not fits(value, hint):
+            wanted = hint.__name__ if isinstance(hint, type) else str(hint)
+            raise ValueError(
+                f"--model-config: {key} must be {wanted}, got {value!r} ({type(value).__name__})"
+            )
 
 
 #################################################################################

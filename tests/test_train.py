@@ -165,6 +165,17 @@ def test_defaults_are_the_paper_recipe(data_dir):
         (["--model-config", "[1]"], "expected a JSON object"),
         (["--model-config", '{"encoder_depth": 3}'], "encoder_depth (set by --encoder-depth)"),
         (["--resume", "/no/such.pt"], "no checkpoint file '/no/such.pt'"),
+        # --model-config's values are checked against the constructor's annotations
+        (["--model", "SiTDown", "--model-config", '{"hidden_size": "64"}'],
+         "--model-config: hidden_size must be int, got '64' (str)"),
+        (["--model", "SiTDown", "--model-config", '{"depths": 2}'],
+         "--model-config: depths must be tuple[int, int, int] | list[int], got 2 (int)"),
+        (["--model-config", '{"projector_dim": 2.5}'],
+         "--model-config: projector_dim must be int, got 2.5 (float)"),
+        (["--model", "SiT", "--model-config", '{"mlp_ratio": true}'],
+         "--model-config: mlp_ratio must be float, got True (bool)"),
+        (["--model", "SiTDown", "--model-config", '{"hiden_size": 64}'],
+         "--model-config: SiTDown takes no argument 'hiden_size' (it takes: "),
     ],
 )  # fmt: skip
 def test_flag_errors_are_clear(extra, message, capsys):
