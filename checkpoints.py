@@ -468,9 +468,11 @@ def check_resumable(
     model_name: str,
     model_kwargs: dict[str, Any],
     args: dict[str, Any],
-    dataset_size: int,
-) -> None:
-    """Refuse a checkpoint of another model, objective or data order, listing every difference."""
+    data: dict[str, Any],
+) -> list[str]:
+    """Refuse a checkpoint of another model, objective or data, listing every difference.
+    `data`: this run's `dataset_size` and `dataset_id` (see `data_differences`). Returns what
+    could not be checked, for the log."""
     where = ("in the checkpoint", "now")
     diffs = dict_differences({"model": ckpt["model_name"]}, {"model": model_name}, *where)
     diffs += dict_differences(
@@ -479,11 +481,7 @@ def check_resumable(
     old_args = {k: v for k, v in ckpt["args"].items() if k not in RESUMABLE_CHANGES}
     new_args = {k: v for k, v in args.items() if k not in RESUMABLE_CHANGES}
     diffs += dict_differences(old_args, new_args, *where, name=lambda k: "--" + k.replace("_", "-"))
-    if ckpt["data"]["dataset_size"] != dataset_size:
-        diffs.append(
-            f"dataset size: {ckpt['data']['dataset_size']} in the checkpoint, "
-            f"{dataset_size} now (the data order would differ)"
-        )
+    diffs += data_differences(ckpt["data"], data)
     if diffs:
         raise TrainingError(
             "cannot resume: the checkpoint was trained with a different setup:\n  "
@@ -491,6 +489,31 @@ def check_resumable(
             + "\nRun the checkpoint's own command (its flags are in the run's args.json), or "
             "start a new run with another --exp-name."
         )
+    if ckpt["data"].get("dataset_id") is None or data["dataset_id"] is None:
+        return [
+            "the checkpoint records no identity of its dataset (it was written by earlier "
+            "code): could not check that --data-dir holds the data it was trained on, only "
+            f"its size ({data['dataset_size']})"
+        ]
+    return []
+
+
+def data_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the data of a checkpoint (its `data` entry) and of this run differ: in size, or, at
+    the same size, in content (`dataset_id`, a hash of the data that does not depend on where
+    it is; None where unknown, as in checkpoints of earlier code)."""
+    if saved["dataset_size"] != now["dataset_size"]:
+        return [
+            f"dataset size: {saved['dataset_size']} in the checkpoint, "
+            f"{now['dataset_size']} now (the data order would differ)"
+        ]
+    before, after = saved.get("dataset_id"), now["dataset_id"]
+    if before is not None and after is not None and before != after:
+        return [
+            f"dataset content: {before[:16]} in the checkpoint, {after[:16]} now (another "
+            "dataset of the same size: its manifest records other shard files)"
+        ]
+    return []
 
 
 def restore_run_state(

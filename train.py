@@ -12,6 +12,7 @@ same command with `--resume auto` continues a run exactly where its last checkpo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -325,7 +326,7 @@ def create_accelerator(args: argparse.Namespace, run_dir: str) -> Accelerator:
     return accelerator
 
 
-def open_dataset(args: argparse.Namespace) -> Dataset:
+def open_dataset(args: argparse.Namespace) -> LatentDataset:
     """The preprocessed dataset, with the features (or, online, the pixels) this run needs."""
     online = args.encoder_mode == "online"
     dataset = LatentDataset(args.data_dir, encoders=[] if online else args.encoders, pixels=online)
@@ -335,6 +336,21 @@ def open_dataset(args: argparse.Namespace) -> Dataset:
             f"{args.resolution}"
         )
     return dataset
+
+
+# The manifest entries that describe the data itself, not where it came from or was written
+# (`source`, `command` and `excluded` hold paths): a dataset moved or copied keeps its identity.
+DATASET_CONTENT = (
+    "format", "format_version", "resolution", "num_samples", "num_classes", "classes",
+    "modalities", "shards",
+)  # fmt: skip
+
+
+def dataset_identity(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's content entries: the size and SHA-256 of every shard file, what
+    each modality stores, the classes. Recorded in checkpoints, compared on resume."""
+    content = {key: manifest.get(key) for key in DATASET_CONTENT}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def create_model(
@@ -384,7 +400,7 @@ def setup(
     dataset = open_dataset(args)
     try:
         plan = BatchPlan(
-            len(dataset),  # type: ignore[arg-type]
+            len(dataset),
             args.batch_size,
             args.gradient_accumulation_steps,
             accelerator.num_processes,
@@ -394,12 +410,16 @@ def setup(
     except ValueError as err:  # the global batch does not split, or exceeds the dataset
         raise TrainingError(str(err)) from None
     model = create_model(args, dataset, dataset[0])
+    dataset_id = dataset_identity(dataset.manifest)
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:  # refuse before any state is touched
-        check_resumable(ckpt, model.model_name, model.model_kwargs, vars(args), plan.dataset_size)
-    trainer = create_trainer(
-        args, accelerator, model, plan, load_encoders(args, accelerator.device)
-    )
+        data = {"dataset_size": plan.dataset_size, "dataset_id": dataset_id}
+        for unchecked in check_resumable(
+            ckpt, model.model_name, model.model_kwargs, vars(args), data
+        ):
+            logger.warning(unchecked)
+    encoders = load_encoders(args, accelerator.device)
+    trainer = create_trainer(args, accelerator, model, plan, encoders, dataset_id)
     if ckpt is not None:
         restore(trainer, ckpt, logger)
     return trainer, dataset

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import checkpoints
+import shards
 import train
 import trainer
 from checkpoints import TrainingError, load_checkpoint, load_model_for_sampling
@@ -33,7 +35,7 @@ from frozen import ENCODER_STANDIN
 from models import build_model
 from run_log import create_logger
 from trainer import update_ema
-from utils import EXIT_STOPPED
+from utils import EXIT_STOPPED, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = json.dumps({"hidden_size": 32, "depths": [1, 2, 1], "num_heads": 2, "projector_dim": 32})
@@ -403,17 +405,22 @@ def test_exact_resume_is_bitwise(data_dir, tmp_path):
     assert_states_equal(a["ema"], b["ema"])
     for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
         assert torch.equal(x, y)
+    dataset_id = train.dataset_identity(shards.load_manifest(data_dir))
     assert a["data"] == b["data"] == {"step": 6, "epoch": 1, "batch_in_epoch": 2,
-                                      "dataset_size": 32, "global_batch": 8, "seed": 0}  # fmt: skip
+                                      "dataset_size": 32, "dataset_id": dataset_id,
+                                      "global_batch": 8, "seed": 0}  # fmt: skip
     # The losses of steps 4-6 (after the resume) are the straight run's: same data, same draws.
     assert metrics(tmp_path, "straight")[1] | {"images_per_sec": 0} == metrics(tmp_path, "resumed")[
         1
     ] | {"images_per_sec": 0}
 
 
-def test_a_run_saved_by_the_first_release_resumes_to_todays_straight_run(data_dir, tmp_path):
+def test_a_run_saved_by_the_first_release_resumes_to_todays_straight_run(
+    data_dir, tmp_path, capsys
+):
     """A u-repa/1 training checkpoint of step 2, written by earlier code on this very toy set
-    (tests/fixtures/README.md), resumes; steps 1-2 of today's code are that code's, bit for bit."""
+    (tests/fixtures/README.md), resumes; steps 1-2 of today's code are that code's, bit for bit.
+    It records no identity of its data: the resume says that it could not check it."""
     fixture = os.path.join(REPO, "tests", "fixtures", "u-repa-1_sitdown-tiny.pt")
     tiny = '{"hidden_size": 16, "depths": [1, 1, 1], "num_heads": 2, "projector_dim": 16}'
     flags = [*argv(data_dir, tmp_path, "", "--max-train-steps", "3")]
@@ -422,7 +429,11 @@ def test_a_run_saved_by_the_first_release_resumes_to_todays_straight_run(data_di
     flags[flags.index("--exp-name") + 1] = "straight"
     run(*flags)
     flags[flags.index("--exp-name") + 1] = "resumed"
+    capsys.readouterr()
     run(*flags, "--resume", fixture)
+    assert "could not check that --data-dir holds the data it was trained on" in (
+        capsys.readouterr().out
+    )
     a, b = checkpoint(tmp_path, "straight", 3), checkpoint(tmp_path, "resumed", 3)
     assert_states_equal(a["model"], b["model"])
     assert_states_equal(a["ema"], b["ema"])
@@ -523,6 +534,31 @@ def test_existing_run_and_incompatible_resume_are_refused(data_dir, tmp_path):
     assert "--max-train-steps" not in message  # may change on resume
     # Nothing was written: the checkpoint is as it was.
     assert checkpoint(tmp_path, "base", 2)["step"] == 2
+
+
+def other_data_of_the_same_size(data_dir: str, dest: str) -> str:
+    """A copy of the toy set with its labels rolled by one and its manifest updated to match:
+    another dataset, of the same size, that opens like the original."""
+    shutil.copytree(data_dir, dest)
+    rel = os.path.join("shards", "labels-00000.npy")
+    np.save(os.path.join(dest, rel), np.roll(np.load(os.path.join(dest, rel)), 1))
+    manifest = shards.load_manifest(dest)
+    manifest["shards"][0]["files"][rel]["sha256"] = shards.file_sha256(os.path.join(dest, rel))
+    write_json(os.path.join(dest, "manifest.json"), manifest)
+    return dest
+
+
+def test_resume_checks_the_data_content_not_its_path(data_dir, tmp_path):
+    run(*argv(data_dir, tmp_path, "base", "--max-train-steps", "2"))
+    other = other_data_of_the_same_size(data_dir, str(tmp_path / "other"))
+    with pytest.raises(TrainingError, match="cannot resume") as err:
+        run(*argv(other, tmp_path, "base", "--resume", "auto"))
+    assert "dataset content: " in str(err.value) and "another dataset" in str(err.value)
+    # The same data at another path is the same dataset.
+    moved = shutil.copytree(data_dir, tmp_path / "moved")
+    run(*argv(str(moved), tmp_path, "base", "--resume", "auto"))
+    first, last = checkpoint(tmp_path, "base", 2), checkpoint(tmp_path, "base", 4)
+    assert first["data"]["dataset_id"] == last["data"]["dataset_id"]
 
 
 def inject_nan_from_step(monkeypatch, first_bad_step: int) -> None:
