@@ -46,7 +46,7 @@ import torch.nn as nn
 
 from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
-from utils import InputError, ReportedError, atomic_write, dict_differences
+from utils import InputError, ReportedError, atomic_write, dict_differences, is_temporary
 
 CHECKPOINT_FORMAT = "u-repa/2"
 READABLE_FORMATS = ("u-repa/1", CHECKPOINT_FORMAT)
@@ -407,6 +407,20 @@ def prune_checkpoints(run_dir: str, keep_last: int, milestone_every: int) -> lis
     return removed
 
 
+def export_due(step: int, milestone_every: int, final_step: int) -> bool:
+    """Whether the checkpoint of `step` has an EMA export: milestones and the final step."""
+    return bool(milestone_every) and step % milestone_every == 0 or step == final_step
+
+
+def write_ema_export(path: str, state: dict[str, Any]) -> str:
+    """Export the EMA of training checkpoint `state` (saved at `path`) beside it, with its model
+    config and training flags (generate.py samples by its path type); returns the export's path."""
+    export = ema_export_path(path)
+    name, kwargs = state["model_name"], state["model_kwargs"]
+    export_ema_safetensors(export, state["ema"], name, kwargs, state["args"])
+    return export
+
+
 def save_run_checkpoint(
     run_dir: str, state: dict[str, Any], export_ema: bool, keep_last: int, milestone_every: int
 ) -> tuple[str, list[str]]:
@@ -418,8 +432,7 @@ def save_run_checkpoint(
     try:
         save_checkpoint(path, state)
         if export_ema:
-            name, kwargs = state["model_name"], state["model_kwargs"]
-            export_ema_safetensors(ema_export_path(path), state["ema"], name, kwargs)
+            write_ema_export(path, state)
     except OSError as err:
         earlier = [p for s, p in list_checkpoints(run_dir).items() if s < state["step"]]
         raise TrainingError(
@@ -428,6 +441,30 @@ def save_run_checkpoint(
             "make room and resume with --resume auto"
         ) from err
     return path, prune_checkpoints(run_dir, keep_last, milestone_every)
+
+
+def remove_temporaries(run_dir: str) -> list[str]:
+    """Delete the temporary files of saves that a kill stopped midway (`utils.atomic_write`'s,
+    as large as a checkpoint) from the run directory; returns their paths."""
+    removed = []
+    for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if is_temporary(name):
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
+
+
+def write_missing_exports(run_dir: str, milestone_every: int, final_step: int) -> list[str]:
+    """Write the EMA export of every kept checkpoint that should have one (`export_due`) but
+    has none: a kill or a full disk came between the checkpoint and its export. Returns the
+    exports written."""
+    return [
+        write_ema_export(path, load_checkpoint(path))
+        for step, path in list_checkpoints(run_dir).items()
+        if export_due(step, milestone_every, final_step)
+        and not os.path.exists(ema_export_path(path))
+    ]
 
 
 #################################################################################

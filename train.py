@@ -25,7 +25,14 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import Dataset
 
-from checkpoints import TrainingError, check_resumable, load_checkpoint, resolve_run
+from checkpoints import (
+    TrainingError,
+    check_resumable,
+    load_checkpoint,
+    remove_temporaries,
+    resolve_run,
+    write_missing_exports,
+)
 from cli import (
     add_encoder_args,
     add_speed_args,
@@ -52,7 +59,7 @@ from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
-from run_log import add_log_file, close_logger, create_logger, peak_flops
+from run_log import add_log_file, close_logger, create_logger, keep_metrics_until, peak_flops
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
 from utils import EXIT_STOPPED
 
@@ -472,6 +479,20 @@ def start_run_directory(args: argparse.Namespace, accelerator: Accelerator, logg
     )
 
 
+def repair_run_directory(args: argparse.Namespace, step: int, logger: Any) -> None:
+    """Main process, before anything is saved: clear up after a run that was killed. The
+    temporary files of its interrupted saves go, the metrics of steps after `step` (run again
+    now) go, and EMA exports lost between a checkpoint and its export are written again."""
+    run_dir = os.path.join(args.output_dir, args.exp_name)
+    for path in remove_temporaries(run_dir):
+        logger.info(f"removed {path}, left by a save that was interrupted")
+    dropped = keep_metrics_until(os.path.join(run_dir, "metrics.jsonl"), step)
+    if dropped:
+        logger.info(f"metrics.jsonl: removed {dropped} rows after step {step}, run again now")
+    for path in write_missing_exports(run_dir, args.milestone_every, args.max_train_steps):
+        logger.info(f"wrote the missing EMA export {path}")
+
+
 def main(args: argparse.Namespace) -> int:
     """Train; returns the exit code: 0, or EXIT_STOPPED when a signal stopped the run after its
     checkpoint (re-running the command with --resume auto continues it)."""
@@ -488,6 +509,7 @@ def main(args: argparse.Namespace) -> int:
             return 0
         if accelerator.is_main_process:
             start_run_directory(args, accelerator, logger)
+            repair_run_directory(args, trainer.step, logger)
         accelerator.wait_for_everyone()
         logger.info(describe(trainer, macs, resume))
         if trainer.step >= args.max_train_steps:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from checkpoints import (
     TrainingError,
     checkpoint_state,
+    export_due,
     latest_checkpoint,
     restore_run_state,
     rng_state,
@@ -277,8 +278,7 @@ def save_training_checkpoint(trainer: Trainer, run_dir: str, logger: Any) -> str
             trainer.raw, trainer.ema, step, args=vars(args), opt=trainer.optimizer,
             scaler=acc.scaler, rng={"processes": rng}, data=data_position(trainer),
         )  # fmt: skip
-        milestone = bool(args.milestone_every) and step % args.milestone_every == 0
-        export = milestone or step == args.max_train_steps
+        export = export_due(step, args.milestone_every, args.max_train_steps)
         try:
             path, removed = save_run_checkpoint(
                 run_dir, state, export, args.keep_last, args.milestone_every

@@ -502,10 +502,12 @@ def test_run_directory_checkpoints_logs_and_previews(data_dir, tmp_path):
     assert ckpt["model_name"] == "SiTDown" and ckpt["model_kwargs"]["hidden_size"] == 32
     assert ckpt["args"] == json.loads((run_dir / "args.json").read_text())
     assert ckpt["scaler"] is None and len(ckpt["rng"]["processes"]) == 1
-    # generate.py's loader rebuilds the EMA model from either file alone.
+    # generate.py's loader rebuilds the EMA model from either file alone, with the training
+    # flags it samples by (the path type).
     for name in ("0000006.pt", "0000006-ema.safetensors"):
         model = load_model_for_sampling(str(run_dir / "checkpoints" / name))
         assert_states_equal(model.state_dict(), ckpt["ema"])
+        assert model.checkpoint_args == ckpt["args"]
     # Logs: every loss term, the cosine similarity, grad norm, lr and throughput per interval.
     records = metrics(tmp_path, "full-run")
     assert [r["step"] for r in records] == [2, 4, 6]
@@ -559,6 +561,85 @@ def test_resume_checks_the_data_content_not_its_path(data_dir, tmp_path):
     run(*argv(str(moved), tmp_path, "base", "--resume", "auto"))
     first, last = checkpoint(tmp_path, "base", 2), checkpoint(tmp_path, "base", 4)
     assert first["data"]["dataset_id"] == last["data"]["dataset_id"]
+
+
+def read_export(path) -> tuple[dict, dict]:
+    """An EMA export's tensors and metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def assert_same_export(a, b, but: tuple[str, ...] = ()) -> None:
+    """The same weights and metadata, but for the metadata keys `but`. (Safetensors writes the
+    metadata in no fixed order, so equal exports need not be equal bytes.)"""
+    (tensors_a, meta_a), (tensors_b, meta_b) = read_export(a), read_export(b)
+    assert_states_equal(tensors_a, tensors_b)
+    assert {k: v for k, v in meta_a.items() if k not in but} == {
+        k: v for k, v in meta_b.items() if k not in but
+    }
+
+
+def test_lost_ema_exports_are_written_again_by_the_next_run(data_dir, tmp_path, monkeypatch):
+    """A full disk or a kill between a checkpoint and its EMA export (milestones and the final
+    step): the same command writes the export again, when it resumes and with nothing to do."""
+    extra = ["--milestone-every", "2", "--keep-last", "1"]
+    run(*argv(data_dir, tmp_path, "straight", *extra))
+    original = checkpoints.export_ema_safetensors
+
+    def disk_full_at_step_2(path, *args, **kwargs):
+        if "0000002" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "export_ema_safetensors", disk_full_at_step_2)
+    with pytest.raises(TrainingError, match="step 2"):
+        run(*argv(data_dir, tmp_path, "lost", *extra, "--resume", "auto"))
+    monkeypatch.undo()
+    folder, straight = tmp_path / "lost" / "checkpoints", tmp_path / "straight" / "checkpoints"
+    assert os.listdir(folder) == ["0000002.pt"]
+    run(*argv(data_dir, tmp_path, "lost", *extra, "--resume", "auto"))  # resumes at step 2
+    names = ["0000002-ema.safetensors", "0000004-ema.safetensors"]
+    for name in names:  # the flags differ by --exp-name and --resume
+        assert_same_export(folder / name, straight / name, but=("args",))
+    for name in names:  # as a kill after the last checkpoint, before its export, leaves them
+        os.rename(folder / name, tmp_path / name)
+    run(*argv(data_dir, tmp_path, "lost", *extra, "--resume", "auto"))  # nothing to do
+    for name in names:
+        assert_same_export(folder / name, tmp_path / name)
+
+
+def test_a_resume_removes_the_temporary_files_of_killed_saves(data_dir, tmp_path, capsys):
+    run(*argv(data_dir, tmp_path, "tmp", "--max-train-steps", "2"))
+    run_dir = tmp_path / "tmp"
+    leftovers = [run_dir / "checkpoints" / ".0000004.pt.k2j3x9.tmp",
+                 run_dir / "checkpoints" / ".0000004-ema.safetensors.8fa1q0.tmp",
+                 run_dir / ".metrics.jsonl.0p2x7a.tmp"]  # fmt: skip
+    for path in leftovers:
+        path.write_bytes(b"the first bytes of a file whose write was killed")
+    (run_dir / "checkpoints" / "notes.tmp").write_text("not ours: kept")
+    capsys.readouterr()
+    run(*argv(data_dir, tmp_path, "tmp", "--resume", "auto"))
+    out = capsys.readouterr().out
+    for path in leftovers:
+        assert not path.exists() and f"removed {path}" in out
+    assert (run_dir / "checkpoints" / "notes.tmp").exists()
+
+
+def test_metrics_of_steps_run_again_after_a_kill_are_not_repeated(data_dir, tmp_path):
+    run(*argv(data_dir, tmp_path, "rows", "--log-every", "1"))
+    straight = metrics(tmp_path, "rows")
+    # Killed after logging step 4 (and half of a next row), before the checkpoint of step 4.
+    for name in ("0000004.pt", "0000004-ema.safetensors"):
+        os.remove(tmp_path / "rows" / "checkpoints" / name)
+    with open(tmp_path / "rows" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "epo')
+    run(*argv(data_dir, tmp_path, "rows", "--log-every", "1", "--resume", "auto"))
+    resumed = metrics(tmp_path, "rows")
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a | {"images_per_sec": 0} == b | {"images_per_sec": 0}
 
 
 def inject_nan_from_step(monkeypatch, first_bad_step: int) -> None:
