@@ -38,11 +38,13 @@ import os
 import pickle
 import random
 import re
+import shutil
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
@@ -421,25 +423,81 @@ def write_ema_export(path: str, state: dict[str, Any]) -> str:
     return export
 
 
+# What a write that meets a full disk (or another I/O failure) raises: torch.save a RuntimeError
+# ("PytorchStreamWriter failed writing file ..."), safetensors a SafetensorError, open and fsync
+# an OSError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# Room asked for beyond the tensors' bytes: the containers' structure, and the file system's.
+FREE_SPACE_MARGIN = 64 * 2**20
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages in nested dicts, lists and tuples, each storage once (as
+    torch.save writes them)."""
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return sum(storages.values())
+
+
+def previous_checkpoint(run_dir: str, step: int) -> str:
+    earlier = [path for s, path in list_checkpoints(run_dir).items() if s < step]
+    return earlier[-1] if earlier else "none"
+
+
+def check_free_space(run_dir: str, state: dict[str, Any], export_ema: bool) -> None:
+    """Refuse to start a save that the disk cannot hold: a checkpoint is as large as its tensors
+    (and its EMA export as the EMA's); writing it until the disk is full would fail anyway, and
+    fill the disk for everything else."""
+    needed = tensor_bytes(state) + (tensor_bytes(state["ema"]) if export_ema else 0)
+    needed += FREE_SPACE_MARGIN
+    folder = os.path.dirname(checkpoint_path(run_dir, state["step"]))
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise TrainingError(
+            f"not enough free space for the checkpoint of step {state['step']} in {folder}: it "
+            f"needs {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free. Nothing was "
+            f"written; the previous checkpoint ({previous_checkpoint(run_dir, state['step'])}) "
+            "is intact: make room and resume with --resume auto (the steps after it run again)"
+        )
+
+
 def save_run_checkpoint(
     run_dir: str, state: dict[str, Any], export_ema: bool, keep_last: int, milestone_every: int
 ) -> tuple[str, list[str]]:
     """Write `state` (see `checkpoint_state`) as checkpoints/{step:07d}.pt, its EMA as a
     safetensors export if `export_ema`, then prune old checkpoints. Returns (path, removed).
 
-    A failed write raises a TrainingError and leaves the previous checkpoints as they were."""
-    path = checkpoint_path(run_dir, state["step"])
+    A save the disk cannot hold, or a failed write, raises a TrainingError that says what was
+    kept: the previous checkpoints are left as they were."""
+    step, path = state["step"], checkpoint_path(run_dir, state["step"])
+    check_free_space(run_dir, state, export_ema)
     try:
         save_checkpoint(path, state)
-        if export_ema:
-            write_ema_export(path, state)
-    except OSError as err:
-        earlier = [p for s, p in list_checkpoints(run_dir).items() if s < state["step"]]
+    except WRITE_ERRORS as err:
         raise TrainingError(
-            f"could not write the checkpoint of step {state['step']} to {path}: {err}. "
-            f"The previous checkpoint ({earlier[-1] if earlier else 'none'}) is intact; "
-            "make room and resume with --resume auto"
+            f"could not write the checkpoint of step {step} to {path}: {err}. The previous "
+            f"checkpoint ({previous_checkpoint(run_dir, step)}) is intact: make room and resume "
+            "with --resume auto (the steps after it run again)"
         ) from err
+    if export_ema:
+        try:
+            write_ema_export(path, state)
+        except WRITE_ERRORS as err:
+            raise TrainingError(
+                f"the checkpoint of step {step} is saved ({path}), but its EMA export "
+                f"{ema_export_path(path)} could not be written: {err}. Make room and resume "
+                "with --resume auto: it writes the export again"
+            ) from err
     return path, prune_checkpoints(run_dir, keep_last, milestone_every)
 
 

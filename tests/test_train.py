@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -688,6 +689,70 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
     assert "No space left on device" in str(err.value) and "0000002.pt) is intact" in str(err.value)
     assert sorted(os.listdir(tmp_path / "full-disk" / "checkpoints")) == ["0000002.pt"]
     assert checkpoint(tmp_path, "full-disk", 2)["step"] == 2
+
+
+TORCH_SAVE_ON_A_FULL_DISK = (
+    "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+    "data/12: file write failed"
+)
+
+
+def fail_the_save_of_step_4(monkeypatch, how: str) -> None:
+    """The save of step 4 meets a full disk: too little free space seen before writing, or
+    torch.save failing midway as it does (RuntimeError) or with the OS's ENOSPC."""
+    if how == "little free space":
+        real = shutil.disk_usage
+
+        def disk_usage(path):
+            usage = real(path)
+            if os.path.exists(os.path.join(path, "0000002.pt")):
+                return usage._replace(free=100_000)
+            return usage
+
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+        return
+    original = torch.save
+    error = (RuntimeError(TORCH_SAVE_ON_A_FULL_DISK) if how == "RuntimeError"
+             else OSError(errno.ENOSPC, "No space left on device"))  # fmt: skip
+
+    def save(obj, f, *args, **kwargs):
+        if ".0000004.pt." in str(f):
+            with open(f, "wb") as out:
+                out.write(b"the first bytes")
+            raise error
+        original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("how", ["little free space", "RuntimeError", "ENOSPC"])
+def test_a_full_disk_says_what_was_kept_and_how_to_continue(data_dir, tmp_path, monkeypatch, how):
+    fail_the_save_of_step_4(monkeypatch, how)
+    with pytest.raises(TrainingError, match="the checkpoint of step 4") as err:
+        run(*argv(data_dir, tmp_path, "full", "--max-train-steps", "6"))
+    message = str(err.value)
+    assert "0000002.pt) is intact" in message and "--resume auto" in message
+    assert "\n" not in message
+    if how == "little free space":
+        assert re.search(r"needs [\d.]+ MiB, 0.1 MiB are free", message), message
+    else:
+        assert ("file write failed" if how == "RuntimeError" else "No space left") in message
+    assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == ["0000002.pt"]  # no .tmp
+
+
+def test_a_full_disk_at_the_export_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                              'StorageFull, message: "No space left on device" })')  # fmt: skip
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(TrainingError, match="the checkpoint of step 4 is saved") as err:
+        run(*argv(data_dir, tmp_path, "export", "--milestone-every", "4"))
+    assert "StorageFull" in str(err.value) and "--resume auto" in str(err.value)
+    assert sorted(os.listdir(tmp_path / "export" / "checkpoints")) == ["0000002.pt", "0000004.pt"]
 
 
 def test_a_corrupt_checkpoint_is_one_line_and_exit_code_1(data_dir, tmp_path):
