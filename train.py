@@ -60,6 +60,7 @@ from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
 from run_log import add_log_file, close_logger, create_logger, keep_metrics_until, peak_flops
+from shards import DatasetError
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
 from utils import EXIT_STOPPED
 
@@ -336,7 +337,12 @@ def create_accelerator(args: argparse.Namespace, run_dir: str) -> Accelerator:
 def open_dataset(args: argparse.Namespace) -> LatentDataset:
     """The preprocessed dataset, with the features (or, online, the pixels) this run needs."""
     online = args.encoder_mode == "online"
-    dataset = LatentDataset(args.data_dir, encoders=[] if online else args.encoders, pixels=online)
+    try:
+        dataset = LatentDataset(
+            args.data_dir, encoders=[] if online else args.encoders, pixels=online
+        )
+    except DatasetError as err:  # missing, incomplete or corrupt: the message says what to do
+        raise TrainingError(str(err)) from err
     if dataset.resolution != args.resolution:
         raise TrainingError(
             f"{args.data_dir} holds {dataset.resolution}-px data but --resolution is "
