@@ -26,8 +26,11 @@ config: their SiT variant is inferred from the shapes of the state dict.
 A run directory `OUTPUT_DIR/EXP_NAME` holds `checkpoints/{step:07d}.pt` (the last `--keep-last`
 and the milestones) and `checkpoints/{step:07d}-ema.safetensors` (milestones and the final step).
 `resolve_run` decides whether a run starts or resumes, `check_resumable` refuses a checkpoint of
-another setup, `save_run_checkpoint` / `restore_run_state` write and read a run's state from
-explicit objects (model, EMA, optimiser, loss scaler).
+another setup (model, flags, and data: its size and the identity of its content, the checkpoint's
+`data` entry), `save_run_checkpoint` / `restore_run_state` write and read a run's state from
+explicit objects (model, EMA, optimiser, loss scaler). `save_run_checkpoint` checks the free space
+first, and a failed write says what was kept. After a kill, `remove_temporaries` and
+`write_missing_exports` clear up what the interrupted saves left and lost.
 """
 
 from __future__ import annotations
