@@ -26,8 +26,11 @@ config: their SiT variant is inferred from the shapes of the state dict.
 A run directory `OUTPUT_DIR/EXP_NAME` holds `checkpoints/{step:07d}.pt` (the last `--keep-last`
 and the milestones) and `checkpoints/{step:07d}-ema.safetensors` (milestones and the final step).
 `resolve_run` decides whether a run starts or resumes, `check_resumable` refuses a checkpoint of
-another setup, `save_run_checkpoint` / `restore_run_state` write and read a run's state from
-explicit objects (model, EMA, optimiser, loss scaler).
+another setup (model, flags, and data: its size and the identity of its content, the checkpoint's
+`data` entry), `save_run_checkpoint` / `restore_run_state` write and read a run's state from
+explicit objects (model, EMA, optimiser, loss scaler). `save_run_checkpoint` checks the free space
+first, and a failed write says what was kept. After a kill, `remove_temporaries` and
+`write_missing_exports` clear up what the interrupted saves left and lost.
 """
 
 from __future__ import annotations
@@ -38,15 +41,17 @@ import os
 import pickle
 import random
 import re
+import shutil
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
-from utils import InputError, ReportedError, atomic_write, dict_differences
+from utils import InputError, ReportedError, atomic_write, dict_differences, is_temporary
 
 CHECKPOINT_FORMAT = "u-repa/2"
 READABLE_FORMATS = ("u-repa/1", CHECKPOINT_FORMAT)
@@ -407,27 +412,120 @@ def prune_checkpoints(run_dir: str, keep_last: int, milestone_every: int) -> lis
     return removed
 
 
+def export_due(step: int, milestone_every: int, final_step: int) -> bool:
+    """Whether the checkpoint of `step` has an EMA export: milestones and the final step."""
+    return bool(milestone_every) and step % milestone_every == 0 or step == final_step
+
+
+def write_ema_export(path: str, state: dict[str, Any]) -> str:
+    """Export the EMA of training checkpoint `state` (saved at `path`) beside it, with its model
+    config and training flags (generate.py samples by its path type); returns the export's path."""
+    export = ema_export_path(path)
+    name, kwargs = state["model_name"], state["model_kwargs"]
+    export_ema_safetensors(export, state["ema"], name, kwargs, state["args"])
+    return export
+
+
+# What a write that meets a full disk (or another I/O failure) raises: torch.save a RuntimeError
+# ("PytorchStreamWriter failed writing file ..."), safetensors a SafetensorError, open and fsync
+# an OSError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# Room asked for beyond the tensors' bytes: the containers' structure, and the file system's.
+FREE_SPACE_MARGIN = 64 * 2**20
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages in nested dicts, lists and tuples, each storage once (as
+    torch.save writes them)."""
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+    return sum(storages.values())
+
+
+def previous_checkpoint(run_dir: str, step: int) -> str:
+    earlier = [path for s, path in list_checkpoints(run_dir).items() if s < step]
+    return earlier[-1] if earlier else "none"
+
+
+def check_free_space(run_dir: str, state: dict[str, Any], export_ema: bool) -> None:
+    """Refuse to start a save that the disk cannot hold: a checkpoint is as large as its tensors
+    (and its EMA export as the EMA's); writing it until the disk is full would fail anyway, and
+    fill the disk for everything else."""
+    needed = tensor_bytes(state) + (tensor_bytes(state["ema"]) if export_ema else 0)
+    needed += FREE_SPACE_MARGIN
+    folder = os.path.dirname(checkpoint_path(run_dir, state["step"]))
+    os.makedirs(folder, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise TrainingError(
+            f"not enough free space for the checkpoint of step {state['step']} in {folder}: it "
+            f"needs {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free. Nothing was "
+            f"written; the previous checkpoint ({previous_checkpoint(run_dir, state['step'])}) "
+            "is intact: make room and resume with --resume auto (the steps after it run again)"
+        )
+
+
 def save_run_checkpoint(
     run_dir: str, state: dict[str, Any], export_ema: bool, keep_last: int, milestone_every: int
 ) -> tuple[str, list[str]]:
     """Write `state` (see `checkpoint_state`) as checkpoints/{step:07d}.pt, its EMA as a
     safetensors export if `export_ema`, then prune old checkpoints. Returns (path, removed).
 
-    A failed write raises a TrainingError and leaves the previous checkpoints as they were."""
-    path = checkpoint_path(run_dir, state["step"])
+    A save the disk cannot hold, or a failed write, raises a TrainingError that says what was
+    kept: the previous checkpoints are left as they were."""
+    step, path = state["step"], checkpoint_path(run_dir, state["step"])
+    check_free_space(run_dir, state, export_ema)
     try:
         save_checkpoint(path, state)
-        if export_ema:
-            name, kwargs = state["model_name"], state["model_kwargs"]
-            export_ema_safetensors(ema_export_path(path), state["ema"], name, kwargs)
-    except OSError as err:
-        earlier = [p for s, p in list_checkpoints(run_dir).items() if s < state["step"]]
+    except WRITE_ERRORS as err:
         raise TrainingError(
-            f"could not write the checkpoint of step {state['step']} to {path}: {err}. "
-            f"The previous checkpoint ({earlier[-1] if earlier else 'none'}) is intact; "
-            "make room and resume with --resume auto"
+            f"could not write the checkpoint of step {step} to {path}: {err}. The previous "
+            f"checkpoint ({previous_checkpoint(run_dir, step)}) is intact: make room and resume "
+            "with --resume auto (the steps after it run again)"
         ) from err
+    if export_ema:
+        try:
+            write_ema_export(path, state)
+        except WRITE_ERRORS as err:
+            raise TrainingError(
+                f"the checkpoint of step {step} is saved ({path}), but its EMA export "
+                f"{ema_export_path(path)} could not be written: {err}. Make room and resume "
+                "with --resume auto: it writes the export again"
+            ) from err
     return path, prune_checkpoints(run_dir, keep_last, milestone_every)
+
+
+def remove_temporaries(run_dir: str) -> list[str]:
+    """Delete the temporary files of saves that a kill stopped midway (`utils.atomic_write`'s,
+    as large as a checkpoint) from the run directory; returns their paths."""
+    removed = []
+    for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if is_temporary(name):
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+    return removed
+
+
+def write_missing_exports(run_dir: str, milestone_every: int, final_step: int) -> list[str]:
+    """Write the EMA export of every kept checkpoint that should have one (`export_due`) but
+    has none: a kill or a full disk came between the checkpoint and its export. Returns the
+    exports written."""
+    return [
+        write_ema_export(path, load_checkpoint(path))
+        for step, path in list_checkpoints(run_dir).items()
+        if export_due(step, milestone_every, final_step)
+        and not os.path.exists(ema_export_path(path))
+    ]
 
 
 #################################################################################
@@ -468,9 +566,11 @@ def check_resumable(
     model_name: str,
     model_kwargs: dict[str, Any],
     args: dict[str, Any],
-    dataset_size: int,
-) -> None:
-    """Refuse a checkpoint of another model, objective or data order, listing every difference."""
+    data: dict[str, Any],
+) -> list[str]:
+    """Refuse a checkpoint of another model, objective or data, listing every difference.
+    `data`: this run's `dataset_size` and `dataset_id` (see `data_differences`). Returns what
+    could not be checked, for the log."""
     where = ("in the checkpoint", "now")
     diffs = dict_differences({"model": ckpt["model_name"]}, {"model": model_name}, *where)
     diffs += dict_differences(
@@ -479,11 +579,7 @@ def check_resumable(
     old_args = {k: v for k, v in ckpt["args"].items() if k not in RESUMABLE_CHANGES}
     new_args = {k: v for k, v in args.items() if k not in RESUMABLE_CHANGES}
     diffs += dict_differences(old_args, new_args, *where, name=lambda k: "--" + k.replace("_", "-"))
-    if ckpt["data"]["dataset_size"] != dataset_size:
-        diffs.append(
-            f"dataset size: {ckpt['data']['dataset_size']} in the checkpoint, "
-            f"{dataset_size} now (the data order would differ)"
-        )
+    diffs += data_differences(ckpt["data"], data)
     if diffs:
         raise TrainingError(
             "cannot resume: the checkpoint was trained with a different setup:\n  "
@@ -491,6 +587,31 @@ def check_resumable(
             + "\nRun the checkpoint's own command (its flags are in the run's args.json), or "
             "start a new run with another --exp-name."
         )
+    if ckpt["data"].get("dataset_id") is None or data["dataset_id"] is None:
+        return [
+            "the checkpoint records no identity of its dataset (it was written by earlier "
+            "code): could not check that --data-dir holds the data it was trained on, only "
+            f"its size ({data['dataset_size']})"
+        ]
+    return []
+
+
+def data_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """How the data of a checkpoint (its `data` entry) and of this run differ: in size, or, at
+    the same size, in content (`dataset_id`, a hash of the data that does not depend on where
+    it is; None where unknown, as in checkpoints of earlier code)."""
+    if saved["dataset_size"] != now["dataset_size"]:
+        return [
+            f"dataset size: {saved['dataset_size']} in the checkpoint, "
+            f"{now['dataset_size']} now (the data order would differ)"
+        ]
+    before, after = saved.get("dataset_id"), now["dataset_id"]
+    if before is not None and after is not None and before != after:
+        return [
+            f"dataset content: {before[:16]} in the checkpoint, {after[:16]} now (another "
+            "dataset of the same size: its manifest records other shard files)"
+        ]
+    return []
 
 
 def restore_run_state(

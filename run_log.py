@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import Tensor
+
+from utils import atomic_write
 
 LOGGER_NAME = "u-repa.train"
 
@@ -48,6 +51,33 @@ def close_logger(logger: logging.Logger) -> None:
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def keep_metrics_until(path: str, step: int) -> int:
+    """Drop the rows of steps after `step` from a metrics.jsonl, and a row cut short by a kill:
+    a run resumed from the checkpoint of `step` logs those steps again, so that every step keeps
+    one row. Rewritten atomically, and only if a row goes; returns how many went."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if metrics_row_step(line) <= step]
+    if len(kept) < len(lines):
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+
+        atomic_write(path, write)
+    return len(lines) - len(kept)
+
+
+def metrics_row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinite for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def format_metrics(step: int, metrics: dict[str, float]) -> str:

@@ -12,9 +12,12 @@ same command with `--resume auto` continues a run exactly where its last checkpo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,7 +25,14 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import Dataset
 
-from checkpoints import TrainingError, check_resumable, load_checkpoint, resolve_run
+from checkpoints import (
+    TrainingError,
+    check_resumable,
+    load_checkpoint,
+    remove_temporaries,
+    resolve_run,
+    write_missing_exports,
+)
 from cli import (
     DefaultsHelpFormatter,
     add_encoder_args,
@@ -45,12 +55,13 @@ from data_plan import BatchPlan
 from dataset import LatentDataset
 from frozen import RepresentationEncoder, encoder_dim, latent_geometry, load_encoder, load_vae
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
-from models import PROJECTOR_FIELDS, build_model
+from models import MODEL_CLASSES, MODELS, PROJECTOR_FIELDS, ProjectorConfig, build_model
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
-from run_log import add_log_file, close_logger, create_logger, peak_flops
+from run_log import add_log_file, close_logger, create_logger, keep_metrics_until, peak_flops
+from shards import DatasetError
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
 from utils import EXIT_STOPPED
 
@@ -257,6 +268,52 @@ def validate_args(args: argparse.Namespace) -> None:
             "--model-config may not set "
             + ", ".join(f"{k} (set by {FLAG_OF_MODEL_KWARG[k]})" for k in clashes)
         )
+    check_model_config(args.model, args.model_config)
+
+
+def constructor_types(name: str) -> dict[str, Any]:
+    """{argument: annotation} of the constructor that builds model `name`, projector options
+    included (a registry name's factory is annotated with the class it returns)."""
+    factory = MODEL_CLASSES.get(name) or MODELS[name]
+    cls = factory if isinstance(factory, type) else typing.get_type_hints(factory)["return"]
+    hints = typing.get_type_hints(vars(cls)["__init__"])
+    for gathered in ("return", "projector"):  # build_model makes `projector` from the fields
+        hints.pop(gathered, None)
+    return {**hints, **typing.get_type_hints(ProjectorConfig)}
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can be passed as an argument annotated `hint`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        items = [item for item in typing.get_args(hint) if item is not Ellipsis]
+        return isinstance(value, list) and all(any(fits(v, i) for i in items) for v in value)
+    if hint in (int, float) and isinstance(value, bool):
+        return False  # JSON's true is not a number here, although Python's bool is an int
+    if hint is float:
+        return isinstance(value, int | float)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # Any, or an annotation no JSON value is checked against
+
+
+def check_model_config(name: str, config: dict[str, Any]) -> None:
+    """Refuse --model-config keys the model does not take and values of the wrong type, naming
+    the key: a wrong type would otherwise fail deep inside the model with an unrelated message."""
+    types_ = constructor_types(name)
+    for key, value in config.items():
+        if key not in types_:
+            raise ValueError(
+                f"--model-config: {name} takes no argument {key!r} (it takes: "
+                f"{', '.join(sorted(types_))})"
+            )
+        hint = types_[key]
+        if not fits(value, hint):
+            wanted = hint.__name__ if isinstance(hint, type) else str(hint)
+            raise ValueError(
+                f"--model-config: {key} must be {wanted}, got {value!r} ({type(value).__name__})"
+            )
 
 
 def resolve_precision(mixed_precision: str) -> str:
@@ -291,16 +348,36 @@ def create_accelerator(args: argparse.Namespace, run_dir: str) -> Accelerator:
     return accelerator
 
 
-def open_dataset(args: argparse.Namespace) -> Dataset:
+def open_dataset(args: argparse.Namespace) -> LatentDataset:
     """The preprocessed dataset, with the features (or, online, the pixels) this run needs."""
     online = args.encoder_mode == "online"
-    dataset = LatentDataset(args.data_dir, encoders=[] if online else args.encoders, pixels=online)
+    try:
+        dataset = LatentDataset(
+            args.data_dir, encoders=[] if online else args.encoders, pixels=online
+        )
+    except DatasetError as err:  # missing, incomplete or corrupt: the message says what to do
+        raise TrainingError(str(err)) from err
     if dataset.resolution != args.resolution:
         raise TrainingError(
             f"{args.data_dir} holds {dataset.resolution}-px data but --resolution is "
             f"{args.resolution}"
         )
     return dataset
+
+
+# The manifest entries that describe the data itself, not where it came from or was written
+# (`source`, `command` and `excluded` hold paths): a dataset moved or copied keeps its identity.
+DATASET_CONTENT = (
+    "format", "format_version", "resolution", "num_samples", "num_classes", "classes",
+    "modalities", "shards",
+)  # fmt: skip
+
+
+def dataset_identity(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's content entries: the size and SHA-256 of every shard file, what
+    each modality stores, the classes. Recorded in checkpoints, compared on resume."""
+    content = {key: manifest.get(key) for key in DATASET_CONTENT}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def create_model(
@@ -350,7 +427,7 @@ def setup(
     dataset = open_dataset(args)
     try:
         plan = BatchPlan(
-            len(dataset),  # type: ignore[arg-type]
+            len(dataset),
             args.batch_size,
             args.gradient_accumulation_steps,
             accelerator.num_processes,
@@ -360,12 +437,16 @@ def setup(
     except ValueError as err:  # the global batch does not split, or exceeds the dataset
         raise TrainingError(str(err)) from None
     model = create_model(args, dataset, dataset[0])
+    dataset_id = dataset_identity(dataset.manifest)
     ckpt = load_checkpoint(resume) if resume else None
     if ckpt is not None:  # refuse before any state is touched
-        check_resumable(ckpt, model.model_name, model.model_kwargs, vars(args), plan.dataset_size)
-    trainer = create_trainer(
-        args, accelerator, model, plan, load_encoders(args, accelerator.device)
-    )
+        data = {"dataset_size": plan.dataset_size, "dataset_id": dataset_id}
+        for unchecked in check_resumable(
+            ckpt, model.model_name, model.model_kwargs, vars(args), data
+        ):
+            logger.warning(unchecked)
+    encoders = load_encoders(args, accelerator.device)
+    trainer = create_trainer(args, accelerator, model, plan, encoders, dataset_id)
     if ckpt is not None:
         restore(trainer, ckpt, logger)
     return trainer, dataset
@@ -454,6 +535,20 @@ def start_run_directory(args: argparse.Namespace, accelerator: Accelerator, logg
     )
 
 
+def repair_run_directory(args: argparse.Namespace, step: int, logger: Any) -> None:
+    """Main process, before anything is saved: clear up after a run that was killed. The
+    temporary files of its interrupted saves go, the metrics of steps after `step` (run again
+    now) go, and EMA exports lost between a checkpoint and its export are written again."""
+    run_dir = os.path.join(args.output_dir, args.exp_name)
+    for path in remove_temporaries(run_dir):
+        logger.info(f"removed {path}, left by a save that was interrupted")
+    dropped = keep_metrics_until(os.path.join(run_dir, "metrics.jsonl"), step)
+    if dropped:
+        logger.info(f"metrics.jsonl: removed {dropped} rows after step {step}, run again now")
+    for path in write_missing_exports(run_dir, args.milestone_every, args.max_train_steps):
+        logger.info(f"wrote the missing EMA export {path}")
+
+
 def main(args: argparse.Namespace) -> int:
     """Train; returns the exit code: 0, or EXIT_STOPPED when a signal stopped the run after its
     checkpoint (re-running the command with --resume auto continues it)."""
@@ -474,6 +569,7 @@ def main(args: argparse.Namespace) -> int:
             return 0
         if accelerator.is_main_process:
             start_run_directory(args, accelerator, logger)
+            repair_run_directory(args, trainer.step, logger)
         accelerator.wait_for_everyone()
         logger.info(describe(trainer, macs, resume))
         if trainer.step >= args.max_train_steps:

@@ -35,6 +35,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from checkpoints import (
     TrainingError,
     checkpoint_state,
+    export_due,
     latest_checkpoint,
     restore_run_state,
     rng_state,
@@ -73,6 +74,7 @@ class Trainer:
     encoders: list[RepresentationEncoder]  # online mode: run in the loop; else []
     plan: BatchPlan
     step: int = 0
+    dataset_id: str | None = None  # the content of the training data (None: unknown)
     raw: AlignedDiffusionTransformer = field(init=False)  # the model, unwrapped
 
     def __post_init__(self) -> None:
@@ -101,9 +103,11 @@ def create_trainer(
     model: AlignedDiffusionTransformer,
     plan: BatchPlan,
     encoders: list[RepresentationEncoder],
+    dataset_id: str | None = None,
 ) -> Trainer:
     """EMA, optimiser and objective for `model`, then compilation and accelerate's wrapping.
-    `encoders`: the frozen encoders run in the loop (online mode), else []."""
+    `encoders`: the frozen encoders run in the loop (online mode), else []; `dataset_id`: the
+    identity of the training data, recorded in checkpoints."""
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
     optimizer = create_optimizer(args, model)
     loss_fn = SILoss(
@@ -117,7 +121,9 @@ def create_trainer(
     prepared = torch.compile(model) if args.compile else model
     prepared, optimizer = accelerator.prepare(prepared, optimizer)
     ema.to(accelerator.device)
-    return Trainer(args, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan)
+    return Trainer(
+        args, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan, dataset_id=dataset_id
+    )
 
 
 #################################################################################
@@ -256,8 +262,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 #################################################################################
 
 
-def data_position(trainer: Trainer) -> dict[str, int]:
-    """Where the data plan stands: step s reads global batch s of the (seed, epoch) orders."""
+def data_position(trainer: Trainer) -> dict[str, Any]:
+    """Where the data plan stands: step s reads global batch s of the (seed, epoch) orders of
+    the dataset `dataset_id`."""
     plan = trainer.plan
     epoch, batch_in_epoch = divmod(trainer.step, plan.steps_per_epoch)
     return dict(
@@ -265,6 +272,7 @@ def data_position(trainer: Trainer) -> dict[str, int]:
         epoch=epoch,
         batch_in_epoch=batch_in_epoch,
         dataset_size=plan.dataset_size,
+        dataset_id=trainer.dataset_id,
         global_batch=plan.global_batch,
         seed=plan.seed,
     )
@@ -281,8 +289,7 @@ def save_training_checkpoint(trainer: Trainer, run_dir: str, logger: Any) -> str
             trainer.raw, trainer.ema, step, args=vars(args), opt=trainer.optimizer,
             scaler=acc.scaler, rng={"processes": rng}, data=data_position(trainer),
         )  # fmt: skip
-        milestone = bool(args.milestone_every) and step % args.milestone_every == 0
-        export = milestone or step == args.max_train_steps
+        export = export_due(step, args.milestone_every, args.max_train_steps)
         try:
             path, removed = save_run_checkpoint(
                 run_dir, state, export, args.keep_last, args.milestone_every

@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,50 +22,29 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import RES
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import checkpoints
+import shards
 import train
 import trainer
 from checkpoints import TrainingError, load_checkpoint, load_model_for_sampling
 from data_plan import BatchPlan, StepDraws, TrainingBatches
 from frozen import ENCODER_STANDIN
 from models import build_model
-from preprocessing.prepare import main as prepare_main
-from preprocessing.prepare import parse_args as prepare_args
 from run_log import create_logger
 from trainer import update_ema
-from utils import EXIT_STOPPED
+from utils import EXIT_STOPPED, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RES = 64  # 8×8 latents; SiT↓'s middle stage runs on 4×4 tokens, DINOv2's grid is 4×4
-NUM_IMAGES = 32
 TINY = json.dumps({"hidden_size": 32, "depths": [1, 2, 1], "num_heads": 2, "projector_dim": 32})
 
 
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    """32 smooth 64×64 images in 4 classes -> VAE moments, DINOv2 features and pixels."""
-    root = tmp_path_factory.mktemp("train-data")
-    for k in range(NUM_IMAGES):
-        yy, xx = np.mgrid[0:RES, 0:RES]
-        rgb = np.stack([np.sin(xx / (3 + c + k % 4) + yy / (5 + c) + k) for c in range(3)], -1)
-        folder = root / "images" / f"class{k % 4}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(((rgb * 0.4 + 0.5) * 255).astype(np.uint8)).save(folder / f"{k}.png")
-    dest = str(root / "data")
-    prepare_main(prepare_args([
-        "--source", str(root / "images"), "--dest", dest, "--vae", "tiny-random",
-        "--enc-type", ENCODER_STANDIN, "--resolution", str(RES), "--save-pixels",
-        "--num-workers", "0", "--batch-size", "16",
-    ]))  # fmt: skip
-    return dest
 
 
 @pytest.fixture(autouse=True)
@@ -199,6 +180,17 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it(cuda, bf16, expected, monke
         (["--model-config", "[1]"], "expected a JSON object"),
         (["--model-config", '{"encoder_depth": 3}'], "encoder_depth (set by --encoder-depth)"),
         (["--resume", "/no/such.pt"], "no checkpoint file '/no/such.pt'"),
+        # --model-config's values are checked against the constructor's annotations
+        (["--model", "SiTDown", "--model-config", '{"hidden_size": "64"}'],
+         "--model-config: hidden_size must be int, got '64' (str)"),
+        (["--model", "SiTDown", "--model-config", '{"depths": 2}'],
+         "--model-config: depths must be tuple[int, int, int] | list[int], got 2 (int)"),
+        (["--model-config", '{"projector_dim": 2.5}'],
+         "--model-config: projector_dim must be int, got 2.5 (float)"),
+        (["--model", "SiT", "--model-config", '{"mlp_ratio": true}'],
+         "--model-config: mlp_ratio must be float, got True (bool)"),
+        (["--model", "SiTDown", "--model-config", '{"hiden_size": 64}'],
+         "--model-config: SiTDown takes no argument 'hiden_size' (it takes: "),
     ],
 )  # fmt: skip
 def test_flag_errors_are_clear(extra, message, capsys):
@@ -437,17 +429,22 @@ def test_exact_resume_is_bitwise(data_dir, tmp_path):
     assert_states_equal(a["ema"], b["ema"])
     for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
         assert torch.equal(x, y)
+    dataset_id = train.dataset_identity(shards.load_manifest(data_dir))
     assert a["data"] == b["data"] == {"step": 6, "epoch": 1, "batch_in_epoch": 2,
-                                      "dataset_size": 32, "global_batch": 8, "seed": 0}  # fmt: skip
+                                      "dataset_size": 32, "dataset_id": dataset_id,
+                                      "global_batch": 8, "seed": 0}  # fmt: skip
     # The losses of steps 4-6 (after the resume) are the straight run's: same data, same draws.
     assert metrics(tmp_path, "straight")[1] | {"images_per_sec": 0} == metrics(tmp_path, "resumed")[
         1
     ] | {"images_per_sec": 0}
 
 
-def test_a_run_saved_by_the_first_release_resumes_to_todays_straight_run(data_dir, tmp_path):
+def test_a_run_saved_by_the_first_release_resumes_to_todays_straight_run(
+    data_dir, tmp_path, capsys
+):
     """A u-repa/1 training checkpoint of step 2, written by earlier code on this very toy set
-    (tests/fixtures/README.md), resumes; steps 1-2 of today's code are that code's, bit for bit."""
+    (tests/fixtures/README.md), resumes; steps 1-2 of today's code are that code's, bit for bit.
+    It records no identity of its data: the resume says that it could not check it."""
     fixture = os.path.join(REPO, "tests", "fixtures", "u-repa-1_sitdown-tiny.pt")
     tiny = '{"hidden_size": 16, "depths": [1, 1, 1], "num_heads": 2, "projector_dim": 16}'
     flags = [*argv(data_dir, tmp_path, "", "--max-train-steps", "3")]
@@ -456,7 +453,11 @@ def test_a_run_saved_by_the_first_release_resumes_to_todays_straight_run(data_di
     flags[flags.index("--exp-name") + 1] = "straight"
     run(*flags)
     flags[flags.index("--exp-name") + 1] = "resumed"
+    capsys.readouterr()
     run(*flags, "--resume", fixture)
+    assert "could not check that --data-dir holds the data it was trained on" in (
+        capsys.readouterr().out
+    )
     a, b = checkpoint(tmp_path, "straight", 3), checkpoint(tmp_path, "resumed", 3)
     assert_states_equal(a["model"], b["model"])
     assert_states_equal(a["ema"], b["ema"])
@@ -525,10 +526,12 @@ def test_run_directory_checkpoints_logs_and_previews(data_dir, tmp_path):
     assert ckpt["model_name"] == "SiTDown" and ckpt["model_kwargs"]["hidden_size"] == 32
     assert ckpt["args"] == json.loads((run_dir / "args.json").read_text())
     assert ckpt["scaler"] is None and len(ckpt["rng"]["processes"]) == 1
-    # generate.py's loader rebuilds the EMA model from either file alone.
+    # generate.py's loader rebuilds the EMA model from either file alone, with the training
+    # flags it samples by (the path type).
     for name in ("0000006.pt", "0000006-ema.safetensors"):
         model = load_model_for_sampling(str(run_dir / "checkpoints" / name))
         assert_states_equal(model.state_dict(), ckpt["ema"])
+        assert model.checkpoint_args == ckpt["args"]
     # Logs: every loss term, the cosine similarity, grad norm, lr and throughput per interval.
     records = metrics(tmp_path, "full-run")
     assert [r["step"] for r in records] == [2, 4, 6]
@@ -557,6 +560,110 @@ def test_existing_run_and_incompatible_resume_are_refused(data_dir, tmp_path):
     assert "--max-train-steps" not in message  # may change on resume
     # Nothing was written: the checkpoint is as it was.
     assert checkpoint(tmp_path, "base", 2)["step"] == 2
+
+
+def other_data_of_the_same_size(data_dir: str, dest: str) -> str:
+    """A copy of the toy set with its labels rolled by one and its manifest updated to match:
+    another dataset, of the same size, that opens like the original."""
+    shutil.copytree(data_dir, dest)
+    rel = os.path.join("shards", "labels-00000.npy")
+    np.save(os.path.join(dest, rel), np.roll(np.load(os.path.join(dest, rel)), 1))
+    manifest = shards.load_manifest(dest)
+    manifest["shards"][0]["files"][rel]["sha256"] = shards.file_sha256(os.path.join(dest, rel))
+    write_json(os.path.join(dest, "manifest.json"), manifest)
+    return dest
+
+
+def test_resume_checks_the_data_content_not_its_path(data_dir, tmp_path):
+    run(*argv(data_dir, tmp_path, "base", "--max-train-steps", "2"))
+    other = other_data_of_the_same_size(data_dir, str(tmp_path / "other"))
+    with pytest.raises(TrainingError, match="cannot resume") as err:
+        run(*argv(other, tmp_path, "base", "--resume", "auto"))
+    assert "dataset content: " in str(err.value) and "another dataset" in str(err.value)
+    # The same data at another path is the same dataset.
+    moved = shutil.copytree(data_dir, tmp_path / "moved")
+    run(*argv(str(moved), tmp_path, "base", "--resume", "auto"))
+    first, last = checkpoint(tmp_path, "base", 2), checkpoint(tmp_path, "base", 4)
+    assert first["data"]["dataset_id"] == last["data"]["dataset_id"]
+
+
+def read_export(path) -> tuple[dict, dict]:
+    """An EMA export's tensors and metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def assert_same_export(a, b, but: tuple[str, ...] = ()) -> None:
+    """The same weights and metadata, but for the metadata keys `but`. (Safetensors writes the
+    metadata in no fixed order, so equal exports need not be equal bytes.)"""
+    (tensors_a, meta_a), (tensors_b, meta_b) = read_export(a), read_export(b)
+    assert_states_equal(tensors_a, tensors_b)
+    assert {k: v for k, v in meta_a.items() if k not in but} == {
+        k: v for k, v in meta_b.items() if k not in but
+    }
+
+
+def test_lost_ema_exports_are_written_again_by_the_next_run(data_dir, tmp_path, monkeypatch):
+    """A full disk or a kill between a checkpoint and its EMA export (milestones and the final
+    step): the same command writes the export again, when it resumes and with nothing to do."""
+    extra = ["--milestone-every", "2", "--keep-last", "1"]
+    run(*argv(data_dir, tmp_path, "straight", *extra))
+    original = checkpoints.export_ema_safetensors
+
+    def disk_full_at_step_2(path, *args, **kwargs):
+        if "0000002" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "export_ema_safetensors", disk_full_at_step_2)
+    with pytest.raises(TrainingError, match="step 2"):
+        run(*argv(data_dir, tmp_path, "lost", *extra, "--resume", "auto"))
+    monkeypatch.undo()
+    folder, straight = tmp_path / "lost" / "checkpoints", tmp_path / "straight" / "checkpoints"
+    assert os.listdir(folder) == ["0000002.pt"]
+    run(*argv(data_dir, tmp_path, "lost", *extra, "--resume", "auto"))  # resumes at step 2
+    names = ["0000002-ema.safetensors", "0000004-ema.safetensors"]
+    for name in names:  # the flags differ by --exp-name and --resume
+        assert_same_export(folder / name, straight / name, but=("args",))
+    for name in names:  # as a kill after the last checkpoint, before its export, leaves them
+        os.rename(folder / name, tmp_path / name)
+    run(*argv(data_dir, tmp_path, "lost", *extra, "--resume", "auto"))  # nothing to do
+    for name in names:
+        assert_same_export(folder / name, tmp_path / name)
+
+
+def test_a_resume_removes_the_temporary_files_of_killed_saves(data_dir, tmp_path, capsys):
+    run(*argv(data_dir, tmp_path, "tmp", "--max-train-steps", "2"))
+    run_dir = tmp_path / "tmp"
+    leftovers = [run_dir / "checkpoints" / ".0000004.pt.k2j3x9.tmp",
+                 run_dir / "checkpoints" / ".0000004-ema.safetensors.8fa1q0.tmp",
+                 run_dir / ".metrics.jsonl.0p2x7a.tmp"]  # fmt: skip
+    for path in leftovers:
+        path.write_bytes(b"the first bytes of a file whose write was killed")
+    (run_dir / "checkpoints" / "notes.tmp").write_text("not ours: kept")
+    capsys.readouterr()
+    run(*argv(data_dir, tmp_path, "tmp", "--resume", "auto"))
+    out = capsys.readouterr().out
+    for path in leftovers:
+        assert not path.exists() and f"removed {path}" in out
+    assert (run_dir / "checkpoints" / "notes.tmp").exists()
+
+
+def test_metrics_of_steps_run_again_after_a_kill_are_not_repeated(data_dir, tmp_path):
+    run(*argv(data_dir, tmp_path, "rows", "--log-every", "1"))
+    straight = metrics(tmp_path, "rows")
+    # Killed after logging step 4 (and half of a next row), before the checkpoint of step 4.
+    for name in ("0000004.pt", "0000004-ema.safetensors"):
+        os.remove(tmp_path / "rows" / "checkpoints" / name)
+    with open(tmp_path / "rows" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "epo')
+    run(*argv(data_dir, tmp_path, "rows", "--log-every", "1", "--resume", "auto"))
+    resumed = metrics(tmp_path, "rows")
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed, strict=True):
+        assert a | {"images_per_sec": 0} == b | {"images_per_sec": 0}
 
 
 def inject_nan_from_step(monkeypatch, first_bad_step: int) -> None:
@@ -605,6 +712,70 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
     assert "No space left on device" in str(err.value) and "0000002.pt) is intact" in str(err.value)
     assert sorted(os.listdir(tmp_path / "full-disk" / "checkpoints")) == ["0000002.pt"]
     assert checkpoint(tmp_path, "full-disk", 2)["step"] == 2
+
+
+TORCH_SAVE_ON_A_FULL_DISK = (
+    "[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
+    "data/12: file write failed"
+)
+
+
+def fail_the_save_of_step_4(monkeypatch, how: str) -> None:
+    """The save of step 4 meets a full disk: too little free space seen before writing, or
+    torch.save failing midway as it does (RuntimeError) or with the OS's ENOSPC."""
+    if how == "little free space":
+        real = shutil.disk_usage
+
+        def disk_usage(path):
+            usage = real(path)
+            if os.path.exists(os.path.join(path, "0000002.pt")):
+                return usage._replace(free=100_000)
+            return usage
+
+        monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+        return
+    original = torch.save
+    error = (RuntimeError(TORCH_SAVE_ON_A_FULL_DISK) if how == "RuntimeError"
+             else OSError(errno.ENOSPC, "No space left on device"))  # fmt: skip
+
+    def save(obj, f, *args, **kwargs):
+        if ".0000004.pt." in str(f):
+            with open(f, "wb") as out:
+                out.write(b"the first bytes")
+            raise error
+        original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("how", ["little free space", "RuntimeError", "ENOSPC"])
+def test_a_full_disk_says_what_was_kept_and_how_to_continue(data_dir, tmp_path, monkeypatch, how):
+    fail_the_save_of_step_4(monkeypatch, how)
+    with pytest.raises(TrainingError, match="the checkpoint of step 4") as err:
+        run(*argv(data_dir, tmp_path, "full", "--max-train-steps", "6"))
+    message = str(err.value)
+    assert "0000002.pt) is intact" in message and "--resume auto" in message
+    assert "\n" not in message
+    if how == "little free space":
+        assert re.search(r"needs [\d.]+ MiB, 0.1 MiB are free", message), message
+    else:
+        assert ("file write failed" if how == "RuntimeError" else "No space left") in message
+    assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == ["0000002.pt"]  # no .tmp
+
+
+def test_a_full_disk_at_the_export_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                              'StorageFull, message: "No space left on device" })')  # fmt: skip
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(TrainingError, match="the checkpoint of step 4 is saved") as err:
+        run(*argv(data_dir, tmp_path, "export", "--milestone-every", "4"))
+    assert "StorageFull" in str(err.value) and "--resume auto" in str(err.value)
+    assert sorted(os.listdir(tmp_path / "export" / "checkpoints")) == ["0000002.pt", "0000004.pt"]
 
 
 def test_a_corrupt_checkpoint_is_one_line_and_exit_code_1(data_dir, tmp_path):

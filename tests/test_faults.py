@@ -1,0 +1,356 @@
+"""Faults, on a CPU: `kill -9` of train.py, preprocessing/prepare.py and generate.py at moments
+drawn from fixed seeds (inside a save too: the test polls for the save's temporary file and kills
+when it appears), a full disk, and corrupt inputs.
+
+After a kill or a full disk, the same command is run again, and its result must be an
+uninterrupted run's: training bit for bit (weights, EMA, optimiser, exports, one metrics row per
+step), a dataset file for file, a sample `.npz` byte for byte. A corrupt input must give one line
+and exit code 1.
+"""
+
+from __future__ import annotations
+
+import errno
+import filecmp
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import prepare_flags
+from test_train import (
+    argv,
+    assert_same_export,
+    assert_states_equal,
+    fresh_accelerate_state,  # noqa: F401 (an autouse fixture: in-process runs here too)
+    metrics,
+    optimizer_tensors,
+    run,
+)
+
+import generate
+import shards
+from checkpoints import TrainingError, load_checkpoint
+from preprocessing.prepare import main as prepare_main
+from preprocessing.prepare import parse_args as prepare_args
+from utils import is_temporary
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = "u-repa faults"  # the moments of the kills
+
+
+def moment(scenario: str, choices: list[int]) -> int:
+    """The moment of a kill, drawn from the fixed seed and the scenario's name."""
+    return random.Random(f"{SEED}/{scenario}").choice(choices)
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+
+
+def kill_when(process: subprocess.Popen, ready: Callable[[], bool], timeout: float = 300) -> None:
+    """`kill -9` the process (and its group) as soon as `ready()` holds, polling without pause:
+    a save of the tiny models takes milliseconds."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert process.poll() is None, f"the process ended (code {process.returncode}) unkilled"
+        assert time.time() < deadline, "the moment of the kill never came"
+        time.sleep(0.0005)  # saves last 5-50 ms here: they are seen, and the process runs
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+
+def names(folder) -> list[str]:
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def temporaries(folder, of: str = "") -> list[str]:
+    return [name for name in names(folder) if is_temporary(name, of)]
+
+
+def one_line_error(cmd: list[str]) -> str:
+    """Run a command that must fail with one line on stderr and exit code 1; returns the line."""
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# train.py
+# --------------------------------------------------------------------------------------------
+
+# Checkpoints at steps 2, 4 (a milestone, exported) and 6 (the final step, exported); the same
+# command starts the run and continues it.
+TRAIN = ["--max-train-steps", "6", "--checkpointing-steps", "2", "--milestone-every", "4",
+         "--keep-last", "1", "--log-every", "1", "--resume", "auto"]  # fmt: skip
+
+
+def train_command(data_dir: str, out, exp: str) -> list[str]:
+    return [sys.executable, "train.py", *argv(data_dir, out, exp, *TRAIN)]
+
+
+@pytest.fixture(scope="module")
+def train_reference(data_dir, tmp_path_factory):
+    """An uninterrupted run: (output dir, run dir)."""
+    out = tmp_path_factory.mktemp("faults-train")
+    run(*argv(data_dir, out, "reference", *TRAIN))
+    return out, out / "reference"
+
+
+def assert_same_run(run_dir, reference) -> None:
+    """Bit for bit the reference run: weights, EMA, optimiser, exports, metrics, no leftovers."""
+    assert names(run_dir / "checkpoints") == names(reference / "checkpoints")  # no .tmp
+    assert not temporaries(run_dir)
+    a = load_checkpoint(str(reference / "checkpoints" / "0000006.pt"))
+    b = load_checkpoint(str(run_dir / "checkpoints" / "0000006.pt"))
+    assert_states_equal(a["model"], b["model"])
+    assert_states_equal(a["ema"], b["ema"])
+    for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
+        assert torch.equal(x, y)
+    for name in ("0000004-ema.safetensors", "0000006-ema.safetensors"):  # flags differ by name
+        assert_same_export(run_dir / "checkpoints" / name, reference / "checkpoints" / name,
+                           but=("args",))  # fmt: skip
+    straight = metrics(reference.parent, reference.name)
+    resumed = metrics(run_dir.parent, run_dir.name)
+    assert [row["step"] for row in resumed] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(straight, resumed, strict=True):
+        assert x | {"images_per_sec": 0} == y | {"images_per_sec": 0}
+
+
+def train_kill_moment(scenario: str, run_dir) -> Callable[[], bool]:
+    """When to kill: during a step (after the k-th metrics row), inside the save of checkpoint
+    k (its temporary file exists; should a busy machine hide that from the poll, just after), or
+    after checkpoint k, before its EMA export is written."""
+    folder = run_dir / "checkpoints"
+    if scenario == "a step":
+        rows = moment(scenario, [1, 2, 3, 4, 5])
+        jsonl = run_dir / "metrics.jsonl"
+        return lambda: jsonl.exists() and jsonl.read_text().count("\n") >= rows
+    if scenario == "a checkpoint save":
+        name = f"{moment(scenario, [2, 4, 6]):07d}.pt"
+        return lambda: bool(temporaries(folder, name)) or os.path.exists(folder / name)
+    name = f"{moment(scenario, [4, 6]):07d}.pt"  # a milestone or the final step: exported
+    return lambda: os.path.exists(folder / name)
+
+
+@pytest.mark.parametrize("scenario", ["a step", "a checkpoint save", "an EMA export"])
+def test_train_killed_during_then_rerun_equals_an_uninterrupted_run(
+    data_dir, train_reference, scenario
+):
+    out, reference = train_reference
+    exp = scenario.replace(" ", "-")
+    kill_when(start(train_command(data_dir, out, exp)), train_kill_moment(scenario, out / exp))
+    run(*argv(data_dir, out, exp, *TRAIN))  # the same command, in this process
+    assert_same_run(out / exp, reference)
+
+
+def test_train_after_a_full_disk_then_room_equals_an_uninterrupted_run(
+    data_dir, train_reference, monkeypatch
+):
+    out, reference = train_reference
+    original = torch.save
+
+    def save(obj, f, *args, **kwargs):  # the disk is full at the checkpoint of step 4
+        if ".0000004.pt." in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(TrainingError, match="0000002.pt\\) is intact"):
+        run(*argv(data_dir, out, "full-disk", *TRAIN))
+    monkeypatch.undo()  # room is made
+    run(*argv(data_dir, out, "full-disk", *TRAIN))
+    assert_same_run(out / "full-disk", reference)
+
+
+# --------------------------------------------------------------------------------------------
+# preprocessing/prepare.py
+# --------------------------------------------------------------------------------------------
+
+PREPARE_EXTRA = ("--shard-size", "8")  # 4 shards
+
+
+@pytest.fixture(scope="module")
+def prepare_reference(toy_images, tmp_path_factory):
+    """An uninterrupted preparation, moved aside: (its folder, where the runs under test write).
+    The runs write to the reference's first place, so that the commands are the same."""
+    root = tmp_path_factory.mktemp("faults-prepare")
+    prepare_main(prepare_args(prepare_flags(toy_images, str(root / "data"), *PREPARE_EXTRA)))
+    os.rename(root / "data", root / "reference")
+    return root / "reference", root / "data"
+
+
+def assert_same_dataset(dest, reference) -> None:
+    """Every file of the reference, byte for byte, and nothing else (no temporary file)."""
+    for folder in ("", "shards"):
+        files = names(reference / folder)
+        assert names(dest / folder) == files
+        regular = [name for name in files if os.path.isfile(reference / folder / name)]
+        _, mismatch, errors = filecmp.cmpfiles(dest / folder, reference / folder, regular,
+                                               shallow=False)  # fmt: skip
+        assert not mismatch and not errors, (folder, mismatch, errors)
+
+
+def prepare_kill_moment(scenario: str, dest) -> Callable[[], bool]:
+    """When to kill: inside the write of shard k (its temporary files exist), or inside the
+    write of the manifest (its temporary file exists; or it is there, while the process ends)."""
+    if scenario == "a shard":
+        shard = f"-{moment(scenario, [0, 1, 2, 3]):05d}."
+        return lambda: any(shard in n and n.endswith(".tmp") for n in names(dest / "shards"))
+    return lambda: bool(temporaries(dest, shards.MANIFEST)) or (dest / shards.MANIFEST).exists()
+
+
+@pytest.mark.parametrize("scenario", ["a shard", "the manifest"])
+def test_prepare_killed_during_then_rerun_equals_an_uninterrupted_run(
+    toy_images, prepare_reference, scenario
+):
+    reference, dest = prepare_reference
+    flags = prepare_flags(toy_images, str(dest), *PREPARE_EXTRA)
+    try:
+        process = start([sys.executable, "preprocessing/prepare.py", *flags])
+        kill_when(process, prepare_kill_moment(scenario, dest))
+        prepare_main(prepare_args(flags))  # the same command, in this process
+        assert_same_dataset(dest, reference)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def test_prepare_after_a_full_disk_then_room_equals_an_uninterrupted_run(
+    toy_images, prepare_reference, monkeypatch
+):
+    reference, dest = prepare_reference
+    flags = prepare_flags(toy_images, str(dest), *PREPARE_EXTRA)
+    original = shards.write_json
+
+    def write_json(path, obj, *args):  # the disk is full when shard 2 is published
+        if path.endswith("shard-00002.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(path, obj, *args)
+
+    monkeypatch.setattr(shards, "write_json", write_json)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            prepare_main(prepare_args(flags))
+        monkeypatch.undo()  # room is made
+        prepare_main(prepare_args(flags))
+        assert_same_dataset(dest, reference)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# generate.py
+# --------------------------------------------------------------------------------------------
+
+SAMPLES = ["--vae", "tiny-random", "--num-fid-samples", "8", "--per-proc-batch-size", "2",
+           "--mode", "sde", "--num-steps", "4", "--precision", "fp32",
+           "--global-seed", "3"]  # fmt: skip
+
+
+def generate_flags(ckpt: str, sample_dir) -> list[str]:
+    return ["--ckpt", ckpt, "--sample-dir", str(sample_dir), *SAMPLES]
+
+
+@pytest.fixture(scope="module")
+def samples_reference(train_reference, tmp_path_factory):
+    """An uninterrupted sampling of the reference run's EMA: (checkpoint, its .npz bytes)."""
+    ckpt = str(train_reference[1] / "checkpoints" / "0000006.pt")
+    sample_dir = tmp_path_factory.mktemp("faults-generate") / "samples"
+    generate.main(generate.parse_args(generate_flags(ckpt, sample_dir)))
+    return ckpt, (sample_dir.parent / "samples.npz").read_bytes()
+
+
+def generate_kill_moment(scenario: str, sample_dir) -> Callable[[], bool]:
+    """When to kill: once the k-th image is written, or inside the write of the .npz (its
+    temporary file exists; or it is there, while the process ends)."""
+    if scenario == "an image":
+        count = moment(scenario, [1, 2, 3, 4, 5, 6, 7])
+        return lambda: sum(n.endswith(".png") for n in names(sample_dir)) >= count
+    npz = f"{sample_dir.name}.npz"
+    return lambda: bool(temporaries(sample_dir.parent, npz)) or (sample_dir.parent / npz).exists()
+
+
+@pytest.mark.parametrize("scenario", ["an image", "the npz"])
+def test_generate_killed_during_then_rerun_equals_an_uninterrupted_run(
+    samples_reference, tmp_path, scenario
+):
+    ckpt, npz = samples_reference
+    flags = generate_flags(ckpt, tmp_path / "samples")
+    kill_when(start([sys.executable, "generate.py", *flags]),
+              generate_kill_moment(scenario, tmp_path / "samples"))  # fmt: skip
+    generate.main(generate.parse_args(flags))  # the same command, in this process
+    assert (tmp_path / "samples.npz").read_bytes() == npz
+    assert not temporaries(tmp_path / "samples")
+
+
+def test_generate_after_a_full_disk_then_room_equals_an_uninterrupted_run(
+    samples_reference, tmp_path, monkeypatch
+):
+    ckpt, npz = samples_reference
+    flags = generate_flags(ckpt, tmp_path / "samples")
+    original = generate.save_png
+
+    def save_png(image, sample_dir, index):  # the disk is full at image 5
+        if index == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(image, sample_dir, index)
+
+    monkeypatch.setattr(generate, "save_png", save_png)
+    with pytest.raises(OSError, match="No space left"):
+        generate.main(generate.parse_args(flags))
+    monkeypatch.undo()  # room is made
+    generate.main(generate.parse_args(flags))
+    assert (tmp_path / "samples.npz").read_bytes() == npz
+
+
+# --------------------------------------------------------------------------------------------
+# Corrupt inputs: one line, exit code 1
+# --------------------------------------------------------------------------------------------
+
+
+def truncated_copy(path, dest) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(dest, "wb") as f:
+        f.write(data[: len(data) // 2])
+    return str(dest)
+
+
+def test_a_truncated_checkpoint_is_one_line_and_exit_code_1(data_dir, train_reference, tmp_path):
+    out, reference = train_reference
+    truncated = truncated_copy(reference / "checkpoints" / "0000006.pt", tmp_path / "0000006.pt")
+    expected = f"could not read {truncated!r}: the file is truncated, corrupt or not a PyTorch"
+    resume = [sys.executable, "train.py", *argv(data_dir, tmp_path, "t", "--resume", truncated)]
+    assert expected in one_line_error(resume)
+    sample = [sys.executable, "generate.py", *generate_flags(truncated, tmp_path / "samples")]
+    assert expected in one_line_error(sample)
+
+
+def test_a_garbage_shard_file_is_one_line_and_exit_code_1(data_dir, tmp_path):
+    garbage = shutil.copytree(data_dir, tmp_path / "data")
+    shard = garbage / "shards" / "moments-00000.npy"
+    shard.write_bytes(random.Random(SEED).randbytes(shard.stat().st_size))
+    cmd = [sys.executable, "train.py", *argv(str(garbage), tmp_path, "g")]
+    assert "moments-00000.npy is not a valid .npy file" in one_line_error(cmd)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="evaluations/ has no one-line error surface yet: a truncated .npz gives a traceback",
+)
+def test_a_truncated_npz_is_one_line_and_exit_code_1(samples_reference, tmp_path):
+    good = tmp_path / "samples.npz"
+    good.write_bytes(samples_reference[1])
+    truncated = truncated_copy(good, tmp_path / "truncated.npz")
+    cmd = [sys.executable, "evaluations/evaluator.py", truncated, str(good), "--device", "cpu",
+           "--random-weights-for-tests"]  # fmt: skip
+    assert "truncated.npz" in one_line_error(cmd)
