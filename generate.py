@@ -424,8 +424,17 @@ def init_sample_dir(sample_dir: str, settings: dict[str, Any]) -> None:
     for name in os.listdir(sample_dir):
         if is_temporary(name):
             os.remove(os.path.join(sample_dir, name))
+    parent, npz_name = os.path.split(npz_path_of(sample_dir))
+    for name in os.listdir(parent or "."):  # a killed .npz write, as large as the .npz
+        if is_temporary(name, of=npz_name + "."):
+            os.remove(os.path.join(parent, name))
     if not holds_pngs(sample_dir):
         write_json(os.path.join(sample_dir, SETTINGS_FILE), settings)
+
+
+def npz_path_of(sample_dir: str) -> str:
+    """samples/run-0400000/ -> samples/run-0400000.npz (beside the folder)."""
+    return f"{os.path.normpath(sample_dir)}.npz"
 
 
 def missing_indices(sample_dir: str, num_samples: int) -> list[int]:
@@ -560,7 +569,7 @@ def main(args: argparse.Namespace) -> None:
 
     barrier()  # every PNG is written
     if rank == 0:
-        npz_path = f"{os.path.normpath(args.sample_dir)}.npz"
+        npz_path = npz_path_of(args.sample_dir)
         shape = write_npz(args.sample_dir, args.num_fid_samples, npz_path)
         print(f"Saved {npz_path} [arr_0: uint8, shape {shape}].")
     close_distributed()
