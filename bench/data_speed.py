@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 import shards
 import train
 from bench.common import report, write_json
-from cli import encoder_list
+from cli import encoder_list, nonnegative_int, positive_float, positive_int
 from data_plan import BatchPlan
 from dataset import LatentDataset
 from trainer import training_loader
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--data-dir", help="a dataset written by preprocessing/prepare.py")
     source.add_argument(
         "--synthetic",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="write N random samples of ImageNet-256 shapes to a temporary folder",
     )
@@ -73,13 +73,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also read the stored pixels (online-encoder mode); with --synthetic, store them "
         "in this format",
     )
-    parser.add_argument("--global-batch", type=int, default=256)
-    parser.add_argument("--processes", type=int, default=8, help="training processes sharing it")
-    parser.add_argument("--num-workers", type=int, default=4, help="loader workers per process")
-    parser.add_argument("--batches", type=int, default=30, help="timed batches (after 5 warm-up)")
+    parser.add_argument("--global-batch", type=positive_int, default=256)
+    parser.add_argument(
+        "--processes", type=positive_int, default=8, help="training processes sharing it"
+    )
+    parser.add_argument(
+        "--num-workers", type=nonnegative_int, default=4, help="loader workers per process"
+    )
+    parser.add_argument(
+        "--batches", type=positive_int, default=30, help="timed batches (after 5 warm-up)"
+    )
     parser.add_argument(
         "--train-images-per-sec",
-        type=float,
+        type=positive_float,
         default=None,
         help="images/s of one GPU in training, for the ratio",
     )

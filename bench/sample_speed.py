@@ -50,7 +50,7 @@ from bench.common import (
     write_json,
 )
 from checkpoints import load_model_for_sampling
-from cli import json_object, model_name
+from cli import json_object, model_name, positive_float, positive_int
 from models import build_model
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
@@ -84,9 +84,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     parser.add_argument(
         "--ckpt", default=None, help="a checkpoint to sample instead of random weights"
     )
-    parser.add_argument("--resolution", type=int, default=256, help="image side (latents: /8)")
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--batches", type=int, default=2, help="timed batches (after one untimed)")
+    parser.add_argument(
+        "--resolution", type=positive_int, default=256, help="image side (latents: /8)"
+    )
+    parser.add_argument("--num-classes", type=positive_int, default=1000)
+    parser.add_argument(
+        "--batches", type=positive_int, default=2, help="timed batches (after one untimed)"
+    )
     parser.add_argument(
         "--compare-noise",
         action=argparse.BooleanOptionalAction,
@@ -99,10 +103,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
         default=True,
         help="sample --compare-samples images in fp32, TF32 and bf16 and compare",
     )
-    parser.add_argument("--compare-samples", type=int, default=8)
+    parser.add_argument("--compare-samples", type=positive_int, default=8)
     parser.add_argument(
         "--peak-tflops",
-        type=float,
+        type=positive_float,
         default=None,
         help="peak TFLOP/s of the device, for MFU (default: known GPUs, bf16)",
     )

@@ -60,6 +60,7 @@ from bench.common import (
     time_calls,
     write_json,
 )
+from cli import nonnegative_int, positive_int
 from data_plan import BatchPlan, StepDraws
 from frozen import encoder_dim, sample_latents
 from models.layers import sdpa_backend
@@ -105,19 +106,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         help=f"comma-separated (repeats allowed: ours,repa-protocol,ours,...), or 'all': "
         f"{', '.join(CONFIGS)}",
     )
-    p.add_argument("--steps", type=int, default=20, help="steps per timed round")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds (median reported)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=positive_int, default=20, help="steps per timed round")
+    p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds (median reported)")
+    p.add_argument("--warmup", type=nonnegative_int, default=5, help="untimed steps first")
     p.add_argument(
-        "--sync-steps", type=int, default=10, help="steps over which host syncs are counted (CUDA)"
+        "--sync-steps",
+        type=positive_int,
+        default=10,
+        help="steps over which host syncs are counted (CUDA)",
     )
     p.add_argument(
         "--update-repeats",
-        type=int,
+        type=positive_int,
         default=10,
         help="timed repeats of the AdamW step / EMA update alone",
     )
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=positive_int, default=1000)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench, train_argv = p.parse_known_args(argv)
     names = list(CONFIGS) if bench.configs == "all" else bench.configs.split(",")

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cli import positive_float
 from models import build_model
 from models.summary import count_macs
 
@@ -59,7 +60,9 @@ def model_evaluations(mode: str | None, steps: int, cfg: float, high: float) -> 
 def main(argv: list[str] | None = None) -> None:
     summary = " ".join(__doc__.split("\n\n")[0].split())  # the first paragraph, unwrapped
     parser = argparse.ArgumentParser(description=summary)
-    parser.add_argument("--mfu", type=float, default=0.3, help="assumed model FLOP utilisation")
+    parser.add_argument(
+        "--mfu", type=positive_float, default=0.3, help="assumed model FLOP utilisation"
+    )
     args = parser.parse_args(argv)
     flops_per_second = H100_PEAK * args.mfu
     print(f"{'table':<6}{'setting':<34}{'steps':>10}{'epochs':>8}{'train h':>10}{'sample h':>10}")
