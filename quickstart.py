@@ -47,7 +47,7 @@ import train
 from cli import add_debug_arg, run_main
 from frozen import ENCODER_STANDIN, VAE_PIXELS_2X, encoder_grid, load_encoder, load_vae
 from preprocessing import prepare
-from utils import EXIT_STOPPED, RunStopped
+from utils import EXIT_STOPPED, InputError, ReportedError, RunStopped
 
 EXP_NAME = "toy-sitdown-urepa"
 VAE_PRETRAINED, ENCODER_PRETRAINED = "ema", "dinov2-vit-s"
@@ -189,7 +189,7 @@ def pick_networks(choice: str) -> Networks:
             return Networks(VAE_PRETRAINED, ENCODER_PRETRAINED)
         failures += [e for e in (vae_error, encoder_error) if e]
         if choice == "pretrained":
-            raise SystemExit("--weights pretrained, but:\n  " + "\n  ".join(failures))
+            raise ReportedError("--weights pretrained, but " + "; ".join(failures))
     notes = [
         "STAND-INS: the pretrained SD-VAE and DINOv2 are not used (" + "; ".join(failures) + ").",
         "  * SD-VAE -> pixel space at half the resolution (--vae pixels-2x): the model denoises "
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: PyTorch sees no GPU; use --device cpu")
+        raise InputError("--device cuda: PyTorch sees no GPU; use --device cpu")
     with environment(**device_environment(device)):
         return run(args, cfg, device)
 
