@@ -2,8 +2,11 @@
 # The GPU figures of docs/benchmarks.md, on one GPU, part by part:
 #
 #   bash bench/run_gpu.sh OUT_DIR [PART ...]      # default: every part, in this order
+#   bash bench/run_gpu.sh OUT_DIR quick           # the headline figures only, first
 #
-# PART: train (SiT↓-XL/2 + U-REPA, ours vs REPA's protocol), train-each (each optimisation
+# PART: quick (SiT↓-XL/2 + U-REPA training images/s, MFU, peak memory, syncs per step and the
+# optimiser + EMA share, then sampling samples/s and MFU: few rounds, no compilation, meant to
+# fit a short loan of a GPU), train (SiT↓-XL/2 + U-REPA, ours vs REPA's protocol), train-each (each optimisation
 # alone), train-sit (SiT-XL/2 + REPA), sample (SDE 250, cfg 1.65 on [0, 0.7], bf16, with the
 # noise and precision comparisons), sample-compile, data (the loader against the measured
 # training rate). Each part writes OUT_DIR/PART.txt (what it printed) and OUT_DIR/PART.json.
@@ -30,6 +33,10 @@ train_rate() {  # images/s of "ours" in OUT_DIR/train.json
 
 for part in "${parts[@]}"; do
     case $part in
+        quick)
+            bench quick-train bench.train_speed --configs ours --steps 10 --rounds 2 --warmup 3
+            bench quick-sample bench.sample_speed --batches 1 --no-compare-noise \
+                --no-compare-precision ;;
         train) bench train bench.train_speed --configs ours,repa-protocol ;;
         train-each) bench train-each bench.train_speed --steps 10 --rounds 2 \
             --configs ours,compile,fp16,no-fused-adamw,online-encoder,log-every-step,sdpa-flash,sdpa-efficient,sdpa-cudnn,sdpa-math ;;

@@ -8,12 +8,17 @@ figures say so.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from accelerate.state import AcceleratorState
 
 from bench import data_speed, sample_speed, train_speed
 from frozen import ENCODER_STANDIN
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = '{"hidden_size": 32, "depths": [1, 2, 1], "num_heads": 2, "projector_dim": 32}'
 
@@ -121,3 +126,23 @@ def test_data_speed_reads_both_ways_and_prints_the_ratio(capsys):
     assert result["micro_batch"] == 4
     ratio = result["training_batches_samples_per_sec"] / 10
     assert result["training_batches_ratio"] == pytest.approx(ratio)
+
+
+def test_the_quick_gpu_part_runs_both_benchmarks_with_valid_flags(tmp_path):
+    """`bash bench/run_gpu.sh OUT quick` on a stand-in interpreter that only parses each
+    benchmark's flags: the part exists, calls both benchmarks, and every flag is accepted."""
+    stub = tmp_path / "parse-only"
+    stub.write_text(
+        "#!/bin/sh\n"
+        "shift  # -m\n"
+        f'exec {sys.executable} -c "import importlib, sys; '
+        "importlib.import_module(sys.argv[1]).parse_args(sys.argv[2:]); "
+        'print(\\"parsed\\", sys.argv[1])" "$@"\n'
+    )
+    stub.chmod(0o755)
+    result = subprocess.run(["bash", "bench/run_gpu.sh", str(tmp_path / "out"), "quick"],
+                            cwd=REPO, env={**os.environ, "PYTHON": str(stub)},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "parsed bench.train_speed" in result.stdout
+    assert "parsed bench.sample_speed" in result.stdout
