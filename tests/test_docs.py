@@ -18,7 +18,7 @@ PAGES = [*DOCS, "CONTRIBUTING.md"]
 TEXT_SUFFIXES = (".md", ".py", ".sh", ".txt", ".toml", ".cfg", ".yaml", ".yml", ".json", ".ini")
 # Words that belong to how the work was organised, not to the project. Written so that this file
 # does not match itself.
-FOREIGN = re.compile(r"\bissue\s+#?\d|KINDS\.md|\bwork[p]laces?\b|/work/(?:shared|main|wt-)")
+FOREIGN = re.compile(r"\bissue\s+#?\d|KINDS\.md|\bwork[p]laces?\b")
 # Flags of other programs that the pages mention (accelerate, torchrun, ruff; REPA's --legacy).
 OTHER_FLAGS = {"--multi_gpu", "--num_processes", "--num_machines", "--machine_rank",
                "--main_process_ip", "--main_process_port", "--nproc_per_node", "--standalone",
