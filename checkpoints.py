@@ -29,7 +29,7 @@ and the milestones) and `checkpoints/{step:07d}-ema.safetensors` (milestones and
 another setup (model, flags, and data: its size and the identity of its content, the checkpoint's
 `data` entry), `save_run_checkpoint` / `restore_run_state` write and read a run's state from
 explicit objects (model, EMA, optimiser, loss scaler). `save_run_checkpoint` checks the free space
-first, and a failed write says what was kept. After a kill, `remove_temporaries` and
+first, and a failed write says what was kept. After a kill, `remove_interrupted_saves` and
 `write_missing_exports` clear up what the interrupted saves left and lost.
 """
 
@@ -49,9 +49,10 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
+import utils
 from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
-from utils import InputError, ReportedError, atomic_write, dict_differences, is_temporary
+from utils import InputError, ReportedError, atomic_write, dict_differences
 
 CHECKPOINT_FORMAT = "u-repa/2"
 READABLE_FORMATS = ("u-repa/1", CHECKPOINT_FORMAT)
@@ -504,16 +505,13 @@ def save_run_checkpoint(
     return path, prune_checkpoints(run_dir, keep_last, milestone_every)
 
 
-def remove_temporaries(run_dir: str) -> list[str]:
+def remove_interrupted_saves(run_dir: str) -> list[str]:
     """Delete the temporary files of saves that a kill stopped midway (`utils.atomic_write`'s,
     as large as a checkpoint) from the run directory; returns their paths."""
-    removed = []
-    for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if is_temporary(name):
-                os.remove(os.path.join(folder, name))
-                removed.append(os.path.join(folder, name))
-    return removed
+    return [
+        *utils.remove_temporaries(run_dir),
+        *utils.remove_temporaries(os.path.join(run_dir, "checkpoints")),
+    ]
 
 
 def write_missing_exports(run_dir: str, milestone_every: int, final_step: int) -> list[str]:

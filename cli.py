@@ -115,9 +115,9 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 #################################################################################
 
 
-def add_debug_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of an expected failure too")  # fmt: skip
+def add_debug_arg(group: FlagGroup) -> None:
+    group.add_argument("--debug", action="store_true",
+                       help="show the traceback of an expected failure too")  # fmt: skip
 
 
 def run_main(main: Callable[[], object]) -> NoReturn:

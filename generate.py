@@ -87,7 +87,7 @@ from utils import (
     dict_differences,
     hash_seed,
     init_distributed,
-    is_temporary,
+    remove_temporaries,
     write_json,
 )
 
@@ -421,13 +421,9 @@ def init_sample_dir(sample_dir: str, settings: dict[str, Any]) -> None:
     """Create the folder, drop temporary files left by a crash, and record the settings unless
     PNGs made with them are there already (a resume keeps the first run's record)."""
     os.makedirs(sample_dir, exist_ok=True)
-    for name in os.listdir(sample_dir):
-        if is_temporary(name):
-            os.remove(os.path.join(sample_dir, name))
+    remove_temporaries(sample_dir)
     parent, npz_name = os.path.split(npz_path_of(sample_dir))
-    for name in os.listdir(parent or "."):  # a killed .npz write, as large as the .npz
-        if is_temporary(name, of=npz_name + "."):
-            os.remove(os.path.join(parent, name))
+    remove_temporaries(parent or ".", of=npz_name + ".")  # a killed .npz write (as large)
     if not holds_pngs(sample_dir):
         write_json(os.path.join(sample_dir, SETTINGS_FILE), settings)
 
@@ -548,7 +544,8 @@ def main(args: argparse.Namespace) -> None:
     if args.label_sampling == "balanced":
         labels = balanced_labels(args.num_fid_samples, model.num_classes, args.global_seed)
 
-    settings = sampling_settings(args, model)
+    # Rank 0 hashes the weights (every rank loaded the same file): one pass, not one per rank.
+    settings = broadcast_from_rank0(sampling_settings(args, model) if rank == 0 else None)
     check_sample_dir(args.sample_dir, settings)  # on every rank, so that all stop together
     barrier()
     if rank == 0:

@@ -102,7 +102,8 @@ def format_duration(seconds: float) -> str:
 
 
 def time_remaining(step: int, sec_per_step: float, max_steps: int, checkpoint_every: int) -> str:
-    """ "eta 1h02m to step 400000, 5m10s to the next checkpoint" at `sec_per_step`."""
+    """The time left at `sec_per_step`: "eta 1h02m to step 400000, 5m10s to the next
+    checkpoint"."""
     next_checkpoint = min((step // checkpoint_every + 1) * checkpoint_every, max_steps)
     to_end = format_duration((max_steps - step) * sec_per_step)
     to_checkpoint = format_duration((next_checkpoint - step) * sec_per_step)

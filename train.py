@@ -29,12 +29,13 @@ from checkpoints import (
     TrainingError,
     check_resumable,
     load_checkpoint,
-    remove_temporaries,
+    remove_interrupted_saves,
     resolve_run,
     write_missing_exports,
 )
 from cli import (
     DefaultsHelpFormatter,
+    add_debug_arg,
     add_encoder_args,
     add_speed_args,
     add_vae_args,
@@ -213,8 +214,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                    help="peak TFLOP/s of one device, for the MFU estimate (default: known GPUs)")
     g.add_argument("--dry-run", action="store_true",
                    help="build everything, print the plan and exit without training")
-    g.add_argument("--debug", action="store_true",
-                   help="show the traceback of an expected failure too")
+    add_debug_arg(g)
 # fmt: on
 
 
@@ -380,21 +380,27 @@ def dataset_identity(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def create_model(
-    args: argparse.Namespace, dataset: Any, sample: dict[str, Any]
-) -> AlignedDiffusionTransformer:
-    """Build the model from the flags, the dataset (classes, latent size) and --model-config.
-    Initialised from --seed, so every process and every run with that seed starts alike."""
+def model_arguments(args: argparse.Namespace, input_size: int, num_classes: int) -> dict[str, Any]:
+    """The model's constructor arguments: the data's latent size and classes, the flags that
+    set model arguments (FLAG_OF_MODEL_KWARG), then --model-config."""
     kwargs: dict[str, Any] = dict(
-        input_size=sample["moments"].shape[-1],
-        num_classes=dataset.num_classes,
+        input_size=input_size,
+        num_classes=num_classes,
         z_dims=[encoder_dim(name) for name in args.encoders],
         class_dropout_prob=args.cfg_prob,
         **{name: getattr(args, name) for name in PROJECTOR_FLAGS},
     )
     if args.encoder_depth is not None:
         kwargs["encoder_depth"] = args.encoder_depth
-    kwargs.update(args.model_config)
+    return {**kwargs, **args.model_config}
+
+
+def create_model(
+    args: argparse.Namespace, dataset: Any, sample: dict[str, Any]
+) -> AlignedDiffusionTransformer:
+    """Build the model from the flags, the dataset (classes, latent size) and --model-config.
+    Initialised from --seed, so every process and every run with that seed starts alike."""
+    kwargs = model_arguments(args, sample["moments"].shape[-1], dataset.num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(args.seed)  # the model is built on the CPU
         try:
@@ -492,15 +498,7 @@ def plan_without_data(args: argparse.Namespace, accelerator: Accelerator, error:
     """--dry-run when the dataset cannot be opened: the model and the batch from the flags
     alone (ImageNet's 1000 classes assumed), and what is missing."""
     channels, factor = latent_geometry(args.vae)
-    kwargs: dict[str, Any] = dict(
-        input_size=args.resolution // factor,
-        in_channels=channels,
-        num_classes=1000,
-        z_dims=[encoder_dim(name) for name in args.encoders],
-        **{name: getattr(args, name) for name in PROJECTOR_FLAGS},
-        **({"encoder_depth": args.encoder_depth} if args.encoder_depth else {}),
-        **args.model_config,
-    )
+    kwargs = {"in_channels": channels, **model_arguments(args, args.resolution // factor, 1000)}
     with torch.device("meta"):
         model = build_model(args.model, **kwargs)
     macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
@@ -540,7 +538,7 @@ def repair_run_directory(args: argparse.Namespace, step: int, logger: Any) -> No
     temporary files of its interrupted saves go, the metrics of steps after `step` (run again
     now) go, and EMA exports lost between a checkpoint and its export are written again."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
-    for path in remove_temporaries(run_dir):
+    for path in remove_interrupted_saves(run_dir):
         logger.info(f"removed {path}, left by a save that was interrupted")
     dropped = keep_metrics_until(os.path.join(run_dir, "metrics.jsonl"), step)
     if dropped:

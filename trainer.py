@@ -283,7 +283,7 @@ def save_training_checkpoint(trainer: Trainer, run_dir: str, logger: Any) -> str
     with the RNG states gathered from every process. A failed write raises on every process."""
     acc, args, step = trainer.accelerator, trainer.args, trainer.step
     rng = gather_object([rng_state()])  # one entry per process, in rank order
-    outcome: list[str | None] = [None]  # the path, or the error message
+    outcome: list[tuple[str, str | None]] = [("", None)]  # (path, error message)
     if acc.is_main_process:
         state = checkpoint_state(
             trainer.raw, trainer.ema, step, args=vars(args), opt=trainer.optimizer,
@@ -295,18 +295,17 @@ def save_training_checkpoint(trainer: Trainer, run_dir: str, logger: Any) -> str
                 run_dir, state, export, args.keep_last, args.milestone_every
             )
         except TrainingError as err:
-            outcome = [f"error: {err}"]
+            outcome = [("", str(err))]
         else:
             for old in removed:
                 logger.info(f"removed old checkpoint {old}")
             logger.info(f"saved checkpoint {path}")
-            outcome = [path]
+            outcome = [(path, None)]
     broadcast_object_list(outcome)
-    result = outcome[0]
-    assert result is not None
-    if result.startswith("error: "):
-        raise TrainingError(result.removeprefix("error: "))
-    return result
+    path, error = outcome[0]
+    if error is not None:
+        raise TrainingError(error)
+    return path
 
 
 def restore(trainer: Trainer, ckpt: dict[str, Any], logger: Any) -> None:

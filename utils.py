@@ -116,6 +116,16 @@ def is_temporary(name: str, of: str = "") -> bool:
     return name.startswith(f".{of}") and name.endswith(".tmp")
 
 
+def remove_temporaries(folder: str, of: str = "") -> list[str]:
+    """Delete the temporary files that killed `atomic_write`s left in `folder` (of the file
+    named `of`, when given; see `is_temporary`); returns their paths, in name order."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    doomed = [os.path.join(folder, name) for name in names if is_temporary(name, of)]
+    for path in doomed:
+        os.remove(path)
+    return doomed
+
+
 #################################################################################
 #                                   Seeds                                       #
 #################################################################################

@@ -70,7 +70,7 @@ from utils import (
     close_distributed,
     dict_differences,
     init_distributed,
-    is_temporary,
+    remove_temporaries,
     write_json,
 )
 
@@ -419,9 +419,7 @@ def prepare_destination(
 ) -> None:
     """Rank 0, before any shard is written: record the settings, drop what a killed run left."""
     os.makedirs(args.dest, exist_ok=True)
-    for name in os.listdir(args.dest):
-        if is_temporary(name):  # a killed JSON write
-            os.remove(os.path.join(args.dest, name))
+    remove_temporaries(args.dest)  # a killed JSON write
     record = {"settings": settings, "command": command_line(args)}
     write_json(os.path.join(args.dest, shards.SETTINGS), record)
     if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
