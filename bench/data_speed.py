@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 import shards
 import train
 from bench.common import report, write_json
-from cli import encoder_list, nonnegative_int, positive_float, positive_int
+from cli import encoder_list, nonnegative_int, parse_checked, positive_float, positive_int, run_main
 from data_plan import BatchPlan
 from dataset import LatentDataset
 from trainer import training_loader
@@ -90,7 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="images/s of one GPU in training, for the ratio",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    return parser.parse_args(argv)  # fmt: skip
+    return parse_checked(parser, argv, parse_encoders)
+
+
+def parse_encoders(bench: argparse.Namespace) -> None:
+    """--enc-type -> the list of names (ValueError on an unknown one, a usage error)."""
+    bench.encoders = encoder_list(bench.encoders) if bench.encoders else []
 
 
 IMAGENET_CLASSES = 1000  # the synthetic data mimics ImageNet 256's shapes and label range
@@ -181,7 +186,7 @@ def training_batches_rate(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench = parse_args(argv)
-    encoders = encoder_list(bench.encoders) if bench.encoders else []
+    encoders = bench.encoders
     micro = bench.global_batch // bench.processes
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         root = bench.data_dir or tmp
@@ -227,4 +232,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -50,7 +50,7 @@ from bench.common import (
     write_json,
 )
 from checkpoints import load_model_for_sampling
-from cli import json_object, model_name, positive_float, positive_int
+from cli import json_object, model_name, positive_float, positive_int, run_main
 from models import build_model
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
@@ -314,4 +314,4 @@ def show(r: dict[str, Any], bench: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -60,7 +60,7 @@ from bench.common import (
     time_calls,
     write_json,
 )
-from cli import nonnegative_int, positive_int
+from cli import nonnegative_int, positive_int, run_main
 from data_plan import BatchPlan, StepDraws
 from frozen import encoder_dim, sample_latents
 from models.layers import sdpa_backend
@@ -408,4 +408,4 @@ def _cpu_forced() -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
