@@ -239,17 +239,27 @@ def generate_argv(ckpt: str, sample_dir: str, net: Networks, preset: str, n: int
             "--per-proc-batch-size", str(min(n, 100))]  # fmt: skip
 
 
-def fid_metrics(
-    images: str, npz: dict[str, str], out: str, resolution: int, weights: str | None
-) -> dict[str, Any]:
-    """evaluations/: a reference from the training images, then each sampler's metrics."""
-    from evaluations import evaluator, make_reference
+def inception_weights(args: argparse.Namespace, device: str) -> tuple[str | None, str]:
+    """(the Inception weights file FID needs, or None; why not), found before any work: asked
+    for (--fid, --inception-weights) and unavailable is an error, by default a skip."""
+    if not (args.fid if args.fid is not None else device == "cuda"):
+        return None, "off on a CPU; --fid computes it"
     from evaluations.inception import fetch_weights
 
     try:
-        weights = str(fetch_weights(weights))
+        return str(fetch_weights(args.inception_weights)), ""
     except (RuntimeError, OSError) as err:
-        return {"skipped": f"no Inception weights ({err}); pass --inception-weights PATH"}
+        if args.fid or args.inception_weights is not None:
+            raise ReportedError(f"--fid: no Inception weights: {err}") from err
+        return None, f"no Inception weights ({err}); pass --inception-weights PATH"
+
+
+def fid_metrics(
+    images: str, npz: dict[str, str], out: str, resolution: int, weights: str
+) -> dict[str, Any]:
+    """evaluations/: a reference from the training images, then each sampler's metrics."""
+    from evaluations import evaluator, make_reference
+
     ref = os.path.join(out, "reference.npz")
     argv = ["--source", images, "--out", ref, "--resolution", str(resolution),
             "--inception-weights", weights]  # fmt: skip
@@ -381,18 +391,18 @@ def run(args: argparse.Namespace, cfg: Config, device: str) -> dict[str, Any]:
     out = args.out
     print(f"U-REPA quickstart: {'--fast, ' if args.fast else ''}{cfg}, device {device}")
     net = pick_networks(args.weights)
+    weights, why_no_fid = inception_weights(args, device)  # before the minutes of work
     print("\n".join(net.notes) or f"pretrained weights: --vae {net.vae}, --enc-type {net.encoder}")
     ckpt = prepare_and_train(out, net, cfg, device, clock)
 
     samples = {name: sample(name, ckpt, out, net, cfg) for name in SAMPLERS}
     clock.lap("generate")
-    use_fid = args.fid if args.fid is not None else device == "cuda"
     npz = {name: s.npz for name, s in samples.items()}
     images = os.path.join(out, "images")
     fid = (
-        fid_metrics(images, npz, out, net.resolution, args.inception_weights)
-        if use_fid
-        else {"skipped": "off on a CPU"}
+        fid_metrics(images, npz, out, net.resolution, weights)
+        if weights
+        else {"skipped": why_no_fid}
     )
     clock.lap("evaluate")
 
@@ -540,8 +550,7 @@ def report(record: dict[str, Any]) -> None:
         print(f"  {title:<{width}}{a['class']:>7.3f}{a['shape']:>7.3f}{a['colour']:>7.3f}")
     fid = record["fid"]
     if "skipped" in fid:
-        print(f"FID: skipped ({fid['skipped']}; --fid computes it when the Inception weights are "
-              "available)")  # fmt: skip
+        print(f"FID: skipped ({fid['skipped']})")
     else:
         for name, m in fid.items():
             print(f"FID of the {name.upper()} samples ({m['num_samples']} samples against the "

@@ -24,6 +24,7 @@ from checkpoints import load_checkpoint, load_model_for_sampling
 from dataset import LatentDataset
 from evaluations import evaluator, make_reference
 from frozen import VAE_SCALE
+from utils import ReportedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = quickstart.FAST
@@ -212,3 +213,14 @@ def test_pretrained_path_geometry_with_sd_vae_shaped_stand_ins(tmp_path, monkeyp
     assert model.tap_grid_size == 2 and model.encoder_grid == 4  # the projector upsamples ×2
     with np.load(tmp_path / "samples" / "sde-0000002.npz") as f:
         assert f["arr_0"].shape == (CFG.samples_per_class * 10, 64, 64, 3)
+
+
+def test_fid_asked_for_without_weights_stops_before_any_work(tmp_path):
+    """--fid (or --inception-weights) with no weights file is refused at once, not after the
+    training; without either it is off on a CPU, and says so."""
+    asked = quickstart.parse_args(["--fid", "--inception-weights", str(tmp_path / "none.pth")])
+    with pytest.raises(ReportedError, match="--fid: no Inception weights.*none.pth not found"):
+        quickstart.inception_weights(asked, "cpu")
+    assert quickstart.inception_weights(quickstart.parse_args([]), "cpu") == (
+        None, "off on a CPU; --fid computes it",
+    )  # fmt: skip
