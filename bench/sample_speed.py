@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ from bench.common import (
     synchronize,
     write_json,
 )
+from bench.repa import build_repa_model, load_repa, nonzero_velocity, repa_forward_macs
 from checkpoints import load_model_for_sampling
 from cli import json_object, model_name, positive_float, positive_int, run_main
 from models import build_model
@@ -110,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
         default=None,
         help="peak TFLOP/s of the device, for MFU (default: known GPUs, bf16)",
     )
+    add_repa_args(parser)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench, rest = parser.parse_known_args(argv)
     args = generate.parse_args(["--ckpt", bench.ckpt or "random", "--sample-dir", "unused",
@@ -117,10 +120,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
     return bench, args
 
 
+def add_repa_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--repa-src",
+        default=None,
+        metavar="PATH",
+        help="a clone of github.com/sihyun-yu/REPA: also time REPA's own sampler (its "
+        "samplers.py and models/sit.py, as its generate.py runs them) on the same batch",
+    )
+    parser.add_argument("--repa-model", default="SiT-XL/2", help="REPA's SiT_models entry")
+    parser.add_argument(
+        "--repa-model-config",
+        type=json_object,
+        default={},
+        help="JSON keyword arguments of REPA's SiT class instead of --repa-model (tiny tests)",
+    )
+    parser.add_argument(
+        "--repa-fused-attn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="REPA's generate.py --fused-attn (its default: off, timm's unfused attention)",
+    )
+
+
 class CountingModel:
     """The sampling model, counting the images of every forward pass (a guided step runs 2N)."""
 
-    def __init__(self, model: generate.AlignedModel):
+    def __init__(self, model: Any):
         self.model = model
         self.num_classes = model.num_classes
         self.images = 0
@@ -213,6 +239,47 @@ def compare_precisions(
     return out
 
 
+def time_repa_sampler(
+    bench: argparse.Namespace, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """REPA's own sampler on REPA's SiT (random weights), as its generate.py runs it: fp32
+    latents with TF32 matrix products (its --tf32 default), noise and labels drawn on the
+    device, --repa-fused-attn; the same sampler settings and batch as ours."""
+    code = load_repa(bench.repa_src)
+    model = build_repa_model(code, bench.repa_model, bench.repa_model_config, bench.resolution,
+                             768, fused_attn=bench.repa_fused_attn)  # fmt: skip
+    macs = repa_forward_macs(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = nonzero_velocity(model).to(device).eval()
+    counting = CountingModel(model)
+    sampler = code.samplers.euler_maruyama_sampler if args.mode == "sde" else partial(
+        code.samplers.euler_sampler, heun=args.heun)  # fmt: skip
+    n, size = args.per_proc_batch_size, model.x_embedder.img_size[0]
+    generate.set_precision("tf32")
+    seconds, images = [], 0
+    for k in range(bench.batches + 1):  # the first is untimed
+        synchronize(device)
+        start, before = time.perf_counter(), counting.images
+        z = torch.randn(n, model.in_channels, size, size, device=device)
+        y = torch.randint(0, 1000, (n,), device=device)
+        with torch.no_grad():
+            sampler(model=counting, latents=z, y=y, num_steps=args.num_steps,
+                    cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                    guidance_high=args.guidance_high, path_type=args.path_type)  # fmt: skip
+        synchronize(device)
+        if k:
+            seconds.append(time.perf_counter() - start)
+            images += counting.images - before
+    generate.set_precision(args.precision)
+    peak = peak_flops(device, "no", True, bench.peak_tflops)
+    batch_s = median_spread(seconds)[0]
+    return {"source": code.path, "precision": "tf32", "fused_attn": bench.repa_fused_attn,
+            "forward_gmacs": macs / 1e9, "batch_seconds": batch_s,
+            "samples_per_sec": n / batch_s, "forward_images_per_batch": images / len(seconds),
+            "mfu": mfu(images / sum(seconds) * 2.0 * macs, peak)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench, args = parse_args(argv)
     rank, world, device = init_distributed()
@@ -265,6 +332,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["other_noise_syncs_per_step"] = count_step_syncs(model, other, device)
     if bench.compare_precision:
         result.update(compare_precisions(model, args, device, bench.compare_samples))
+    if bench.repa_src:
+        repa = time_repa_sampler(bench, args, device)
+        result["repa"] = repa
+        result["ratio_to_repa"] = samples_per_sec / repa["samples_per_sec"]
     show(result, bench)
     write_json(bench.json, {"environment": env, "sampling": result})
     return result
@@ -311,6 +382,18 @@ def show(r: dict[str, Any], bench: argparse.Namespace) -> None:
                 f"fp32 RMS {fmt(r['fp32_rms'])})"
             )
     report("sampling", rows)
+    if "repa" in r:
+        repa = r["repa"]
+        report("sampling: repa-actual", {
+            "source": f"{repa['source']} (samplers.py, models/sit.py)",
+            "precision": f"{repa['precision']}, fused_attn {repa['fused_attn']}",
+            "forward_gmacs": repa["forward_gmacs"],
+            "batch_seconds": repa["batch_seconds"],
+            "samples_per_sec": repa["samples_per_sec"],
+            "forward_images": repa["forward_images_per_batch"],
+            "mfu": "n/a" if repa["mfu"] is None else f"{repa['mfu']:.3f}",
+            "ratio_ours_to_repa": f"{r['ratio_to_repa']:.2f}x (samples/s)",
+        })  # fmt: skip
 
 
 if __name__ == "__main__":

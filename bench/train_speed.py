@@ -60,13 +60,21 @@ from bench.common import (
     time_calls,
     write_json,
 )
-from cli import nonnegative_int, positive_int, run_main
+from bench.repa import (
+    build_repa_model,
+    build_repa_trainer,
+    load_repa,
+    repa_forward_macs,
+    repa_train_step,
+)
+from cli import json_object, nonnegative_int, positive_int, run_main
 from data_plan import BatchPlan, StepDraws
 from frozen import encoder_dim, sample_latents
 from models.layers import sdpa_backend
 from models.summary import count_macs
 from run_log import create_logger, peak_flops
 from trainer import Monitor, Trainer, create_trainer, to_device, train_step, update_ema
+from utils import InputError
 
 IMAGENET_TRAIN = 1_281_167  # dataset size for the data plan (only the epoch counter uses it)
 DEFAULT_TRAIN_FLAGS = ["--batch-size", "32", "--mixed-precision", "bf16"]
@@ -122,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         help="timed repeats of the AdamW step / EMA update alone",
     )
     p.add_argument("--num-classes", type=positive_int, default=1000)
+    add_repa_args(p)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench, train_argv = p.parse_known_args(argv)
     names = list(CONFIGS) if bench.configs == "all" else bench.configs.split(",")
@@ -130,6 +139,29 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         p.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
     bench.config_names = names
     return bench, train_argv  # fmt: skip
+
+
+def add_repa_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--repa-src",
+        default=None,
+        metavar="PATH",
+        help="a clone of github.com/sihyun-yu/REPA: also time REPA's own training step "
+        "(its models/sit.py, loss.py, update_ema) on the same device and batch",
+    )
+    p.add_argument("--repa-model", default="SiT-XL/2", help="REPA's SiT_models entry")
+    p.add_argument(
+        "--repa-model-config",
+        type=json_object,
+        default={},
+        help="JSON keyword arguments of REPA's SiT class instead of --repa-model (tiny tests)",
+    )
+    p.add_argument(
+        "--repa-precision",
+        choices=["fp16", "bf16", "no"],
+        default="fp16",
+        help="REPA's --mixed-precision (its default: fp16)",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +369,61 @@ def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict
     }
 
 
+def measure_repa(bench: argparse.Namespace, args: argparse.Namespace) -> dict[str, Any]:
+    """REPA's own training step (bench.repa) on this device, batch and resolution."""
+    code = load_repa(bench.repa_src)
+    z_dim = encoder_dim(args.encoders[0])
+    model = build_repa_model(code, bench.repa_model, bench.repa_model_config, args.resolution,
+                             z_dim, fused_attn=True)  # fmt: skip
+    macs = repa_forward_macs(model)
+    tr = build_repa_trainer(code, model, args.batch_size, bench.repa_precision, args.resolution,
+                            z_dim, cpu=_cpu_forced())  # fmt: skip
+    device = tr.accelerator.device
+    peak = peak_flops(device, bench.repa_precision, args.allow_tf32, args.peak_tflops)
+    with sdpa_backend(args.sdpa_backend):
+        timings = time_steps(lambda: repa_train_step(tr), lambda: None, bench, device)
+        updates = time_repa_updates(tr, bench.update_repeats)
+    rate, low, high = median_spread(
+        [args.batch_size * bench.steps / s for s in timings.pop("seconds")]
+    )
+    step_ms = 1e3 * args.batch_size / rate
+    return {
+        "description": f"REPA's own step from {code.path} (models/sit.py, loss.py, update_ema; "
+        "its DINOv2 replaced by precomputed random features, so REPA's time is a lower bound)",
+        "model": f"REPA {bench.repa_model_config or bench.repa_model}",
+        "model_config": None, "batch_per_device": args.batch_size,
+        "resolution": args.resolution, "precision": bench.repa_precision, "compile": False,
+        "fused_adamw": False, "sdpa_backend": args.sdpa_backend,
+        "encoder_mode": "precomputed random features (REPA: DINOv2 online)",
+        "encoders": args.encoders[:1], "metrics_read": "every step",
+        "forward_gmacs": macs / 1e9, "forward_gmacs_with_projector": None,
+        "images_per_sec": rate, "images_per_sec_min": low, "images_per_sec_max": high,
+        "step_ms": step_ms, "peak_tflops": None if peak is None else peak / 1e12,
+        "mfu": mfu(rate * 6.0 * macs, peak), **timings, **updates,
+        "ema_opt_share": (updates["adamw_step_ms"] + updates["ema_update_ms"]) / step_ms,
+    }  # fmt: skip
+
+
+def time_repa_updates(tr: Any, repeats: int) -> dict[str, float]:
+    """REPA's AdamW step, its update_ema and clipping alone, on random gradients."""
+    device, params = tr.accelerator.device, list(tr.model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    inner = getattr(tr.optimizer, "optimizer", tr.optimizer)
+
+    def ms(fn: Callable[[], Any]) -> float:
+        return 1e3 * time_calls(fn, device, repeats)
+
+    out = {
+        "adamw_step_ms": ms(inner.step),
+        "ema_update_ms": ms(lambda: tr.code.update_ema(tr.ema, tr.model)),
+        "clip_grad_ms": ms(lambda: torch.nn.utils.clip_grad_norm_(params, tr.max_grad_norm)),
+    }
+    for p in params:
+        p.grad = None
+    return out
+
+
 def show(name: str, r: dict[str, Any], bench: argparse.Namespace) -> None:
     peak = "n/a (unknown peak for this device: pass --peak-tflops)"
     rows = {
@@ -369,6 +456,26 @@ def show(name: str, r: dict[str, Any], bench: argparse.Namespace) -> None:
     report(f"training: {name}", rows)
 
 
+def measure_one(key: str, run: Callable[[], dict[str, Any]], results: dict[str, Any],
+                bench: argparse.Namespace, device: torch.device) -> None:  # fmt: skip
+    """Measure one configuration into results["configs"][key]; a failure is reported, not
+    fatal (e.g. an attention kernel that cannot run these inputs)."""
+    try:
+        r = run()
+    except InputError:
+        raise
+    except Exception as err:
+        results["configs"][key] = {"error": f"{type(err).__name__}: {err}"}
+        print(f"\n== training: {key} ==\nfailed: {type(err).__name__}: {err}")
+        return
+    finally:
+        gc.collect()  # the configuration's model and optimiser go before the next one's
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results["configs"][key] = r
+    show(key, r, bench)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench, train_argv = parse_args(argv)
     first = train_args(train_argv, [])
@@ -378,18 +485,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"environment": env, "train_args": vars(first), "configs": {}}
     for i, name in enumerate(bench.config_names):
         key = name if name not in bench.config_names[:i] else f"{name}#{i}"  # a repeat
-        try:
-            r = measure(name, bench, train_argv)
-        except Exception as err:  # e.g. an attention kernel that cannot run these inputs
-            results["configs"][key] = {"error": f"{type(err).__name__}: {err}"}
-            print(f"\n== training: {key} ==\nfailed: {type(err).__name__}: {err}")
-            continue
-        finally:
-            gc.collect()  # the configuration's model and optimiser go before the next one's
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        results["configs"][key] = r
-        show(key, r, bench)
+        measure_one(key, lambda n=name: measure(n, bench, train_argv), results, bench, device)
+    if bench.repa_src:
+        measure_one("repa-actual", lambda: measure_repa(bench, first), results, bench, device)
     ours = results["configs"].get("ours", {})
     ratios = {
         f"ours/{name}": ours["images_per_sec"] / r["images_per_sec"]

@@ -1,0 +1,452 @@
+"""Operations, bytes and kernel launches of one training step and one sampler step, and the
+step time they imply on an H200 (arithmetic from counts, not a measurement).
+
+    python -m bench.op_count                       # SiT↓-XL/2 and SiT-XL/2: the markdown tables
+    python -m bench.op_count --models SiTDown-XL/2 --batch-size 32 --sample-batch-size 64
+    # any training flag applies to the training step, e.g. the REPA recipe for SiT-XL/2:
+    python -m bench.op_count --models SiT-XL/2 --encoder-depth 8 --manifold-coeff 0
+
+The step is train.py's own (`trainer.train_step`: U-REPA loss, backward, clipping, AdamW, EMA,
+built by `trainer.create_trainer` from the flags), the sampler step is generate.py's
+(`generate.sample_batch`), both run on fake tensors (`FakeTensorMode`: shapes and dtypes, no
+memory, no arithmetic) on the CPU, with a `TorchDispatchMode` recording every ATen operation.
+Where the CPU would take another road than a GPU, the GPU's is taken: autocast runs CUDA's
+float32 list (LayerNorm, softmax, pow, sum, ... in fp32), gradient clipping and the unfused
+AdamW use their foreach kernels. Attention is the CPU's flash kernel (a GPU runs flash or
+cuDNN: the same FLOPs, no score matrix in memory).
+
+Counted per operation: FLOPs (matrix products, attention, convolutions: PyTorch's flop counter,
+2 per multiply-add; every other operation: one per output element), bytes (operations other
+than matrix products, attention and convolutions: every tensor read plus every tensor written,
+views free), kernel launches (one per operation that is not a view; a multi-tensor
+`_foreach_*` / `_fused_*` operation launches as CUDA's multi_tensor_apply does: a new launch
+per 320 chunks of 65,536 elements or per 110 / 64 / 48 / 36 / 30 tensors for 1 to 5 lists).
+
+Time estimate, per configuration: matrix products, attention and convolutions at the dense bf16
+peak (989 TFLOP/s), every other byte at the HBM bandwidth (4.8 TB/s), one after the other, no
+launch overhead: a floor that no overlap of the two lowers by more than half.
+* eager: the operations as counted.
+* compiled: element-wise chains fused. A region is a maximal run of consecutive operations that
+  are neither matrix products, attention, convolutions nor multi-tensor updates; inside it
+  each tensor is read from memory once if it comes from outside the region and written once
+  if anything after the region (or the state kept across steps) reads it. One kernel per region.
+  The multi-tensor update operations are kept as they are.
+* + optimiser/EMA sharded over 8 GPUs: the multi-tensor update operations (clipping's foreach
+  norm and scale, AdamW, EMA) move 1/8 of their bytes; the gathers of the parameters travel
+  over NVLink and are not counted.
+MFU = images/s × 6 × forward MACs (Table 2's count, `models.summary`) ÷ peak, as `train_speed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+from cli import positive_int, run_main
+
+H200_PEAK_FLOPS = 989e12  # dense bf16, NVIDIA's data sheet
+H200_HBM_BYTES_PER_S = 4.8e12
+SHARDS = 8
+MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"}
+# multi_tensor_apply (ATen's MultiTensorApply.cuh): chunk size, blocks and tensors per launch
+CHUNK, CHUNKS_PER_LAUNCH, TENSORS_PER_LAUNCH = 65536, 320, (110, 64, 48, 36, 30)
+# Ops that CUDA's autocast runs in float32 (the ones of its list that these models can reach)
+CUDA_AUTOCAST_FP32 = {
+    "layer_norm", "group_norm", "softmax", "log_softmax", "pow", "__pow__", "__rpow__", "exp",
+    "log", "rsqrt", "reciprocal", "sum", "prod", "cumsum", "norm", "mse_loss",
+    "cosine_similarity", "softplus", "expm1", "log1p", "acos", "asin", "cosh", "sinh", "tan",
+    "__rtruediv__", "__rdiv__", "erfinv", "cdist", "dist", "renorm",
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Op:
+    """One ATen operation as run: what it computes, reads and writes."""
+
+    name: str
+    category: str  # matmul | attention | conv | update (multi-tensor) | other
+    flops: int
+    kernels: int
+    reads: dict[int, int]  # storage -> bytes of its tensors read
+    writes: dict[int, int]  # storage -> bytes written
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.reads.values()) + sum(self.writes.values())
+
+
+def storage_key(t: Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def tensor_bytes(tensors: list[Tensor]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for t in tensors:
+        key = storage_key(t)
+        out[key] = max(out.get(key, 0), t.numel() * t.element_size())
+    return out
+
+
+def category(name: str) -> str:
+    base = name.split(".")[0]
+    if base in MATMUL_OPS:
+        return "matmul"
+    if "attention" in base:
+        return "attention"
+    if base.startswith(("convolution", "_convolution")):
+        return "conv"
+    if base.startswith(("_foreach_", "_fused_")):
+        return "update"
+    return "other"
+
+
+def multi_tensor_launches(args: tuple[Any, ...]) -> int:
+    """Kernel launches of a multi-tensor op: multi_tensor_apply's limits per launch."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor)]
+    if not lists:
+        return 1
+    tensors = lists[0]
+    chunks = sum(math.ceil(t.numel() / CHUNK) for t in tensors)
+    per_launch = TENSORS_PER_LAUNCH[min(len(lists), len(TENSORS_PER_LAUNCH)) - 1]
+    return max(math.ceil(len(tensors) / per_launch), math.ceil(chunks / CHUNKS_PER_LAUNCH), 1)
+
+
+def op_flops(func: Any, cat: str, args: tuple, kwargs: dict, out: Any, outputs: list) -> int:
+    name = func._overloadpacket.__name__
+    if name == "_scaled_dot_product_flash_attention_for_cpu":  # (q, k, v, ...): as on a GPU
+        return sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
+    if name == "_scaled_dot_product_flash_attention_for_cpu_backward":  # (dout, q, k, v, ...)
+        return sdpa_backward_flop_count(*(a.shape for a in args[:4]))
+    if cat in ("matmul", "attention", "conv"):
+        counter = flop_registry.get(func._overloadpacket)
+        return 0 if counter is None else int(counter(*args, **kwargs, out_val=out))
+    return sum(t.numel() for t in outputs)
+
+
+def mutated_tensors(func: Any, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The arguments an operation writes in place (`add_`'s self, `_foreach_lerp_`'s list).
+    The fused AdamW writes its gradients only to unscale them (fp16's grad_scale)."""
+    out = []
+    for i, arg in enumerate(func._schema.arguments):
+        unscaled = arg.name == "grads" and kwargs.get("grad_scale") is None
+        if arg.alias_info is not None and arg.alias_info.is_write and not unscaled:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            out += [t for t in tree_leaves(value) if isinstance(t, Tensor)]
+    return out
+
+
+class OpCounter(TorchDispatchMode):
+    """Records every ATen operation that reads or writes a tensor (views cost nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[Op] = []
+        # Holds the storages, so that no storage key is reused; never the tensors: an extra
+        # reference would stop autograd from taking a gradient over without a copy.
+        self.keep: list[Any] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+        if func.is_view or func.namespace == "prim" or not (inputs or outputs):
+            return out
+        name = str(func.name()).removeprefix("aten::")
+        cat = category(name)
+        written = outputs + mutated_tensors(func, args, kwargs)
+        kernels = multi_tensor_launches(args) if cat == "update" else 1
+        flops = op_flops(func, cat, args, kwargs, out, outputs)
+        self.ops.append(Op(name, cat, flops, kernels, tensor_bytes(inputs), tensor_bytes(written)))
+        self.keep += [t.untyped_storage() for t in inputs + outputs]
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries: eager, compiled (fusion model), sharded update
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Totals:
+    """FLOPs by category, bytes outside matrix products / attention / convolutions, kernels."""
+
+    flops: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0  # memory traffic of the memory-bound operations
+    update_bytes: int = 0  # the part of `bytes` spent by multi-tensor updates
+    kernels: int = 0
+
+    @property
+    def compute_flops(self) -> int:
+        return sum(self.flops.get(c, 0) for c in ("matmul", "attention", "conv"))
+
+    def seconds(self, peak: float, bandwidth: float) -> float:
+        return self.compute_flops / peak + self.bytes / bandwidth
+
+
+def sharded(t: Totals, shards: int) -> Totals:
+    """Each process updates 1/shards of the parameters: the update moves 1/shards of its bytes."""
+    update = round(t.update_bytes / shards)
+    return Totals(dict(t.flops), t.bytes - t.update_bytes + update, update, t.kernels)
+
+
+def eager_totals(ops: list[Op]) -> Totals:
+    totals = Totals()
+    for op in ops:
+        cat = "other" if op.category == "update" else op.category
+        totals.flops[cat] = totals.flops.get(cat, 0) + op.flops
+        totals.kernels += op.kernels
+        if op.category in ("other", "update"):
+            totals.bytes += op.bytes
+        if op.category == "update":
+            totals.update_bytes += op.bytes
+    return totals
+
+
+def regions(ops: list[Op]) -> Iterator[tuple[int, int]]:
+    """[start, end) of each maximal run of fusable ('other') operations."""
+    start = None
+    for i, op in enumerate(ops + [Op("end", "matmul", 0, 0, {}, {})]):
+        if op.category == "other" and start is None:
+            start = i
+        elif op.category != "other" and start is not None:
+            yield start, i
+            start = None
+
+
+def compiled_totals(ops: list[Op]) -> Totals:
+    """The fusion model of the module docstring: a region reads what comes from outside it
+    once and writes only what is read after it or kept across steps."""
+    totals = eager_totals(ops)
+    produced = {key for op in ops for key in op.writes if key not in op.reads}
+    persistent = {key for op in ops for key in op.reads} - produced
+    last_read: dict[int, int] = {}
+    for i, op in enumerate(ops):
+        for key in op.reads:
+            last_read[key] = i
+    for start, end in regions(ops):
+        eager = sum(op.bytes for op in ops[start:end])
+        inside: set[int] = set()
+        reads: dict[int, int] = {}
+        writes: dict[int, int] = {}
+        for op in ops[start:end]:
+            for key, size in op.reads.items():
+                if key not in inside:
+                    reads[key] = max(reads.get(key, 0), size)
+            for key, size in op.writes.items():
+                inside.add(key)
+                if key in persistent or last_read.get(key, -1) >= end:
+                    writes[key] = max(writes.get(key, 0), size)
+        totals.bytes += sum(reads.values()) + sum(writes.values()) - eager
+        totals.kernels -= end - start - 1
+    return totals
+
+
+# --------------------------------------------------------------------------------------------
+# Running the steps on fake tensors, as a GPU would run them
+# --------------------------------------------------------------------------------------------
+
+
+class CudaAutocastFp32(TorchFunctionMode):
+    """CUDA autocast's float32 list on the CPU: under autocast, these functions get their
+    half-precision inputs cast to float32 (CPU autocast leaves them in bf16)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in CUDA_AUTOCAST_FP32 and torch.is_autocast_enabled("cpu"):
+            args, kwargs = torch.utils._pytree.tree_map_only(
+                Tensor, _to_fp32, (args, kwargs)
+            )  # fmt: skip
+        return func(*args, **kwargs)
+
+
+def _to_fp32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+@contextmanager
+def gpu_roads() -> Iterator[None]:
+    """The GPU's roads on the CPU: CUDA's autocast float32 list, foreach clipping and AdamW,
+    and modules left where they are (`.to(cpu)` of fake parameters would try to swap them)."""
+    with (
+        mock.patch("torch.nn.utils.clip_grad._has_foreach_support", lambda *a: True),
+        mock.patch(
+            "torch.optim.adam._default_to_fused_or_foreach", lambda *a, **k: (False, True)
+        ),  # fmt: skip
+        mock.patch("torch.nn.Module.to", lambda self, *a, **k: self),
+        CudaAutocastFp32(),
+    ):
+        yield
+
+
+def fake_mode() -> FakeTensorMode:
+    """Tensors made inside it are fake; real CPU tensors mixed with them act as constants."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def count(fn: Callable[[], Any]) -> list[Op]:
+    with OpCounter() as counter:
+        fn()
+    return counter.ops
+
+
+def training_ops(model: str, batch: int, train_argv: list[str]) -> tuple[list[Op], int]:
+    """The operations of one steady-state training step (the second), and forward MACs."""
+    from bench.train_speed import build_trainer, forward_macs, synthetic_batch, train_args
+    from trainer import to_device, train_step
+
+    args = train_args(["--model", model, "--batch-size", str(batch), *train_argv], [])
+    with fake_mode(), gpu_roads():
+        trainer = build_trainer(args, 1000, tempfile.mkdtemp(prefix="op-count-"))
+        batch_cpu = synthetic_batch(trainer, 1000)
+        micro = [to_device(batch_cpu, trainer.accelerator.device)]
+        train_step(trainer, micro)  # the first step creates AdamW's state
+        ops = count(lambda: train_step(trainer, micro))
+    return ops, forward_macs(trainer.raw)[0]
+
+
+def sampling_ops(
+    model_name: str, batch: int, guided: bool, extra: list[str]
+) -> tuple[list[Op], int]:
+    """The operations of a 3-step SDE run (rows divide by 3), with or without guidance, and
+    forward MACs. The weights are fake, the noise and time grid real (and small)."""
+    import generate
+    from bench.sample_speed import parse_args
+    from models import build_model
+
+    bench, args = parse_args(["--model", model_name, "--per-proc-batch-size", str(batch),
+                              "--num-steps", str(SAMPLER_STEPS), *extra])  # fmt: skip
+    args.guidance_low, args.guidance_high = (0.0, 1.0) if guided else (0.0, 0.0)
+    args.cfg_scale = args.cfg_scale if guided else 1.0
+    device = torch.device("cpu")
+    with fake_mode():
+        model = build_model(bench.model, input_size=bench.resolution // 8, **bench.model_config)
+    inputs = generate.draw_inputs(list(range(batch)), args, None, model.num_classes,
+                                  model.latent_shape, pin=False)  # fmt: skip
+    with gpu_roads():  # the sampler's own time grid stays real: it reads it on the host
+        ops = count(lambda: generate.sample_batch(model.eval(), inputs, args, device))
+    from models.summary import count_macs
+
+    return ops, count_macs(model, model.latent_shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# The tables
+# --------------------------------------------------------------------------------------------
+
+CONFIGS = ("eager", "compiled", f"compiled + optimiser/EMA sharded over {SHARDS} GPUs")
+
+
+def estimates(ops: list[Op], per: float = 1.0) -> dict[str, Totals]:
+    """Totals per configuration, divided by `per` (repeats of the step in `ops`)."""
+    eager, compiled = eager_totals(ops), compiled_totals(ops)
+    rows = (eager, compiled, sharded(compiled, SHARDS))
+    return {name: scaled(totals, per) for name, totals in zip(CONFIGS, rows, strict=True)}
+
+
+def scaled(t: Totals, per: float) -> Totals:
+    return Totals({k: round(v / per) for k, v in t.flops.items()}, round(t.bytes / per),
+                  round(t.update_bytes / per), round(t.kernels / per))  # fmt: skip
+
+
+def counts_cells(t: Totals) -> str:
+    tf = {k: t.flops.get(k, 0) / 1e12 for k in ("matmul", "attention", "conv", "other")}
+    return (f"{tf['matmul']:.2f} / {tf['attention']:.2f} / {tf['conv']:.3f} / "
+            f"{tf['other']:.3f} | {t.bytes / 1e9:.1f} | {t.update_bytes / 1e9:.1f} | "
+            f"{t.kernels:,}")  # fmt: skip
+
+
+def training_table(results: dict[str, tuple[list[Op], int]], batch: int) -> list[str]:
+    lines = [
+        f"| model, training step, batch {batch} (estimate, H200) | step | images/s | MFU | "
+        "TFLOP matmul / attention / conv / other | GB outside matmuls | of which update | "
+        "kernels |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, (ops, macs) in results.items():
+        for config, totals in estimates(ops).items():
+            seconds = totals.seconds(H200_PEAK_FLOPS, H200_HBM_BYTES_PER_S)
+            rate = batch / seconds
+            lines.append(
+                f"| {model}: {config} | ~{seconds * 1e3:.0f} ms | ~{rate:,.0f} | "
+                f"~{rate * 6 * macs / H200_PEAK_FLOPS:.0%} | {counts_cells(totals)} |"
+            )
+    return lines
+
+
+def sampling_table(results: dict[str, tuple[list[Op], int]], steps: int) -> list[str]:
+    lines = [
+        "| model, one SDE step (estimate, H200) | step | forward images/s | MFU | "
+        "TFLOP matmul / attention / conv / other | GB outside matmuls | of which update | "
+        "kernels |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, (ops, macs, images) in results.items():
+        for config, totals in list(estimates(ops, steps).items())[:2]:
+            seconds = totals.seconds(H200_PEAK_FLOPS, H200_HBM_BYTES_PER_S)
+            rate = images / seconds
+            lines.append(
+                f"| {label}: {config} | ~{seconds * 1e3:.1f} ms | ~{rate:,.0f} | "
+                f"~{rate * 2 * macs / H200_PEAK_FLOPS:.0%} | {counts_cells(totals)} |"
+            )
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Any other flag is train.py's, for the training step (e.g. --encoder-depth).",
+        allow_abbrev=False,
+    )
+    p.add_argument("--models", default="SiTDown-XL/2,SiT-XL/2", help="comma-separated")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="training, per GPU")
+    p.add_argument("--sample-batch-size", type=positive_int, default=64, help="samples per GPU")
+    p.add_argument("--model-config", default=None, help="JSON constructor arguments (all models)")
+    p.add_argument("--no-sampling", action="store_true", help="count the training step only")
+    return p.parse_known_args(argv)
+
+
+SAMPLER_STEPS = 3  # the sampler runs 3 steps (2 stochastic, 1 last Euler); rows are per step
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[str]]:
+    opts, train_argv = parse_args(argv)
+    models = opts.models.split(",")
+    config = ["--model-config", opts.model_config] if opts.model_config else []
+    training = {m: training_ops(m, opts.batch_size, [*config, *train_argv]) for m in models}
+    tables = {"training": training_table(training, opts.batch_size)}
+    print("\n".join(tables["training"]))
+    if not opts.no_sampling:
+        sampling = {}
+        for m in models:
+            for guided in (False, True):
+                images = opts.sample_batch_size * (2 if guided else 1)
+                ops, macs = sampling_ops(m, opts.sample_batch_size, guided, config)
+                label = f"{m}, {'guided' if guided else 'unguided'} ({images} images)"
+                sampling[label] = (ops, macs, images)
+        tables["sampling"] = sampling_table(sampling, SAMPLER_STEPS)
+        print("\n" + "\n".join(tables["sampling"]))
+    return tables
+
+
+if __name__ == "__main__":
+    run_main(main)
