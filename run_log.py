@@ -136,7 +136,15 @@ class MetricMeans:
 
 # Dense bf16/fp16 tensor-core peak per GPU (TFLOP/s), for the MFU estimate; --peak-tflops
 # overrides. TF32 runs at half of it; plain fp32 is not estimated.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# Dense bf16/fp16 tensor-core peaks of NVIDIA's data sheets, matched in this order against the
+# device name: the PCIe and NVL H100s are clocked lower than the SXM one.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+               "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # fmt: skip
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU from its name, or None when unknown."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
 def peak_flops(
@@ -147,8 +155,7 @@ def peak_flops(
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    tflops = gpu_peak_tflops(torch.cuda.get_device_name(device))
     if tflops is None or (mixed_precision == "no" and not allow_tf32):
         return None
     return tflops * 1e12 / (2 if mixed_precision == "no" else 1)

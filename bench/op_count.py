@@ -83,7 +83,7 @@ class Op:
     """One ATen operation as run: what it computes, reads and writes."""
 
     name: str
-    category: str  # matmul | attention | conv | update (multi-tensor) | other
+    category: str  # matmul | attention | conv | update (multi-tensor) | other | return
     flops: int
     kernels: int
     reads: dict[int, int]  # storage -> bytes of its tensors read
@@ -212,6 +212,8 @@ def sharded(t: Totals, shards: int) -> Totals:
 def eager_totals(ops: list[Op]) -> Totals:
     totals = Totals()
     for op in ops:
+        if op.category == "return":
+            continue
         cat = "other" if op.category == "update" else op.category
         totals.flops[cat] = totals.flops.get(cat, 0) + op.flops
         totals.kernels += op.kernels
@@ -225,7 +227,7 @@ def eager_totals(ops: list[Op]) -> Totals:
 def regions(ops: list[Op]) -> Iterator[tuple[int, int]]:
     """[start, end) of each maximal run of fusable ('other') operations."""
     start = None
-    for i, op in enumerate(ops + [Op("end", "matmul", 0, 0, {}, {})]):
+    for i, op in enumerate(ops + [Op("end", "return", 0, 0, {}, {})]):
         if op.category == "other" and start is None:
             start = i
         elif op.category != "other" and start is not None:
@@ -304,9 +306,12 @@ def fake_mode() -> FakeTensorMode:
 
 
 def count(fn: Callable[[], Any]) -> list[Op]:
+    """The operations `fn` runs, then a "return" marker that reads what `fn` returns (so the
+    fusion model writes it)."""
     with OpCounter() as counter:
-        fn()
-    return counter.ops
+        out = fn()
+    returned = tensor_bytes([t for t in tree_leaves(out) if isinstance(t, Tensor)])
+    return [*counter.ops, Op("return", "return", 0, 0, returned, {})]
 
 
 def training_ops(model: str, batch: int, train_argv: list[str]) -> tuple[list[Op], int]:
@@ -371,7 +376,7 @@ def scaled(t: Totals, per: float) -> Totals:
 def counts_cells(t: Totals) -> str:
     tf = {k: t.flops.get(k, 0) / 1e12 for k in ("matmul", "attention", "conv", "other")}
     return (f"{tf['matmul']:.2f} / {tf['attention']:.2f} / {tf['conv']:.3f} / "
-            f"{tf['other']:.3f} | {t.bytes / 1e9:.1f} | {t.update_bytes / 1e9:.1f} | "
+            f"{tf['other']:.3f} | {t.bytes / 1e9:.3g} | {t.update_bytes / 1e9:.3g} | "
             f"{t.kernels:,}")  # fmt: skip
 
 

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from utils import InputError
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPA_MODULES = {"sit": "models/sit.py", "loss": "loss.py", "samplers": "samplers.py"}
 REPA_TRAIN_FUNCTIONS = ("update_ema", "sample_posterior")
 SD_VAE_SCALE = 0.18215  # REPA's latents_scale (latents_bias is 0)
@@ -58,13 +59,14 @@ class RepaCode:
 
 @contextmanager
 def isolated_imports(path: str) -> Iterator[None]:
-    """REPA's directory first on sys.path and our same-named modules out of sys.modules while
-    its files run; both restored afterwards."""
+    """While REPA's files run: its directory on sys.path instead of this repository's, and our
+    same-named modules out of sys.modules (REPA's `models` has no __init__.py: a regular
+    package of the same name anywhere on the path would win over it). Both restored after."""
     saved_path = list(sys.path)
     saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in SHARED_NAMES}
     for name in saved:
         del sys.modules[name]
-    sys.path.insert(0, path)
+    sys.path[:] = [path] + [p for p in saved_path if os.path.abspath(p or ".") != REPO_ROOT]
     try:
         yield
     finally:

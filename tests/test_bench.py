@@ -7,16 +7,21 @@ figures say so.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 
-from bench import data_speed, sample_speed, train_speed
+from bench import data_speed, op_count, repa, sample_speed, train_speed
 from frozen import ENCODER_STANDIN
+from run_log import gpu_peak_tflops
+from utils import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,21 +133,304 @@ def test_data_speed_reads_both_ways_and_prints_the_ratio(capsys):
     assert result["training_batches_ratio"] == pytest.approx(ratio)
 
 
-def test_the_quick_gpu_part_runs_both_benchmarks_with_valid_flags(tmp_path):
-    """`bash bench/run_gpu.sh OUT quick` on a stand-in interpreter that only parses each
-    benchmark's flags: the part exists, calls both benchmarks, and every flag is accepted."""
-    stub = tmp_path / "parse-only"
+# --------------------------------------------------------------------------------------------
+# --repa-src: a stand-in checkout with REPA's layout and signatures (tiny, written here)
+# --------------------------------------------------------------------------------------------
+
+REPA_STUB = {
+    # No models/__init__.py, as in REPA; models/layers.py shares its name with ours.
+    "models/layers.py": """
+import torch.nn as nn
+class Mixer(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+    def forward(self, x):
+        return x + self.fc(x).tanh()
+""",
+    "models/sit.py": """
+import torch.nn as nn
+from models.layers import Mixer
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+class SiT(nn.Module):
+    def __init__(self, path_type="edm", input_size=32, patch_size=2, in_channels=4,
+                 hidden_size=32, decoder_hidden_size=32, encoder_depth=8, depth=2,
+                 num_heads=2, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+                 use_cfg=False, z_dims=[768], projector_dim=32, **block_kwargs):
+        super().__init__()
+        self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.encoder_depth = encoder_depth
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.y_embedder = nn.Embedding(num_classes + int(use_cfg), hidden_size)
+        self.blocks = nn.ModuleList([Mixer(hidden_size) for _ in range(depth)])
+        self.projectors = nn.ModuleList([nn.Linear(hidden_size, z) for z in z_dims])
+        self.final_layer = nn.Linear(hidden_size, patch_size ** 2 * in_channels)
+    def forward(self, x, t, y):
+        n, c, h, w = x.shape
+        p = self.patch_size
+        x = self.x_embedder(x) + t[:, None, None] + self.y_embedder(y)[:, None]
+        zs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i + 1 == self.encoder_depth:
+                zs = [projector(x) for projector in self.projectors]
+        x = self.final_layer(x).view(n, h // p, w // p, p, p, c)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w), zs
+def SiT_T_2(**kwargs):
+    return SiT(depth=2, hidden_size=32, decoder_hidden_size=32, patch_size=2, **kwargs)
+SiT_models = {"SiT-T/2": SiT_T_2}
+""",
+    "loss.py": """
+import torch
+import torch.nn.functional as F
+class SILoss:
+    def __init__(self, prediction="v", path_type="linear", weighting="uniform", encoders=[],
+                 accelerator=None, latents_scale=None, latents_bias=None):
+        self.latents_scale, self.latents_bias = latents_scale, latents_bias
+    def __call__(self, model, images, model_kwargs=None, zs=None):
+        t = torch.rand((images.shape[0], 1, 1, 1)).to(images)
+        noises = torch.randn_like(images)
+        out, zs_tilde = model((1 - t) * images + t * noises, t.flatten(), **model_kwargs)
+        denoising = ((out - (noises - images)) ** 2).mean(dim=(1, 2, 3))
+        proj = sum(-(F.normalize(z, dim=-1) * F.normalize(zt, dim=-1)).sum(-1).mean(-1)
+                   for z, zt in zip(zs, zs_tilde)) / len(zs)
+        return denoising, proj
+""",
+    "samplers.py": """
+import torch
+def euler_sampler(model, latents, y, num_steps=20, heun=False, cfg_scale=1.0,
+                  guidance_low=0.0, guidance_high=1.0, path_type="linear"):
+    x = latents.double()
+    t = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
+    for t_cur, t_next in zip(t[:-1], t[1:]):
+        guided = cfg_scale > 1 and guidance_low <= t_cur <= guidance_high
+        x_in = torch.cat([x, x]) if guided else x
+        y_in = torch.cat([y, torch.full_like(y, 1000)]) if guided else y
+        v = model(x_in.float(), torch.full((x_in.shape[0],), float(t_cur)), y=y_in)[0]
+        if guided:
+            cond, uncond = v.double().chunk(2)
+            v = uncond + cfg_scale * (cond - uncond)
+        x = x + (t_next - t_cur) * v.double()
+    return x
+def euler_maruyama_sampler(model, latents, y, num_steps=20, heun=False, cfg_scale=1.0,
+                           guidance_low=0.0, guidance_high=1.0, path_type="linear"):
+    return euler_sampler(model, latents, y, num_steps, False, cfg_scale, guidance_low,
+                         guidance_high, path_type)
+""",
+    "train.py": """
+import wandb  # REPA's train.py imports trackers and diffusers: its module code must not run
+from collections import OrderedDict
+import torch
+@torch.no_grad()
+def sample_posterior(moments, latents_scale=1., latents_bias=0.):
+    mean, std = torch.chunk(moments, 2, dim=1)
+    return (mean + std * torch.randn_like(mean)) * latents_scale + latents_bias
+@torch.no_grad()
+def update_ema(ema_model, model, decay=0.9999):
+    ema_params = OrderedDict(ema_model.named_parameters())
+    for name, param in model.named_parameters():
+        ema_params[name.replace("module.", "")].mul_(decay).add_(param.data, alpha=1 - decay)
+""",
+}
+REPA_TINY = '{"hidden_size": 32, "decoder_hidden_size": 32, "depth": 2, "encoder_depth": 1}'
+
+
+def write_repa_stub(root) -> str:
+    for name, text in REPA_STUB.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(root)
+
+
+def test_repa_code_is_imported_from_its_checkout_without_disturbing_ours(tmp_path):
+    import models.layers as our_layers
+
+    path_before = list(sys.path)
+    code = repa.load_repa(write_repa_stub(tmp_path / "REPA"))
+    assert code.sit.Mixer.__module__ == "models.layers"  # the checkout's, not ours
+    assert not hasattr(our_layers, "Mixer")
+    assert sys.modules["models.layers"] is our_layers and sys.path == path_before
+    model = code.sit.SiT_models["SiT-T/2"](input_size=8, z_dims=[16], encoder_depth=1)
+    ema = copy.deepcopy(model)
+    for p in model.parameters():
+        p.data.add_(1.0)
+    code.update_ema(ema, model, decay=0.75)  # taken from train.py without importing wandb
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        assert torch.allclose(e, 0.75 * (p - 1.0) + 0.25 * p, atol=1e-6)
+    (tmp_path / "REPA" / "loss.py").unlink()
+    with pytest.raises(InputError, match="loss.py"):
+        repa.load_repa(str(tmp_path / "REPA"))
+
+
+def test_train_speed_times_repas_own_step_beside_ours(capsys, tmp_path, monkeypatch):
+    """The REPA step runs REPA's update_ema once per step; its images/s give the ratio."""
+    calls = []
+
+    def counting_load(path: str) -> repa.RepaCode:
+        code = repa.load_repa(path)
+        ema = code.update_ema
+        code.update_ema = lambda *a, **k: (calls.append(1), ema(*a, **k))[1]
+        return code
+
+    monkeypatch.setattr(train_speed, "load_repa", counting_load)
+    results = train_speed.main([
+        "--model", "SiTDown", "--model-config", TINY, "--resolution", "64", "--batch-size", "4",
+        "--enc-type", ENCODER_STANDIN, "--steps", "2", "--rounds", "2", "--warmup", "1",
+        "--sync-steps", "1", "--update-repeats", "1", "--configs", "ours",
+        "--repa-src", write_repa_stub(tmp_path / "REPA"), "--repa-model-config", REPA_TINY,
+    ])  # fmt: skip
+    text = capsys.readouterr().out
+    block = fields(text, "training: repa-actual")
+    assert "precomputed random features" in block["config"]
+    assert block["precision"] == "fp16" and block["metrics_read"] == "every step"
+    # init (decay 0) + warm-up 1 + 2 rounds × 2 + 1 sync step + (1 warm-up + 1) timed alone
+    assert len(calls) == 1 + 1 + 4 + 1 + 2
+    ours, theirs = results["configs"]["ours"], results["configs"]["repa-actual"]
+    assert results["ratios"]["ours/repa-actual"] == pytest.approx(
+        ours["images_per_sec"] / theirs["images_per_sec"]
+    )
+    # the stand-in's forward MACs per image: 16 tokens × (patch conv 16·32 + 2 mixers 32·32
+    # + output 32·16), projector excluded
+    assert theirs["forward_gmacs"] * 1e9 == pytest.approx(16 * (16 * 32 + 2 * 32 * 32 + 32 * 16))
+
+
+# --------------------------------------------------------------------------------------------
+# bench.op_count against closed forms
+# --------------------------------------------------------------------------------------------
+
+
+def counted(make, fn) -> list[op_count.Op]:
+    """The operations of fn(*make()), make's tensors fake."""
+    with op_count.fake_mode():
+        tensors = make()
+    return op_count.count(lambda: fn(*tensors))
+
+
+def test_op_count_flops_bytes_and_kernels_match_closed_forms():
+    m, k, n = 8, 16, 4
+
+    op, _ = counted(lambda: (torch.randn(m, k), torch.randn(n, k), torch.randn(n)), F.linear)
+    assert op.category == "matmul" and op.flops == 2 * m * n * k and op.kernels == 1
+
+    def elementwise(a, b):
+        c = a + b  # reads 2, writes 1
+        a.mul_(2.0)  # in place: reads and writes a
+        return c.view(-1).to(torch.bfloat16)  # the view is free; the cast reads fp32, writes bf16
+
+    add, mul, cast, _ = counted(lambda: (torch.randn(m, k), torch.randn(m, k)), elementwise)
+    size = m * k
+    assert (add.bytes, mul.bytes, cast.bytes) == (3 * 4 * size, 2 * 4 * size, 6 * size)
+    assert (add.flops, mul.flops, cast.flops) == (size, size, size)
+
+
+def test_op_count_kernels_and_fusion_model_of_a_tiny_graph():
+    size = 1000
+
+    def graph(x, w):
+        y = x * 2
+        z = (y + 1).relu()
+        out = z[:, None] * w  # (size, 4); the indexing is a view
+        return y, out.sum()
+
+    ops = counted(lambda: (torch.randn(size), torch.randn(size, 4)), graph)
+    assert [o.name.split(".")[0] for o in ops] == ["mul", "add", "relu", "mul", "sum", "return"]
+    eager = op_count.eager_totals(ops)
+    assert eager.kernels == 5
+    assert eager.bytes == 4 * (2 * size + 2 * size + 2 * size + (size + 4 * size + 4 * size)
+                               + (4 * size + 1))  # fmt: skip
+    compiled = op_count.compiled_totals(ops)
+    # one region: reads x and w, writes y and the sum (both returned); nothing else
+    assert compiled.kernels == 1
+    assert compiled.bytes == 4 * (size + 4 * size + size + 1)
+    # multi_tensor_apply: 300 small tensors in one list: ceil(300 / 110) launches; one tensor
+    # of 2 × 320 chunks + 1 element: 3 launches
+    assert op_count.multi_tensor_launches(([torch.empty(3)] * 300,)) == 3
+    assert op_count.multi_tensor_launches(([torch.empty(2 * 320 * 65536 + 1)],)) == 3
+
+
+def test_op_count_prints_the_estimate_table_of_a_training_step(capsys):
+    tables = op_count.main([
+        "--models", "SiTDown", "--model-config", TINY, "--resolution", "64",
+        "--enc-type", ENCODER_STANDIN, "--batch-size", "2", "--no-sampling",
+    ])  # fmt: skip
+    rows = [r.split(" | ") for r in tables["training"][2:]]
+    assert [r[0].split(": ")[1] for r in rows] == list(op_count.CONFIGS)
+    eager_gb, compiled_gb, sharded_gb = (float(r[5]) for r in rows)
+    eager_update, compiled_update, sharded_update = (float(r[6]) for r in rows)
+    assert compiled_gb < eager_gb and eager_update == compiled_update > 0
+    assert sharded_update == pytest.approx(compiled_update / 8, rel=0.01)
+    assert sharded_gb == pytest.approx(compiled_gb - compiled_update * 7 / 8, rel=0.01)
+    assert "| SiTDown: eager |" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# bench/run_gpu.sh
+# --------------------------------------------------------------------------------------------
+
+
+def test_quick_gpu_part_runs_on_tiny_models_and_ends_with_one_summary_table(tmp_path):
+    """`BENCH_SMOKE=1 bash bench/run_gpu.sh OUT quick` with REPA_SRC: both benchmarks run,
+    REPA's step and sampler beside ours, and the summary is printed and written."""
+    env = {**os.environ, "BENCH_SMOKE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "REPA_SRC": write_repa_stub(tmp_path / "REPA")}  # fmt: skip
+    out = tmp_path / "out"
+    result = subprocess.run(["bash", "bench/run_gpu.sh", str(out), "quick"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (out / "quick-summary.md").read_text()
+    assert summary.strip() in result.stdout
+    rows = dict(line.strip("| ").split(" | ", 1) for line in summary.splitlines()[2:])
+    train = json.loads((out / "quick-train.json").read_text())
+    ours = train["configs"]["ours"]
+    assert rows["training images/s (ours)"].startswith(f"{ours['images_per_sec']:.4g} ")
+    ratio = train["ratios"]["ours/repa-actual"]
+    assert any(k.startswith("REPA's own step") and v.endswith(f"{ratio:.2f}x")
+               for k, v in rows.items())  # fmt: skip
+    sample = json.loads((out / "quick-sample.json").read_text())["sampling"]
+    assert sample["ratio_to_repa"] == pytest.approx(
+        sample["samples_per_sec"] / sample["repa"]["samples_per_sec"]
+    )
+
+
+def test_every_gpu_part_passes_valid_flags_to_its_benchmark(tmp_path):
+    """Every part but quick (run above), full size and with BENCH_SMOKE=1, on a stand-in
+    interpreter that logs its arguments; each benchmark's parser then parses them here."""
+    log = tmp_path / "argv.jsonl"
+    stub = tmp_path / "log-argv"
     stub.write_text(
-        "#!/bin/sh\n"
-        "shift  # -m\n"
-        f'exec {sys.executable} -c "import importlib, sys; '
-        "importlib.import_module(sys.argv[1]).parse_args(sys.argv[2:]); "
-        'print(\\"parsed\\", sys.argv[1])" "$@"\n'
+        f"#!{sys.executable}\nimport json, sys\nwith open({str(log)!r}, 'a') as f:\n"
+        "    f.write(json.dumps(sys.argv[1:]) + '\\n')\n"
     )
     stub.chmod(0o755)
-    result = subprocess.run(["bash", "bench/run_gpu.sh", str(tmp_path / "out"), "quick"],
-                            cwd=REPO, env={**os.environ, "PYTHON": str(stub)},
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "parsed bench.train_speed" in result.stdout
-    assert "parsed bench.sample_speed" in result.stdout
+    parts = ["train", "train-each", "train-sit", "sample", "sample-compile", "data", "ops"]
+    for smoke in ("0", "1"):
+        env = {**os.environ, "PYTHON": str(stub), "BENCH_SMOKE": smoke}
+        result = subprocess.run(
+            ["bash", "bench/run_gpu.sh", str(tmp_path / smoke), "--repa-src", "/nowhere", *parts],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    modules = {"bench.train_speed": train_speed, "bench.sample_speed": sample_speed,
+               "bench.data_speed": data_speed, "bench.op_count": op_count}  # fmt: skip
+    assert [c[1] for c in calls[:7]] == ["bench.train_speed"] * 3 + ["bench.sample_speed"] * 2 + [
+        "bench.data_speed", "bench.op_count"]  # fmt: skip
+    assert len(calls) == 14
+    for dash_m, module, *argv in calls:
+        assert dash_m == "-m"
+        modules[module].parse_args(argv)  # exits on a flag it does not know
+
+
+def test_gpu_peaks_tell_h100_pcie_and_nvl_from_sxm():
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_peak_tflops("NVIDIA H100 NVL") == 835.0
+    assert gpu_peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_peak_tflops("NVIDIA GeForce RTX 3090") is None
