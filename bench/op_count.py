@@ -348,7 +348,9 @@ def sampling_ops(
     inputs = generate.draw_inputs(list(range(batch)), args, None, model.num_classes,
                                   model.latent_shape, pin=False)  # fmt: skip
     with gpu_roads():  # the sampler's own time grid stays real: it reads it on the host
-        ops = count(lambda: generate.sample_batch(model.eval(), inputs, args, device))
+        # as checkpoints.load_model_for_sampling gives it: eval mode, no gradients
+        model.eval().requires_grad_(False)
+        ops = count(lambda: generate.sample_batch(model, inputs, args, device))
     from models.summary import count_macs
 
     return ops, count_macs(model, model.latent_shape[-1])
@@ -398,7 +400,7 @@ def training_table(results: dict[str, tuple[list[Op], int]], batch: int) -> list
     return lines
 
 
-def sampling_table(results: dict[str, tuple[list[Op], int]], steps: int) -> list[str]:
+def sampling_table(results: dict[str, tuple[list[Op], int, int]], steps: int) -> list[str]:
     lines = [
         "| model, one SDE step (estimate, H200) | step | forward images/s | MFU | "
         "TFLOP matmul / attention / conv / other | GB outside matmuls | of which update | "

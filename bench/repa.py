@@ -88,8 +88,10 @@ def functions_from_source(file: str, names: tuple[str, ...]) -> dict[str, Callab
     """The top-level functions `names` of a Python file, run without its module-level code."""
     with open(file) as f:
         tree = ast.parse(f.read(), filename=file)
-    found = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    missing = set(names) - {n.name for n in found}
+    found: list[ast.stmt] = [
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names
+    ]
+    missing = set(names) - {n.name for n in found if isinstance(n, ast.FunctionDef)}
     if missing:
         raise InputError(f"--repa-src: {file} defines no {', '.join(sorted(missing))}; "
                          "give a checkout of github.com/sihyun-yu/REPA")  # fmt: skip
@@ -112,7 +114,14 @@ def load_repa(path: str) -> RepaCode:
             for key, file in REPA_MODULES.items()
         }
     functions = functions_from_source(os.path.join(path, "train.py"), REPA_TRAIN_FUNCTIONS)
-    return RepaCode(**modules, **functions, path=path)
+    return RepaCode(
+        sit=modules["sit"],
+        loss=modules["loss"],
+        samplers=modules["samplers"],
+        update_ema=functions["update_ema"],
+        sample_posterior=functions["sample_posterior"],
+        path=path,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +136,7 @@ def build_repa_model(
     resolution: int,
     z_dim: int,
     fused_attn: bool,
-) -> torch.nn.Module:
+) -> Any:
     """REPA's SiT as its train.py builds it (`config`, if given, replaces the registry entry:
     the keyword arguments of its SiT class, for tiny test models)."""
     kwargs: dict[str, Any] = {
@@ -147,7 +156,7 @@ def build_repa_model(
     return code.sit.SiT_models[name](**kwargs)
 
 
-def repa_forward_macs(model: torch.nn.Module) -> int:
+def repa_forward_macs(model: Any) -> int:
     """Forward MACs per image of REPA's SiT, projector excluded (Table 2's convention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -160,7 +169,7 @@ def repa_forward_macs(model: torch.nn.Module) -> int:
     return counter.get_total_flops() // 2
 
 
-def nonzero_velocity(model: torch.nn.Module) -> torch.nn.Module:
+def nonzero_velocity(model: Any) -> Any:
     """Random weights whose velocity is not zero: REPA zero-initialises adaLN and the output."""
     with torch.no_grad():
         for module in model.modules():

@@ -5,9 +5,9 @@
 #   bash bench/run_gpu.sh OUT_DIR quick                            # the headline figures, first
 #   REPA_SRC=PATH bash bench/run_gpu.sh OUT_DIR quick              # same as --repa-src PATH
 #
-# PART: quick (the headline figures in one short run, compilation included: SiT↓-XL/2 + U-REPA
-# training images/s, MFU, peak memory, syncs per step and the update share; sampling samples/s
-# and MFU; with a REPA checkout, REPA's own training step and sampler beside them; then one
+# PART: quick (the headline figures in one short run, with --compile and the compilation in its
+# warm-up: SiT↓-XL/2 + U-REPA training images/s, MFU, peak memory, syncs per step and the
+# update share; sampling samples/s and MFU; with a REPA checkout, REPA's own training step and sampler beside them; then one
 # summary table, printed and written to OUT_DIR/quick-summary.md), train (SiT↓-XL/2 + U-REPA,
 # ours vs REPA's protocol), train-each (each optimisation alone), train-sit (SiT-XL/2 + REPA),
 # sample (SDE 250, cfg 1.65 on [0, 0.7], bf16, with the noise and precision comparisons),
@@ -41,11 +41,12 @@ if [ "${BENCH_SMOKE:-0}" = 1 ]; then
     tiny_sit='{"hidden_size": 32, "depth": 2, "num_heads": 2, "projector_dim": 32}'
     tiny_repa='{"hidden_size": 32, "decoder_hidden_size": 32, "depth": 2, "num_heads": 2, "projector_dim": 32, "encoder_depth": 1}'
     small=(--resolution 64 --enc-type dinov2-vit-tiny-random)
+    # no compilation: it would take minutes on a CPU
     train_smoke=(--model SiTDown --model-config "$tiny" "${small[@]}" --batch-size 4 --steps 1
-                 --rounds 1 --warmup 1 --sync-steps 1 --update-repeats 1)
+                 --rounds 1 --warmup 1 --sync-steps 1 --update-repeats 1 --no-compile)
     train_sit=(--model SiT --model-config "$tiny_sit" --encoder-depth 1 --manifold-coeff 0)
     sample_smoke=(--model SiTDown --model-config "$tiny" --resolution 64
-                  --per-proc-batch-size 2 --num-steps 3 --compare-samples 2)
+                  --per-proc-batch-size 2 --num-steps 3 --compare-samples 2 --no-compile)
     data_smoke=(--synthetic 48 --global-batch 8 --processes 2 --num-workers 0 --batches 2)
     ops_smoke=(--models SiTDown --model-config "$tiny" "${small[@]}" --batch-size 2
                --sample-batch-size 2)
@@ -67,9 +68,9 @@ for part in "${parts[@]}"; do
     case $part in
         quick)
             bench quick-train bench.train_speed --configs ours --steps 10 --rounds 2 \
-                --warmup 3 "${train_smoke[@]}" "${repa[@]}"
+                --warmup 3 --compile "${train_smoke[@]}" "${repa[@]}"
             bench quick-sample bench.sample_speed --batches 1 --no-compare-noise \
-                --no-compare-precision "${sample_smoke[@]}" "${repa[@]}"
+                --no-compare-precision --compile "${sample_smoke[@]}" "${repa[@]}"
             "$python" -m bench.summary "$out" ;;
         train) bench train bench.train_speed --configs ours,repa-protocol "${train_smoke[@]}" \
             "${repa[@]}" ;;

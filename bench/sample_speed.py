@@ -4,6 +4,8 @@
     python -m bench.sample_speed
     # a trained checkpoint (real weights: the bf16-vs-fp32 difference then means something)
     python -m bench.sample_speed --ckpt exps/run/checkpoints/0400000.pt
+    # beside REPA's own sampler (SiT-XL/2, its samplers.py, as its generate.py runs it)
+    python -m bench.sample_speed --repa-src ../REPA
     # CPU smoke
     python -m bench.sample_speed --model SiTDown --resolution 64 --per-proc-batch-size 4 \\
         --model-config '{"hidden_size": 32, "depths": [1, 1, 1], "num_heads": 2}' \\
@@ -22,7 +24,8 @@ Printed: samples/s, the forward passes actually run (a guided step runs 2N image
 forward images/s × 2 × forward MACs ÷ peak (Table 2's MACs: the projector is skipped), the time
 for 50K samples on 8 such devices, host syncs per sampler step, peak memory, the same with the
 noise drawn step by step, and max / mean / relative differences between bf16 and fp32 (and TF32)
-outputs of the same samples.
+outputs of the same samples. With --repa-src, REPA's own sampler and model on the same batch and
+sampler settings (`bench.repa`), and the ratio of samples/s ours / REPA.
 """
 
 from __future__ import annotations

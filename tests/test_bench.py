@@ -62,7 +62,7 @@ def test_train_speed_prints_ours_repa_protocol_and_their_ratio(capsys, tmp_path)
         assert block["mfu"].startswith("n/a")  # no known peak for a CPU
     assert ours["precision"] == "bf16" and ours["fused_adamw"] == "True"
     assert ours["encoder"] == f"{ENCODER_STANDIN} (precomputed)"
-    assert "adamw_foreach_step_ms" in ours and "ema_per_tensor_loop_ms" in ours
+    assert "adamw_default_step_ms" in ours and "ema_per_tensor_loop_ms" in ours
     assert repa["precision"] == "fp16" and repa["fused_adamw"] == "False"
     assert repa["encoder"] == f"{ENCODER_STANDIN} (online)"
     assert repa["metrics_read"] == "every step"
