@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -300,9 +301,13 @@ def gpu_roads() -> Iterator[None]:
         yield
 
 
-def fake_mode() -> FakeTensorMode:
-    """Tensors made inside it are fake; real CPU tensors mixed with them act as constants."""
-    return FakeTensorMode(allow_non_fake_inputs=True)
+@contextmanager
+def fake_mode() -> Iterator[FakeTensorMode]:
+    """Tensors made inside it are fake; real CPU tensors mixed with them act as constants.
+    (Deep copies of fake modules, the EMA's, make PyTorch warn about their data pointers.)"""
+    with warnings.catch_warnings(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+        yield mode
 
 
 def count(fn: Callable[[], Any]) -> list[Op]:
