@@ -18,9 +18,10 @@ cuDNN: the same FLOPs, no score matrix in memory).
 Counted per operation: FLOPs (matrix products, attention, convolutions: PyTorch's flop counter,
 2 per multiply-add; every other operation: one per output element), bytes (operations other
 than matrix products, attention and convolutions: every tensor read plus every tensor written,
-views free), kernel launches (one per operation that is not a view; a multi-tensor
-`_foreach_*` / `_fused_*` operation launches as CUDA's multi_tensor_apply does: a new launch
-per 320 chunks of 65,536 elements or per 110 / 64 / 48 / 36 / 30 tensors for 1 to 5 lists).
+each distinct view once; views, aliases and bare allocations free), kernel launches (one per
+other operation; a multi-tensor `_foreach_*` / `_fused_*` operation launches as CUDA's
+multi_tensor_apply does: a new launch per 320 chunks of 65,536 elements or per 110 / 64 / 48 /
+36 / 30 tensors for 1 to 5 lists).
 
 Time estimate, per configuration: matrix products, attention and convolutions at the dense bf16
 peak (989 TFLOP/s), every other byte at the HBM bandwidth (4.8 TB/s), one after the other, no
@@ -62,6 +63,7 @@ from cli import positive_int, run_main
 H200_PEAK_FLOPS = 989e12  # dense bf16, NVIDIA's data sheet
 H200_HBM_BYTES_PER_S = 4.8e12
 SHARDS = 8
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"}
 # multi_tensor_apply (ATen's MultiTensorApply.cuh): chunk size, blocks and tensors per launch
 CHUNK, CHUNKS_PER_LAUNCH, TENSORS_PER_LAUNCH = 65536, 320, (110, 64, 48, 36, 30)
@@ -100,10 +102,16 @@ def storage_key(t: Tensor) -> int:
 
 
 def tensor_bytes(tensors: list[Tensor]) -> dict[int, int]:
+    """Bytes per storage: the sum over the distinct views of it (q, k and v of one projection
+    are three reads; a tensor passed twice is one)."""
+    views = {
+        (storage_key(t), t.storage_offset(), tuple(t.shape), t.stride()): t.numel()
+        * t.element_size()
+        for t in tensors
+    }
     out: dict[int, int] = {}
-    for t in tensors:
-        key = storage_key(t)
-        out[key] = max(out.get(key, 0), t.numel() * t.element_size())
+    for (key, *_), size in views.items():
+        out[key] = out.get(key, 0) + size
     return out
 
 
@@ -170,11 +178,15 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         outputs = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
-        if func.is_view or func.namespace == "prim" or not (inputs or outputs):
-            return out
         name = str(func.name()).removeprefix("aten::")
+        mutated = mutated_tensors(func, args, kwargs)
+        if func.is_view or func.namespace == "prim" or name.split(".")[0] in ALLOCATIONS:
+            return out  # no kernel, no traffic
+        in_keys = {storage_key(t) for t in inputs}
+        if not mutated and all(storage_key(t) in in_keys for t in outputs):
+            return out  # an alias of an input made outside the view ops (`_unsafe_view`)
         cat = category(name)
-        written = outputs + mutated_tensors(func, args, kwargs)
+        written = outputs + mutated
         kernels = multi_tensor_launches(args) if cat == "update" else 1
         flops = op_flops(func, cat, args, kwargs, out, outputs)
         self.ops.append(Op(name, cat, flops, kernels, tensor_bytes(inputs), tensor_bytes(written)))
