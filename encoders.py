@@ -19,6 +19,7 @@ depth 2, random weights, through the same code.
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -300,7 +301,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any(n.endswith("/constants.pkl") for n in archive.namelist()):
-                return dict(torch.jit.load(path, map_location="cpu").state_dict())
+                with warnings.catch_warnings():  # torch deprecates TorchScript, not its files
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return dict(torch.jit.load(path, map_location="cpu").state_dict())
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
         raise InputError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
@@ -320,8 +323,11 @@ def load_weight_file(vit: Any, name: str, path: str) -> None:
     reaches the tokens must be in it."""
     checkpoint = read_checkpoint(path)
     convert = FAMILIES[encoder_spec(name).family].convert
-    state = timm_filter(vit)(convert(checkpoint) if convert else checkpoint, vit)
-    missing, unexpected = vit.load_state_dict(state, strict=False)
+    try:
+        state = timm_filter(vit)(convert(checkpoint) if convert else checkpoint, vit)
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except (RuntimeError, KeyError, ValueError) as err:  # shapes of another architecture
+        raise InputError(f"{path} does not hold {name}'s weights: {err}") from err
     missing = [k for k in missing if not k.startswith(UNUSED_PREFIXES)]
     unexpected = [k for k in unexpected if not k.startswith(UNUSED_PREFIXES)]
     if missing or unexpected:
