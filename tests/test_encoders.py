@@ -17,7 +17,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState
+from conftest import RES, prepare_flags
 
+import train
+from checkpoints import load_checkpoint
+from dataset import LatentDataset
 from encoders import (
     ENCODERS,
     STANDINS,
@@ -29,9 +34,12 @@ from encoders import (
     mocov3_state_dict,
     parse_encoder_list,
 )
+from preprocessing.prepare import main as prepare_main
+from preprocessing.prepare import parse_args as prepare_args
 from utils import InputError
 
 D, DEPTH, HEADS = 32, 2, 2  # the stand-ins' width, depth and heads
+TINY_MODEL = '{"hidden_size": 32, "depths": [1, 2, 1], "num_heads": 2, "projector_dim": 32}'
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
@@ -373,3 +381,33 @@ def test_weights_errors_say_what_to_do(tmp_path):
         parse_encoder_list("dinov2-vit-b,clip-vit-B")
     assert parse_encoder_list("mocov3-vit-l, clip-vit-L,dinov2-vit-g_reg") == [
         "mocov3-vit-l", "clip-vit-L", "dinov2-vit-g_reg"]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Several encoders at once, end to end
+# --------------------------------------------------------------------------------------------
+
+SEVERAL = "dinov2-vit-tiny-random,mae-vit-tiny-random,clip-vit-tiny-random"
+
+
+def test_several_encoders_prepare_and_train_online(toy_images, tmp_path):
+    """REPA's comma list: prepare.py stores each encoder's tokens, the same tokens the encoders
+    give online on the stored pixels, and training runs with the encoders online."""
+    data = str(tmp_path / "data")
+    prepare_main(prepare_args(prepare_flags(toy_images, data, "--enc-type", SEVERAL)))
+    sample = LatentDataset(data, encoders=SEVERAL.split(","), pixels=True)[0]
+    for name, stored in zip(SEVERAL.split(","), sample["features"], strict=True):
+        online = load_encoder(name, RES)(sample["pixels"][None])[0]  # (16, 32): 4×4 at 64 px
+        torch.testing.assert_close(stored.float(), online, rtol=1e-3, atol=1e-3)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    args = train.parse_args([
+        "--data-dir", data, "--resolution", str(RES), "--output-dir", str(tmp_path),
+        "--exp-name", "online", "--model", "SiTDown", "--model-config", TINY_MODEL,
+        "--enc-type", SEVERAL, "--vae", "tiny-random", "--batch-size", "8",
+        "--max-train-steps", "1", "--checkpointing-steps", "1", "--sampling-steps", "0",
+        "--num-workers", "0", "--mixed-precision", "no", "--encoder-mode", "online",
+    ])  # fmt: skip
+    train.main(args)
+    state = load_checkpoint(str(tmp_path / "online" / "checkpoints" / "0000001.pt"))
+    assert state["model_kwargs"]["z_dims"] == [32, 32, 32] and state["step"] == 1
+    assert len([k for k in state["model"] if k.endswith("projectors.2.0.weight")]) == 1
