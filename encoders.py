@@ -315,7 +315,9 @@ def timm_filter(vit: Any) -> Callable[[dict[str, Any], Any], dict[str, Any]]:
     resampled to the model's grid)."""
     import importlib
 
-    return importlib.import_module(type(vit).__module__).checkpoint_filter_fn  # type: ignore[no-any-return]
+    filter_fn: Callable[[dict[str, Any], Any], dict[str, Any]]
+    filter_fn = importlib.import_module(type(vit).__module__).checkpoint_filter_fn
+    return filter_fn
 
 
 def load_weight_file(vit: Any, name: str, path: str) -> None:
