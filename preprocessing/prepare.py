@@ -1,4 +1,4 @@
-"""Prepare a training set: centre-cropped images -> SD-VAE moments, DINOv2 features, labels.
+"""Prepare a training set: centre-cropped images -> SD-VAE moments, encoder features, labels.
 
     torchrun --nproc_per_node=8 preprocessing/prepare.py \\
         --source imagenet/train --dest data/imagenet256 --vae ema --enc-type dinov2-vit-b
