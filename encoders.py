@@ -366,6 +366,10 @@ def load_encoder(
     a test stand-in has random weights unless `weights` names a file."""
     spec = encoder_spec(name)
     check_resolution(name, resolution)
+    if name in STANDINS and weights and not os.path.isfile(weights):
+        raise InputError(
+            f"{name} is a test stand-in: --enc-weights must be a file, not {weights!r}"
+        )
     if name in STANDINS or (weights and os.path.isfile(weights)):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -377,6 +377,8 @@ def test_weights_errors_say_what_to_do(tmp_path):
     torch.save(vit_release(16, 14), tmp_path / "dino.pth")
     with pytest.raises(InputError, match="does not hold jepa-vit-tiny-random's weights"):
         load_encoder("jepa-vit-tiny-random", weights=str(tmp_path / "dino.pth"))
+    with pytest.raises(InputError, match="--enc-weights must be a file"):
+        load_encoder("mae-vit-tiny-random", weights="vit_large_patch16_224.mae")
     with pytest.raises(InputError, match="unknown encoder"):
         parse_encoder_list("dinov2-vit-b,clip-vit-B")
     assert parse_encoder_list("mocov3-vit-l, clip-vit-L,dinov2-vit-g_reg") == [
