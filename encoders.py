@@ -136,7 +136,7 @@ ENCODERS: dict[str, EncoderSpec] = {
             ("g", "giant", 1536),
         ]
         for suffix, reg in [("", ""), ("_reg", "reg4_")]
-    },  # fmt: skip
+    },
     "dinov1-vit-b": EncoderSpec("vit_base_patch16_224.dino", 768, "dinov1"),
     "mocov3-vit-s": EncoderSpec("vit_small_patch16_224", 384, "mocov3", MOCO_S_HEADS, False),
     "mocov3-vit-b": EncoderSpec("vit_base_patch16_224", 768, "mocov3", library=False),
