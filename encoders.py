@@ -19,6 +19,7 @@ depth 2, random weights, through the same code.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -81,6 +82,23 @@ def mocov3_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# OpenAI CLIP weights that `clip.load` stores in fp16 (its `convert_weights`: convolutions, linear
+# and attention projections) before REPA casts the model back to fp32 on the CPU.
+CLIP_FP16 = re.compile(
+    r"visual\.(conv1\.weight|proj|transformer\.resblocks\.\d+\."
+    r"(attn\.in_proj_(weight|bias)|attn\.out_proj\.(weight|bias)|mlp\.c_(fc|proj)\.(weight|bias)))"
+)
+
+
+def clip_state_dict(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's CLIP layout, with the weights `clip.load` keeps in fp16 rounded to fp16 as REPA's
+    loader does (a no-op on OpenAI's files, which are fp16 already)."""
+    return {
+        k: v.half().to(v.dtype) if CLIP_FP16.fullmatch(k) and v.is_floating_point() else v
+        for k, v in checkpoint.items()
+    }
+
+
 @dataclass(frozen=True)
 class Family:
     """How REPA feeds one family of encoders, and which of its outputs it aligns to."""
@@ -99,7 +117,9 @@ FAMILIES = {
     "mocov3": Family(convert=mocov3_state_dict),
     "mae": Family(final_norm=False),
     "jepa": Family(),
-    "clip": Family(CLIP_MEAN, CLIP_STD, resize_first=True, final_norm=False),
+    "clip": Family(
+        CLIP_MEAN, CLIP_STD, resize_first=True, final_norm=False, convert=clip_state_dict
+    ),
     "siglip": Family(SIGLIP_MEAN, SIGLIP_STD),
     "dinov3": Family(max_resolution=None),
 }

@@ -238,14 +238,15 @@ def clip_as_vit(sd: dict) -> dict:
     """OpenAI's CLIP keys read as the generic ViT keys `repa_tokens` uses (test-side)."""
     out = {"cls_token": sd["visual.class_embedding"].view(1, 1, -1),
            "pos_embed": sd["visual.positional_embedding"][None],
-           "patch_embed.proj.weight": sd["visual.conv1.weight"]}  # fmt: skip
+           "patch_embed.proj.weight": sd["visual.conv1.weight"].half().float()}  # fmt: skip
     out |= {k.replace("visual.", ""): v for k, v in sd.items() if k.startswith("visual.ln_pre")}
     for key, value in sd.items():
         if key.startswith("visual.transformer.resblocks."):
             i, rest = key.split(".")[3], ".".join(key.split(".")[4:])
             for a, b in CLIP_NAMES:
                 rest = rest.replace(a, b)
-            out[f"blocks.{i}.{rest}"] = value
+            # clip.load keeps linear and attention weights in fp16 (REPA casts back to fp32)
+            out[f"blocks.{i}.{rest}"] = value if "norm" in rest else value.half().float()
     return out
 
 
