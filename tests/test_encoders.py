@@ -414,3 +414,13 @@ def test_several_encoders_prepare_and_train_online(toy_images, tmp_path):
     state = load_checkpoint(str(tmp_path / "online" / "checkpoints" / "0000001.pt"))
     assert state["model_kwargs"]["z_dims"] == [32, 32, 32] and state["step"] == 1
     assert len([k for k in state["model"] if k.endswith("projectors.2.0.weight")]) == 1
+
+
+def test_512_px_with_a_non_dino_encoder_is_a_usage_error(capsys):
+    for parse, flags in [(train.parse_args, ["--data-dir", "d", "--exp-name", "x"]),
+                         (prepare_args, ["--source", "s", "--dest", "d"])]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            parse([*flags, "--resolution", "512", "--enc-type", "dinov2-vit-b,mae-vit-l"])
+        assert exit_info.value.code == 2
+        assert "mae-vit-l runs at up to 256 px" in capsys.readouterr().err
+        parse([*flags, "--resolution", "512", "--enc-type", "dinov2-vit-b,dinov3-vit-b"])
