@@ -18,14 +18,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from frozen import (
-    ENCODER_STANDIN,
-    VAE_IDS,
-    VAE_PIXELS,
-    VAE_PIXELS_2X,
-    VAE_STANDIN,
-    parse_encoder_list,
-)
+from encoders import ENCODER_STANDIN, check_resolution, parse_encoder_list
+from frozen import VAE_IDS, VAE_PIXELS, VAE_PIXELS_2X, VAE_STANDIN
 from models import canonical_name
 from models.layers import SDPA_BACKENDS
 from utils import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, ReportedError
@@ -172,13 +166,17 @@ def add_vae_args(group: FlagGroup, purpose: str) -> None:
 def add_encoder_args(group: FlagGroup, none_means: str) -> None:
     """--enc-type and --enc-weights; `none_means` says what --enc-type none does here."""
     group.add_argument("--enc-type", default="dinov2-vit-b",
-                       help="representation encoder(s), comma-separated: dinov2-vit-{s,b,l,g}, "
-                            "optionally with _reg (e.g. dinov2-vit-b,dinov2-vit-l_reg), or "
-                            f"{ENCODER_STANDIN} (test stand-in); 'none' (any case) {none_means}")
+                       help="representation encoder(s), comma-separated, REPA's names: "
+                            "dinov2-vit-{s,b,l,g}[_reg], dinov1-vit-b, mocov3-vit-{s,b,l}, "
+                            "mae-vit-l, jepa-vit-h, clip-vit-L, siglip-vit-L; also siglip2-vit-L, "
+                            "dinov3-vit-{s,b,l}, or <family>-vit-tiny-random (test stand-ins, e.g. "
+                            f"{ENCODER_STANDIN}); 'none' (any case) {none_means}")
     group.add_argument("--enc-weights", default=None,
-                       help="local weight file of each encoder, comma-separated, one per "
-                            "--enc-type entry, read where the encoders run (prepare.py, train.py "
-                            "--encoder-mode online); without it timm downloads them")
+                       help="weights of each encoder, comma-separated, one per --enc-type entry "
+                            "(an empty entry: the default): a local file (the authors' release "
+                            "checkpoint or a timm state dict) or a timm pretrained name; read "
+                            "where the encoders run (prepare.py, train.py --encoder-mode online); "
+                            "without it timm downloads them (MoCo v3 needs a file)")
 
 
 def add_speed_args(group: FlagGroup) -> None:
@@ -218,6 +216,9 @@ def encoder_weights(enc_weights: str | None, encoders: list[str]) -> list[str | 
 
 
 def parse_encoder_args(args: argparse.Namespace) -> None:
-    """Set `args.encoders` from --enc-type and check --enc-weights against it (ValueError)."""
+    """Set `args.encoders` from --enc-type and check --enc-weights and --resolution against it
+    (ValueError)."""
     args.encoders = encoder_list(args.enc_type)
     encoder_weights(args.enc_weights, args.encoders)
+    for name in args.encoders:
+        check_resolution(name, args.resolution)

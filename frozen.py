@@ -1,10 +1,10 @@
-"""The frozen networks: the SD-VAE (latent space) and the DINOv2 representation encoders.
+"""The frozen networks: the SD-VAE (latent space) and the representation encoders (encoders.py).
 
 Used by `preprocessing/` (encoding), `train.py` (online-encoder mode, preview decoding) and
 `generate.py` (decoding). Pretrained weights load through the libraries' normal mechanisms —
-diffusers `from_pretrained` for the VAE, timm (weights on the Hugging Face hub) for DINOv2 — or
-from a local path. Without network access and without a local copy, loading fails with a message
-that says how to provide the weights.
+diffusers `from_pretrained` for the VAE, timm (weights on the Hugging Face hub) for the
+encoders — or from a local path. Without network access and without a local copy, loading fails
+with a message that says how to provide the weights.
 
 Tests never download: `load_vae("tiny-random")` and `load_encoder("dinov2-vit-tiny-random")` build
 tiny, randomly initialised networks of the same classes through the same wrappers. They are
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,7 +26,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils import InputError, ReportedError
+# The representation encoders live in encoders.py; their names are re-exported here.
+from encoders import (  # noqa: F401
+    ENCODER_STANDIN,
+    ENCODERS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    STANDINS,
+    EncoderSpec,
+    RepresentationEncoder,
+    WeightsUnavailable,
+    encoder_dim,
+    encoder_grid,
+    encoder_input_size,
+    load_encoder,
+    offline_hint,
+    parse_encoder_list,
+)
+from utils import InputError
 
 # SD-VAE latent normalisation (LDM/DiT/REPA): z = 0.18215 · (mean + std · ε), bias 0.
 VAE_SCALE = 0.18215
@@ -37,22 +53,6 @@ VAE_STANDIN = "tiny-random"
 VAE_PIXELS = "pixels"
 VAE_PIXELS_2X = "pixels-2x"
 PIXEL_VAES = {1: VAE_PIXELS, 2: VAE_PIXELS_2X}  # downsampling factor -> --vae name
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsUnavailable(ReportedError, RuntimeError):
-    """Pretrained weights that cannot be loaded (no network and no local copy)."""
-
-
-def _offline_hint(what: str, source: str, flag: str) -> str:
-    return (
-        f"could not load {what} from {source!r}. If this machine has no internet access, "
-        f"download the weights elsewhere (they are cached under ~/.cache/huggingface; "
-        f"`huggingface-cli download {source}` fetches them) and either copy the cache here or "
-        f"pass a local path with {flag}."
-    )
 
 
 #################################################################################
@@ -177,125 +177,7 @@ def load_vae(
                 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
                 vae = AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
         except Exception as err:  # network errors come in many types; all mean "not available"
-            raise WeightsUnavailable(_offline_hint("the SD-VAE", source, "--vae PATH")) from err
+            raise WeightsUnavailable(offline_hint("the SD-VAE", source, "--vae PATH")) from err
     if dtype != torch.float32 and spec == VAE_STANDIN:
         vae = vae.to(dtype)  # (diffusers warns about any .to(dtype), even float32's)
     return LatentAutoencoder(vae.to(device), spec)
-
-
-#################################################################################
-#                         Representation encoders (DINOv2)                      #
-#################################################################################
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    timm_name: str
-    dim: int
-
-
-ENCODERS: dict[str, EncoderSpec] = {
-    "dinov2-vit-s": EncoderSpec("vit_small_patch14_dinov2.lvd142m", 384),
-    "dinov2-vit-b": EncoderSpec("vit_base_patch14_dinov2.lvd142m", 768),
-    "dinov2-vit-l": EncoderSpec("vit_large_patch14_dinov2.lvd142m", 1024),
-    "dinov2-vit-g": EncoderSpec("vit_giant_patch14_dinov2.lvd142m", 1536),
-    "dinov2-vit-s_reg": EncoderSpec("vit_small_patch14_reg4_dinov2.lvd142m", 384),
-    "dinov2-vit-b_reg": EncoderSpec("vit_base_patch14_reg4_dinov2.lvd142m", 768),
-    "dinov2-vit-l_reg": EncoderSpec("vit_large_patch14_reg4_dinov2.lvd142m", 1024),
-    "dinov2-vit-g_reg": EncoderSpec("vit_giant_patch14_reg4_dinov2.lvd142m", 1536),
-}
-ENCODER_STANDIN = "dinov2-vit-tiny-random"  # DINOv2's architecture at width 32, random weights
-
-
-def encoder_dim(name: str) -> int:
-    if name == ENCODER_STANDIN:
-        return 32
-    if name not in ENCODERS:
-        raise InputError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
-    return ENCODERS[name].dim
-
-
-class RepresentationEncoder(nn.Module):
-    """A frozen ViT producing alignment targets: uint8 images -> final-norm patch tokens.
-
-    Preprocessing as REPA: pixels / 255, ImageNet mean/std, bicubic resize to 224 per 256 pixels
-    of resolution (16×16 patches of 14 for a 256-px image); class and register tokens dropped.
-    """
-
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, vit: Any, name: str, resolution: int = 256):
-        super().__init__()
-        self.vit: Any = vit.eval().requires_grad_(False)  # timm VisionTransformer (untyped)
-        self.name = name
-        self.embed_dim: int = vit.embed_dim
-        self.input_size = encoder_input_size(resolution)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def grid_size(self) -> int:
-        return self.input_size // self.vit.patch_embed.patch_size[0]
-
-    @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        """uint8 or [0, 255] float (N, 3, H, W) -> (N, grid², D) patch tokens."""
-        x = (images.float() / 255 - self.mean) / self.std
-        x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False)
-        tokens = self.vit.forward_features(x.to(self.mean.dtype))  # final norm applied
-        return tokens[:, self.vit.num_prefix_tokens :]
-
-
-def load_encoder(
-    name: str = "dinov2-vit-b",
-    resolution: int = 256,
-    weights: str | None = None,
-    device: torch.device | str = "cpu",
-) -> RepresentationEncoder:
-    """Build a DINOv2 encoder (timm) at the input size for `resolution`, pretrained weights from
-    the Hugging Face hub, or from a local file (`weights`), or the test stand-in."""
-    import timm
-
-    input_size = encoder_input_size(resolution)
-    if name == ENCODER_STANDIN:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            vit = timm.create_model(
-                "vit_small_patch14_dinov2", pretrained=False, img_size=input_size,
-                embed_dim=32, depth=2, num_heads=2,
-            )  # fmt: skip
-    else:
-        spec = ENCODERS.get(name)
-        if spec is None:
-            raise InputError(f"unknown encoder {name!r}; choose from {sorted(ENCODERS)}")
-        overlay = {"file": weights} if weights else None
-        try:
-            vit = timm.create_model(
-                spec.timm_name, pretrained=True, img_size=input_size, pretrained_cfg_overlay=overlay
-            )
-        except Exception as err:  # network errors come in many types; all mean "not available"
-            source = weights or f"timm/{spec.timm_name}"
-            raise WeightsUnavailable(
-                _offline_hint(f"encoder {name}", source, "--enc-weights PATH")
-            ) from err
-    return RepresentationEncoder(vit, name, resolution).to(device)
-
-
-def parse_encoder_list(enc_type: str) -> list[str]:
-    """`--enc-type dinov2-vit-b,dinov2-vit-l` -> names, each checked."""
-    names = [n.strip() for n in enc_type.split(",") if n.strip()]
-    for n in names:
-        encoder_dim(n)  # raises on unknown names
-    return names
-
-
-def encoder_input_size(resolution: int) -> int:
-    """Side of the square image the encoder sees: 224 px per 256 px of image (REPA)."""
-    return 224 * resolution // 256
-
-
-def encoder_grid(resolution: int) -> int:
-    """Side of the encoder's token grid at `resolution` px: 16 at 256 px (DINOv2's 14-px patches
-    at 224 px)."""
-    return encoder_input_size(resolution) // 14

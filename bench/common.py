@@ -23,13 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from frozen import (
-    ENCODER_STANDIN,
-    ENCODERS,
-    RepresentationEncoder,
-    encoder_input_size,
-    load_encoder,
-)
+from encoders import STANDINS, RepresentationEncoder, build_vit, load_encoder
 
 CUDA_ONLY = "n/a (CUDA only)"
 SYNC_WARNING = "synchronizing CUDA operation"  # the text of set_sync_debug_mode's warning
@@ -157,15 +151,10 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
 
 def random_encoder(name: str, resolution: int, device: torch.device) -> RepresentationEncoder:
     """A frozen encoder of `name`'s architecture with random weights: its speed is the real one's,
-    and nothing is downloaded. The test stand-in comes from `frozen.load_encoder` itself."""
-    if name == ENCODER_STANDIN:
+    and nothing is downloaded. The test stand-ins come from `encoders.load_encoder` itself."""
+    if name in STANDINS:
         return load_encoder(name, resolution, device=device)
-    import timm
-
-    vit = timm.create_model(
-        ENCODERS[name].timm_name, pretrained=False, img_size=encoder_input_size(resolution)
-    )
-    return RepresentationEncoder(vit, name, resolution).to(device)
+    return RepresentationEncoder(build_vit(name, resolution), name, resolution).to(device)
 
 
 def pinned(tree: Any, device: torch.device) -> Any:

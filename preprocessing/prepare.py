@@ -1,4 +1,4 @@
-"""Prepare a training set: centre-cropped images -> SD-VAE moments, DINOv2 features, labels.
+"""Prepare a training set: centre-cropped images -> SD-VAE moments, encoder features, labels.
 
     torchrun --nproc_per_node=8 preprocessing/prepare.py \\
         --source imagenet/train --dest data/imagenet256 --vae ema --enc-type dinov2-vit-b
@@ -86,12 +86,12 @@ BARRIER_TIMEOUT = timedelta(hours=48)
 
 
 def crop_size(text: str) -> int:
-    """--resolution: the VAE divides it by 8 and DINOv2 sees 224 px per 256 in 14-px patches,
-    so it must be a multiple of 16."""
+    """--resolution: the VAE divides it by 8 and every encoder gives one token per 16 px (DINOv2
+    sees 224 px per 256 in 14-px patches), so it must be a multiple of 16."""
     size = positive_int(text)
     if size % 16:
         raise argparse.ArgumentTypeError(
-            f"must be a positive multiple of 16 (VAE factor 8, DINOv2 patch 14), got {text}"
+            f"must be a positive multiple of 16 (VAE factor 8, a token per 16 px), got {text}"
         )
     return size
 
@@ -169,7 +169,7 @@ def build_modalities(args: argparse.Namespace) -> list[shards.Modality]:
     ]
     for name in args.encoders:
         timm_name = ENCODERS[name].timm_name if name in ENCODERS else name
-        input_size = encoder_input_size(resolution)
+        input_size = encoder_input_size(resolution, name)
         info = (("encoder", name), ("model", timm_name), ("input_size", input_size))
         modalities.append(
             shards.Modality(

@@ -16,7 +16,7 @@ MAX_FUNCTION_LINES = 60
 SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare"}
 # Components: what the entry points are built from.
 COMPONENTS = [
-    "checkpoints.py", "cli.py", "data_plan.py", "dataset.py", "frozen.py", "loss.py",
+    "checkpoints.py", "cli.py", "data_plan.py", "dataset.py", "encoders.py", "frozen.py", "loss.py",
     "run_log.py", "samplers.py", "shards.py", "toy_shapes.py", "trainer.py", "utils.py",
     "models", "preprocessing/sources.py",
 ]  # fmt: skip

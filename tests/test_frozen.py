@@ -108,7 +108,7 @@ def test_unknown_names_are_clear_errors():
     with pytest.raises(ValueError, match="--vae must be one of"):
         load_vae("sd-vae-ft-xyz")
     with pytest.raises(ValueError, match="unknown encoder"):
-        load_encoder("dinov3-vit-b")
+        load_encoder("dinov9-vit-b")
     with pytest.raises(ValueError, match="unknown encoder"):
         parse_encoder_list("dinov2-vit-b,clip")
     assert parse_encoder_list("dinov2-vit-b, dinov2-vit-l_reg") == [
