@@ -17,8 +17,8 @@ SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare"}
 # Components: what the entry points are built from.
 COMPONENTS = [
     "checkpoints.py", "cli.py", "data_plan.py", "dataset.py", "frozen.py", "loss.py",
-    "run_log.py", "samplers.py", "shards.py", "toy_shapes.py", "trainer.py", "utils.py",
-    "models", "preprocessing/sources.py",
+    "periodic_eval.py", "run_log.py", "samplers.py", "sampling.py", "shards.py", "toy_shapes.py",
+    "trainer.py", "utils.py", "models", "preprocessing/sources.py",
 ]  # fmt: skip
 
 

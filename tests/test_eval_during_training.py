@@ -1,0 +1,224 @@
+"""Evaluation during training (periodic_eval.py), FD-DINOv2 and the curves command, on a CPU.
+
+A tiny SiT↓ trains on the toy dataset (conftest.py) and is evaluated every 2 steps against a
+reference that evaluations/make_reference.py builds from the toy images, with the tiny stand-in
+feature networks. Checked against independent computations: the offline path (generate.py, then
+the evaluator) on the checkpoint's EMA; a run without evaluation (bit for bit); a run on 2
+processes; a run killed during an evaluation and resumed; FD-DINOv2 by eigendecomposition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import RES
+from test_faults import kill_when, start
+from test_train import (
+    argv,
+    assert_states_equal,
+    checkpoint,
+    fresh_accelerate_state,  # noqa: F401 (autouse: each in-process run gets its Accelerator)
+    metrics,
+    optimizer_tensors,
+    run,
+    torchrun,
+)
+
+import generate
+from evaluations.dinov2 import build_dinov2, dinov2_statistics
+from evaluations.evaluator import evaluate
+from evaluations.inception import TinyInceptionForTests
+from evaluations.inputs import load_reference_statistics
+from evaluations.make_reference import make_reference
+from evaluations.metrics import frechet_distance
+from periodic_eval import EVAL_FILE, forward_images_per_sample, sampler_settings
+from samplers import euler_maruyama_sampler, euler_sampler
+
+TIMINGS = {"images_per_sec": 0, "sec_per_step": 0}
+# Fields of an eval.jsonl row that are wall-clock figures (the metrics must agree, these not).
+CLOCKS = {"eval_seconds": 0, "gpu_hours": 0}
+SAMPLES = 8  # 2 per class of the toy set's 4
+# The ablation preset's sampler (Euler ODE, cfg 1.8 on [0, 0.7]) with 4 steps instead of 50.
+EVAL = ["--eval-every", "2", "--eval-samples", str(SAMPLES), "--eval-batch-size", "4",
+        "--eval-preset", "ablation", "--eval-num-steps", "4", "--eval-fd-dinov2",
+        "--eval-standins-for-tests"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(toy_images, tmp_path_factory) -> str:
+    """The toy images' reference batch (stand-in networks), FD-DINOv2 statistics included."""
+    out = str(tmp_path_factory.mktemp("eval-ref") / "ref.npz")
+    dinov2 = build_dinov2(random_weights_for_tests=True)
+    make_reference(toy_images, out, TinyInceptionForTests(), resolution=RES, dinov2=dinov2)
+    return out
+
+
+def eval_rows(out, exp: str) -> list[dict]:
+    with open(out / exp / EVAL_FILE) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def evaluated(data_dir, reference, tmp_path_factory):
+    """A 4-step run evaluated at steps 2 and 4: its output folder."""
+    out = tmp_path_factory.mktemp("eval-runs")
+    run(*argv(data_dir, out, "evaluated", "--eval-ref", reference, *EVAL))
+    return out
+
+
+def test_evaluation_at_two_steps_leaves_training_bitwise_unchanged(data_dir, evaluated):
+    rows = eval_rows(evaluated, "evaluated")
+    assert [row["step"] for row in rows] == [2, 4]
+    assert [row["images_seen"] for row in rows] == [16, 32]  # --batch-size 8
+    for row in rows:
+        for key in ("fid", "sfid", "inception_score", "precision", "recall", "fd_dinov2"):
+            assert math.isfinite(row[key]), key
+        assert row["num_samples"] == SAMPLES and row["gpu_hours"] > 0
+    assert rows[0]["fid"] != rows[1]["fid"]  # the EMA moved between them
+    run(*argv(data_dir, evaluated, "plain"))
+    a, b = checkpoint(evaluated, "evaluated", 4), checkpoint(evaluated, "plain", 4)
+    for key in ("model", "ema"):
+        assert_states_equal(a[key], b[key])  # bit for bit
+    for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(metrics(evaluated, "evaluated"), metrics(evaluated, "plain"), strict=True):
+        assert x | TIMINGS == y | TIMINGS  # the same losses and gradient norms at every step
+    log = (evaluated / "evaluated" / "log.txt").read_text()
+    assert "PMACs" in log and "FID-8 is not comparable with papers' FID-50K" in log
+
+
+def test_online_metrics_equal_generate_then_the_evaluator(evaluated, reference, tmp_path):
+    """The offline path on step 4's checkpoint: generate.py with the same seed, balanced labels
+    and preset, then the evaluator's own functions, give the metrics the run logged."""
+    ckpt = str(evaluated / "evaluated" / "checkpoints" / "0000004.pt")
+    sample_dir = str(tmp_path / "samples")
+    generate.main(generate.parse_args([
+        "--ckpt", ckpt, "--sample-dir", sample_dir, "--vae", "tiny-random", "--preset", "ablation",
+        "--num-steps", "4", "--num-fid-samples", str(SAMPLES), "--per-proc-batch-size", "4",
+        "--label-sampling", "balanced", "--global-seed", "0",
+    ]))  # fmt: skip
+    net = TinyInceptionForTests()
+    stats = load_reference_statistics(reference, net.pool_dim, net.spatial_dim)
+    dinov2 = build_dinov2(random_weights_for_tests=True)
+    with pytest.warns(UserWarning, match="fewer than 50000"):
+        offline = evaluate(stats, reference, f"{sample_dir}.npz", net, dinov2=dinov2)
+    online = eval_rows(evaluated, "evaluated")[1]
+    for key, value in offline.items():
+        assert online[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_two_processes_give_the_metrics_of_one(data_dir, reference, evaluated):
+    extra = ["--gradient-accumulation-steps", "2", "--eval-ref", reference, *EVAL]
+    result = torchrun(argv(data_dir, evaluated, "two", *extra))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = eval_rows(evaluated, "evaluated"), eval_rows(evaluated, "two")
+    assert [row["processes"] for row in two] == [2, 2]
+    for a, b in zip(one, two, strict=True):
+        # The weights agree to float rounding (test_train's 1 vs 2 processes), so do the metrics.
+        for key, value in (a | CLOCKS | {"processes": 0}).items():
+            expected = (
+                pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value
+            )
+            assert (b | CLOCKS | {"processes": 0})[key] == expected, key
+
+
+def test_a_kill_during_an_evaluation_is_redone_on_resume_and_a_done_one_is_not(
+    data_dir, reference, evaluated
+):
+    """Killed during the last step's evaluation (after its checkpoint): the same command
+    evaluates that step, and nothing else; the rows are an uninterrupted run's."""
+    flags = argv(data_dir, evaluated, "killed", "--eval-ref", reference, *EVAL, "--resume", "auto")
+    log = evaluated / "killed" / "log.txt"
+    process = start(["python", "train.py", *flags])
+    kill_when(process, lambda: log.exists() and "evaluation at step 4:" in log.read_text())
+    assert [row["step"] for row in eval_rows(evaluated, "killed")] == [2]
+    run(*flags)
+    killed, straight = eval_rows(evaluated, "killed"), eval_rows(evaluated, "evaluated")
+    assert [row | CLOCKS for row in killed] == [row | CLOCKS for row in straight]
+    run(*flags)  # at step 4 with both evaluations done: nothing is repeated
+    assert len(eval_rows(evaluated, "killed")) == 2
+
+
+class Passthrough(torch.nn.Module):
+    """A feature network whose features are its input rows (synthetic features)."""
+
+    device = torch.device("cpu")
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+
+def test_fd_dinov2_equals_an_eigendecomposition_on_synthetic_features():
+    """FD = |μ₁ − μ₂|² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^½ Σ₂ Σ₁^½)^½, the square roots of symmetric
+    matrices taken by eigendecomposition, against the statistics that FD-DINOv2 accumulates
+    batch by batch and its Fréchet distance."""
+    rng = np.random.default_rng(0)
+    f1 = rng.standard_normal((300, 24)) @ rng.standard_normal((24, 24)) + 1.0
+    f2 = rng.standard_normal((300, 24)) @ rng.standard_normal((24, 24)) * 0.5
+    net = Passthrough()
+    mu1, sigma1 = dinov2_statistics(net, np.split(f1, 6), len(f1))  # type: ignore[arg-type]
+    mu2, sigma2 = dinov2_statistics(net, np.split(f2, 6), len(f2))  # type: ignore[arg-type]
+    c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    np.testing.assert_allclose(mu1, f1.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma1, c1, rtol=1e-10, atol=1e-12)
+
+    def sqrt_psd(m: np.ndarray) -> np.ndarray:
+        w, v = np.linalg.eigh((m + m.T) / 2)
+        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+    root, diff = sqrt_psd(c1), f1.mean(0) - f2.mean(0)
+    expected = diff @ diff + np.trace(c1) + np.trace(c2) - 2 * np.trace(sqrt_psd(root @ c2 @ root))
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, sigma1, mu1, sigma1) == pytest.approx(0, abs=1e-8)
+
+
+def test_dinov2_preprocessing_is_bicubic_224_and_imagenet_normalisation():
+    net = build_dinov2(random_weights_for_tests=True)
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    x = images.permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    with torch.inference_mode():
+        expected = net.vit.forward_features(x)[:, 0]
+        torch.testing.assert_close(net(images), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "preset, heun", [("ablation", False), ("ablation", True), ("paper-main", False)]
+)
+def test_forward_count_of_the_cost_line_is_the_samplers(preset, heun):
+    """The images the denoiser sees per sample, counted on a model the samplers call."""
+    seen = []
+
+    class Counting:
+        num_classes = 3
+
+        def __call__(self, x, t, y):
+            seen.append(len(x))
+            return torch.zeros_like(x), []
+
+    args = sampler_settings(
+        argparse_namespace(
+            eval_preset=preset, eval_num_steps=None, eval_batch_size=1, mixed_precision="no"
+        )  # fmt: skip
+    )
+    args.heun = heun and args.mode == "ode"
+    x, y = torch.zeros(1, 2, 2, 2), torch.zeros(1, dtype=torch.long)
+    kwargs = dict(cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+                  guidance_high=args.guidance_high)  # fmt: skip
+    if args.mode == "ode":
+        euler_sampler(Counting(), x, y, args.num_steps, heun=args.heun, **kwargs)
+    else:
+        euler_maruyama_sampler(Counting(), x, y, args.num_steps, **kwargs)
+    assert forward_images_per_sample(args) == sum(seen)
+
+
+def argparse_namespace(**kwargs):
+    import argparse
+
+    return argparse.Namespace(path_type="linear", **kwargs)
