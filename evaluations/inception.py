@@ -199,6 +199,10 @@ class TinyInceptionForTests(nn.Module):
             self.conv = nn.Conv2d(3, 3, 3, stride=2, padding=1)  # 32 px -> 16 px
             self.pool_proj = nn.Linear(3 * 4 * 4, self.pool_dim)
             self.fc = nn.Linear(self.pool_dim, self.num_classes, bias=False)
+            # Features that vary from image to image, and peaked class probabilities (IS > 1).
+            nn.init.normal_(self.conv.weight, std=0.5)
+            nn.init.normal_(self.pool_proj.weight, std=1.0)
+            nn.init.normal_(self.fc.weight, std=2.0)
         self.eval().requires_grad_(False)
 
     @property

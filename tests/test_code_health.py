@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FUNCTION_LINES = 60
 # Entry points: run from the command line, import components, imported by nothing but tests,
 # other entry points and bench/.
-SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare"}
+SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare", "curves"}
 # Components: what the entry points are built from.
 COMPONENTS = [
     "checkpoints.py", "cli.py", "data_plan.py", "dataset.py", "frozen.py", "loss.py",

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import sys
 
 import numpy as np
 import pytest
@@ -28,6 +31,7 @@ from test_train import (
     torchrun,
 )
 
+import curves
 import generate
 from evaluations.dinov2 import build_dinov2, dinov2_statistics
 from evaluations.evaluator import evaluate
@@ -37,11 +41,16 @@ from evaluations.make_reference import make_reference
 from evaluations.metrics import frechet_distance
 from periodic_eval import EVAL_FILE, forward_images_per_sample, sampler_settings
 from samplers import euler_maruyama_sampler, euler_sampler
+from utils import InputError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TIMINGS = {"images_per_sec": 0, "sec_per_step": 0}
 # Fields of an eval.jsonl row that are wall-clock figures (the metrics must agree, these not).
 CLOCKS = {"eval_seconds": 0, "gpu_hours": 0}
 SAMPLES = 8  # 2 per class of the toy set's 4
+# An EMA that moves within 4 steps, so that the evaluations differ.
+FAST_EMA = ["--ema-decay", "0.5"]
 # The ablation preset's sampler (Euler ODE, cfg 1.8 on [0, 0.7]) with 4 steps instead of 50.
 EVAL = ["--eval-every", "2", "--eval-samples", str(SAMPLES), "--eval-batch-size", "4",
         "--eval-preset", "ablation", "--eval-num-steps", "4", "--eval-fd-dinov2",
@@ -66,7 +75,7 @@ def eval_rows(out, exp: str) -> list[dict]:
 def evaluated(data_dir, reference, tmp_path_factory):
     """A 4-step run evaluated at steps 2 and 4: its output folder."""
     out = tmp_path_factory.mktemp("eval-runs")
-    run(*argv(data_dir, out, "evaluated", "--eval-ref", reference, *EVAL))
+    run(*argv(data_dir, out, "evaluated", *FAST_EMA, "--eval-ref", reference, *EVAL))
     return out
 
 
@@ -79,7 +88,7 @@ def test_evaluation_at_two_steps_leaves_training_bitwise_unchanged(data_dir, eva
             assert math.isfinite(row[key]), key
         assert row["num_samples"] == SAMPLES and row["gpu_hours"] > 0
     assert rows[0]["fid"] != rows[1]["fid"]  # the EMA moved between them
-    run(*argv(data_dir, evaluated, "plain"))
+    run(*argv(data_dir, evaluated, "plain", *FAST_EMA))
     a, b = checkpoint(evaluated, "evaluated", 4), checkpoint(evaluated, "plain", 4)
     for key in ("model", "ema"):
         assert_states_equal(a[key], b[key])  # bit for bit
@@ -112,7 +121,7 @@ def test_online_metrics_equal_generate_then_the_evaluator(evaluated, reference, 
 
 
 def test_two_processes_give_the_metrics_of_one(data_dir, reference, evaluated):
-    extra = ["--gradient-accumulation-steps", "2", "--eval-ref", reference, *EVAL]
+    extra = ["--gradient-accumulation-steps", "2", *FAST_EMA, "--eval-ref", reference, *EVAL]
     result = torchrun(argv(data_dir, evaluated, "two", *extra))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one, two = eval_rows(evaluated, "evaluated"), eval_rows(evaluated, "two")
@@ -129,18 +138,21 @@ def test_two_processes_give_the_metrics_of_one(data_dir, reference, evaluated):
 def test_a_kill_during_an_evaluation_is_redone_on_resume_and_a_done_one_is_not(
     data_dir, reference, evaluated
 ):
-    """Killed during the last step's evaluation (after its checkpoint): the same command
-    evaluates that step, and nothing else; the rows are an uninterrupted run's."""
-    flags = argv(data_dir, evaluated, "killed", "--eval-ref", reference, *EVAL, "--resume", "auto")
+    """A 2-step run killed during its last step's evaluation (after its checkpoint): the same
+    command evaluates that step before finding nothing left to train, and its row is the
+    uninterrupted run's; run again, it repeats nothing."""
+    flags = argv(data_dir, evaluated, "killed", *FAST_EMA, "--eval-ref", reference, *EVAL,
+                 "--resume", "auto", "--max-train-steps", "2")  # fmt: skip
     log = evaluated / "killed" / "log.txt"
-    process = start(["python", "train.py", *flags])
-    kill_when(process, lambda: log.exists() and "evaluation at step 4:" in log.read_text())
-    assert [row["step"] for row in eval_rows(evaluated, "killed")] == [2]
+    process = start([sys.executable, "train.py", *flags])
+    kill_when(process, lambda: log.exists() and "evaluation at step 2:" in log.read_text())
+    assert not (evaluated / "killed" / EVAL_FILE).exists()
     run(*flags)
     killed, straight = eval_rows(evaluated, "killed"), eval_rows(evaluated, "evaluated")
-    assert [row | CLOCKS for row in killed] == [row | CLOCKS for row in straight]
-    run(*flags)  # at step 4 with both evaluations done: nothing is repeated
-    assert len(eval_rows(evaluated, "killed")) == 2
+    assert [row | CLOCKS for row in killed] == [straight[0] | CLOCKS]
+    run(*flags)  # at step 2 with its evaluation done: nothing is repeated
+    assert len(eval_rows(evaluated, "killed")) == 1
+    assert (evaluated / "killed" / "log.txt").read_text().count("evaluation at step 2:") == 3
 
 
 class Passthrough(torch.nn.Module):
@@ -222,3 +234,42 @@ def argparse_namespace(**kwargs):
     import argparse
 
     return argparse.Namespace(path_type="linear", **kwargs)
+
+
+def test_curves_plot_every_run_against_steps_images_and_gpu_hours(evaluated, tmp_path):
+    runs = [str(evaluated / "evaluated"), str(evaluated / "two")]
+    curves.main(
+        curves.parse_args([*runs, "--metric", "fd_dinov2", "--out", str(tmp_path / "c.png")])
+    )
+    assert (tmp_path / "c.png").stat().st_size > 0
+    fig = curves.curve_figure(curves.load_runs(runs, "fid"), "fid")
+    for ax, key in zip(fig.axes, ("step", "images_seen", "gpu_hours"), strict=True):
+        for line, folder in zip(ax.get_lines(), runs, strict=True):
+            rows = eval_rows(evaluated, os.path.basename(folder))
+            np.testing.assert_array_equal(line.get_xdata(), [r[key] for r in rows])
+            np.testing.assert_array_equal(line.get_ydata(), [r["fid"] for r in rows])
+    with pytest.raises(InputError, match="no 'nonsense'"):
+        curves.load_runs(runs, "nonsense")
+
+
+def test_paper_tables_hold_the_scripts_numbers_and_ours_beside_them(tmp_path):
+    for table, rows in curves.PAPER_TABLES.items():
+        with open(os.path.join(REPO, "scripts", f"table{table}.sh")) as f:
+            header = f.read().split("USAGE")[0]
+        for row in rows:
+            assert re.search(rf"\b({row.fid:.2f}|{row.fid:g})\b", header), (table, row)
+    results, exps = tmp_path / "results", tmp_path / "exps"
+    results.mkdir()
+    (exps / "ablation-w2").mkdir(parents=True)
+    (results / "sitdown-xl2-urepa-0100000-ablation.json").write_text(
+        json.dumps({"fid": 5.7049, "num_samples": 50_000})
+    )
+    online = {"step": 100_000, "preset": "ablation", "fid": 7.5, "num_samples": 10_000}
+    (exps / "ablation-w2" / "eval.jsonl").write_text(json.dumps(online) + "\n")
+    out = tmp_path / "table8.md"
+    curves.main(curves.parse_args(["--table", "8", "--results", str(results), "--exps",
+                                   str(exps), "--out", str(out)]))  # fmt: skip
+    lines = out.read_text().splitlines()
+    assert lines[4].startswith("| w = 0 | 100,000 | ablation | 6.25 | not run |")
+    assert lines[5].startswith("| w = 2 | 100,000 | ablation | 5.81 | 7.50 | FID-10000 online")
+    assert lines[6].startswith("| w = 3 (default) | 100,000 | ablation | 5.72 | 5.70 | FID-50K")
