@@ -102,17 +102,13 @@ def forward_images_per_sample(sampler: argparse.Namespace) -> int:
 
 
 def check_eval_args(args: argparse.Namespace) -> None:
-    """train.py's checks of the --eval-* flags, before anything is built."""
+    """train.py's checks between the --eval-* flags (the files are checked before training
+    starts, by `create_evaluation`)."""
     if not args.eval_every:
         return
     if args.eval_ref is None:
         raise ValueError("--eval-every needs --eval-ref REF.npz (ADM's reference batch, or one "
                          "built with evaluations/make_reference.py)")  # fmt: skip
-    files = {"--eval-ref": args.eval_ref, "--inception-weights": args.inception_weights,
-             "--dinov2-weights": args.dinov2_weights}  # fmt: skip
-    for flag, path in files.items():
-        if path is not None and not os.path.isfile(path):
-            raise ValueError(f"{flag}: no file {path!r}")
     if EVAL_PRESETS[args.eval_preset].get("cfg_scale", 1.0) != 1.0 and args.cfg_prob == 0:
         raise ValueError(f"--eval-preset {args.eval_preset} guides, but --cfg-prob 0 trains no "
                          "null class: use --eval-preset no-guidance")  # fmt: skip
@@ -444,6 +440,11 @@ def create_evaluation(
     args = trainer.args
     if not args.eval_every:
         return None
+    files = {"--eval-ref": args.eval_ref, "--inception-weights": args.inception_weights,
+             "--dinov2-weights": args.dinov2_weights}  # fmt: skip
+    for flag, path in files.items():
+        if path is not None and not os.path.isfile(path):
+            raise TrainingError(f"{flag}: no file {path!r}")
     nets = load_feature_nets(args, trainer.accelerator.device)
     reference = Reference.load(args.eval_ref, nets)
     macs = count_macs(trainer.ema, trainer.ema.latent_shape[-1], include_projectors=False)

@@ -601,15 +601,15 @@ def main(args: argparse.Namespace) -> int:
         if args.dry_run:
             logger.info(describe(trainer, macs, resume))
             return 0
+        # Every process samples for the evaluation; otherwise the main one decodes previews.
+        wants_vae = accelerator.is_main_process or args.eval_every > 0
+        vae = load_vae(args.vae, accelerator.device) if wants_vae else None
+        evaluation = create_evaluation(trainer, vae, run_dir, logger)  # before anything is written
         if accelerator.is_main_process:
             start_run_directory(args, accelerator, logger)
             repair_run_directory(args, trainer.step, logger)
         accelerator.wait_for_everyone()
         logger.info(describe(trainer, macs, resume))
-        # Every process samples for the evaluation; otherwise the main one decodes previews.
-        wants_vae = accelerator.is_main_process or args.eval_every > 0
-        vae = load_vae(args.vae, accelerator.device) if wants_vae else None
-        evaluation = create_evaluation(trainer, vae, run_dir, logger)
         if evaluation is not None:
             evaluation.catch_up()  # the resumed step's evaluation, if a kill interrupted it
         if trainer.step >= args.max_train_steps:

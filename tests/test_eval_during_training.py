@@ -33,6 +33,8 @@ from test_train import (
 
 import curves
 import generate
+import train
+from checkpoints import TrainingError
 from evaluations.dinov2 import build_dinov2, dinov2_statistics
 from evaluations.evaluator import evaluate
 from evaluations.inception import TinyInceptionForTests
@@ -273,3 +275,24 @@ def test_paper_tables_hold_the_scripts_numbers_and_ours_beside_them(tmp_path):
     assert lines[4].startswith("| w = 0 | 100,000 | ablation | 6.25 | not run |")
     assert lines[5].startswith("| w = 2 | 100,000 | ablation | 5.81 | 7.50 | FID-10000 online")
     assert lines[6].startswith("| w = 3 (default) | 100,000 | ablation | 5.72 | 5.70 | FID-50K")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eval-every", "2"], "--eval-every needs --eval-ref"),
+        (["--eval-every", "2", "--eval-ref", "r.npz", "--cfg-prob", "0"],
+         "--eval-preset ablation guides, but --cfg-prob 0 trains no null class"),
+    ],
+)  # fmt: skip
+def test_eval_flag_errors_are_clear(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-dir", "d", "--exp-name", "x", *extra])
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_reference_stops_the_run_before_its_first_step(data_dir, tmp_path):
+    missing = str(tmp_path / "nowhere.npz")
+    with pytest.raises(TrainingError, match="--eval-ref: no file"):
+        run(*argv(data_dir, tmp_path, "no-ref", "--eval-ref", missing, *EVAL))
+    assert not (tmp_path / "no-ref").exists()  # nothing written: the same command can be rerun
