@@ -103,6 +103,8 @@ PAPER_TABLES: dict[str, list[PaperRow]] = {
 # The x axes of the curves: eval.jsonl field -> axis label.
 AXES = {"step": "training steps", "images_seen": "images seen", "gpu_hours": "GPU-hours"}
 EVAL_FILE = "eval.jsonl"  # periodic_eval.py's
+SETTINGS = ("preset", "sampler_steps", "num_samples")  # what a row's numbers depend on
+PRESET_STEPS = {"nocfg": 250, "paper-main": 250, "ablation": 50}  # the table scripts' samplers
 
 
 def read_eval_rows(run: str) -> list[dict[str, Any]]:
@@ -131,6 +133,19 @@ def load_runs(runs: list[str], metric: str) -> dict[str, list[dict[str, Any]]]:
     return data
 
 
+def by_settings(run: str, rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """A run's rows split by evaluation settings (one line each), named by the run, and by the
+    settings too when it has several (--eval-preset or --eval-samples changed on a resume)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in SETTINGS), []).append(row)
+    if len(groups) == 1:
+        return [(run_label(run), rows)]
+    return [
+        (f"{run_label(run)} ({', '.join(map(str, key))})", part) for key, part in groups.items()
+    ]
+
+
 def curve_figure(data: dict[str, list[dict[str, Any]]], metric: str) -> Any:
     """One matplotlib figure: `metric` against each of AXES, a line per run."""
     import matplotlib
@@ -139,10 +154,11 @@ def curve_figure(data: dict[str, list[dict[str, Any]]], metric: str) -> Any:
     import matplotlib.pyplot as plt
 
     counts = sorted({row["num_samples"] for rows in data.values() for row in rows})
+    series = [line for run, rows in data.items() for line in by_settings(run, rows)]
     fig, axes = plt.subplots(1, len(AXES), figsize=(5 * len(AXES), 4), sharey=True)
     for ax, (key, label) in zip(axes, AXES.items(), strict=True):
-        for run, rows in data.items():
-            ax.plot([r[key] for r in rows], [r[metric] for r in rows], "o-", label=run_label(run))
+        for name, rows in series:
+            ax.plot([r[key] for r in rows], [r[metric] for r in rows], "o-", label=name)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     samples = ", ".join(f"{n // 1000}K" if n % 1000 == 0 else str(n) for n in counts)
@@ -166,7 +182,10 @@ def our_fid(row: PaperRow, results: str, exps: str) -> tuple[float | None, str]:
     preset = "no-guidance" if row.sampler == "nocfg" else row.sampler
     if os.path.isfile(online):
         for ev in read_eval_rows(online):
-            if ev["step"] == row.step and ev["preset"] == preset:
+            same_sampler = (
+                ev["preset"] == preset and ev["sampler_steps"] == PRESET_STEPS[row.sampler]
+            )
+            if ev["step"] == row.step and same_sampler:
                 return ev["fid"], f"FID-{ev['num_samples']} online, not comparable: {online}"
     return None, ""
 

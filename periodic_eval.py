@@ -114,12 +114,25 @@ def check_eval_args(args: argparse.Namespace) -> None:
                          "null class: use --eval-preset no-guidance")  # fmt: skip
 
 
-def read_done_steps(run_dir: str) -> set[int]:
+def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What an evaluation's numbers depend on besides the weights; recorded in each row."""
+    return {
+        "preset": args.eval_preset,
+        "sampler_steps": sampler_settings(args).num_steps,
+        "num_samples": args.eval_samples,
+        "eval_ref": os.path.abspath(args.eval_ref),
+    }
+
+
+def read_done_steps(run_dir: str, settings: dict[str, Any]) -> set[int]:
+    """The steps of eval.jsonl's rows made with `settings` (rows made with others are kept, but
+    their steps are evaluated again with these)."""
     path = os.path.join(run_dir, EVAL_FILE)
     if not os.path.exists(path):
         return set()
     with open(path) as f:
-        return {json.loads(line)["step"] for line in f if line.strip()}
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {row["step"] for row in rows if all(row.get(k) == v for k, v in settings.items())}
 
 
 def append_row(path: str, row: dict[str, Any]) -> None:
@@ -317,7 +330,8 @@ class PeriodicEvaluation:
                                 f"{num_classes} classes (the labels are balanced)")  # fmt: skip
         self.sampler = sampler_settings(args)
         self.labels = balanced_labels(args.eval_samples, num_classes, EVAL_SEED)
-        done = [read_done_steps(self.run_dir) if acc.is_main_process else None]
+        settings = eval_settings(args)
+        done = [read_done_steps(self.run_dir, settings) if acc.is_main_process else None]
         broadcast_object_list(done)  # every process must agree on which steps to evaluate
         self.done = set(done[0] or ())
         self.clock = (time.perf_counter(), self.trainer.step)
@@ -381,10 +395,17 @@ class PeriodicEvaluation:
         assert not ema.training, "the EMA model is kept in eval mode"
         todo = list(range(acc.process_index, args.eval_samples, acc.num_processes))
         rows = FeatureRows(self.nets)
-        for indices, latents in generate_latents(
-            ema, ema.latent_shape, todo, self.sampler, self.labels, acc.device
-        ):
-            rows.add(self.nets(to_uint8(self.vae.decode(latents.float()))[: len(indices)]))
+        try:
+            for indices, latents in generate_latents(
+                ema, ema.latent_shape, todo, self.sampler, self.labels, acc.device
+            ):
+                rows.add(self.nets(to_uint8(self.vae.decode(latents.float()))[: len(indices)]))
+        except torch.cuda.OutOfMemoryError as err:
+            raise TrainingError(
+                f"--eval-batch-size {args.eval_batch_size} does not fit in GPU memory beside "
+                "training (guidance doubles the batch, the VAE decodes it): lower it and resume "
+                "with --resume auto; the metrics stay the same up to float rounding"
+            ) from err
         return rows, todo
 
     def evaluate(self) -> dict[str, float] | None:
@@ -414,7 +435,7 @@ class PeriodicEvaluation:
             "images_seen": step * args.batch_size,
             "gpu_hours": round(training_gpu_hours(self.run_dir, step, acc.num_processes), 6),
             **metrics,
-            "preset": args.eval_preset,
+            **eval_settings(args),
             "eval_seconds": round(seconds, 2),
             "processes": acc.num_processes,
         }

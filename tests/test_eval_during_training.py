@@ -13,13 +13,16 @@ import json
 import math
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from conftest import RES
-from test_faults import kill_when, start
 from test_train import (
     argv,
     assert_states_equal,
@@ -28,7 +31,6 @@ from test_train import (
     metrics,
     optimizer_tensors,
     run,
-    torchrun,
 )
 
 import curves
@@ -41,7 +43,12 @@ from evaluations.inception import TinyInceptionForTests
 from evaluations.inputs import load_reference_statistics
 from evaluations.make_reference import make_reference
 from evaluations.metrics import frechet_distance
-from periodic_eval import EVAL_FILE, forward_images_per_sample, sampler_settings
+from periodic_eval import (
+    EVAL_FILE,
+    forward_images_per_sample,
+    read_done_steps,
+    sampler_settings,
+)
 from samplers import euler_maruyama_sampler, euler_sampler
 from utils import InputError
 
@@ -122,39 +129,53 @@ def test_online_metrics_equal_generate_then_the_evaluator(evaluated, reference, 
         assert online[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
-def test_two_processes_give_the_metrics_of_one(data_dir, reference, evaluated):
-    extra = ["--gradient-accumulation-steps", "2", *FAST_EMA, "--eval-ref", reference, *EVAL]
-    result = torchrun(argv(data_dir, evaluated, "two", *extra))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one, two = eval_rows(evaluated, "evaluated"), eval_rows(evaluated, "two")
-    assert [row["processes"] for row in two] == [2, 2]
-    for a, b in zip(one, two, strict=True):
-        # The weights agree to float rounding (test_train's 1 vs 2 processes), so do the metrics.
-        for key, value in (a | CLOCKS | {"processes": 0}).items():
-            expected = (
-                pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value
-            )
-            assert (b | CLOCKS | {"processes": 0})[key] == expected, key
+def kill_with_workers_when(torchrun: subprocess.Popen, ready: Callable[[], bool]) -> None:
+    """`kill -9` torchrun and its workers as soon as `ready()` holds. torchrun starts each
+    worker in a session of its own, which a kill of torchrun's process group would miss."""
+    deadline = time.time() + 300
+    while not ready():
+        assert torchrun.poll() is None, f"torchrun ended (code {torchrun.returncode}) unkilled"
+        assert time.time() < deadline, "the moment of the kill never came"
+        time.sleep(0.0005)
+    listed = subprocess.run(["pgrep", "-P", str(torchrun.pid)], capture_output=True, text=True)
+    for pid in [int(p) for p in listed.stdout.split()] + [torchrun.pid]:
+        os.killpg(pid, signal.SIGKILL)  # each leads its own process group
+    assert torchrun.wait(timeout=60) == -signal.SIGKILL
 
 
-def test_a_kill_during_an_evaluation_is_redone_on_resume_and_a_done_one_is_not(
+def test_two_processes_killed_in_an_evaluation_then_resumed_give_the_metrics_of_one(
     data_dir, reference, evaluated
 ):
-    """A 2-step run killed during its last step's evaluation (after its checkpoint): the same
-    command evaluates that step before finding nothing left to train, and its row is the
-    uninterrupted run's; run again, it repeats nothing."""
-    flags = argv(data_dir, evaluated, "killed", *FAST_EMA, "--eval-ref", reference, *EVAL,
-                 "--resume", "auto", "--max-train-steps", "2")  # fmt: skip
-    log = evaluated / "killed" / "log.txt"
-    process = start([sys.executable, "train.py", *flags])
-    kill_when(process, lambda: log.exists() and "evaluation at step 2:" in log.read_text())
-    assert not (evaluated / "killed" / EVAL_FILE).exists()
+    """2 gloo processes, killed during the last step's evaluation (after its checkpoint); the
+    same command, on 1 process, evaluates that step before finding nothing left to train. The
+    rows equal the 1-process run's up to float rounding (so do the weights: test_train), and a
+    third run repeats nothing."""
+    extra = ["--gradient-accumulation-steps", "2", *FAST_EMA, "--eval-ref", reference, *EVAL,
+             "--resume", "auto"]  # fmt: skip
+    flags = argv(data_dir, evaluated, "two", *extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train.py", *flags]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    log = evaluated / "two" / "log.txt"
+    kill_with_workers_when(
+        process, lambda: log.exists() and "evaluation at step 4:" in log.read_text()
+    )
+    assert [row["step"] for row in eval_rows(evaluated, "two")] == [2]
     run(*flags)
-    killed, straight = eval_rows(evaluated, "killed"), eval_rows(evaluated, "evaluated")
-    assert [row | CLOCKS for row in killed] == [straight[0] | CLOCKS]
-    run(*flags)  # at step 2 with its evaluation done: nothing is repeated
-    assert len(eval_rows(evaluated, "killed")) == 1
-    assert (evaluated / "killed" / "log.txt").read_text().count("evaluation at step 2:") == 3
+    one, two = eval_rows(evaluated, "evaluated"), eval_rows(evaluated, "two")
+    assert [row["processes"] for row in two] == [2, 1]
+    ignored = CLOCKS | {"processes": 0}
+    for a, b in zip(one, two, strict=True):
+        a, b = a | ignored, b | ignored
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            close = pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value
+            assert b[key] == close, key
+    run(*flags)  # at step 4 with both evaluations done: nothing is repeated
+    assert len(eval_rows(evaluated, "two")) == 2
+    assert log.read_text().count("evaluation at step 4:") == 3  # announced, announced, done
 
 
 class Passthrough(torch.nn.Module):
@@ -266,8 +287,11 @@ def test_paper_tables_hold_the_scripts_numbers_and_ours_beside_them(tmp_path):
     (results / "sitdown-xl2-urepa-0100000-ablation.json").write_text(
         json.dumps({"fid": 5.7049, "num_samples": 50_000})
     )
-    online = {"step": 100_000, "preset": "ablation", "fid": 7.5, "num_samples": 10_000}
-    (exps / "ablation-w2" / "eval.jsonl").write_text(json.dumps(online) + "\n")
+    online = {"step": 100_000, "preset": "ablation", "sampler_steps": 50, "fid": 7.5,
+              "num_samples": 10_000}  # fmt: skip
+    cheaper = online | {"sampler_steps": 10, "fid": 9.0}  # another sampler: not this table's
+    lines = [json.dumps(row) + "\n" for row in (cheaper, online)]
+    (exps / "ablation-w2" / "eval.jsonl").write_text("".join(lines))
     out = tmp_path / "table8.md"
     curves.main(curves.parse_args(["--table", "8", "--results", str(results), "--exps",
                                    str(exps), "--out", str(out)]))  # fmt: skip
@@ -296,3 +320,15 @@ def test_a_missing_reference_stops_the_run_before_its_first_step(data_dir, tmp_p
     with pytest.raises(TrainingError, match="--eval-ref: no file"):
         run(*argv(data_dir, tmp_path, "no-ref", "--eval-ref", missing, *EVAL))
     assert not (tmp_path / "no-ref").exists()  # nothing written: the same command can be rerun
+
+
+def test_rows_of_other_settings_are_evaluated_again_and_plotted_apart(tmp_path):
+    settings = {"preset": "ablation", "sampler_steps": 50, "num_samples": 10_000,
+                "eval_ref": "/ref.npz"}  # fmt: skip
+    rows = [{"step": 2, **settings}, {"step": 4, **settings, "sampler_steps": 4},
+            {"step": 6, **settings, "eval_ref": "/other.npz"}]  # fmt: skip
+    (tmp_path / EVAL_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert read_done_steps(str(tmp_path), settings) == {2}
+    groups = curves.by_settings(str(tmp_path), rows)
+    assert [[row["step"] for row in part] for _, part in groups] == [[2, 6], [4]]
+    assert groups[1][0].endswith("(ablation, 4, 10000)")
