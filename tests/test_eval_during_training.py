@@ -58,10 +58,10 @@ TIMINGS = {"images_per_sec": 0, "sec_per_step": 0}
 # Fields of an eval.jsonl row that are wall-clock figures (the metrics must agree, these not).
 CLOCKS = {"eval_seconds": 0, "gpu_hours": 0}
 SAMPLES = 8  # 2 per class of the toy set's 4
-# An EMA that moves within 4 steps, so that the evaluations differ.
-FAST_EMA = ["--ema-decay", "0.5"]
+# 2 steps, each logged, and an EMA that moves within them, so that the evaluations differ.
+RUN = ["--max-train-steps", "2", "--log-every", "1", "--ema-decay", "0.5"]
 # The ablation preset's sampler (Euler ODE, cfg 1.8 on [0, 0.7]) with 4 steps instead of 50.
-EVAL = ["--eval-every", "2", "--eval-samples", str(SAMPLES), "--eval-batch-size", "4",
+EVAL = ["--eval-every", "1", "--eval-samples", str(SAMPLES), "--eval-batch-size", "4",
         "--eval-preset", "ablation", "--eval-num-steps", "4", "--eval-fd-dinov2",
         "--eval-standins-for-tests"]  # fmt: skip
 
@@ -82,23 +82,23 @@ def eval_rows(out, exp: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def evaluated(data_dir, reference, tmp_path_factory):
-    """A 4-step run evaluated at steps 2 and 4: its output folder."""
+    """A 2-step run evaluated at steps 1 and 2: its output folder."""
     out = tmp_path_factory.mktemp("eval-runs")
-    run(*argv(data_dir, out, "evaluated", *FAST_EMA, "--eval-ref", reference, *EVAL))
+    run(*argv(data_dir, out, "evaluated", *RUN, "--eval-ref", reference, *EVAL))
     return out
 
 
 def test_evaluation_at_two_steps_leaves_training_bitwise_unchanged(data_dir, evaluated):
     rows = eval_rows(evaluated, "evaluated")
-    assert [row["step"] for row in rows] == [2, 4]
-    assert [row["images_seen"] for row in rows] == [16, 32]  # --batch-size 8
+    assert [row["step"] for row in rows] == [1, 2]
+    assert [row["images_seen"] for row in rows] == [8, 16]  # --batch-size 8
     for row in rows:
         for key in ("fid", "sfid", "inception_score", "precision", "recall", "fd_dinov2"):
             assert math.isfinite(row[key]), key
         assert row["num_samples"] == SAMPLES and row["gpu_hours"] > 0
     assert rows[0]["fid"] != rows[1]["fid"]  # the EMA moved between them
-    run(*argv(data_dir, evaluated, "plain", *FAST_EMA))
-    a, b = checkpoint(evaluated, "evaluated", 4), checkpoint(evaluated, "plain", 4)
+    run(*argv(data_dir, evaluated, "plain", *RUN))
+    a, b = checkpoint(evaluated, "evaluated", 2), checkpoint(evaluated, "plain", 2)
     for key in ("model", "ema"):
         assert_states_equal(a[key], b[key])  # bit for bit
     for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
@@ -110,9 +110,9 @@ def test_evaluation_at_two_steps_leaves_training_bitwise_unchanged(data_dir, eva
 
 
 def test_online_metrics_equal_generate_then_the_evaluator(evaluated, reference, tmp_path):
-    """The offline path on step 4's checkpoint: generate.py with the same seed, balanced labels
+    """The offline path on step 2's checkpoint: generate.py with the same seed, balanced labels
     and preset, then the evaluator's own functions, give the metrics the run logged."""
-    ckpt = str(evaluated / "evaluated" / "checkpoints" / "0000004.pt")
+    ckpt = str(evaluated / "evaluated" / "checkpoints" / "0000002.pt")
     sample_dir = str(tmp_path / "samples")
     generate.main(generate.parse_args([
         "--ckpt", ckpt, "--sample-dir", sample_dir, "--vae", "tiny-random", "--preset", "ablation",
@@ -150,7 +150,7 @@ def test_two_processes_killed_in_an_evaluation_then_resumed_give_the_metrics_of_
     same command, on 1 process, evaluates that step before finding nothing left to train. The
     rows equal the 1-process run's up to float rounding (so do the weights: test_train), and a
     third run repeats nothing."""
-    extra = ["--gradient-accumulation-steps", "2", *FAST_EMA, "--eval-ref", reference, *EVAL,
+    extra = ["--gradient-accumulation-steps", "2", *RUN, "--eval-ref", reference, *EVAL,
              "--resume", "auto"]  # fmt: skip
     flags = argv(data_dir, evaluated, "two", *extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -160,9 +160,9 @@ def test_two_processes_killed_in_an_evaluation_then_resumed_give_the_metrics_of_
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     log = evaluated / "two" / "log.txt"
     kill_with_workers_when(
-        process, lambda: log.exists() and "evaluation at step 4:" in log.read_text()
+        process, lambda: log.exists() and "evaluation at step 2:" in log.read_text()
     )
-    assert [row["step"] for row in eval_rows(evaluated, "two")] == [2]
+    assert [row["step"] for row in eval_rows(evaluated, "two")] == [1]
     run(*flags)
     one, two = eval_rows(evaluated, "evaluated"), eval_rows(evaluated, "two")
     assert [row["processes"] for row in two] == [2, 1]
@@ -173,9 +173,9 @@ def test_two_processes_killed_in_an_evaluation_then_resumed_give_the_metrics_of_
         for key, value in a.items():
             close = pytest.approx(value, rel=1e-4, abs=1e-6) if isinstance(value, float) else value
             assert b[key] == close, key
-    run(*flags)  # at step 4 with both evaluations done: nothing is repeated
+    run(*flags)  # at step 2 with both evaluations done: nothing is repeated
     assert len(eval_rows(evaluated, "two")) == 2
-    assert log.read_text().count("evaluation at step 4:") == 3  # announced, announced, done
+    assert log.read_text().count("evaluation at step 2:") == 3  # announced, announced, done
 
 
 class Passthrough(torch.nn.Module):
