@@ -111,7 +111,10 @@ def read_eval_rows(run: str) -> list[dict[str, Any]]:
     """The rows of a run directory's eval.jsonl (or of that file named directly)."""
     path = os.path.join(run, EVAL_FILE) if os.path.isdir(run) else run
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file; train with --eval-every N to write it")
+        raise InputError(
+            f"{run}: no {EVAL_FILE} there; give a run directory of train.py --eval-every N "
+            f"(or its {EVAL_FILE})"
+        )
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     if not rows:
