@@ -260,17 +260,22 @@ def argparse_namespace(**kwargs):
 
 
 def test_curves_plot_every_run_against_steps_images_and_gpu_hours(evaluated, tmp_path):
-    runs = [str(evaluated / "evaluated"), str(evaluated / "two")]
+    other = tmp_path / "other"  # a second run: the first one's rows, other numbers
+    other.mkdir()
+    rows = [row | {"fid": row["fid"] + 1, "gpu_hours": 2 * row["gpu_hours"]}
+            for row in eval_rows(evaluated, "evaluated")]  # fmt: skip
+    (other / EVAL_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    runs = [str(evaluated / "evaluated"), str(other)]
     curves.main(
         curves.parse_args([*runs, "--metric", "fd_dinov2", "--out", str(tmp_path / "c.png")])
     )
     assert (tmp_path / "c.png").stat().st_size > 0
     fig = curves.curve_figure(curves.load_runs(runs, "fid"), "fid")
+    expected = [eval_rows(evaluated, "evaluated"), rows]
     for ax, key in zip(fig.axes, ("step", "images_seen", "gpu_hours"), strict=True):
-        for line, folder in zip(ax.get_lines(), runs, strict=True):
-            rows = eval_rows(evaluated, os.path.basename(folder))
-            np.testing.assert_array_equal(line.get_xdata(), [r[key] for r in rows])
-            np.testing.assert_array_equal(line.get_ydata(), [r["fid"] for r in rows])
+        for line, run_rows in zip(ax.get_lines(), expected, strict=True):
+            np.testing.assert_array_equal(line.get_xdata(), [r[key] for r in run_rows])
+            np.testing.assert_array_equal(line.get_ydata(), [r["fid"] for r in run_rows])
     with pytest.raises(InputError, match="no 'nonsense'"):
         curves.load_runs(runs, "nonsense")
 
