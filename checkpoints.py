@@ -540,6 +540,10 @@ RESUMABLE_CHANGES = frozenset(
         "data_dir", "output_dir", "exp_name", "resume", "dry_run", "debug", "compile",
         "peak_tflops", "fused_optimizer", "sdpa_backend",
         "vae", "enc_weights", "on_nonfinite", "gradient_accumulation_steps",
+        # evaluation during training reads the EMA, never changes training
+        "eval_every", "eval_samples", "eval_ref", "eval_preset", "eval_num_steps",
+        "eval_batch_size", "eval_fd_dinov2", "inception_weights", "dinov2_weights",
+        "eval_standins_for_tests",
     }
 )  # fmt: skip
 

@@ -43,11 +43,7 @@ import json
 import os
 import re
 import zipfile
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,12 +66,15 @@ from cli import (
 from frozen import LatentAutoencoder, load_vae
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
-from samplers import (
-    AlignedModel,
-    VelocityOnly,
-    draw_noise_stream,
-    euler_maruyama_sampler,
-    euler_sampler,
+from sampling import (
+    PIXELS,
+    PRESETS,
+    SAMPLE_SEED,
+    balanced_labels,
+    generate_latents,
+    resolve_sampling_args,
+    sampling_model,
+    to_uint8,
 )
 from utils import (
     InputError,
@@ -85,30 +84,11 @@ from utils import (
     broadcast_from_rank0,
     close_distributed,
     dict_differences,
-    hash_seed,
     init_distributed,
     remove_temporaries,
     write_json,
 )
 
-# Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
-# SDE Euler-Maruyama with 250 steps, no guidance).
-SAMPLING_DEFAULTS: dict[str, Any] = {
-    "mode": "sde", "num_steps": 250, "heun": False,
-    "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0,
-}  # fmt: skip
-PRESETS: dict[str, dict[str, Any]] = {
-    # U-REPA Table 4 (and REPA's convention): SDE, 250 steps, cfg 1.65 on t in [0, 0.7].
-    "paper-main": {"mode": "sde", "num_steps": 250, "cfg_scale": 1.65, "guidance_high": 0.7},
-    # U-REPA Tables 5-10: "the default setting of the official REPA codebase": Euler ODE with
-    # 50 steps, cfg 1.8 on t in [0, 0.7].
-    "ablation": {"mode": "ode", "num_steps": 50, "heun": False, "cfg_scale": 1.8,
-                 "guidance_high": 0.7},
-}  # fmt: skip
-PIXELS = "trunc(clamp(255*(x+1)/2, 0, 255))"
-# How sample i's generator is seeded; recorded in the settings, so that a folder sampled under
-# another seeding rule is refused rather than mixed.
-SAMPLE_SEED = "hash_seed(global_seed, index)"
 SETTINGS_FILE = "settings.json"
 # Recorded in the settings for the reader, but not compared: moving a checkpoint keeps its folder.
 UNCOMPARED_SETTINGS = ("ckpt",)
@@ -186,14 +166,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_checked(parser, argv, validate_args)
 
 
-def resolve_sampling_args(args: argparse.Namespace) -> None:
-    """Fill unset sampler flags from the preset, then from SAMPLING_DEFAULTS."""
-    preset = PRESETS[args.preset] if args.preset else {}
-    for key, default in SAMPLING_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, preset.get(key, default))
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Fill the sampler flags from the preset, then check between flags (each flag's own range
     is checked by its `type`)."""
@@ -202,134 +174,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("need 0 <= --guidance-low <= --guidance-high <= 1")
     if args.heun and args.mode == "sde":
         raise ValueError("--heun applies to the ODE sampler only (--mode ode)")
-
-
-#################################################################################
-#                       Seeds, labels and one batch                             #
-#################################################################################
-
-
-def balanced_labels(num_samples: int, num_classes: int, global_seed: int) -> torch.Tensor:
-    """(N,) labels with exactly N / num_classes of each class, in an order fixed by the seed."""
-    if num_samples % num_classes:
-        raise InputError(
-            f"--label-sampling balanced needs --num-fid-samples ({num_samples}) divisible by the "
-            f"number of classes ({num_classes})"
-        )
-    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(global_seed))
-    return perm % num_classes
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) images in [-1, 1] -> (N, H, W, 3) uint8 (REPA's truncation, see above)."""
-    images = torch.clamp(255.0 * ((images + 1) / 2.0), 0, 255)
-    return images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
-
-
-@dataclass
-class BatchInputs:
-    """The random inputs of one batch, on the CPU (pinned when sampling on a GPU)."""
-
-    indices: list[int]  # the samples; rows past len(indices) are padding
-    y: torch.Tensor  # (B,) labels
-    z: torch.Tensor  # (B, C, h, w) initial noise
-    noises: torch.Tensor | list[torch.Generator] | None  # SDE: (K, B, C, h, w) or generators
-
-
-def draw_inputs(
-    indices: list[int],
-    args: argparse.Namespace,
-    labels: torch.Tensor | None,
-    num_classes: int,
-    shape: tuple[int, int, int],
-    pin: bool = False,
-) -> BatchInputs:
-    """Labels, initial noise and SDE noise of samples `indices`, each from the sample's own
-    generator, in that order. `labels` is the balanced table, or None for random labels.
-
-    A short batch is padded to --per-proc-batch-size with throw-away rows: every batch then has
-    one shape, so the kernels (which libraries choose per shape, and which round differently)
-    are the same for every image, whichever process, batch or resumed run draws it.
-    """
-    seeds = [hash_seed(args.global_seed, i) for i in indices]
-    seeds += [0] * (args.per_proc_batch_size - len(indices))  # padding rows
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    # Every sample draws a random label first, balanced or not, so that its noise stream is the
-    # same in both modes.
-    y = torch.stack([torch.randint(num_classes, (), generator=g) for g in generators])
-    if labels is not None:
-        y[: len(indices)] = labels[indices]
-    z = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, C, h, w)
-    noises: torch.Tensor | list[torch.Generator] | None = None
-    if args.mode == "sde":
-        noises = (
-            draw_noise_stream(generators, args.num_steps - 1, shape)  # (K, B, C, h, w)
-            if args.predraw_noise
-            else generators
-        )
-    if pin:  # page-locked, so that the copies to the GPU do not wait for it
-        y, z = y.pin_memory(), z.pin_memory()
-        noises = noises.pin_memory() if isinstance(noises, torch.Tensor) else noises
-    return BatchInputs(indices, y, z, noises)
-
-
-@torch.no_grad()
-def sample_batch(
-    model: AlignedModel, inputs: BatchInputs, args: argparse.Namespace, device: torch.device
-) -> torch.Tensor:
-    """(B, C, h, w) float64 latents of one batch (padding rows included)."""
-    noises = inputs.noises
-    if isinstance(noises, torch.Tensor):
-        noises = noises.to(device, non_blocking=True)
-    sampler_kwargs = {
-        "model": VelocityOnly(model),  # the projector heads are not needed to sample
-        "latents": inputs.z.to(device, non_blocking=True),
-        "y": inputs.y.to(device, non_blocking=True),
-        "num_steps": args.num_steps,
-        "cfg_scale": args.cfg_scale,
-        "guidance_low": args.guidance_low,
-        "guidance_high": args.guidance_high,
-        "path_type": args.path_type,
-    }
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-        if args.mode == "sde":
-            return euler_maruyama_sampler(**sampler_kwargs, noises=noises)
-        return euler_sampler(**sampler_kwargs, heun=args.heun)
-
-
-def sampling_model(model: AlignedDiffusionTransformer, args: argparse.Namespace) -> AlignedModel:
-    """The model as sampling calls it: compiled with --compile (guided and unguided steps have
-    two batch shapes, hence two static graphs)."""
-    return cast(AlignedModel, torch.compile(model, dynamic=False)) if args.compile else model
-
-
-def generate_latents(
-    model: AlignedModel,
-    latent_shape: tuple[int, int, int],
-    todo: list[int],
-    args: argparse.Namespace,
-    labels: torch.Tensor | None,
-    device: torch.device,
-) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """(indices, float64 latents) of `todo` in batches of --per-proc-batch-size. A background
-    thread draws each batch's inputs while the previous batch samples."""
-    size = args.per_proc_batch_size
-    batches = [todo[start : start + size] for start in range(0, len(todo), size)]
-    draw = partial(
-        draw_inputs,
-        args=args,
-        labels=labels,
-        num_classes=model.num_classes,
-        shape=latent_shape,
-        pin=device.type == "cuda",
-    )
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [pool.submit(draw, batch) for batch in batches[:1]]
-        for k, indices in enumerate(batches):
-            inputs = pending.pop().result()
-            if k + 1 < len(batches):
-                pending.append(pool.submit(draw, batches[k + 1]))
-            yield indices, sample_batch(model, inputs, args, device)
 
 
 #################################################################################

@@ -61,6 +61,7 @@ from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
+from periodic_eval import EVAL_PRESETS, check_eval_args, create_evaluation
 from run_log import add_log_file, close_logger, create_logger, keep_metrics_until, peak_flops
 from shards import DatasetError
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
@@ -215,6 +216,39 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dry-run", action="store_true",
                    help="build everything, print the plan and exit without training")
     add_debug_arg(g)
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluation during training (periodic_eval.py; off by default)")
+    g.add_argument("--eval-every", type=nonnegative_int, default=0,
+                   help="evaluate the EMA model every this many steps, on every process (0: "
+                        "never); results in RUN_DIR/eval.jsonl, the log and the tracker")
+    g.add_argument("--eval-samples", type=positive_int, default=10_000,
+                   help="samples per evaluation, balanced over the classes (10000: FID-10K, "
+                        "which is NOT comparable with papers' FID-50K; 50000 allowed)")
+    g.add_argument("--eval-ref", metavar="REF.npz", default=None,
+                   help="reference batch: ADM's VIRTUAL_imagenet256_labeled.npz, or one made by "
+                        "evaluations/make_reference.py")
+    g.add_argument("--eval-preset", choices=sorted(EVAL_PRESETS), default="ablation",
+                   help="sampler: ablation: Euler ODE 50 steps, cfg 1.8 on [0, 0.7]; "
+                        "paper-main: SDE 250 steps, cfg 1.65 on [0, 0.7]; no-guidance: SDE 250 "
+                        "steps, cfg 1")
+    g.add_argument("--eval-num-steps", type=positive_int, default=None,
+                   help="sampler steps instead of the preset's (a cheaper curve; its numbers "
+                        "are then not the preset's)")
+    g.add_argument("--eval-batch-size", type=positive_int, default=64,
+                   help="images per process per sampling batch; the metrics are the same up to "
+                        "float rounding")
+    g.add_argument("--eval-fd-dinov2", action=argparse.BooleanOptionalAction, default=False,
+                   help="also FD-DINOv2 (DINOv2 ViT-L/14 features, as EDM2)")
+    g.add_argument("--inception-weights", metavar="PATH", default=None,
+                   help="pt_inception-2015-12-05-6726825d.pth (default: torch hub's cache, "
+                        "downloaded on first use)")
+    g.add_argument("--dinov2-weights", metavar="PATH", default=None,
+                   help="timm's vit_large_patch14_dinov2.lvd142m weights file (default: the "
+                        "Hugging Face hub, cached)")
+    # Test only: tiny random feature networks, so that evaluation runs in seconds on a CPU.
+    g.add_argument("--eval-standins-for-tests", action="store_true", help=argparse.SUPPRESS)
 # fmt: on
 
 
@@ -230,6 +264,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         add_optimization_args,
         add_precision_args,
         add_run_args,
+        add_eval_args,
     ):
         add(parser)
     return parse_checked(parser, argv, validate_args)
@@ -269,6 +304,7 @@ def validate_args(args: argparse.Namespace) -> None:
             + ", ".join(f"{k} (set by {FLAG_OF_MODEL_KWARG[k]})" for k in clashes)
         )
     check_model_config(args.model, args.model_config)
+    check_eval_args(args)
 
 
 def constructor_types(name: str) -> dict[str, Any]:
@@ -565,23 +601,28 @@ def main(args: argparse.Namespace) -> int:
         if args.dry_run:
             logger.info(describe(trainer, macs, resume))
             return 0
+        # Every process samples for the evaluation; otherwise the main one decodes previews.
+        wants_vae = accelerator.is_main_process or args.eval_every > 0
+        vae = load_vae(args.vae, accelerator.device) if wants_vae else None
+        evaluation = create_evaluation(trainer, vae, run_dir, logger)  # before anything is written
         if accelerator.is_main_process:
             start_run_directory(args, accelerator, logger)
             repair_run_directory(args, trainer.step, logger)
         accelerator.wait_for_everyone()
         logger.info(describe(trainer, macs, resume))
+        if evaluation is not None:
+            evaluation.catch_up()  # the resumed step's evaluation, if a kill interrupted it
         if trainer.step >= args.max_train_steps:
             logger.info(
                 f"nothing to do: the run is at step {trainer.step} of {args.max_train_steps}"
             )
             return 0
-        vae = load_vae(args.vae, accelerator.device) if accelerator.is_main_process else None
         peak = peak_flops(
             accelerator.device, args.mixed_precision, args.allow_tf32, args.peak_tflops
         )
         monitor = Monitor(trainer, run_dir, logger, 6.0 * macs, peak)
         with sdpa_backend(args.sdpa_backend):
-            stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor)
+            stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor, evaluation)
         if stopped:
             return EXIT_STOPPED
         logger.info(f"done: step {trainer.step}")

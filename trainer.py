@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -56,6 +56,9 @@ from run_log import (
     track_image,
 )
 from samplers import VelocityOnly, euler_sampler
+
+if TYPE_CHECKING:  # periodic_eval imports this module
+    from periodic_eval import PeriodicEvaluation
 
 PREVIEW_SAMPLING_STEPS = 50  # Euler steps of the preview sampler (REPA's)
 PREVIEW_CFG_SCALE = 4.0  # classifier-free guidance of the previews (REPA's)
@@ -493,10 +496,16 @@ def progress_bar(trainer: Trainer) -> Iterator[tqdm]:
 
 
 def train(
-    trainer: Trainer, dataset: Dataset, run_dir: str, previews: Previews, monitor: Monitor
+    trainer: Trainer,
+    dataset: Dataset,
+    run_dir: str,
+    previews: Previews,
+    monitor: Monitor,
+    evaluation: PeriodicEvaluation | None = None,
 ) -> bool:
-    """The loop: a step, then on schedule logs, checkpoints and previews; a signal stops it
-    after the current step, with a checkpoint. Returns whether a signal stopped it."""
+    """The loop: a step, then on schedule logs, checkpoints, previews and evaluations
+    (`periodic_eval.PeriodicEvaluation`, or None); a signal stops it after the current step,
+    with a checkpoint. Returns whether a signal stopped it."""
     args, acc, logger = trainer.args, trainer.accelerator, monitor.logger
     last_good = latest_checkpoint(run_dir)
     micro_batches = batches_from(trainer, dataset, trainer.step)
@@ -523,6 +532,8 @@ def train(
                     grid = previews.save(os.path.join(run_dir, "samples", f"{step:07d}.png"))
                     track_image(acc, grid, step)
                 acc.wait_for_everyone()
+            if evaluation is not None and not stopping:  # a stopped run evaluates on resume
+                monitor.last_time += evaluation.maybe_run(step)  # not counted as training time
             if stopping:
                 logger.info(
                     f"stopped by a signal after step {step}, checkpoint saved: "

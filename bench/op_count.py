@@ -8,7 +8,7 @@ step time they imply on an H200 (arithmetic from counts, not a measurement).
 
 The step is train.py's own (`trainer.train_step`: U-REPA loss, backward, clipping, AdamW, EMA,
 built by `trainer.create_trainer` from the flags), the sampler step is generate.py's
-(`generate.sample_batch`), both run on fake tensors (`FakeTensorMode`: shapes and dtypes, no
+(`sampling.sample_batch`), both run on fake tensors (`FakeTensorMode`: shapes and dtypes, no
 memory, no arithmetic) on the CPU, with a `TorchDispatchMode` recording every ATen operation.
 Where the CPU would take another road than a GPU, the GPU's is taken: autocast runs CUDA's
 float32 list (LayerNorm, softmax, pow, sum, ... in fp32), gradient clipping and the unfused
@@ -351,7 +351,7 @@ def sampling_ops(
 ) -> tuple[list[Op], int]:
     """The operations of a 3-step SDE run (rows divide by 3), with or without guidance, and
     forward MACs. The weights are fake, the noise and time grid real (and small)."""
-    import generate
+    import sampling
     from bench.sample_speed import parse_args
     from models import build_model
 
@@ -362,12 +362,12 @@ def sampling_ops(
     device = torch.device("cpu")
     with fake_mode():
         model = build_model(bench.model, input_size=bench.resolution // 8, **bench.model_config)
-    inputs = generate.draw_inputs(list(range(batch)), args, None, model.num_classes,
+    inputs = sampling.draw_inputs(list(range(batch)), args, None, model.num_classes,
                                   model.latent_shape, pin=False)  # fmt: skip
     with gpu_roads():  # the sampler's own time grid stays real: it reads it on the host
         # as checkpoints.load_model_for_sampling gives it: eval mode, no gradients
         model.eval().requires_grad_(False)
-        ops = count(lambda: generate.sample_batch(model, inputs, args, device))
+        ops = count(lambda: sampling.sample_batch(model, inputs, args, device))
     from models.summary import count_macs
 
     return ops, count_macs(model, model.latent_shape[-1])

@@ -14,7 +14,7 @@
 Flags other than this script's own go to generate.py's parser (defaults here: --preset
 paper-main --precision bf16 --per-proc-batch-size 64), so --mode, --num-steps, --cfg-scale,
 --precision, --compile, --sdpa-backend and --no-predraw-noise apply as they do there. What runs is
-generate.py's: `generate.generate_latents` (per-sample generators, the noise drawn in a background
+generate.py's: `sampling.generate_latents` (per-sample generators, the noise drawn in a background
 thread, the projector heads skipped) on --batches + 1 batches; the first is dropped from the
 timing (it waits for its own noise and pays for any compilation). VAE decoding and PNG writing
 are not included. Without --ckpt the model has random weights, with its zero-initialised
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 import generate
+import sampling
 from bench.common import (
     CUDA_ONLY,
     count_syncs,
@@ -179,13 +180,13 @@ def time_batches(
     model: AlignedDiffusionTransformer, args: argparse.Namespace, device: torch.device, n: int
 ) -> dict[str, Any]:
     """Sample n + 1 batches; time and count the last n."""
-    counting = CountingModel(generate.sampling_model(model, args))
+    counting = CountingModel(sampling.sampling_model(model, args))
     size = args.per_proc_batch_size
     todo = list(range((n + 1) * size))
     seconds: list[float] = []
     images = calls = 0
     with sdpa_backend(args.sdpa_backend):
-        batches = generate.generate_latents(counting, model.latent_shape, todo, args, None, device)
+        batches = sampling.generate_latents(counting, model.latent_shape, todo, args, None, device)
         next(batches)  # untimed: compilation, first noise draw
         synchronize(device)
         reset_peak_memory(device)
@@ -209,11 +210,11 @@ def count_step_syncs(model: AlignedDiffusionTransformer, args: argparse.Namespac
     short = copy.copy(args)
     short.num_steps = min(args.num_steps, 10)
     todo = list(range(args.per_proc_batch_size))
-    inputs = generate.draw_inputs(todo, short, None, model.num_classes, model.latent_shape,
+    inputs = sampling.draw_inputs(todo, short, None, model.num_classes, model.latent_shape,
                                   pin=device.type == "cuda")  # fmt: skip
     synchronize(device)
     with sdpa_backend(args.sdpa_backend), count_syncs(device) as syncs:
-        generate.sample_batch(model, inputs, short, device)
+        sampling.sample_batch(model, inputs, short, device)
     return None if syncs.value is None else syncs.value / short.num_steps
 
 
@@ -227,7 +228,7 @@ def compare_precisions(
         run.precision, run.per_proc_batch_size = precision, n
         generate.set_precision(precision)
         with sdpa_backend(args.sdpa_backend):
-            _, latents = next(generate.generate_latents(
+            _, latents = next(sampling.generate_latents(
                 model, model.latent_shape, list(range(n)), run, None, device
             ))  # fmt: skip
         outputs[precision] = latents.double().cpu()

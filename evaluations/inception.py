@@ -146,6 +146,8 @@ def _torch_fidelity_inception(state_dict: Mapping[str, torch.Tensor]) -> nn.Modu
 class InceptionFeatures(nn.Module):
     """uint8 (N, H, W, 3) images → ADM's pool features (N, 2048) and sFID features (N, 2023)."""
 
+    pool_dim, spatial_dim = POOL_DIM, SPATIAL_DIM
+
     def __init__(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
         self.net = _torch_fidelity_inception(state_dict)
@@ -181,6 +183,41 @@ class InceptionFeatures(nn.Module):
     def class_probabilities(self, pool: torch.Tensor) -> torch.Tensor:
         """(N, 1008) softmax of `pool @ fc.weightᵀ`: ADM's IS logits leave out the fc bias."""
         return torch.softmax(pool @ self._fc_weight.T, dim=1)
+
+
+class TinyInceptionForTests(nn.Module):
+    """TEST ONLY: InceptionFeatures' interface at toy sizes (pool 16, sFID 12, 10 classes), random
+    weights; a CPU runs it in microseconds and its Fréchet distances in milliseconds, where the
+    real layout takes seconds per image and per square root. Its numbers mean nothing."""
+
+    pool_dim, spatial_dim, num_classes = 16, 12, 10
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.conv = nn.Conv2d(3, 3, 3, stride=2, padding=1)  # 32 px -> 16 px
+            self.pool_proj = nn.Linear(3 * 4 * 4, self.pool_dim)
+            self.fc = nn.Linear(self.pool_dim, self.num_classes, bias=False)
+            # Features that vary from image to image, and peaked class probabilities (IS > 1).
+            nn.init.normal_(self.conv.weight, std=0.5)
+            nn.init.normal_(self.pool_proj.weight, std=1.0)
+            nn.init.normal_(self.fc.weight, std=2.0)
+        self.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2).float() / 128 - 1  # (N, 3, H, W)
+        x = torch.relu(self.conv(nn.functional.interpolate(x, size=(32, 32), mode="bilinear")))
+        grid = nn.functional.adaptive_avg_pool2d(x, 4)  # (N, 3, 4, 4)
+        spatial = grid.permute(0, 2, 3, 1).flatten(1)[:, : self.spatial_dim]  # (N, 12)
+        return torch.tanh(self.pool_proj(grid.flatten(1))), spatial  # (N, 16), (N, 12)
+
+    def class_probabilities(self, pool: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(pool), dim=1)
 
 
 def build_inception(

@@ -28,6 +28,7 @@ STATISTICS = {
     "mu_s": (SPATIAL_DIM,),
     "sigma_s": (SPATIAL_DIM, SPATIAL_DIM),
 }
+DINOV2_KEYS = ("mu_dinov2", "sigma_dinov2")  # FD-DINOv2's reference statistics, when present
 # np.cov's result is symmetric up to rounding (about 1e-16 of its largest entry); a matrix off by
 # more than this fraction of its largest entry is not a covariance.
 SYMMETRY_TOLERANCE = 1e-6
@@ -46,8 +47,13 @@ class ReferenceStatistics:
     sigma_s: np.ndarray  # (2023, 2023)
 
 
-def load_reference_statistics(path: str | Path) -> ReferenceStatistics:
-    """The reference's `mu, sigma, mu_s, sigma_s` as float64, each checked (module docstring)."""
+def load_reference_statistics(
+    path: str | Path, pool_dim: int = POOL_DIM, spatial_dim: int = SPATIAL_DIM
+) -> ReferenceStatistics:
+    """The reference's `mu, sigma, mu_s, sigma_s` as float64, each checked (module docstring);
+    other feature sizes than ADM's are those of the tests' stand-in network."""
+    sizes = {"mu": (pool_dim,), "sigma": (pool_dim, pool_dim), "mu_s": (spatial_dim,),
+             "sigma_s": (spatial_dim, spatial_dim)}  # fmt: skip
     with reading(path):
         ref = np.load(path)
     if not isinstance(ref, np.lib.npyio.NpzFile):
@@ -60,16 +66,23 @@ def load_reference_statistics(path: str | Path) -> ReferenceStatistics:
                 "reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or build one with "
                 "`python evaluations/make_reference.py --source IMAGES --out ref.npz`"
             )
-        return ReferenceStatistics(**{key: read_statistic(ref, path, key) for key in STATISTICS})
+        return ReferenceStatistics(
+            **{key: read_statistic(ref, path, key, sizes[key]) for key in STATISTICS}
+        )
 
 
-def read_statistic(ref: np.lib.npyio.NpzFile, path: str | Path, key: str) -> np.ndarray:
-    """`ref[key]` as float64, checked: floating point, ADM's shape, finite, symmetric if 2-D."""
+def read_statistic(
+    ref: np.lib.npyio.NpzFile,
+    path: str | Path,
+    key: str,
+    expected: tuple[int, ...],
+) -> np.ndarray:
+    """`ref[key]` as float64, checked: floating point, of shape `expected`, finite, symmetric
+    if 2-D."""
     try:
         value = ref[key]
     except CORRUPT_FILE_ERRORS as err:  # also an object array, which would need pickle
         raise InputError(f"{path}: cannot read {key} ({err}); {REBUILD}") from err
-    expected = STATISTICS[key]
     if not np.issubdtype(value.dtype, np.floating):
         raise InputError(
             f"{path}: {key} has dtype {value.dtype}, but statistics are real floating-point "
@@ -109,3 +122,18 @@ def check_output_folder(path: str | Path, flag: str) -> None:
     folder = Path(path).resolve().parent
     if not folder.is_dir():
         raise InputError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+
+
+def load_dinov2_statistics(
+    path: str | Path, feature_dim: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The reference's DINOv2 `mu_dinov2, sigma_dinov2` (make_reference.py --fd-dinov2 writes
+    them), checked; None if it has none (ADM's reference batches have none)."""
+    with reading(path), np.load(path) as ref:
+        if DINOV2_KEYS[0] not in ref.files:
+            return None
+        mu, sigma = DINOV2_KEYS
+        return (
+            read_statistic(ref, path, mu, (feature_dim,)),
+            read_statistic(ref, path, sigma, (feature_dim, feature_dim)),
+        )

@@ -4,10 +4,11 @@
 
 The output has the layout of ADM's VIRTUAL_imagenet256_labeled.npz: `mu, sigma` (pool features)
 and `mu_s, sigma_s` (sFID features) over every source image, and `arr_0`, a seeded random subset of
-10K of them (uint8 N×H×W×3, in source order) for precision/recall. Images in a folder are
-centre-cropped to the resolution as ADM prepares ImageNet; an `.npz`'s `arr_0` is used as it is.
-The source and the output folder are checked before the network is loaded; a failure is one line,
-exit 1.
+10K of them (uint8 N×H×W×3, in source order) for precision/recall; with `--fd-dinov2`, also
+`mu_dinov2, sigma_dinov2`, the DINOv2 statistics of every source image (for FD-DINOv2). Images in
+a folder are centre-cropped to the resolution as ADM prepares ImageNet; an `.npz`'s `arr_0` is
+used as it is. The source and the output folder are checked before the network is loaded; a
+failure is one line, exit 1.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +36,12 @@ from evaluations.commands import (
     positive_int,
     run_main,
 )
+from evaluations.dinov2 import (
+    DinoV2Features,
+    add_dinov2_args,
+    dinov2_from_args,
+    dinov2_statistics,
+)
 from evaluations.inception import (
     InceptionFeatures,
     add_inception_args,
@@ -41,7 +49,7 @@ from evaluations.inception import (
     inception_from_args,
     tf32_disabled,
 )
-from evaluations.inputs import check_images, check_output_folder
+from evaluations.inputs import DINOV2_KEYS, check_images, check_output_folder
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 MIN_IMAGES = 2  # for a covariance
@@ -136,8 +144,10 @@ def make_reference(
     seed: int = 0,
     batch_size: int = 64,
     workers: int = 0,
+    dinov2: DinoV2Features | None = None,
 ) -> int:
-    """Write `out` (statistics of all images in `source`, a random subset); return the count."""
+    """Write `out` (statistics of all images in `source`, a random subset; with `dinov2` also
+    `mu_dinov2, sigma_dinov2` of all images, in a second pass); return the count."""
     kept: list[np.ndarray] = []
     with tf32_disabled(), open_source(source, resolution, batch_size, workers) as (batches, count):
         keep = np.sort(
@@ -146,6 +156,10 @@ def make_reference(
         features = extract_features(
             net, collect_subset(batches, keep, kept), count, keep_pool=False, desc="reference"
         )
+    extra: dict[str, Any] = {}
+    if dinov2 is not None:
+        with open_source(source, resolution, batch_size, workers) as (batches, count):
+            extra = dict(zip(DINOV2_KEYS, dinov2_statistics(dinov2, batches, count), strict=True))
     # Uncompressed, so that the evaluator can memory-map arr_0; written whole, then moved in place.
     partial = Path(f"{out}.partial")
     with open(partial, "wb") as f:
@@ -156,6 +170,7 @@ def make_reference(
             sigma=features.sigma,
             mu_s=features.mu_s,
             sigma_s=features.sigma_s,
+            **extra,
         )
     os.replace(partial, out)
     return count
@@ -186,6 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=nonnegative_int, default=4, help="image-decoding processes (folders)"
     )
     add_inception_args(parser)
+    add_dinov2_args(parser)
     add_debug_arg(parser)
     return parser.parse_args(argv)
 
@@ -204,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
         workers=args.workers,
+        dinov2=dinov2_from_args(args, net.device),
     )
     print(
         f"wrote {args.out}: statistics of {count} images, "

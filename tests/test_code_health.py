@@ -13,12 +13,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FUNCTION_LINES = 60
 # Entry points: run from the command line, import components, imported by nothing but tests,
 # other entry points and bench/.
-SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare"}
+SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare", "curves"}
 # Components: what the entry points are built from.
 COMPONENTS = [
     "checkpoints.py", "cli.py", "data_plan.py", "dataset.py", "encoders.py", "frozen.py", "loss.py",
-    "run_log.py", "samplers.py", "shards.py", "toy_shapes.py", "trainer.py", "utils.py",
-    "models", "preprocessing/sources.py",
+    "periodic_eval.py", "run_log.py", "samplers.py", "sampling.py", "shards.py", "toy_shapes.py",
+    "trainer.py", "utils.py", "models", "preprocessing/sources.py",
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import generate
+import sampling
 from checkpoints import (
     checkpoint_state,
     export_ema_safetensors,
@@ -23,8 +24,9 @@ from checkpoints import (
     save_checkpoint,
 )
 from frozen import WeightsUnavailable
-from generate import balanced_labels, main, parse_args
+from generate import main, parse_args
 from models import build_model
+from sampling import balanced_labels
 from utils import InputError, ReportedError, hash_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,8 +207,8 @@ def test_resume_after_a_crash_gives_the_same_npz(reference, ckpt, tmp_path, monk
     monkeypatch.setattr(generate, "save_png", real_save)
 
     sampled = []
-    real_draw = generate.draw_inputs
-    monkeypatch.setattr(generate, "draw_inputs",
+    real_draw = sampling.draw_inputs
+    monkeypatch.setattr(sampling, "draw_inputs",
                         lambda indices, *a, **k: sampled.extend(indices)
                         or real_draw(indices, *a, **k))  # fmt: skip
     npz = run(ckpt, sample_dir)  # the same command
@@ -339,7 +341,7 @@ def test_a_run_that_fails_before_its_first_image_leaves_the_folder_free(
 
     sample_dir = tmp_path / "samples"
     with monkeypatch.context() as patch:
-        patch.setattr(generate, "sample_batch", unsupported)
+        patch.setattr(sampling, "sample_batch", unsupported)
         with pytest.raises(ReportedError, match="bf16"):
             run(ckpt, sample_dir, extra=["--precision", "bf16"])
     assert read(run(ckpt, sample_dir)) == read(reference[1])  # --precision fp32

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import curves
 import generate
 import quickstart
 import train
@@ -30,6 +31,7 @@ PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "evaluations/evaluator.py": evaluator.parse_args,
     "evaluations/make_reference.py": make_reference.parse_args,
     "quickstart.py": quickstart.parse_args,
+    "curves.py": curves.parse_args,
     "bench.train_speed": train_speed.parse_args,
     "bench.sample_speed": sample_speed.parse_args,
     "bench.data_speed": data_speed.parse_args,
