@@ -288,24 +288,15 @@ def analyse_checkpoint(
     """Every metric of one checkpoint, as flat records (see docs/analysis.md)."""
     model = load_model_for_sampling(path, device, args.model)
     heads = projector_heads(model, args.encoders)
-    val = extract(
-        model,
-        sets.val,
-        sets.val_idx,
-        extraction(args, model, sets.val, online, heads),
-        device,
-        f"{path} eval",
-    )
+    name = os.path.basename(path)
+    ex = extraction(args, model, sets.val, online, heads)
+    val = extract(model, sets.val, sets.val_idx, ex, device, f"{name} eval")
     train = None
     if args.probe:
-        train = extract(
-            model,
-            sets.train,
-            sets.train_idx,
-            extraction(args, model, sets.train, online, {}),
-            device,
-            f"{path} probe",
-        )
+        ex = extraction(args, model, sets.train, online, {})
+        if position > 0:  # the encoders' own probes are computed once, with the first checkpoint
+            ex.encoders = {}
+        train = extract(model, sets.train, sets.train_idx, ex, device, f"{name} probe")
     jobs = metric_jobs(val, train, with_encoders=position == 0)
     values = shared_jobs(jobs, lambda job: run_job(job, val, train, args, device))
     step = checkpoint_step(path, position)
