@@ -315,12 +315,14 @@ def analyse_checkpoint(
 
 
 def main(args: argparse.Namespace) -> None:
-    rank, _, device = init_distributed()
+    rank, world, device = init_distributed()
     first = load_model_for_sampling(args.ckpt[0], "cpu", args.model)
     args.encoders = encoder_names(args, first)
     args.num_classes = first.num_classes
     del first
     sets = open_sets(args, args.encoders)
+    if min(len(sets.val_idx), len(sets.train_idx)) < world:
+        raise InputError(f"too few images for {world} processes: give each at least one")
     weights = encoder_weights(args.enc_weights, args.encoders)
     online = {
         name: load_encoder(name, sets.val.resolution, path, device)
