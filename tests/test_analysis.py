@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.__main__ import main, parse_args
+from analysis.__main__ import checkpoint_step, main, parse_args, projector_heads
 from analysis.features import draw_noise
 from analysis.metrics import (
     cknna,
@@ -295,3 +295,21 @@ def test_bad_flags_are_refused(run_dir, data_dir, tmp_path):
         parse_args(analysis_argv(run_dir, data_dir, tmp_path, "--timesteps", "1.5"))
     with pytest.raises(SystemExit):
         parse_args(analysis_argv(run_dir, data_dir, tmp_path, "--layers", "first"))
+
+
+def test_heads_match_encoders_by_training_list_or_dimension():
+    model = build_model("SiTDown", **{**TINY_KWARGS, "z_dims": [32, 384]})
+    model.checkpoint_args = {"enc_type": f"{ENCODER_STANDIN},dinov2-vit-s"}
+    assert projector_heads(model, ["dinov2-vit-s", "dinov2-vit-b"]) == {"dinov2-vit-s": 1}
+    model.checkpoint_args = {}  # REPA's bare state dicts record no encoder: match by width
+    assert projector_heads(model, ["dinov2-vit-s", ENCODER_STANDIN]) == {
+        "dinov2-vit-s": 1,
+        ENCODER_STANDIN: 0,
+    }
+    assert projector_heads(model, ["dinov2-vit-b"]) == {}
+
+
+def test_checkpoint_step_from_the_file_name():
+    assert checkpoint_step("exps/run/checkpoints/0400000.pt", 3) == 400_000
+    assert checkpoint_step("ckpts/0050000-ema.safetensors", 0) == 50_000
+    assert checkpoint_step("SiT-XL-2.pt", 2) == 2
