@@ -18,6 +18,7 @@ import curves
 import generate
 import quickstart
 import train
+from analysis.__main__ import parse_args as analysis_args
 from bench import data_speed, sample_speed, train_speed
 from evaluations import evaluator, make_reference
 from preprocessing import prepare
@@ -35,10 +36,16 @@ PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "bench.train_speed": train_speed.parse_args,
     "bench.sample_speed": sample_speed.parse_args,
     "bench.data_speed": data_speed.parse_args,
+    "analysis": analysis_args,
 }
 # The arguments of each table script that the README and the paper use.
 SCRIPTS = {
     "scripts/prepare.sh": [[]],
+    # the rows whose encoders frozen.py knows today
+    "scripts/table2.sh": [
+        [r] for r in ("prepare", "vanilla", "mae-l", "dino-b", "mocov3-l", "jepa-h", "clip-l",
+                      "siglip-l", "dinov2-s", "dinov2-b", "dinov2-l", "dinov2-g", "depth12")
+    ],  # fmt: skip
     "scripts/table3.sh": [
         [m] for m in ("sitdown-b", "sitdown-l", "sitdown-xl", "sit-b", "sit-l", "sit-xl")
     ],  # fmt: skip
