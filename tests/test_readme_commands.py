@@ -38,14 +38,12 @@ PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "bench.data_speed": data_speed.parse_args,
     "analysis": analysis_args,
 }
+TABLE2_ROWS = ("prepare", "vanilla", "mae-l", "dino-b", "mocov3-l", "jepa-h", "clip-l", "siglip-l",
+               "dinov2-s", "dinov2-b", "dinov2-l", "dinov2-g", "depth12")  # fmt: skip
 # The arguments of each table script that the README and the paper use.
 SCRIPTS = {
     "scripts/prepare.sh": [[]],
-    # the rows whose encoders frozen.py knows today
-    "scripts/table2.sh": [
-        [r] for r in ("prepare", "vanilla", "mae-l", "dino-b", "mocov3-l", "jepa-h", "clip-l",
-                      "siglip-l", "dinov2-s", "dinov2-b", "dinov2-l", "dinov2-g", "depth12")
-    ],  # fmt: skip
+    "scripts/table2.sh": [[r] for r in TABLE2_ROWS],
     "scripts/table3.sh": [
         [m] for m in ("sitdown-b", "sitdown-l", "sitdown-xl", "sit-b", "sit-l", "sit-xl")
     ],  # fmt: skip
