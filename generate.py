@@ -64,6 +64,7 @@ from cli import (
     nonnegative_int,
     parse_checked,
     positive_int,
+    resolve_speed_args,
     run_main,
     unit_closed,
 )
@@ -77,6 +78,7 @@ from samplers import (
     euler_maruyama_sampler,
     euler_sampler,
 )
+from speed import prepare_model_for_sampling, report_compile_times
 from utils import (
     InputError,
     ReportedError,
@@ -174,7 +176,7 @@ def add_sampling_speed_args(parser: argparse.ArgumentParser) -> None:
                             "background thread while the previous batch samples (the same "
                             "numbers as step-by-step draws); off: each step draws from every "
                             "sample's generator and copies to the device (a host sync)")
-    add_speed_args(group)
+    add_speed_args(group, sampling=True)
 # fmt: on
 
 
@@ -198,6 +200,7 @@ def validate_args(args: argparse.Namespace) -> None:
     """Fill the sampler flags from the preset, then check between flags (each flag's own range
     is checked by its `type`)."""
     resolve_sampling_args(args)
+    resolve_speed_args(args)
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
         raise ValueError("need 0 <= --guidance-low <= --guidance-high <= 1")
     if args.heun and args.mode == "sde":
@@ -298,9 +301,14 @@ def sample_batch(
 
 
 def sampling_model(model: AlignedDiffusionTransformer, args: argparse.Namespace) -> AlignedModel:
-    """The model as sampling calls it: compiled with --compile (guided and unguided steps have
-    two batch shapes, hence two static graphs)."""
-    return cast(AlignedModel, torch.compile(model, dynamic=False)) if args.compile else model
+    """The model as sampling calls it (`speed.prepare_model_for_sampling`): bf16 weights cast
+    once (--precision bf16 --bf16-weights), compiled (--compile), CUDA graphs (--cuda-graphs,
+    on a GPU); guided and unguided steps have two batch shapes, hence two static graphs."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    prepared = prepare_model_for_sampling(
+        model, args.precision, args.compile, args.cuda_graphs and on_gpu, args.bf16_weights
+    )
+    return cast(AlignedModel, prepared)
 
 
 def generate_latents(
@@ -534,6 +542,8 @@ def generate_samples(
 def main(args: argparse.Namespace) -> None:
     rank, world_size, device = init_distributed()
     set_precision(args.precision)
+    if args.compile and rank == 0:
+        report_compile_times(print)
 
     model = load_model_for_sampling(args.ckpt, device, args.model)
     if args.path_type is None:
