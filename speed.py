@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -34,6 +35,8 @@ import torch
 import torch.nn as nn
 
 from loss import SILoss
+from models import build_model
+from models.base import AlignedDiffusionTransformer
 from run_log import LOGGER_NAME
 
 COMPILE_SCOPES = ("blocks", "model")
@@ -142,12 +145,67 @@ def report_compile_times(emit: Callable[[str], None]) -> CompileTimer:
     """Call `emit` with a line after each compilation of this process (replacing the timer of an
     earlier call, so that a second run in the same process does not print twice)."""
     handler = torch._dynamo.callback_handler
-    for old in _TIMERS:
-        handler.remove_start_callback(old.start)
-        handler.remove_end_callback(old.end)
+    for old in _TIMERS:  # (torch._dynamo.reset() may have removed them already)
+        if old.start in handler.start_callbacks:
+            handler.remove_start_callback(old.start)
+        if old.end in handler.end_callbacks:
+            handler.remove_end_callback(old.end)
     _TIMERS.clear()
     timer = CompileTimer(emit)
     handler.register_start_callback(timer.start)
     handler.register_end_callback(timer.end)
     _TIMERS.append(timer)
     return timer
+
+
+#################################################################################
+#               Compilation time: regional against whole-model                 #
+#################################################################################
+
+
+def time_training_compile(
+    model: AlignedDiffusionTransformer, scope: str, batch_size: int, steps: int
+) -> str:
+    """Compile a copy of `model` with `scope` ("eager": none), run `steps` + 1 training steps
+    (forward, backward) on random inputs, on the model's device (under bf16 autocast on a GPU):
+    compilation and step times."""
+    torch._dynamo.reset()
+    run = model if scope == "eager" else compile_model(copy.deepcopy(model), scope)
+    timer = report_compile_times(lambda _line: None)
+    device = next(model.parameters()).device
+    seconds = []
+    for _ in range(steps + 1):
+        x = torch.randn((batch_size, *model.latent_shape), device=device)
+        t, y = torch.rand(batch_size, device=device), torch.randint(0, 10, (batch_size,))
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            v, zs = run(x, t, y.to(device))
+        (v.float().square().mean() + sum(z.float().mean() for z in zs)).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    step_s = sorted(seconds[1:])[len(seconds[1:]) // 2]
+    return (
+        f"{scope:6s}: first step {seconds[0]:.1f} s ({timer.count} compilations, "
+        f"{timer.total:.1f} s), then {1000 * step_s:.0f} ms/step (median of {steps})"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m speed: compilation and step times of a model, eager, regional, whole-model."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default="SiTDown", help="registry or class name")
+    parser.add_argument("--model-config", type=json.loads, default={},
+                        help="JSON object of constructor arguments")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = build_model(args.model, **{"num_classes": 10, "z_dims": [768], **args.model_config})
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    for scope in ("eager", *COMPILE_SCOPES):
+        print(time_training_compile(model, scope, args.batch_size, args.steps), flush=True)
+
+
+if __name__ == "__main__":
+    main()

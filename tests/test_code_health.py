@@ -17,7 +17,8 @@ SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare"}
 # Components: what the entry points are built from.
 COMPONENTS = [
     "checkpoints.py", "cli.py", "data_plan.py", "dataset.py", "frozen.py", "loss.py",
-    "run_log.py", "samplers.py", "shards.py", "toy_shapes.py", "trainer.py", "utils.py",
+    "run_log.py", "samplers.py", "shards.py", "speed.py", "toy_shapes.py", "trainer.py",
+    "utils.py",
     "models", "preprocessing/sources.py",
 ]  # fmt: skip
 
