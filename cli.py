@@ -186,17 +186,18 @@ def add_speed_args(group: FlagGroup, sampling: bool = False) -> None:
     """--compile and --sdpa-backend: how fast the model runs, not what it computes; `sampling`
     adds generate.py's --cuda-graphs and --bf16-weights."""
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile each transformer block (default: on where CUDA is "
-                            "available, off on CPUs); the first steps or batches pay for the "
-                            "compilation, whose time is printed")
+                       help="torch.compile the model (default: on where CUDA is available, off "
+                            "on CPUs); the first steps or batches pay for the compilation, whose "
+                            "time is printed")
     group.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="auto",
                        help="attention kernel of scaled_dot_product_attention: PyTorch's choice, "
                             "or only flash, efficient (memory-efficient), cudnn or math")
     if not sampling:
         return
     group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                       help="with --compile on a GPU: replay the model from CUDA graphs, one per "
-                            "compiled region and batch shape (torch.compile's reduce-overhead)")
+                       help="with --compile on a GPU: compile the whole model and replay it "
+                            "from CUDA graphs, one per batch shape (torch.compile's "
+                            "reduce-overhead); off: each block compiled, no CUDA graphs")
     group.add_argument("--bf16-weights", action=argparse.BooleanOptionalAction, default=True,
                        help="with --precision bf16: cast the matmul and convolution weights to "
                             "bf16 once instead of autocast casting them at every step (the same "

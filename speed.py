@@ -16,8 +16,11 @@ weights cast to bf16 once for bf16 sampling, and CUDA graphs for the sampler's s
   convolutions, the layers autocast would cast on every call, are cast to bf16 once; everything
   else (label table, position table, the residual stream) stays as it was, and autocast still
   runs around the model, so the arithmetic is that of autocast without the per-call casts of the
-  weights. CUDA graphs are torch.compile's "reduce-overhead" mode: one recorded graph per
-  compiled region and input shape, replayed at every step.
+  weights. CUDA graphs are torch.compile's "reduce-overhead" mode on the whole model: one graph
+  recorded per batch shape (the guided and the unguided phase), the whole forward replayed at
+  every step. Whole-model, not per block: CUDA-graph trees start a new generation at every call
+  of a compiled function, which may overwrite the outputs of the previous one, and SiT↓ keeps
+  its stage-1 outputs (skips) and the tapped tokens across many block calls.
 """
 
 from __future__ import annotations
@@ -101,15 +104,17 @@ def prepare_model_for_sampling(
 ) -> nn.Module:
     """The model as the sampler calls it: with `precision` "bf16" and `bf16_weights`, a copy
     with bf16 matmul weights (`cast_matmul_weights`; call it under bf16 autocast); compiled
-    with `compile` (a copy: `model` itself stays as it is), with CUDA graphs when `cuda_graphs`
-    (torch.compile's "reduce-overhead")."""
+    with `compile` (a copy: `model` itself stays as it is): per `scope`, or with `cuda_graphs`
+    as a whole in torch.compile's "reduce-overhead" mode (see the module's docstring)."""
     if precision == "bf16" and bf16_weights:
         model = cast_matmul_weights(model, torch.bfloat16)
     elif compile:
         model = copy.deepcopy(model)
     if not compile:
         return model
-    return compile_model(model, scope, "reduce-overhead" if cuda_graphs else None, backend)
+    if cuda_graphs:
+        return compile_model(model, "model", "reduce-overhead", backend)
+    return compile_model(model, scope, None, backend)
 
 
 class CompileTimer:

@@ -140,6 +140,10 @@ def test_bf16_weights_cast_once_give_autocast_samples():
     assert 1e-5 < (autocast - fp32).abs().max() < 0.1  # bf16 really ran, and stayed close
     for precision in ("fp32", "tf32"):  # nothing to cast: the model itself
         assert prepare_model_for_sampling(model, precision, compile=False) is model
+    # CUDA graphs: the whole (cast) model in one compiled function (not called: CUDA only)
+    graphed = prepare_model_for_sampling(model, "bf16", compile=True, cuda_graphs=True)
+    assert isinstance(graphed, dynamo.eval_frame.OptimizedModule)
+    assert graphed._orig_mod.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
 
 
 def test_compile_is_on_by_default_where_cuda_is_available(monkeypatch, tmp_path):
