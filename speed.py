@@ -4,7 +4,7 @@ weights cast to bf16 once for bf16 sampling, and CUDA graphs for the sampler's s
 * Compilation (`compile_model`). By default each transformer block is compiled on its own
   ("regional" compilation, `scope="blocks"`): the blocks of a model are instances of one class
   with the same shapes, so they share one compiled graph, and compiling a model costs about what
-  one block costs, whatever its depth (SiT↓ has two, one per token grid). `scope="model"` compiles
+  one block costs, whatever its depth (SiT↓ has three, one per stage). `scope="model"` compiles
   the whole forward as one graph instead: more fusion across block boundaries, a compilation time
   that grows with the depth. The graphs are static (`dynamic=False`): a new batch shape compiles
   a new graph (sampling's guided and unguided phases have two) and a repeated one compiles

@@ -174,8 +174,7 @@ class AlignedDiffusionTransformer(nn.Module):
         (v does not depend on the heads, so it is the same either way)."""
         # The residual stream keeps x's dtype: fp32 under autocast, where only the matmuls and
         # attention run in bf16/fp16 (REPA's SiT, whose fp32 position table promotes it).
-        # Contiguous, so that every block sees one memory layout (one compiled graph per shape).
-        tokens = self.embed_tokens(x).to(x.dtype).contiguous()  # (N, T, C)
+        tokens = self.embed_tokens(x).to(x.dtype)  # (N, T, C)
         t_emb = self.t_embedder(t)  # (N, C)
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)  # (N, C)
         tokens, tapped = self.forward_trunk(tokens, c)

@@ -129,16 +129,14 @@ class SiTDown(AlignedDiffusionTransformer):
     def forward_trunk(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         n1, n2, _ = self.depths
         high, low = self.x_embedder.grid_size, self.x_embedder.grid_size // 2
-        # The convolutions and skip projections return to the stream's dtype (fp32 under
-        # autocast) and to a contiguous layout (the blocks' compiled graphs assume one).
-        stream = x.dtype
+        stream = x.dtype  # the convolutions and skip projections return to it (fp32 under autocast)
         skips: list[Tensor] = []
         tapped = x
         for i, block in enumerate(self.blocks, start=1):
             if i == n1 + 1:
-                x = self.downsample(x, high).to(stream).contiguous()  # (N, T/4, C)
+                x = self.downsample(x, high).to(stream)  # (N, T/4, C)
             elif i == n1 + n2 + 1:
-                x = self.upsample(x, low).to(stream).contiguous()  # (N, T, C)
+                x = self.upsample(x, low).to(stream)  # (N, T, C)
             if i > n1 + n2:  # stage 3: fuse the mirrored stage-1 output
                 skip_linear = self.skip_linears[i - n1 - n2 - 1]
                 x = skip_linear(torch.cat([x, skips.pop()], dim=-1)).to(stream)

@@ -58,10 +58,12 @@ def test_model_and_loss_trace_without_graph_breaks(name, loss_fn):
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
-@pytest.mark.parametrize(("name", "graphs"), [("SiT", 1), ("SiTDown", 2)])
-def test_blocks_share_one_graph_per_token_grid_and_repeated_shapes_never_recompile(name, graphs):
-    """Regional compilation: all blocks of a grid run one graph (SiT↓: the 4×4 stages and the
-    2×2 stage); later calls with the same shapes, in training and sampling, compile nothing."""
+@pytest.mark.parametrize(("name", "graphs"), [("SiT", 1), ("SiTDown", 3)])
+def test_blocks_share_one_graph_per_stage_and_repeated_shapes_never_recompile(name, graphs):
+    """Regional compilation: all blocks of a stage run one graph (SiT: one stage; SiT↓: three,
+    the 2×2 grid, and the 4×4 grid in two memory layouts: stage 1 reads the patch embedding's
+    transposed tokens, stage 3 the skip projections' contiguous ones); later calls with the same
+    shapes, in training and sampling, compile nothing."""
     model = tiny(name)
     counter = CompileCounter()
     assert compile_model(model, "blocks", backend=counter) is model
