@@ -22,6 +22,7 @@ from encoders import ENCODER_STANDIN, check_resolution, parse_encoder_list
 from frozen import VAE_IDS, VAE_PIXELS, VAE_PIXELS_2X, VAE_STANDIN
 from models import canonical_name
 from models.layers import SDPA_BACKENDS
+from speed import resolve_compile
 from utils import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, ReportedError
 
 FlagGroup = argparse._ActionsContainer  # a parser, or one of its argument groups
@@ -179,14 +180,31 @@ def add_encoder_args(group: FlagGroup, none_means: str) -> None:
                             "without it timm downloads them (MoCo v3 needs a file)")
 
 
-def add_speed_args(group: FlagGroup) -> None:
-    """--compile and --sdpa-backend: how fast the model runs, not what it computes."""
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                       help="torch.compile the model (the first steps or batches pay for the "
-                            "compilation)")
+def add_speed_args(group: FlagGroup, sampling: bool = False) -> None:
+    """--compile and --sdpa-backend: how fast the model runs, not what it computes; `sampling`
+    adds generate.py's --cuda-graphs and --bf16-weights."""
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the model (default: on where CUDA is available, off "
+                            "on CPUs); the first steps or batches pay for the compilation, whose "
+                            "time is printed")
     group.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="auto",
                        help="attention kernel of scaled_dot_product_attention: PyTorch's choice, "
                             "or only flash, efficient (memory-efficient), cudnn or math")
+    if not sampling:
+        return
+    group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --compile on a GPU: compile the whole model and replay it "
+                            "from CUDA graphs, one per batch shape (torch.compile's "
+                            "reduce-overhead); off: each block compiled, no CUDA graphs")
+    group.add_argument("--bf16-weights", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --precision bf16: cast the matmul and convolution weights to "
+                            "bf16 once instead of autocast casting them at every step (the same "
+                            "numbers)")
+
+
+def resolve_speed_args(args: argparse.Namespace) -> None:
+    """--compile without --compile or --no-compile: on where CUDA is available."""
+    args.compile = resolve_compile(args.compile)
 # fmt: on
 
 

@@ -60,6 +60,7 @@ from cli import (
     nonnegative_int,
     parse_checked,
     positive_int,
+    resolve_speed_args,
     run_main,
     unit_closed,
 )
@@ -76,6 +77,7 @@ from sampling import (
     sampling_model,
     to_uint8,
 )
+from speed import report_compile_times
 from utils import (
     InputError,
     ReportedError,
@@ -154,7 +156,7 @@ def add_sampling_speed_args(parser: argparse.ArgumentParser) -> None:
                             "background thread while the previous batch samples (the same "
                             "numbers as step-by-step draws); off: each step draws from every "
                             "sample's generator and copies to the device (a host sync)")
-    add_speed_args(group)
+    add_speed_args(group, sampling=True)
 # fmt: on
 
 
@@ -170,6 +172,7 @@ def validate_args(args: argparse.Namespace) -> None:
     """Fill the sampler flags from the preset, then check between flags (each flag's own range
     is checked by its `type`)."""
     resolve_sampling_args(args)
+    resolve_speed_args(args)
     if not 0 <= args.guidance_low <= args.guidance_high <= 1:
         raise ValueError("need 0 <= --guidance-low <= --guidance-high <= 1")
     if args.heun and args.mode == "sde":
@@ -378,6 +381,8 @@ def generate_samples(
 def main(args: argparse.Namespace) -> None:
     rank, world_size, device = init_distributed()
     set_precision(args.precision)
+    if args.compile and rank == 0:
+        report_compile_times(print)
 
     model = load_model_for_sampling(args.ckpt, device, args.model)
     if args.path_type is None:

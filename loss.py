@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -322,6 +322,9 @@ class SILoss:
     manifold_mode: which similarity matrices L_ML compares: "token", "sample" or "batch".
     lambda_schedule: name in LAMBDA_SCHEDULES (Table 10), applied per image, times proj_coeff.
     chunk_size: rows per block of the similarity matrices (matters in batch mode).
+    compile: torch.compile the element-wise part that follows the model (`objective`), which
+        fuses its normalisations, similarities and means into a few kernels; the model is
+        compiled on its own (`speed.compile_model`).
     """
 
     path_type: str = "linear"
@@ -331,6 +334,7 @@ class SILoss:
     manifold_mode: str = "token"
     lambda_schedule: str = "constant"
     chunk_size: int = 1024
+    compile: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, value, choices in [
@@ -343,6 +347,9 @@ class SILoss:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if self.proj_coeff < 0 or self.manifold_coeff < 0 or self.chunk_size < 1:
             raise ValueError("proj_coeff and manifold_coeff must be >= 0, chunk_size >= 1")
+        self._objective = (
+            torch.compile(self.objective, dynamic=False) if self.compile else self.objective
+        )
 
     def __call__(
         self,
@@ -371,9 +378,14 @@ class SILoss:
             noise = torch.randn_like(x)
         x_t, v_target = interpolate(x, noise, t, self.path_type)
         v_pred, zs_tilde = model(x_t, t, y, **(model_kwargs or {}))
-        velocity = mean_flat((_fp32(v_pred) - _fp32(v_target)).square())  # (N,) REPA Eq. 4
+        return self._objective(t, v_pred, v_target, zs, zs_tilde)
 
-        repa, manifold = self.alignment_terms(zs, zs_tilde, velocity.new_zeros(x.shape[0]))
+    def objective(
+        self, t: Tensor, v_pred: Tensor, v_target: Tensor, zs: Features, zs_tilde: Features
+    ) -> dict[str, Tensor]:
+        """Eq. 5 from the model's outputs: the named terms that `__call__` returns."""
+        velocity = mean_flat((_fp32(v_pred) - _fp32(v_target)).square())  # (N,) REPA Eq. 4
+        repa, manifold = self.alignment_terms(zs, zs_tilde, velocity.new_zeros(t.shape[0]))
         total = velocity
         if self.proj_coeff > 0:  # Eq. 5, per image
             total = velocity + self.alignment_weight(t) * (repa + self.manifold_coeff * manifold)

@@ -83,7 +83,11 @@ def sampler_settings(args: argparse.Namespace) -> argparse.Namespace:
         label_sampling="balanced",
         predraw_noise=True,
         precision="bf16" if args.mixed_precision == "bf16" else "tf32",
+        # generate.py's bf16 road (weights cast once); not compiled: a fresh copy of the EMA at
+        # every evaluation would compile again
+        bf16_weights=True,
         compile=False,
+        cuda_graphs=False,
     )
 
 

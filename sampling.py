@@ -27,6 +27,7 @@ from samplers import (
     euler_maruyama_sampler,
     euler_sampler,
 )
+from speed import prepare_model_for_sampling
 from utils import InputError, hash_seed
 
 # Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
@@ -146,9 +147,14 @@ def sample_batch(
 
 
 def sampling_model(model: AlignedDiffusionTransformer, args: argparse.Namespace) -> AlignedModel:
-    """The model as sampling calls it: compiled with --compile (guided and unguided steps have
-    two batch shapes, hence two static graphs)."""
-    return cast(AlignedModel, torch.compile(model, dynamic=False)) if args.compile else model
+    """The model as sampling calls it (`speed.prepare_model_for_sampling`): bf16 weights cast
+    once (--precision bf16 --bf16-weights), compiled (--compile), CUDA graphs (--cuda-graphs,
+    on a GPU); guided and unguided steps have two batch shapes, hence two static graphs."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    prepared = prepare_model_for_sampling(
+        model, args.precision, args.compile, args.cuda_graphs and on_gpu, args.bf16_weights
+    )
+    return cast(AlignedModel, prepared)
 
 
 def generate_latents(

@@ -48,6 +48,7 @@ from cli import (
     parse_encoder_args,
     positive_float,
     positive_int,
+    resolve_speed_args,
     run_main,
     unit_closed,
     unit_interval,
@@ -272,8 +273,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Checks between flags (each flag's own range is checked by its `type`); resolves
-    --mixed-precision auto, so that checkpoints record the precision actually used."""
+    --mixed-precision auto and --compile, so that checkpoints record what was actually used."""
     args.mixed_precision = resolve_precision(args.mixed_precision)
+    resolve_speed_args(args)
     parse_encoder_args(args)
     if not args.encoders and args.proj_coeff > 0:
         raise ValueError("--enc-type none trains without alignment: it needs --proj-coeff 0")

@@ -56,6 +56,7 @@ from run_log import (
     track_image,
 )
 from samplers import VelocityOnly, euler_sampler
+from speed import compile_for_training
 
 if TYPE_CHECKING:  # periodic_eval imports this module
     from periodic_eval import PeriodicEvaluation
@@ -121,7 +122,7 @@ def create_trainer(
         manifold_mode=args.manifold_mode,
         lambda_schedule=args.lambda_schedule,
     )
-    prepared = torch.compile(model) if args.compile else model
+    prepared, loss_fn = compile_for_training(model, loss_fn, args)
     prepared, optimizer = accelerator.prepare(prepared, optimizer)
     ema.to(accelerator.device)
     return Trainer(

@@ -88,7 +88,11 @@ REPA_PROTOCOL_FLAGS = ["--mixed-precision", "fp16", "--no-compile", "--encoder-m
 
 # name -> (train flags added after the user's, read the metrics every step as REPA, description)
 CONFIGS: dict[str, tuple[list[str], bool, str]] = {
-    "ours": ([], False, "the flags given (default bf16, fused AdamW, precomputed features)"),
+    "ours": (
+        [],
+        False,
+        "the flags given (default bf16, fused AdamW, precomputed features, compiled where CUDA is)",
+    ),
     "repa-protocol": (
         REPA_PROTOCOL_FLAGS,
         True,
@@ -96,7 +100,8 @@ CONFIGS: dict[str, tuple[list[str], bool, str]] = {
         "metrics read on the host every step, PyTorch's default AdamW (foreach on a GPU, its "
         "per-tensor loop on a CPU)",
     ),
-    "compile": (["--compile"], False, "ours + torch.compile of the model"),
+    "compile": (["--compile"], False, "ours + torch.compile of the blocks and the loss"),
+    "eager": (["--no-compile"], False, "ours without torch.compile"),
     "fp16": (["--mixed-precision", "fp16"], False, "ours with fp16 autocast + loss scaling"),
     "no-fused-adamw": (["--no-fused-optimizer"], False, "ours with PyTorch's default AdamW"),
     "online-encoder": (["--encoder-mode", "online"], False, "ours, encoder run online"),

@@ -172,7 +172,9 @@ class AlignedDiffusionTransformer(nn.Module):
         by default the label embedder draws them with probability `class_dropout_prob`).
         `return_zs=False` skips the projector heads and returns `zs = []`: sampling needs v only
         (v does not depend on the heads, so it is the same either way)."""
-        tokens = self.embed_tokens(x)  # (N, T, C)
+        # The residual stream keeps x's dtype: fp32 under autocast, where only the matmuls and
+        # attention run in bf16/fp16 (REPA's SiT, whose fp32 position table promotes it).
+        tokens = self.embed_tokens(x).to(x.dtype)  # (N, T, C)
         t_emb = self.t_embedder(t)  # (N, C)
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)  # (N, C)
         tokens, tapped = self.forward_trunk(tokens, c)

@@ -49,48 +49,51 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int) -> Tensor:
 
 
 class RotaryEmbedding2D(nn.Module):
-    """2-D rotary position embedding (RoPE) for square token grids.
+    """2-D rotary position embedding (RoPE) on a square grid of `grid_size`² tokens.
 
     Channel pairs (i, i + d/2) of each head are rotated by angle_i: for the first d/4 pairs the
     angle is row·f, for the last d/4 it is column·f, f = theta^(-j / (d/4)). Attention scores then
     depend on positions only through their 2-D offset. Positions are the integer coordinates of
-    the grid the block runs on (each U-Net stage uses its own grid).
+    the grid the block runs on (each U-Net stage has its own grid, hence its own tables).
 
-    cos/sin tables are cached per (grid, device, dtype): built once, not every step. The cache is
-    not part of the state dict.
+    The cos/sin tables are fp32 buffers built here, once: they move with the model (`.to`), are
+    not part of the state dict (non-persistent), and are plain tensors for torch.compile (no
+    cache to look up, so no recompilation when the first call fills it).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    cos: Tensor
+    sin: Tensor
+
+    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs head_dim % 4 == 0, got {head_dim}")
         self.head_dim = head_dim
+        self.grid_size = grid_size
         self.theta = theta
-        self._cache: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        ang = self.angles(grid_size)
+        ang = torch.cat([ang, ang], dim=1)  # (T, d): pair (i, i + d/2) shares angle_i
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
 
-    def angles(self, grid_size: int, device: torch.device | None = None) -> Tensor:
+    def angles(self, grid_size: int) -> Tensor:
         """Rotation angles, (grid_size², head_dim / 2), rows in raster order."""
         quarter = self.head_dim // 4
-        freqs = self.theta ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
-        coords = torch.arange(grid_size, dtype=torch.float32, device=device)
+        freqs = self.theta ** (-torch.arange(quarter, dtype=torch.float32) / quarter)
+        coords = torch.arange(grid_size, dtype=torch.float32)
         rows, cols = torch.meshgrid(coords, coords, indexing="ij")
         row_angles = rows.reshape(-1, 1) * freqs  # (T, d/4)
         col_angles = cols.reshape(-1, 1) * freqs  # (T, d/4)
         return torch.cat([row_angles, col_angles], dim=1)  # (T, d/2)
 
-    def cos_sin(
-        self, grid_size: int, device: torch.device, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        key = (grid_size, device, dtype)
-        if key not in self._cache:
-            ang = self.angles(grid_size, device)
-            ang = torch.cat([ang, ang], dim=1)  # (T, d): pair (i, i + d/2) shares angle_i
-            self._cache[key] = (ang.cos().to(dtype), ang.sin().to(dtype))
-        return self._cache[key]
-
-    def forward(self, x: Tensor, grid_size: int) -> Tensor:
-        """Rotate queries or keys. x: (N, heads, T, head_dim) with T = grid_size²."""
-        cos, sin = self.cos_sin(grid_size, x.device, x.dtype)
+    def forward(self, x: Tensor) -> Tensor:
+        """Rotate queries or keys. x: (N, heads, T, head_dim) with T = grid_size²; the rotation
+        runs in x's dtype (bf16 under autocast, as the attention that follows)."""
+        if x.shape[-2] != self.cos.shape[0]:
+            raise ValueError(
+                f"RoPE built for a {self.grid_size}×{self.grid_size} grid got {x.shape[-2]} tokens"
+            )
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         rotated_half = torch.cat([-x2, x1], dim=-1)
         return x * cos + rotated_half * sin
@@ -203,13 +206,14 @@ def sdpa_backend(name: str) -> AbstractContextManager[None]:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with qkv bias (timm's parameter layout), optional 2-D RoPE.
+    """Multi-head self-attention with qkv bias (timm's parameter layout), optional 2-D RoPE on a
+    `rope_grid`² token grid (None: no RoPE).
 
     Runs through `F.scaled_dot_product_attention`, so PyTorch picks the flash / memory-efficient
     kernel when one applies; the scale is head_dim^-0.5.
     """
 
-    def __init__(self, dim: int, num_heads: int, use_rope: bool = False):
+    def __init__(self, dim: int, num_heads: int, rope_grid: int | None = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
@@ -217,15 +221,14 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
-        self.rope = RotaryEmbedding2D(self.head_dim) if use_rope else None
+        self.rope = RotaryEmbedding2D(self.head_dim, rope_grid) if rope_grid else None
 
-    def forward(self, x: Tensor, grid_size: int | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         N, T, C = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (N, heads, T, head_dim) each
         if self.rope is not None:
-            grid = grid_size if grid_size is not None else math.isqrt(T)
-            q, k = self.rope(q, grid), self.rope(k, grid)
+            q, k = self.rope(q), self.rope(k)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(N, T, C))
 
@@ -263,7 +266,10 @@ def swiglu_hidden_dim(hidden_size: int, mlp_ratio: float) -> int:
 
 class TransformerBlock(nn.Module):
     """AdaLN-Zero transformer block (SiT). `ffn='gelu'` is REPA's block, `ffn='swiglu'` with
-    `use_rope=True` is the SiT↓ block."""
+    RoPE on its `rope_grid`² tokens is the SiT↓ block.
+
+    The residual stream keeps the dtype of `x`: under autocast, the matmuls and attention run
+    in the autocast dtype and their (gated) outputs are added to an fp32 stream (REPA's SiT)."""
 
     def __init__(
         self,
@@ -271,11 +277,11 @@ class TransformerBlock(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         ffn: str = "gelu",
-        use_rope: bool = False,
+        rope_grid: int | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, use_rope=use_rope)
+        self.attn = Attention(hidden_size, num_heads, rope_grid)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         if ffn == "gelu":
             self.mlp: nn.Module = Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -285,14 +291,12 @@ class TransformerBlock(nn.Module):
             raise ValueError(f"ffn must be 'gelu' or 'swiglu', got {ffn!r}")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor, grid_size: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
         """x: (N, T, C) tokens, c: (N, C) conditioning."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
             c
         ).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(
-            modulate(self.norm1(x), shift_msa, scale_msa), grid_size
-        )
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 

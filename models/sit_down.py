@@ -107,8 +107,8 @@ class SiTDown(AlignedDiffusionTransformer):
         )
         C = hidden_size
         self.blocks = nn.ModuleList(
-            TransformerBlock(C, num_heads, mlp_ratio, ffn="swiglu", use_rope=True)
-            for _ in range(self.depth)
+            TransformerBlock(C, num_heads, mlp_ratio, ffn="swiglu", rope_grid=self.tap_grid(i))
+            for i in range(1, self.depth + 1)
         )
         self.downsample = Downsample(C, downsample)
         self.upsample = Upsample(C)
@@ -129,17 +129,18 @@ class SiTDown(AlignedDiffusionTransformer):
     def forward_trunk(self, x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         n1, n2, _ = self.depths
         high, low = self.x_embedder.grid_size, self.x_embedder.grid_size // 2
+        stream = x.dtype  # the convolutions and skip projections return to it (fp32 under autocast)
         skips: list[Tensor] = []
         tapped = x
         for i, block in enumerate(self.blocks, start=1):
             if i == n1 + 1:
-                x = self.downsample(x, high)  # (N, T/4, C)
+                x = self.downsample(x, high).to(stream)  # (N, T/4, C)
             elif i == n1 + n2 + 1:
-                x = self.upsample(x, low)  # (N, T, C)
+                x = self.upsample(x, low).to(stream)  # (N, T, C)
             if i > n1 + n2:  # stage 3: fuse the mirrored stage-1 output
                 skip_linear = self.skip_linears[i - n1 - n2 - 1]
-                x = skip_linear(torch.cat([x, skips.pop()], dim=-1))
-            x = block(x, c, low if self.stage_of(i) == 1 else high)
+                x = skip_linear(torch.cat([x, skips.pop()], dim=-1)).to(stream)
+            x = block(x, c)
             if i <= n1:
                 skips.append(x)
             if i == self.encoder_depth:

@@ -311,13 +311,13 @@ def test_sit_down_forward_matches_a_second_implementation():
     blocks = list(model.blocks)
     stage1 = []
     for blk in blocks[:2]:
-        h = blk(h, c, 4)
+        h = blk(h, c)
         stage1.append(h)
     fmap = h.transpose(1, 2).reshape(N, C, 4, 4)
     conv = model.downsample.conv
     h = F.conv2d(fmap, conv.weight, conv.bias, stride=2, padding=1).flatten(2).transpose(1, 2)
     for i, blk in enumerate(blocks[2:5], start=3):
-        h = blk(h, c, 2)
+        h = blk(h, c)
         if i == 4:
             tapped = h  # (N, 4, C) on the 2×2 grid
     up = model.upsample.conv
@@ -328,7 +328,7 @@ def test_sit_down_forward_matches_a_second_implementation():
     for j, blk in enumerate(blocks[5:]):
         skip = stage1[1 - j]  # first stage-3 block meets the last stage-1 block
         lin = model.skip_linears[j]
-        h = blk(torch.cat([h, skip], -1) @ lin.weight.T + lin.bias, c, 4)
+        h = blk(torch.cat([h, skip], -1) @ lin.weight.T + lin.bias, c)
     v = model.final_layer(h, c)
     v = v.reshape(N, 4, 4, 2, 2, 4).permute(0, 5, 1, 3, 2, 4).reshape(N, 4, 8, 8)
     proj = model.projectors[0]
@@ -455,12 +455,12 @@ def test_bad_projector_options_are_rejected():
 
 
 def test_rope_scores_depend_only_on_relative_position():
-    rope = RotaryEmbedding2D(head_dim=16)
     g = 5
+    rope = RotaryEmbedding2D(head_dim=16, grid_size=g)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, 1, 16, generator=gen).expand(1, 1, g * g, 16)  # same query everywhere
     k = torch.randn(1, 1, 1, 16, generator=gen).expand(1, 1, g * g, 16)
-    scores = (rope(q, g) @ rope(k, g).transpose(-1, -2))[0, 0]  # (T, T)
+    scores = (rope(q) @ rope(k).transpose(-1, -2))[0, 0]  # (T, T)
     by_offset: dict[tuple[int, int], float] = {}
     for i in range(g * g):
         for j in range(g * g):
@@ -473,23 +473,51 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_rope_preserves_norms_and_is_identity_at_the_origin():
-    rope = RotaryEmbedding2D(head_dim=8)
+    rope = RotaryEmbedding2D(head_dim=8, grid_size=3)
     x = torch.randn(2, 3, 9, 8)
-    out = rope(x, 3)
+    out = rope(x)
     torch.testing.assert_close(out.norm(dim=-1), x.norm(dim=-1))
     torch.testing.assert_close(out[:, :, 0], x[:, :, 0])
 
 
-def test_rope_tables_are_cached_per_grid():
-    model = tiny_sit_down()
-    rope = model.blocks[0].attn.rope
-    model(*batch())
-    cached = dict(rope._cache)
-    assert {key[0] for key in cached} == {4}  # stage-1 block: 4×4 grid only
-    model(*batch(seed=1))
-    assert all(rope._cache[key][0] is cached[key][0] for key in cached)  # not rebuilt
-    assert {key[0] for key in model.blocks[3].attn.rope._cache} == {2}
+def test_rope_tables_are_buffers_on_each_stage_grid_outside_the_state_dict():
+    model = tiny_sit_down()  # depths (2, 3, 2) on a 4×4 patch grid, 2×2 in the middle stage
+    grids = [block.attn.rope.grid_size for block in model.blocks]
+    assert grids == [4, 4, 2, 2, 2, 4, 4]
+    rope = model.blocks[3].attn.rope
+    assert dict(rope.named_buffers()).keys() == {"cos", "sin"}
+    angles = rope.angles(2)  # (4, head_dim / 2): (row, col) · f for each token
+    torch.testing.assert_close(rope.cos, torch.cat([angles, angles], dim=1).cos())
     assert "rope" not in "".join(model.state_dict())
+    moved = model.to(torch.float64)  # buffers follow the model
+    assert moved.blocks[0].attn.rope.cos.dtype == torch.float64
+    with pytest.raises(ValueError, match="4×4 grid got 9 tokens"):
+        model.blocks[0].attn.rope(torch.zeros(1, 1, 9, 16))
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_sit, tiny_sit_down, lambda: tiny_sit_down(downsample="unshuffle")]
+)
+def test_residual_stream_stays_fp32_under_bf16_autocast(make):
+    """The decision of docs/models.md: under autocast every block reads and writes an fp32
+    residual stream, while its matmuls run in bf16."""
+    model = make()
+    seen: dict[str, list[torch.dtype]] = {"stream": [], "matmul": []}
+    hooks = [model.final_layer.register_forward_pre_hook(
+        lambda _m, args: seen["stream"].append(args[0].dtype))]  # fmt: skip
+    for block in model.blocks:
+        hooks.append(block.register_forward_pre_hook(
+            lambda _m, args: seen["stream"].append(args[0].dtype)))  # fmt: skip
+        hooks.append(block.register_forward_hook(
+            lambda _m, _args, out: seen["stream"].append(out.dtype)))  # fmt: skip
+        hooks.append(block.attn.qkv.register_forward_hook(
+            lambda _m, _args, out: seen["matmul"].append(out.dtype)))  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v, zs = model(*batch())
+    for hook in hooks:
+        hook.remove()
+    assert seen["stream"] == [torch.float32] * (2 * model.depth + 1)
+    assert seen["matmul"] == [torch.bfloat16] * model.depth
 
 
 def test_label_dropout_uses_the_null_class_only_in_training():
