@@ -156,6 +156,8 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     if not is_sharded(model):
         return inner.state_dict()
     state = get_optimizer_state_dict(model, inner, options=WHOLE)
+    if not state:  # not the main process: the whole state is the main process's alone
+        return {}
     index = {name: i for i, name in enumerate(optimizer_keys(model, inner))}
     return {
         "state": {index[name]: value for name, value in state["state"].items()},
