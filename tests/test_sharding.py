@@ -46,7 +46,8 @@ def assert_runs_agree(a: dict, b: dict, exact: bool) -> None:
 def sharded(data_dir, out, exp: str, resume: str) -> None:
     """Steps up to 6 in 2 sharded processes × 2 accumulation steps × 2 images, from `resume`."""
     flags = argv(data_dir, out, exp, "--learning-rate", "1e-3", "--max-train-steps", "6",
-                 "--gradient-accumulation-steps", "2", "--fsdp", "on", "--resume", resume)  # fmt: skip
+                 "--gradient-accumulation-steps", "2", "--fsdp", "on",
+                 "--resume", resume)  # fmt: skip
     result = torchrun(flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "update      sharded over the processes (FSDP2)" in result.stdout
