@@ -129,15 +129,17 @@ def is_sharded(module: nn.Module) -> bool:
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """`module`'s state dict with whole tensors (sharded: gathered, on the main process only,
     a collective that every process calls)."""
-    return (
-        get_model_state_dict(module, options=WHOLE) if is_sharded(module) else module.state_dict()
-    )
+    if not is_sharded(module):
+        return module.state_dict()
+    state: Any = get_model_state_dict(module, options=WHOLE)
+    return state
 
 
 def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load whole tensors strictly; a sharded `module` keeps its process's shard of each."""
     if is_sharded(module):
-        set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+        whole: Any = state
+        set_model_state_dict(module, whole, options=StateDictOptions(full_state_dict=True))
     else:
         module.load_state_dict(state)
 
@@ -155,7 +157,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
     if not is_sharded(model):
         return inner.state_dict()
-    state = get_optimizer_state_dict(model, inner, options=WHOLE)
+    state: Any = get_optimizer_state_dict(model, inner, options=WHOLE)
     if not state:  # not the main process: the whole state is the main process's alone
         return {}
     index = {name: i for i, name in enumerate(optimizer_keys(model, inner))}
@@ -177,7 +179,7 @@ def load_full_optimizer_state(
         inner.load_state_dict(state)
         return
     keys = optimizer_keys(model, inner)
-    named = {
+    named: Any = {
         "state": {keys[i]: value for i, value in state["state"].items()},
         "param_groups": [
             {**group, "params": [keys[i] for i in group["params"]]}

@@ -123,7 +123,7 @@ def shard(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool) -> No
     gradient and AdamW state). Every transformer block is a unit, gathered as the model reaches
     it and reduce-scattered as its gradients are ready, so that both overlap with compute; the
     rest of the model is one more unit."""
-    for block in model.blocks:
+    for block in model.get_submodule("blocks").children():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
 
@@ -155,7 +155,7 @@ def create_trainer(
         manifold_mode=args.manifold_mode,
         lambda_schedule=args.lambda_schedule,
     )
-    prepared = torch.compile(model) if args.compile else model
+    prepared: Any = torch.compile(model) if args.compile else model
     if sharded:  # accelerate would wrap the model in DDP: only the optimiser goes through it
         optimizer = accelerator.prepare(optimizer)
     else:
