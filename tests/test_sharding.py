@@ -43,11 +43,11 @@ def assert_runs_agree(a: dict, b: dict, exact: bool) -> None:
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-def sharded(data_dir, out, exp: str, resume: str) -> None:
+def sharded(data_dir, out, exp: str, resume: str, *extra: str) -> None:
     """Steps up to 6 in 2 sharded processes × 2 accumulation steps × 2 images, from `resume`."""
     flags = argv(data_dir, out, exp, "--learning-rate", "1e-3", "--max-train-steps", "6",
                  "--gradient-accumulation-steps", "2", "--fsdp", "on",
-                 "--resume", resume)  # fmt: skip
+                 "--resume", resume, *extra)  # fmt: skip
     result = torchrun(flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "update      sharded over the processes (FSDP2)" in result.stdout
@@ -62,8 +62,11 @@ def test_sharded_runs_equal_one_process_and_resume_across_process_counts(data_di
     assert_runs_agree(a, b, exact=False)
     assert len(b["rng"]["processes"]) == 2
     assert a["opt"]["param_groups"][0]["params"] == b["opt"]["param_groups"][0]["params"]
-    # A sharded run resumed from its own checkpoint: the straight sharded run, bit for bit.
-    sharded(data_dir, tmp_path, "again", checkpoint_file(tmp_path, "two", 4))
+    # A sharded run resumed from its own checkpoint: the straight sharded run, bit for bit. Its
+    # preview samples the sharded EMA on both processes.
+    preview = ["--sampling-steps", "6", "--preview-images", "2"]
+    sharded(data_dir, tmp_path, "again", checkpoint_file(tmp_path, "two", 4), *preview)
+    assert os.listdir(tmp_path / "again" / "samples") == ["0000006.png"]
     assert_runs_agree(checkpoint(tmp_path, "two", 6), checkpoint(tmp_path, "again", 6), exact=True)
     # 2 sharded processes -> 1 unsharded process.
     run(*argv(data_dir, tmp_path, "back", *lr, "--max-train-steps", "6",
