@@ -215,27 +215,31 @@ def accumulate_gradients(
 ) -> dict[str, Tensor]:
     """Forward and backward of every micro-batch; the loss terms averaged over them.
 
-    One autocast context spans the micro-batches: autocast caches its low-precision copy of
-    each weight until the outermost context exits, so each weight is cast once per step (the
-    weights change only at the optimiser step), not once per micro-batch. The backward passes
-    run with autocast off, as PyTorch recommends; a nested context keeps the cache."""
+    Autocast caches its low-precision copy of each weight until the outermost context exits.
+    One context spans the micro-batches, so each weight is cast once per step (the weights
+    change only at the optimiser step), not once per micro-batch; the backward passes run with
+    autocast off, as PyTorch recommends (a nested context keeps the cache). Sharded (FSDP2),
+    each micro-batch keeps its own context: with the cache shared across micro-batches, FSDP2's
+    gradients differed from DDP's (bf16, 2 micro-batches: the gradient norm by 0.6 %)."""
     acc, accumulation = trainer.accelerator, len(micro_batches)
+    shared = not trainer.sharded
     means: dict[str, Tensor] = {}
-    with acc.autocast():
+    with acc.autocast() if shared else nullcontext():
         for i, batch in enumerate(micro_batches):
             # Gradients are reduced once per step, in the last micro-batch's backward pass.
             with gradient_sync(trainer, i == accumulation - 1):
-                losses = trainer.loss_fn(
-                    trainer.model,
-                    batch["x"],
-                    batch["y"],
-                    alignment_targets(trainer, batch),
-                    t=batch["t"],
-                    noise=batch["noise"],
-                    # Label dropout, drawn once per step for the global batch: given these
-                    # decisions, the model's label embedder applies them and draws nothing.
-                    model_kwargs={"force_drop_ids": batch["drop"]},
-                )
+                with nullcontext() if shared else acc.autocast():
+                    losses = trainer.loss_fn(
+                        trainer.model,
+                        batch["x"],
+                        batch["y"],
+                        alignment_targets(trainer, batch),
+                        t=batch["t"],
+                        noise=batch["noise"],
+                        # Label dropout, drawn once per step for the global batch: given these
+                        # decisions, the model's label embedder applies them and draws nothing.
+                        model_kwargs={"force_drop_ids": batch["drop"]},
+                    )
                 with torch.autocast(acc.device.type, enabled=False):
                     acc.backward(losses["total"] / accumulation)
             for name, value in losses.items():
