@@ -28,7 +28,9 @@ and the milestones) and `checkpoints/{step:07d}-ema.safetensors` (milestones and
 `resolve_run` decides whether a run starts or resumes, `check_resumable` refuses a checkpoint of
 another setup (model, flags, and data: its size and the identity of its content, the checkpoint's
 `data` entry), `save_run_checkpoint` / `restore_run_state` write and read a run's state from
-explicit objects (model, EMA, optimiser, loss scaler). `save_run_checkpoint` checks the free space
+explicit objects (model, EMA, optimiser, loss scaler); sharded ones (FSDP2) are gathered into
+whole tensors and distributed again on loading, so that a checkpoint resumes on any number of
+processes, sharded or not. `save_run_checkpoint` checks the free space
 first, and a failed write says what was kept. After a kill, `remove_interrupted_saves` and
 `write_missing_exports` clear up what the interrupted saves left and lost.
 """
@@ -48,6 +50,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
 
 import utils
 from models import SiT_models, build_model, canonical_name, model_config
@@ -83,7 +93,8 @@ def checkpoint_state(
     data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict of the module docstring. `model` must come from `build_model`;
-    `args` is a plain dict (e.g. `vars(args)`)."""
+    `args` is a plain dict (e.g. `vars(args)`). Sharded (FSDP2) model and EMA are gathered
+    whole: then every process must call this, and only the main process's dict holds them."""
     name, kwargs = model_config(model)
     return {
         "format": CHECKPOINT_FORMAT,
@@ -91,13 +102,91 @@ def checkpoint_state(
         "model_kwargs": kwargs,
         "args": dict(args or {}),
         "step": int(step),
-        "model": model.state_dict(),
-        "ema": ema.state_dict(),
-        "opt": opt.state_dict() if opt is not None else None,
+        "model": full_state_dict(model),
+        "ema": full_state_dict(ema),
+        "opt": full_optimizer_state(model, opt) if opt is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng,
         "data": data,
     }
+
+
+#################################################################################
+#               Consolidation: sharded (FSDP2) states <-> whole tensors            #
+#################################################################################
+
+# Checkpoints hold whole tensors, as one process writes them, whatever the number of processes
+# and whether they were sharded: a run resumes on any number of processes, sharded or not.
+# Gathering and distributing the shards is `torch.distributed.checkpoint.state_dict`'s work.
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole, on the main process
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module` is sharded over processes by FSDP2 (`fully_shard`)."""
+    return isinstance(module, FSDPModule)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state dict with whole tensors (sharded: gathered, on the main process only,
+    a collective that every process calls)."""
+    if not is_sharded(module):
+        return module.state_dict()
+    state: Any = get_model_state_dict(module, options=WHOLE)
+    return state
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors strictly; a sharded `module` keeps its process's shard of each."""
+    if is_sharded(module):
+        whole: Any = state
+        set_model_state_dict(module, whole, options=StateDictOptions(full_state_dict=True))
+    else:
+        module.load_state_dict(state)
+
+
+def optimizer_keys(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The parameter names of `optimizer`'s parameters in the order `Optimizer.state_dict`
+    numbers them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with whole tensors. Sharded: gathered (a collective, the main
+    process's dict holds them), and numbered as an unsharded optimiser numbers them."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    if not is_sharded(model):
+        return inner.state_dict()
+    state: Any = get_optimizer_state_dict(model, inner, options=WHOLE)
+    if not state:  # not the main process: the whole state is the main process's alone
+        return {}
+    index = {name: i for i, name in enumerate(optimizer_keys(model, inner))}
+    return {
+        "state": {index[name]: value for name, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [index[name] for name in group["params"]]}
+            for group in state["param_groups"]
+        ],
+    }
+
+
+def load_full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load what `full_optimizer_state` returns into `optimizer` (sharded: its shards)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not is_sharded(model):
+        inner.load_state_dict(state)
+        return
+    keys = optimizer_keys(model, inner)
+    named: Any = {
+        "state": {keys[i]: value for i, value in state["state"].items()},
+        "param_groups": [
+            {**group, "params": [keys[i] for i in group["params"]]}
+            for group in state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(model, inner, named, options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
@@ -532,13 +621,15 @@ def write_missing_exports(run_dir: str, milestone_every: int, final_step: int) -
 
 # Flags that may change when a run is resumed: where things are, how the run reports, and how
 # the global batch is computed (accumulation, like the process count, leaves the samples and
-# draws of every step as they were). Any other difference is refused.
+# draws of every step as they were), and how the update is computed (the AdamW kernel, sharding,
+# an EMA every k steps with decay^k: the same average up to float rounding and a lag of at most
+# k - 1 steps). Any other difference is refused.
 RESUMABLE_CHANGES = frozenset(
     {
         "max_train_steps", "checkpointing_steps", "keep_last", "milestone_every",
         "sampling_steps", "preview_images", "log_every", "report_to", "num_workers",
         "data_dir", "output_dir", "exp_name", "resume", "dry_run", "debug", "compile",
-        "peak_tflops", "fused_optimizer", "sdpa_backend",
+        "peak_tflops", "fused_optimizer", "sdpa_backend", "fsdp", "ema_every",
         "vae", "enc_weights", "on_nonfinite", "gradient_accumulation_steps",
         # evaluation during training reads the EMA, never changes training
         "eval_every", "eval_samples", "eval_ref", "eval_preset", "eval_num_steps",
@@ -623,15 +714,16 @@ def restore_run_state(
     optimizer: torch.optim.Optimizer,
     scaler: Any | None,
 ) -> int:
-    """Load model, EMA, optimiser and loss-scaler states from a training checkpoint; returns
-    its step. The RNG states (one per process) are the caller's: `ckpt["rng"]`."""
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
+    """Load model, EMA, optimiser and loss-scaler states from a training checkpoint (sharded
+    ones keep their process's shards); returns its step. The RNG states (one per process) are
+    the caller's: `ckpt["rng"]`."""
+    load_full_state_dict(model, ckpt["model"])
+    load_full_state_dict(ema, ckpt["ema"])
     # This run's AdamW kernel (--fused-optimizer may change on resume), not the checkpoint's;
     # loading then puts the step counters where that kernel keeps them (device or CPU).
     for saved, group in zip(ckpt["opt"]["param_groups"], optimizer.param_groups, strict=True):
         saved["fused"], saved["foreach"] = group["fused"], group["foreach"]
-    optimizer.load_state_dict(ckpt["opt"])
+    load_full_optimizer_state(model, optimizer, ckpt["opt"])
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     return int(ckpt["step"])

@@ -165,7 +165,10 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=positive_float, default=1.0,
                    help="clip the global gradient norm to this")
     g.add_argument("--ema-decay", type=unit_closed, default=0.9999,
-                   help="EMA decay, applied every optimiser step")
+                   help="EMA decay per optimiser step")
+    g.add_argument("--ema-every", type=positive_int, default=1,
+                   help="update the EMA every k steps with decay^k (1: every step, REPA's "
+                        "protocol); a checkpoint's EMA then lags by at most k - 1 steps")
     g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="fixes the initialisation, the data order and every random draw")
     g.add_argument("--on-nonfinite", choices=["stop", "skip"], default="stop",
@@ -185,6 +188,10 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=True,
                    help="AdamW's fused kernel (one launch for all parameters; with fp16, no host "
                         "sync for the loss scaler); off: PyTorch's default foreach AdamW, as REPA")
+    g.add_argument("--fsdp", choices=["auto", "on", "off"], default="off",
+                   help="shard weights, gradients, AdamW state and EMA over the processes "
+                        "(FSDP2), so that each updates 1/N of them; auto: on with several CUDA "
+                        "processes (not with fp16), on: with several processes, off: DDP")
     add_speed_args(g)
 
 
@@ -286,6 +293,11 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.encoder_mode == "online" and not args.encoders:
         raise ValueError("--encoder-mode online needs an encoder (--enc-type)")
+    if args.fsdp == "on" and args.mixed_precision == "fp16":
+        raise ValueError(
+            "--fsdp on does not work with --mixed-precision fp16 (its loss scaler does not know "
+            "shards): use bf16, or --fsdp off"
+        )
     if args.batch_size % args.gradient_accumulation_steps:
         raise ValueError(
             f"--batch-size {args.batch_size} (global) is not divisible by "
@@ -521,7 +533,11 @@ def describe(trainer: Trainer, macs: int, resume: str | None) -> str:
         f"compile {args.compile}, fused AdamW {args.fused_optimizer}, "
         f"attention {args.sdpa_backend}, "
         f"device {acc.device} × {acc.num_processes}",
+        f"update      {SHARDING[trainer.sharded]}, EMA every {args.ema_every} step(s)",
     ])  # fmt: skip
+
+
+SHARDING = {True: "sharded over the processes (FSDP2)", False: "whole on each process"}
 
 
 def retention(args: argparse.Namespace) -> str:

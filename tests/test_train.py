@@ -181,6 +181,8 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it(cuda, bf16, expected, monke
         (["--model-config", "[1]"], "expected a JSON object"),
         (["--model-config", '{"encoder_depth": 3}'], "encoder_depth (set by --encoder-depth)"),
         (["--resume", "/no/such.pt"], "no checkpoint file '/no/such.pt'"),
+        (["--fsdp", "on", "--mixed-precision", "fp16"], "--fsdp on does not work with --mixed-p"),
+        (["--ema-every", "0"], "--ema-every: must be a positive integer, got 0"),
         # --model-config's values are checked against the constructor's annotations
         (["--model", "SiTDown", "--model-config", '{"hidden_size": "64"}'],
          "--model-config: hidden_size must be int, got '64' (str)"),
@@ -205,6 +207,7 @@ def test_dry_run_builds_everything_and_writes_nothing(data_dir, tmp_path, capsys
     run(*argv(data_dir, tmp_path, "dry", "--dry-run", "--compile"))
     out = capsys.readouterr().out
     assert "compile True, fused AdamW True, attention auto" in out
+    assert "update      whole on each process, EMA every 1 step(s)" in out
     assert "8 (global) = 1 processes × 1 accumulation steps × 8" in out
     assert "32 samples, 4 steps per epoch" in out
     assert not os.path.exists(tmp_path / "dry")
