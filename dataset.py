@@ -131,5 +131,5 @@ def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -
     the GPU)."""
     if get_worker_info() is not None:
         storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
     return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
