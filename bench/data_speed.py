@@ -8,7 +8,8 @@
     python -m bench.data_speed --synthetic 64 --global-batch 16 --processes 2 --batches 3
 
 `--synthetic N` first writes N random samples of ImageNet-256 shapes (fp32 moments 8×32×32,
-DINOv2-B fp16 features 256×768) to a temporary folder through prepare.py's shard writer. Freshly
+DINOv2-B fp16 features 256×768) to a temporary folder through prepare.py's shard writer, in as
+many shards as ImageNet's (so a micro-batch of 32 reads from about 28 shards). Freshly
 written data sits in the page cache, so that figure is the in-memory ceiling; on a real dataset
 larger than RAM the disk decides.
 
@@ -109,8 +110,14 @@ def parse_encoders(bench: argparse.Namespace) -> None:
 IMAGENET_CLASSES = 1000  # the synthetic data mimics ImageNet 256's shapes and label range
 
 
-def write_synthetic(root: str, n: int, pixels: str, shard_size: int = 2000) -> None:
-    """N random samples of real shapes, written through the same ShardWriter as prepare.py."""
+IMAGENET_SHARDS = 129  # ImageNet's 1,281,167 training images in prepare.py's shards of 10,000
+
+
+def write_synthetic(root: str, n: int, pixels: str, shard_size: int | None = None) -> None:
+    """N random samples of real shapes, written through the same ShardWriter as prepare.py. By
+    default in as many shards as ImageNet's, so that a micro-batch reads from as many shards as
+    it would there (the loader makes one read per shard and modality)."""
+    shard_size = shard_size or -(-n // IMAGENET_SHARDS)
     rng = np.random.default_rng(0)
     modalities = [
         shards.Modality("labels", "int64", ()),
