@@ -256,7 +256,9 @@ class TrainingBatches(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         step, micro = divmod(k, self.plan.accumulation)
         local = self.plan.local_slice(micro)
-        indices = self._indices(step)[local]
+        # a copy: handing the batch over moves its tensors into shared memory, in a background
+        # thread, while this worker reads the next batch with the epoch's order
+        indices = self._indices(step)[local].clone()
         samples = read_samples(self.dataset, indices, self.pin_memory)
         moments = samples["moments"].float()  # (b, 2C, h, w)
         latent_shape = (moments.shape[1] // 2, *moments.shape[2:])

@@ -95,7 +95,7 @@ class LatentDataset(Dataset):
         """Samples `indices` (b,) stacked, as `torch.stack` of `self[i]` would give them: moments
         (b, 8, h, w) float32, label (b,), features [(b, T, D)], pixels (b, 3, H, W). Each
         modality is read with one fancy index per shard into one buffer (`batch_buffer`)."""
-        rows = np.asarray(indices, dtype=np.int64)
+        rows = indices.numpy().astype(np.int64)  # a copy, never a view of the caller's tensor
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"indices outside [0, {len(self)}) in a batch of {rows.size}")
 

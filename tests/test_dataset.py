@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import shards
+from data_plan import BatchPlan, StepDraws, TrainingBatches
 from dataset import LatentDataset, batch_buffer
 from frozen import ENCODER_STANDIN
 from utils import write_json
@@ -152,6 +153,28 @@ def test_a_batch_read_is_the_stack_of_its_samples(data):
     for bad in ([0, len(ds)], [-1]):
         with pytest.raises(IndexError):
             ds.read_batch(torch.tensor(bad))
+
+
+def test_training_batches_read_in_workers_are_those_read_in_process(data):
+    """A worker hands a batch over (pickling moves its tensors' memory into shared memory, in a
+    background thread) while it reads the next one: so no tensor of a batch may share memory
+    with what the worker keeps, such as the epoch's order (here crossing epochs every 2 steps)."""
+    root, _ = data
+    ds = LatentDataset(root, pixels=True)
+    plan = BatchPlan(len(ds), 4, accumulation=2, num_processes=1, seed=5)
+    item = TrainingBatches(ds, plan, StepDraws())[3]
+    assert item["indices"].untyped_storage().nbytes() == 2 * 8  # its own 2 indices, no more
+
+    def read(workers: int) -> list[dict]:
+        items = TrainingBatches(ds, plan, StepDraws(cfg_prob=0.5))
+        return list(DataLoader(items, batch_size=None, sampler=range(40), num_workers=workers))
+
+    for got, want in zip(read(2), read(0), strict=True):
+        for key in ("x", "y", "t", "noise", "drop", "indices", "pixels"):
+            assert torch.equal(got[key], want[key]), key
+        assert all(
+            torch.equal(a, b) for a, b in zip(got["features"], want["features"], strict=True)
+        )
 
 
 class BufferKinds(torch.utils.data.Dataset):
