@@ -3,11 +3,13 @@ and (optionally) pixels, read from memory-mapped shards (format: `shards.py`).""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch import Tensor
+from torch.utils.data import Dataset, get_worker_info
 
 from frozen import encoder_dim
 from shards import PREPARE, DatasetError, ShardReader, load_manifest
@@ -89,6 +91,30 @@ class LatentDataset(Dataset):
             sample["pixels"] = torch.from_numpy(arrays["pixels"])  # (3, H, W) uint8
         return sample
 
+    def read_batch(self, indices: Tensor, pin_memory: bool = False) -> dict[str, Any]:
+        """Samples `indices` (b,) stacked, as `torch.stack` of `self[i]` would give them: moments
+        (b, 8, h, w) float32, label (b,), features [(b, T, D)], pixels (b, 3, H, W). Each
+        modality is read with one fancy index per shard into one buffer (`batch_buffer`)."""
+        rows = indices.numpy().astype(np.int64)  # a copy, never a view of the caller's tensor
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"indices outside [0, {len(self)}) in a batch of {rows.size}")
+
+        def read(name: str) -> Tensor:
+            modality = self._reader.modality(name)
+            dtype = torch.from_numpy(np.empty(0, dtype=modality.dtype)).dtype
+            out = batch_buffer((len(rows), *modality.shape), dtype, pin_memory)
+            self._reader.read_rows(name, rows, out.numpy())
+            return out
+
+        batch = {
+            "moments": read("moments").float(),  # a copy only for float16-stored moments
+            "label": read("labels"),
+            "features": [read(f"features-{e}") for e in self.encoders],
+        }
+        if self.pixels:
+            batch["pixels"] = read("pixels")
+        return batch
+
     def labels(self) -> np.ndarray:
         """Every sample's label, (N,) int64 (reads only the small label shards)."""
         return self._reader.read_all("labels")
@@ -96,3 +122,14 @@ class LatentDataset(Dataset):
     def verify(self) -> None:
         """Recompute every shard file's SHA-256 against the manifest; raises DatasetError."""
         self._reader.verify()
+
+
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool) -> Tensor:
+    """An uninitialised tensor to read a batch into. In a DataLoader worker it lives in shared
+    memory, so handing the batch to the training process copies nothing (DataLoader's own
+    collate does the same); otherwise it is pinned if `pin_memory` (for asynchronous copies to
+    the GPU)."""
+    if get_worker_info() is not None:
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return torch.empty(shape, dtype=dtype, pin_memory=pin_memory)

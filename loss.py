@@ -96,13 +96,21 @@ def sample_time(
     t = ratio / (1 + ratio) = sigmoid(log ratio), a logit-normal (SD3's, with REPA's (0, 1));
     for the cosine path ratio = tan(pi t / 2), so t = (2 / pi) * atan(ratio).
     """
+    draw = torch.rand if weighting == "uniform" else torch.randn
+    return time_from(draw(n, device=device, dtype=dtype, generator=generator), weighting, path_type)
+
+
+def time_from(z: Tensor, weighting: str = "uniform", path_type: str = "linear") -> Tensor:
+    """`sample_time`'s times from given standard draws z: uniform on [0, 1) for "uniform",
+    standard normal for the log-normal weightings. Shaped like z."""
     if weighting == "uniform":
-        return torch.rand(n, device=device, dtype=dtype, generator=generator)
+        return z
     if weighting in LOGNORMAL_PARAMS:
         mean, std = LOGNORMAL_PARAMS[weighting]
-        log_ratio = torch.randn(n, device=device, dtype=dtype, generator=generator) * std + mean
-        if path_type == "linear":
-            return torch.sigmoid(log_ratio)  # = ratio / (1 + ratio), without overflow
+        log_ratio = z * std + mean
+        if path_type == "linear":  # ratio / (1 + ratio), without overflow; not torch.sigmoid,
+            # whose CPU kernel rounds a tensor's last elements differently from the others
+            return 1 / (1 + torch.exp(-log_ratio))
         if path_type == "cosine":
             return torch.atan(log_ratio.exp()) * (2 / math.pi)
         raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")

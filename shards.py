@@ -453,6 +453,9 @@ class ShardReader:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": {}}
 
+    def modality(self, name: str) -> Modality:
+        return self._by_name[name]
+
     def _rebuild_hint(self, shard: int) -> str:
         command = self.manifest.get("command", f"{PREPARE} ... --dest {self.root}")
         return (
@@ -559,6 +562,28 @@ class ShardReader:
             else:
                 out[modality.name] = np.array(self._map(modality, shard)[row])
         return out
+
+    def read_rows(self, name: str, indices: np.ndarray, out: np.ndarray) -> None:
+        """Samples `indices` (global, in any order) of modality `name` into `out`, (len(indices),
+        *shape): one fancy index per shard, straight into `out` where the shard's samples sit
+        side by side in it (always, when a batch draws at most one sample per shard); PNG pixels
+        are decoded one by one."""
+        modality = self._by_name[name]
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        order = np.argsort(shard_of, kind="stable")  # positions grouped by shard, in order
+        for group in np.split(order, np.flatnonzero(np.diff(shard_of[order])) + 1):
+            shard = int(shard_of[group[0]])
+            rows = indices[group] - self.starts[shard]
+            if modality.encoding == "png":
+                blob, offsets = self._map(modality, shard)
+                for position, row in zip(group, rows, strict=True):
+                    out[position] = decode_png(blob[offsets[row] : offsets[row + 1]].tobytes())
+            elif group[-1] - group[0] == len(group) - 1:  # consecutive positions: no copy between
+                first = int(group[0])
+                target = out[first : first + len(group)]
+                np.take(self._map(modality, shard), rows, axis=0, out=target, mode="clip")
+            else:
+                out[group] = self._map(modality, shard)[rows]
 
     def read_all(self, name: str) -> np.ndarray:
         """A whole modality, concatenated over shards (for small ones such as labels)."""

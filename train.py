@@ -53,7 +53,7 @@ from cli import (
     unit_closed,
     unit_interval,
 )
-from data_plan import BatchPlan
+from data_plan import BatchPlan, draws_mismatch
 from dataset import LatentDataset
 from frozen import RepresentationEncoder, encoder_dim, latent_geometry, load_encoder, load_vae
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
@@ -501,6 +501,8 @@ def setup(
             ckpt, model.model_name, model.model_kwargs, vars(args), data
         ):
             logger.warning(unchecked)
+        if (other_draws := draws_mismatch(ckpt["data"])) is not None:
+            raise TrainingError(other_draws)
     encoders = load_encoders(args, accelerator.device)
     trainer = create_trainer(args, accelerator, model, plan, encoders, dataset_id)
     if ckpt is not None:

@@ -46,7 +46,14 @@ from checkpoints import (
     save_run_checkpoint,
     set_rng_state,
 )
-from data_plan import SEED_PREVIEW, BatchPlan, StepDraws, TrainingBatches, derive_seed
+from data_plan import (
+    DRAWS_VERSION,
+    SEED_PREVIEW,
+    BatchPlan,
+    StepDraws,
+    TrainingBatches,
+    derive_seed,
+)
 from frozen import RepresentationEncoder
 from loss import SILoss
 from models.base import AlignedDiffusionTransformer
@@ -325,11 +332,13 @@ def training_loader(
     args: argparse.Namespace, dataset: Dataset, plan: BatchPlan, start_step: int, pin_memory: bool
 ) -> DataLoader:
     """This process's micro-batches from step `start_step` on, as CPU dicts (TrainingBatches);
-    --num-workers processes load the samples and make the draws ahead of the loop."""
+    --num-workers processes load the samples and make the draws ahead of the loop. With
+    `pin_memory`, batches arrive in pinned memory: read into it directly without workers, copied
+    into it by DataLoader's pinning thread from the workers' shared memory."""
     draws = StepDraws(args.weighting, args.path_type, args.cfg_prob)
     accumulation = args.gradient_accumulation_steps
     return DataLoader(
-        TrainingBatches(dataset, plan, draws),
+        TrainingBatches(dataset, plan, draws, pin_memory),
         batch_size=None,
         sampler=range(start_step * accumulation, args.max_train_steps * accumulation),
         num_workers=args.num_workers,
@@ -364,7 +373,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def data_position(trainer: Trainer) -> dict[str, Any]:
     """Where the data plan stands: step s reads global batch s of the (seed, epoch) orders of
-    the dataset `dataset_id`."""
+    the dataset `dataset_id`, with version `draws` of the per-step draws."""
     plan = trainer.plan
     epoch, batch_in_epoch = divmod(trainer.step, plan.steps_per_epoch)
     return dict(
@@ -375,6 +384,7 @@ def data_position(trainer: Trainer) -> dict[str, Any]:
         dataset_id=trainer.dataset_id,
         global_batch=plan.global_batch,
         seed=plan.seed,
+        draws=DRAWS_VERSION,
     )
 
 

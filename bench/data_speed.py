@@ -8,7 +8,8 @@
     python -m bench.data_speed --synthetic 64 --global-batch 16 --processes 2 --batches 3
 
 `--synthetic N` first writes N random samples of ImageNet-256 shapes (fp32 moments 8×32×32,
-DINOv2-B fp16 features 256×768) to a temporary folder through prepare.py's shard writer. Freshly
+DINOv2-B fp16 features 256×768) to a temporary folder through prepare.py's shard writer, in as
+many shards as ImageNet's (so a micro-batch of 32 reads from about 28 shards). Freshly
 written data sits in the page cache, so that figure is the in-memory ceiling; on a real dataset
 larger than RAM the disk decides.
 
@@ -18,8 +19,14 @@ Two readers, each one training process's share of the global batch (--global-bat
 * `LatentDataset` through a shuffled DataLoader (`latent_dataset_rate`), as a plain PyTorch
   training loop would read it;
 * `TrainingBatches` through `trainer.training_loader`: what train.py reads, including the
-  per-step draws (times, noise, VAE posterior sample, label dropout) made for the whole global
-  batch.
+  per-step draws (times, noise, VAE posterior sample, label dropout) of its own samples, read
+  with one fancy index per shard into shared memory.
+
+Wall-clock rates depend on what else the machine runs; so this also prints the CPU time of one
+micro-batch of `TrainingBatches` in one thread (what a worker spends on it; samples per second
+per core), and the CPU time of three ways to make a micro-batch's draws: counter-based (this
+code), a seeded torch.Generator per sample (a Python loop over the batch), and the whole global
+batch from one generator (as before, on every process).
 
 The ratio is samples/s of the loader over --train-images-per-sec, the images/s of one GPU in
 training (bench/train_speed.py prints it); docs/benchmarks.md sets the target at ≥ 4. Each of
@@ -33,6 +40,8 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -43,7 +52,7 @@ import shards
 import train
 from bench.common import report, write_json
 from cli import encoder_list, nonnegative_int, parse_checked, positive_float, positive_int, run_main
-from data_plan import BatchPlan
+from data_plan import SEED_STEP, BatchPlan, StepDraws, TrainingBatches, derive_seed
 from dataset import LatentDataset
 from trainer import training_loader
 
@@ -101,8 +110,14 @@ def parse_encoders(bench: argparse.Namespace) -> None:
 IMAGENET_CLASSES = 1000  # the synthetic data mimics ImageNet 256's shapes and label range
 
 
-def write_synthetic(root: str, n: int, pixels: str, shard_size: int = 2000) -> None:
-    """N random samples of real shapes, written through the same ShardWriter as prepare.py."""
+IMAGENET_SHARDS = 129  # ImageNet's 1,281,167 training images in prepare.py's shards of 10,000
+
+
+def write_synthetic(root: str, n: int, pixels: str, shard_size: int | None = None) -> None:
+    """N random samples of real shapes, written through the same ShardWriter as prepare.py. By
+    default in as many shards as ImageNet's, so that a micro-batch reads from as many shards as
+    it would there (the loader makes one read per shard and modality)."""
+    shard_size = shard_size or -(-n // IMAGENET_SHARDS)
     rng = np.random.default_rng(0)
     modalities = [
         shards.Modality("labels", "int64", ()),
@@ -184,6 +199,61 @@ def training_batches_rate(
     return bench.batches * plan.micro_batch / (time.perf_counter() - start)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch single-threaded, as in a DataLoader worker."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cpu_seconds(work: Callable[[int], Any], repeats: int) -> float:
+    """CPU seconds of this process per call of work(k), k = 1..repeats, after work(0)."""
+    with one_thread():
+        work(0)
+        start = time.process_time()
+        for k in range(1, repeats + 1):
+            work(k)
+        return (time.process_time() - start) / repeats
+
+
+def draw_times(micro: int, global_batch: int, repeats: int = 10) -> dict[str, float]:
+    """CPU ms per micro-batch of `micro` samples (ImageNet-256 latents) for three ways to make
+    the per-step draws of its samples, the second micro-batch of a global batch."""
+    shape = (4, 32, 32)
+    draws = StepDraws()
+
+    def per_sample(step: int) -> None:  # one generator per sample, in a loop over the batch
+        for position in range(micro, 2 * micro):
+            seed = derive_seed(0, SEED_STEP, step * global_batch + position)
+            generator = torch.Generator().manual_seed(seed)
+            torch.rand(2, generator=generator)  # t and the dropout decision
+            torch.randn(2, *shape, generator=generator)  # noise and the posterior sample
+
+    def whole_batch(step: int) -> None:  # the earlier draws: the global batch, then a slice
+        generator = torch.Generator().manual_seed(derive_seed(0, SEED_STEP, step))
+        torch.rand(global_batch, generator=generator)
+        torch.randn(2, global_batch, *shape, generator=generator)
+        torch.rand(global_batch, generator=generator)
+
+    ways = {
+        "counter_based": lambda step: draws.draw(0, step, micro, shape, start=micro),
+        "per_sample_generators": per_sample,
+        "whole_global_batch": whole_batch,
+    }
+    return {name: 1e3 * cpu_seconds(way, repeats) for name, way in ways.items()}
+
+
+def training_batches_cpu(dataset: LatentDataset, plan: BatchPlan, batches: int) -> float:
+    """CPU seconds per sample of TrainingBatches in one thread, in this process: what a loader
+    worker spends (the hand-over to the training process aside)."""
+    items = TrainingBatches(dataset, plan, StepDraws())
+    return cpu_seconds(items.__getitem__, batches) / plan.micro_batch
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench = parse_args(argv)
     encoders = bench.encoders
@@ -199,6 +269,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dataset = LatentDataset(root, encoders=encoders, pixels=bench.pixels != "none")
         latent_rate = latent_dataset_rate(dataset, micro, bench.num_workers, bench.batches)
         training_rate = training_batches_rate(dataset, bench, encoders)
+        plan = BatchPlan(len(dataset), bench.global_batch, 1, bench.processes, 0)
+        cpu_per_sample = training_batches_cpu(dataset, plan, bench.batches)
+    draw_ms = draw_times(micro, bench.global_batch)
     result: dict[str, Any] = {
         "data": bench.data_dir or f"synthetic:{bench.synthetic}",
         "samples": len(dataset),
@@ -208,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "latent_dataset_samples_per_sec": latent_rate,
         "training_batches_samples_per_sec": training_rate,
+        "training_batches_cpu_ms_per_sample": 1e3 * cpu_per_sample,
+        "draws_cpu_ms_per_micro_batch": draw_ms,
         "train_images_per_sec": bench.train_images_per_sec,
     }
     rows: dict[str, Any] = {
@@ -217,6 +292,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{bench.processes}), {bench.num_workers} workers, {os.cpu_count()} CPUs",
         "latent_dataset_samples_per_sec": f"{latent_rate:.0f} (LatentDataset, shuffled DataLoader)",
         "training_batches_samples_per_sec": f"{training_rate:.0f} (trainer.training_loader)",
+        "training_batches_cpu_per_sample": f"{1e3 * cpu_per_sample:.3f} ms of one core "
+        f"(one thread, as a worker): {1 / cpu_per_sample:.0f} samples/s per core",
+        "draws_cpu_ms_per_micro_batch": f"{draw_ms['counter_based']:.2f} counter-based (this "
+        f"code), {draw_ms['per_sample_generators']:.2f} a generator per sample (a Python loop), "
+        f"{draw_ms['whole_global_batch']:.2f} the whole global batch (before)",
     }
     if bench.train_images_per_sec:
         for key in ("latent_dataset", "training_batches"):

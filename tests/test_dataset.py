@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import shards
-from dataset import LatentDataset
+from data_plan import BatchPlan, StepDraws, TrainingBatches
+from dataset import LatentDataset, batch_buffer
 from frozen import ENCODER_STANDIN
 from utils import write_json
 
@@ -124,6 +125,72 @@ def test_dataloader_workers_see_the_same_samples(data):
     moments = torch.cat([b["moments"] for b in batches])  # (N, 8, 4, 4)
     torch.testing.assert_close(moments, torch.stack([ds[i]["moments"] for i in range(len(ds))]))
     assert torch.cat([b["features"][1] for b in batches]).shape == (len(ds), 4, 384)
+
+
+def test_a_batch_read_is_the_stack_of_its_samples(data):
+    """One fancy index per shard (straight into the batch where the shard's samples sit side by
+    side in it, through a gather otherwise) gives what reading sample by sample gives."""
+    root, _ = data
+    ds = LatentDataset(root, pixels=True)  # shards hold samples 0-4, 5-6, 7-10
+    for order in [
+        [3, 9, 0, 4, 7],  # shard 0 at positions 0, 2, 3: not side by side
+        [5, 6, 0, 1, 2, 10, 8],  # each shard's samples side by side
+        [8],
+        list(range(len(ds)))[::-1],
+    ]:
+        batch = ds.read_batch(torch.tensor(order))
+        samples = [ds[i] for i in order]
+        for key in ("moments", "label", "pixels"):
+            assert torch.equal(batch[key], torch.stack([s[key] for s in samples])), (order, key)
+        for k in range(len(ENCODERS)):
+            want = torch.stack([s["features"][k] for s in samples])
+            assert torch.equal(batch["features"][k], want), (order, k)
+    assert set(LatentDataset(root, encoders=[]).read_batch(torch.tensor([1]))) == {
+        "moments",
+        "label",
+        "features",
+    }
+    for bad in ([0, len(ds)], [-1]):
+        with pytest.raises(IndexError):
+            ds.read_batch(torch.tensor(bad))
+
+
+def test_training_batches_read_in_workers_are_those_read_in_process(data):
+    """A worker hands a batch over (pickling moves its tensors' memory into shared memory, in a
+    background thread) while it reads the next one: so no tensor of a batch may share memory
+    with what the worker keeps, such as the epoch's order (here crossing epochs every 2 steps)."""
+    root, _ = data
+    ds = LatentDataset(root, pixels=True)
+    plan = BatchPlan(len(ds), 4, accumulation=2, num_processes=1, seed=5)
+    item = TrainingBatches(ds, plan, StepDraws())[3]
+    assert item["indices"].untyped_storage().nbytes() == 2 * 8  # its own 2 indices, no more
+
+    def read(workers: int) -> list[dict]:
+        items = TrainingBatches(ds, plan, StepDraws(cfg_prob=0.5))
+        return list(DataLoader(items, batch_size=None, sampler=range(40), num_workers=workers))
+
+    for got, want in zip(read(2), read(0), strict=True):
+        for key in ("x", "y", "t", "noise", "drop", "indices", "pixels"):
+            assert torch.equal(got[key], want[key]), key
+        assert all(
+            torch.equal(a, b) for a, b in zip(got["features"], want["features"], strict=True)
+        )
+
+
+class BufferKinds(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        buffer = batch_buffer((2, 3), torch.float16, pin_memory=False)
+        return torch.tensor([buffer.is_shared(), buffer.shape == (2, 3)])
+
+
+def test_batches_are_read_into_shared_memory_in_workers_only():
+    """In a worker, the buffer is shared memory already, so handing it over copies nothing."""
+    in_worker = next(iter(DataLoader(BufferKinds(), batch_size=None, num_workers=1)))
+    in_process = next(iter(DataLoader(BufferKinds(), batch_size=None, num_workers=0)))
+    assert in_worker.tolist() == [True, True] and in_process.tolist() == [False, True]
 
 
 def test_request_mismatch_is_a_clear_error(tmp_path):

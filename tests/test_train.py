@@ -31,7 +31,7 @@ import shards
 import train
 import trainer
 from checkpoints import TrainingError, load_checkpoint, load_model_for_sampling
-from data_plan import BatchPlan, StepDraws, TrainingBatches
+from data_plan import DRAWS_VERSION, BatchPlan, StepDraws, TrainingBatches
 from frozen import ENCODER_STANDIN
 from models import build_model
 from run_log import create_logger
@@ -436,33 +436,27 @@ def test_exact_resume_is_bitwise(data_dir, tmp_path):
     dataset_id = train.dataset_identity(shards.load_manifest(data_dir))
     assert a["data"] == b["data"] == {"step": 6, "epoch": 1, "batch_in_epoch": 2,
                                       "dataset_size": 32, "dataset_id": dataset_id,
-                                      "global_batch": 8, "seed": 0}  # fmt: skip
+                                      "global_batch": 8, "seed": 0,
+                                      "draws": DRAWS_VERSION}  # fmt: skip
     # The losses of steps 4-6 (after the resume) are the straight run's: same data, same draws.
     assert metrics(tmp_path, "straight")[1] | TIMINGS == metrics(tmp_path, "resumed")[1] | TIMINGS
 
 
-def test_a_run_saved_by_the_first_release_resumes_to_todays_straight_run(
-    data_dir, tmp_path, capsys
-):
+def test_a_run_saved_by_the_first_release_is_not_resumed_with_other_draws(data_dir, tmp_path):
     """A u-repa/1 training checkpoint of step 2, written by earlier code on this very toy set
-    (tests/fixtures/README.md), resumes; steps 1-2 of today's code are that code's, bit for bit.
-    It records no identity of its data: the resume says that it could not check it."""
+    (tests/fixtures/README.md), was trained with version 1 of the per-step draws: today's draws
+    would not continue its run, so resuming it is refused in one line, before any work (it
+    still loads for sampling: tests/test_checkpoints.py)."""
     fixture = os.path.join(REPO, "tests", "fixtures", "u-repa-1_sitdown-tiny.pt")
     tiny = '{"hidden_size": 16, "depths": [1, 1, 1], "num_heads": 2, "projector_dim": 16}'
-    flags = [*argv(data_dir, tmp_path, "", "--max-train-steps", "3")]
+    flags = [*argv(data_dir, tmp_path, "resumed", "--max-train-steps", "3")]
     flags[flags.index("--model-config") + 1] = tiny
     flags += ["--time-aware-projector", "--projector-upsample", "within", "--log-every", "1"]
-    flags[flags.index("--exp-name") + 1] = "straight"
-    run(*flags)
-    flags[flags.index("--exp-name") + 1] = "resumed"
-    capsys.readouterr()
-    run(*flags, "--resume", fixture)
-    assert "could not check that --data-dir holds the data it was trained on" in (
-        capsys.readouterr().out
-    )
-    a, b = checkpoint(tmp_path, "straight", 3), checkpoint(tmp_path, "resumed", 3)
-    assert_states_equal(a["model"], b["model"])
-    assert_states_equal(a["ema"], b["ema"])
+    with pytest.raises(TrainingError, match="cannot resume") as err:
+        run(*flags, "--resume", fixture)
+    assert "version 1 of the per-step random draws" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not os.path.exists(os.path.join(str(tmp_path), "resumed", "checkpoints", "0000003.pt"))
 
 
 def test_accumulation_equals_the_full_batch(data_dir, tmp_path):
