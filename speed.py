@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -38,7 +37,6 @@ import torch
 import torch.nn as nn
 
 from loss import SILoss
-from models import build_model
 from models.base import AlignedDiffusionTransformer
 from run_log import LOGGER_NAME
 
@@ -194,23 +192,3 @@ def time_training_compile(
         f"{scope:6s}: first step {seconds[0]:.1f} s ({timer.count} compilations, "
         f"{timer.total:.1f} s), then {1000 * step_s:.0f} ms/step (median of {steps})"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m speed: compilation and step times of a model, eager, regional, whole-model."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--model", default="SiTDown", help="registry or class name")
-    parser.add_argument("--model-config", type=json.loads, default={},
-                        help="JSON object of constructor arguments")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
-    args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    model = build_model(args.model, **{"num_classes": 10, "z_dims": [768], **args.model_config})
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    for scope in ("eager", *COMPILE_SCOPES):
-        print(time_training_compile(model, scope, args.batch_size, args.steps), flush=True)
-
-
-if __name__ == "__main__":
-    main()

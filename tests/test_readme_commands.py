@@ -19,7 +19,7 @@ import generate
 import quickstart
 import train
 from analysis.__main__ import parse_args as analysis_args
-from bench import data_speed, sample_speed, train_speed
+from bench import compile_speed, data_speed, op_count, sample_speed, train_speed
 from evaluations import evaluator, make_reference
 from preprocessing import prepare
 
@@ -33,6 +33,8 @@ PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "evaluations/make_reference.py": make_reference.parse_args,
     "quickstart.py": quickstart.parse_args,
     "curves.py": curves.parse_args,
+    "bench.compile_speed": compile_speed.parse_args,
+    "bench.op_count": op_count.parse_args,
     "bench.train_speed": train_speed.parse_args,
     "bench.sample_speed": sample_speed.parse_args,
     "bench.data_speed": data_speed.parse_args,
