@@ -87,7 +87,11 @@ def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     model = copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, nn.Linear | nn.Conv2d):
-            module.to(dtype)
+            # new Parameters rather than `module.to(dtype)`, which cannot convert the fake
+            # tensors that bench.op_count counts with
+            for name, param in list(module.named_parameters(recurse=False)):
+                cast = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+                setattr(module, name, cast)
     return model
 
 

@@ -337,6 +337,7 @@ def training_ops(model: str, batch: int, train_argv: list[str]) -> tuple[list[Op
     from trainer import to_device, train_step
 
     args = train_args(["--model", model, "--batch-size", str(batch), *train_argv], [])
+    args.compile = False  # the fusion model stands in for compilation (also on a GPU machine)
     with fake_mode(), gpu_roads():
         trainer = build_trainer(args, 1000, tempfile.mkdtemp(prefix="op-count-"))
         batch_cpu = synthetic_batch(trainer, 1000)
@@ -362,12 +363,15 @@ def sampling_ops(
     device = torch.device("cpu")
     with fake_mode():
         model = build_model(bench.model, input_size=bench.resolution // 8, **bench.model_config)
+        # as checkpoints.load_model_for_sampling gives it (eval mode, no gradients), then as
+        # sampling.sampling_model prepares it, compilation aside (the fusion model stands in)
+        model.eval().requires_grad_(False)
+        args.compile = False  # the fusion model stands in for compilation
+        sampler = sampling.sampling_model(model, args)
     inputs = sampling.draw_inputs(list(range(batch)), args, None, model.num_classes,
                                   model.latent_shape, pin=False)  # fmt: skip
     with gpu_roads():  # the sampler's own time grid stays real: it reads it on the host
-        # as checkpoints.load_model_for_sampling gives it: eval mode, no gradients
-        model.eval().requires_grad_(False)
-        ops = count(lambda: sampling.sample_batch(model, inputs, args, device))
+        ops = count(lambda: sampling.sample_batch(sampler, inputs, args, device))
     from models.summary import count_macs
 
     return ops, count_macs(model, model.latent_shape[-1])
