@@ -229,9 +229,11 @@ def accumulate_gradients(
     Autocast caches its low-precision copy of each weight until the outermost context exits.
     One context spans the micro-batches, so each weight is cast once per step (the weights
     change only at the optimiser step), not once per micro-batch; the backward passes run with
-    autocast off, as PyTorch recommends (a nested context keeps the cache). Sharded (FSDP2),
-    each micro-batch keeps its own context: with the cache shared across micro-batches, FSDP2's
-    gradients differed from DDP's (bf16, 2 micro-batches: the gradient norm by 0.6 %)."""
+    autocast off, as PyTorch recommends (a nested context keeps the cache). Compiled regions
+    (`speed.compile_model`'s blocks) bypass the cache and cast inside their graphs, at every
+    call. Sharded (FSDP2), each micro-batch keeps its own context: with the cache shared across
+    micro-batches, FSDP2's gradients differed from DDP's (bf16, 2 micro-batches: the gradient
+    norm by 0.6 %)."""
     acc, accumulation = trainer.accelerator, len(micro_batches)
     shared = not trainer.sharded
     means: dict[str, Tensor] = {}
