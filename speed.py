@@ -37,7 +37,6 @@ import torch
 import torch.nn as nn
 
 from loss import SILoss
-from models.base import AlignedDiffusionTransformer
 from run_log import LOGGER_NAME
 
 COMPILE_SCOPES = ("blocks", "model")
@@ -163,36 +162,3 @@ def report_compile_times(emit: Callable[[str], None]) -> CompileTimer:
     handler.register_end_callback(timer.end)
     _TIMERS.append(timer)
     return timer
-
-
-#################################################################################
-#               Compilation time: regional against whole-model                 #
-#################################################################################
-
-
-def time_training_compile(
-    model: AlignedDiffusionTransformer, scope: str, batch_size: int, steps: int
-) -> str:
-    """Compile a copy of `model` with `scope` ("eager": none), run `steps` + 1 training steps
-    (forward, backward) on random inputs, on the model's device (under bf16 autocast on a GPU):
-    compilation and step times."""
-    torch._dynamo.reset()
-    run = model if scope == "eager" else compile_model(copy.deepcopy(model), scope)
-    timer = report_compile_times(lambda _line: None)
-    device = next(model.parameters()).device
-    seconds = []
-    for _ in range(steps + 1):
-        x = torch.randn((batch_size, *model.latent_shape), device=device)
-        t, y = torch.rand(batch_size, device=device), torch.randint(0, 10, (batch_size,))
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            v, zs = run(x, t, y.to(device))
-        (v.float().square().mean() + sum(z.float().mean() for z in zs)).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    step_s = sorted(seconds[1:])[len(seconds[1:]) // 2]
-    return (
-        f"{scope:6s}: first step {seconds[0]:.1f} s ({timer.count} compilations, "
-        f"{timer.total:.1f} s), then {1000 * step_s:.0f} ms/step (median of {steps})"
-    )

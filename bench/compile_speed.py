@@ -7,6 +7,8 @@ compiled (`speed.compile_model`'s default, regional compilation) and the whole m
 from __future__ import annotations
 
 import argparse
+import copy
+import time
 
 import torch
 
@@ -19,7 +21,8 @@ from cli import (
     run_main,
 )
 from models import build_model
-from speed import COMPILE_SCOPES, time_training_compile
+from models.base import AlignedDiffusionTransformer
+from speed import COMPILE_SCOPES, compile_model, report_compile_times
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +37,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, default=5, help="timed steps after the first")
     add_debug_arg(parser)
     return parser.parse_args(argv)
+
+
+def time_training_compile(
+    model: AlignedDiffusionTransformer, scope: str, batch_size: int, steps: int
+) -> str:
+    """Compile a copy of `model` with `scope` ("eager": none), run `steps` + 1 training steps
+    (forward, backward) on random inputs, on the model's device (under bf16 autocast on a GPU):
+    compilation and step times."""
+    torch._dynamo.reset()
+    run = model if scope == "eager" else compile_model(copy.deepcopy(model), scope)
+    timer = report_compile_times(lambda _line: None)
+    device = next(model.parameters()).device
+    seconds = []
+    for _ in range(steps + 1):
+        x = torch.randn((batch_size, *model.latent_shape), device=device)
+        t, y = torch.rand(batch_size, device=device), torch.randint(0, 10, (batch_size,))
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            v, zs = run(x, t, y.to(device))
+        (v.float().square().mean() + sum(z.float().mean() for z in zs)).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    step_s = sorted(seconds[1:])[len(seconds[1:]) // 2]
+    return (
+        f"{scope:6s}: first step {seconds[0]:.1f} s ({timer.count} compilations, "
+        f"{timer.total:.1f} s), then {1000 * step_s:.0f} ms/step (median of {steps})"
+    )
 
 
 def main(args: argparse.Namespace) -> None:
