@@ -94,20 +94,28 @@ class LatentDataset(Dataset):
     def read_batch(self, indices: Tensor, pin_memory: bool = False) -> dict[str, Any]:
         """Samples `indices` (b,) stacked, as `torch.stack` of `self[i]` would give them: moments
         (b, 8, h, w) float32, label (b,), features [(b, T, D)], pixels (b, 3, H, W). Each
-        modality is read with one fancy index per shard into one buffer (`batch_buffer`)."""
+        modality is read with one fancy index per shard into one buffer: `batch_buffer`'s for
+        what is handed to the training process, plain memory for the moments, which
+        `TrainingBatches` turns into latents in the worker (fresh shared or pinned memory costs
+        more than the read)."""
         rows = indices.numpy().astype(np.int64)  # a copy, never a view of the caller's tensor
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"indices outside [0, {len(self)}) in a batch of {rows.size}")
 
-        def read(name: str) -> Tensor:
+        def read(name: str, handed_over: bool = True) -> Tensor:
             modality = self._reader.modality(name)
             dtype = torch.from_numpy(np.empty(0, dtype=modality.dtype)).dtype
-            out = batch_buffer((len(rows), *modality.shape), dtype, pin_memory)
+            shape = (len(rows), *modality.shape)
+            out = (
+                batch_buffer(shape, dtype, pin_memory)
+                if handed_over
+                else torch.empty(shape, dtype=dtype)
+            )
             self._reader.read_rows(name, rows, out.numpy())
             return out
 
         batch = {
-            "moments": read("moments").float(),  # a copy only for float16-stored moments
+            "moments": read("moments", handed_over=False).float(),  # float16-stored: a copy
             "label": read("labels"),
             "features": [read(f"features-{e}") for e in self.encoders],
         }

@@ -28,10 +28,10 @@ COUNTS = [5, 3, 4]  # files per shard; one file of shard 1 is excluded -> 11 sam
 ENCODERS = {ENCODER_STANDIN: 32, "dinov2-vit-s": 384}
 
 
-def modalities(pixels: str | None) -> list[shards.Modality]:
+def modalities(pixels: str | None, moments: str = "float16") -> list[shards.Modality]:
     out = [
         shards.Modality("labels", "int64", ()),
-        shards.Modality("moments", "float16", (8, RES // 8, RES // 8)),
+        shards.Modality("moments", moments, (8, RES // 8, RES // 8)),
     ]
     out += [shards.Modality(f"features-{e}", "float16", (4, d)) for e, d in ENCODERS.items()]
     if pixels:
@@ -39,10 +39,12 @@ def modalities(pixels: str | None) -> list[shards.Modality]:
     return out
 
 
-def write_dataset(root: str, pixels: str | None = "png", seed: int = 0) -> list[dict]:
+def write_dataset(
+    root: str, pixels: str | None = "png", seed: int = 0, moments: str = "float16"
+) -> list[dict]:
     """Write COUNTS shards of random samples; return the stored samples, in order."""
     rng = np.random.default_rng(seed)
-    mods = modalities(pixels)
+    mods = modalities(pixels, moments)
     samples = []
     for s, n in enumerate(COUNTS):
         writer = shards.ShardWriter(root, s, mods, capacity=n)
@@ -191,6 +193,29 @@ def test_batches_are_read_into_shared_memory_in_workers_only():
     in_worker = next(iter(DataLoader(BufferKinds(), batch_size=None, num_workers=1)))
     in_process = next(iter(DataLoader(BufferKinds(), batch_size=None, num_workers=0)))
     assert in_worker.tolist() == [True, True] and in_process.tolist() == [False, True]
+
+
+class BatchMemory(torch.utils.data.Dataset):
+    def __init__(self, dataset: LatentDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, i: int) -> dict[str, bool]:
+        batch = self.dataset.read_batch(torch.tensor([0, 7, 3]))
+        features = batch["features"]
+        return {"moments": batch["moments"].is_shared(), "features": features[0].is_shared()}
+
+
+def test_only_what_is_handed_over_is_read_into_shared_memory(tmp_path):
+    """The moments become latents inside the worker: fresh shared memory for them is wasted
+    (float32 moments, as prepare.py stores them by default, are read without a copy)."""
+    root = str(tmp_path / "data")
+    write_dataset(root, pixels=None, moments="float32")
+    in_worker = next(iter(DataLoader(BatchMemory(LatentDataset(root)), batch_size=None,
+                                      num_workers=1)))  # fmt: skip
+    assert in_worker == {"moments": False, "features": True}
 
 
 def test_request_mismatch_is_a_clear_error(tmp_path):
