@@ -20,6 +20,7 @@ encoder: a lower bound of its time, hence a ratio ours / REPA that errs in REPA'
 
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import importlib.util
@@ -37,6 +38,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import Tensor
 
+from cli import json_object
 from utils import InputError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +57,20 @@ class RepaCode:
     update_ema: Callable[..., None]  # train.py
     sample_posterior: Callable[..., Tensor]  # train.py
     path: str
+
+
+def add_repa_source_args(parser: argparse.ArgumentParser, timed: str) -> None:
+    """--repa-src, --repa-model and --repa-model-config; `timed` says what of REPA is timed."""
+    parser.add_argument(
+        "--repa-src",
+        default=None,
+        metavar="PATH",
+        help=f"a clone of github.com/sihyun-yu/REPA: also time {timed}",
+    )
+    parser.add_argument("--repa-model", default="SiT-XL/2", help="REPA's SiT_models entry")
+    parser.add_argument("--repa-model-config", type=json_object, default={},
+                        help="JSON keyword arguments of REPA's SiT class instead of --repa-model "
+                             "(tiny tests)")  # fmt: skip
 
 
 @contextmanager

@@ -54,7 +54,13 @@ from bench.common import (
     synchronize,
     write_json,
 )
-from bench.repa import build_repa_model, load_repa, nonzero_velocity, repa_forward_macs
+from bench.repa import (
+    add_repa_source_args,
+    build_repa_model,
+    load_repa,
+    nonzero_velocity,
+    repa_forward_macs,
+)
 from checkpoints import load_model_for_sampling
 from cli import json_object, model_name, positive_float, positive_int, run_main
 from models import build_model
@@ -125,20 +131,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, argpa
 
 
 def add_repa_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--repa-src",
-        default=None,
-        metavar="PATH",
-        help="a clone of github.com/sihyun-yu/REPA: also time REPA's own sampler (its "
-        "samplers.py and models/sit.py, as its generate.py runs them) on the same batch",
-    )
-    parser.add_argument("--repa-model", default="SiT-XL/2", help="REPA's SiT_models entry")
-    parser.add_argument(
-        "--repa-model-config",
-        type=json_object,
-        default={},
-        help="JSON keyword arguments of REPA's SiT class instead of --repa-model (tiny tests)",
-    )
+    add_repa_source_args(parser, "REPA's own sampler (its samplers.py and models/sit.py, as its "
+                         "generate.py runs them) on the same batch")  # fmt: skip
     parser.add_argument(
         "--repa-fused-attn",
         action=argparse.BooleanOptionalAction,

@@ -66,13 +66,14 @@ from bench.common import (
     write_json,
 )
 from bench.repa import (
+    add_repa_source_args,
     build_repa_model,
     build_repa_trainer,
     load_repa,
     repa_forward_macs,
     repa_train_step,
 )
-from cli import json_object, nonnegative_int, positive_int, run_main
+from cli import nonnegative_int, positive_int, run_main
 from data_plan import BatchPlan, StepDraws
 from frozen import encoder_dim, sample_latents
 from models.layers import sdpa_backend
@@ -153,20 +154,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def add_repa_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--repa-src",
-        default=None,
-        metavar="PATH",
-        help="a clone of github.com/sihyun-yu/REPA: also time REPA's own training step "
-        "(its models/sit.py, loss.py, update_ema) on the same device and batch",
-    )
-    p.add_argument("--repa-model", default="SiT-XL/2", help="REPA's SiT_models entry")
-    p.add_argument(
-        "--repa-model-config",
-        type=json_object,
-        default={},
-        help="JSON keyword arguments of REPA's SiT class instead of --repa-model (tiny tests)",
-    )
+    add_repa_source_args(p, "REPA's own training step (its models/sit.py, loss.py, update_ema) "
+                         "on the same device and batch")  # fmt: skip
     p.add_argument(
         "--repa-precision",
         choices=["fp16", "bf16", "no"],
