@@ -16,7 +16,8 @@ in a single process (CPU or one GPU). The model is rebuilt from the checkpoint a
   process count repeats the same arithmetic bit for bit. Another --per-proc-batch-size gives
   the same images up to float rounding: kernels are chosen per shape and sum in their own
   order (so do CPU kernels per thread count; torchrun sets one thread per process), which can
-  move a rare pixel by one level.
+  move a rare pixel by one level. So do --compile, --cuda-graphs and --sdpa-backend (other
+  kernels, the same arithmetic): they are not among the settings a resumed folder must match.
 * Work split. The indices without a PNG are split strided over ranks (rank r takes every W-th
   one, starting at the r-th), then cut into batches: the split does not depend on batch size.
 * Resume. A PNG is written to a temporary name and renamed, so every PNG present is complete;
