@@ -53,8 +53,8 @@ def compile_model(
     """`model`, compiled. scope "blocks": each module of `model.blocks` compiled in place, the
     model itself returned (its state dict keeps its keys); "model": `torch.compile(model)`, a
     wrapper around it. `mode` and `backend` are torch.compile's (mode None: its default;
-    "reduce-overhead": CUDA graphs). Copy a model before compiling it, not after: a copy of a
-    compiled block would still call the original's compiled forward."""
+    "reduce-overhead": CUDA graphs). Copy a model before compiling it, not after: a deep copy of a
+    compiled block runs eagerly (`nn.Module.__getstate__` drops the compiled forward)."""
     options: dict[str, Any] = {"dynamic": False, "mode": mode, "backend": backend}
     if scope == "model":
         return torch.compile(model, **options)  # type: ignore[return-value]

@@ -4,6 +4,7 @@ traces and guards is the same as with inductor, without inductor's code generati
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -84,6 +85,17 @@ def test_blocks_share_one_graph_per_stage_and_repeated_shapes_never_recompile(na
             model(*inputs(2), return_zs=False)
     assert counter.frame_count == compiled_for_sampling
     assert "_orig_mod" not in "".join(model.state_dict())  # checkpoints keep their keys
+
+
+def test_a_copy_of_a_compiled_model_runs_eagerly():
+    """Why copies (the EMA, the bf16 sampling model) are made before compiling, never after."""
+    model, counter = tiny("SiT").eval(), CompileCounter()
+    compile_model(model, "blocks", backend=counter)
+    with torch.no_grad():
+        copy.deepcopy(model)(*inputs(), return_zs=False)
+        assert counter.frame_count == 0
+        model(*inputs(), return_zs=False)
+        assert counter.frame_count == 1
 
 
 def test_whole_model_compilation_is_one_graph_without_recompiles():
