@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -167,9 +166,11 @@ def training_state_kept() -> Iterator[None]:
 
 def gather_rows(rows: torch.Tensor, indices: list[int], total: int, acc: Any) -> np.ndarray | None:
     """(total, D) float32 rows of every process placed at their sample indices, on the main
-    process (None elsewhere). Each process passes its (n, D) rows; counts may differ by one, so
-    they are padded to the largest."""
-    most = math.ceil(total / acc.num_processes)
+    process (None elsewhere). Each process passes its (n, D) rows; counts may differ (by a whole
+    batch for the reference's images, shared out batch by batch), so they are padded to the
+    largest."""
+    count = torch.tensor([len(rows)], device=rows.device)
+    most = int(acc.gather(count).max())
     padded = rows.new_zeros(most, rows.shape[1])
     padded[: len(rows)] = rows
     where = torch.full((most,), -1, dtype=torch.long, device=rows.device)
