@@ -81,12 +81,10 @@ def sampler_settings(args: argparse.Namespace) -> argparse.Namespace:
         per_proc_batch_size=args.eval_batch_size,
         label_sampling="balanced",
         predraw_noise=True,
+        # the EMA itself, eagerly, under autocast (`sampling.sampling_model` is not called: its
+        # bf16 copy or compiled copy would be made again at every evaluation); autocast rounds
+        # the weights to bf16 at each call as generate.py's --bf16-weights does once
         precision="bf16" if args.mixed_precision == "bf16" else "tf32",
-        # generate.py's bf16 road (weights cast once); not compiled: a fresh copy of the EMA at
-        # every evaluation would compile again
-        bf16_weights=True,
-        compile=False,
-        cuda_graphs=False,
     )
 
 
