@@ -316,6 +316,18 @@ def test_curves_plot_every_run_against_steps_images_and_gpu_hours(evaluated, tmp
         curves.load_runs(runs, "nonsense")
 
 
+def test_curves_plot_the_rows_that_hold_the_metric(tmp_path):
+    """--eval-fd-dinov2 turned on at a resume: FD-DINOv2's curve starts at the first row that
+    has it; a metric no row has is an error."""
+    rows = [{"step": s, "fid": 10.0 - s, "num_samples": 8} for s in (1, 2, 3)]
+    rows[2]["fd_dinov2"] = 50.0
+    (tmp_path / EVAL_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert curves.load_runs([str(tmp_path)], "fid") == {str(tmp_path): rows}
+    assert curves.load_runs([str(tmp_path)], "fd_dinov2") == {str(tmp_path): rows[2:]}
+    with pytest.raises(InputError, match="no 'sfid'"):
+        curves.load_runs([str(tmp_path)], "sfid")
+
+
 def test_paper_tables_hold_the_scripts_numbers_and_ours_beside_them(tmp_path):
     for table, rows in curves.PAPER_TABLES.items():
         with open(os.path.join(REPO, "scripts", f"table{table}.sh")) as f:
