@@ -99,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--outlier-quantile", type=unit_closed, default=0.95,
                    help="CKNNA's features are clipped at this quantile of |x| (Huh et al.'s "
                         "pipeline; 1: no clipping), then L2-normalised")
-    m.add_argument("--manifold-mode", choices=MANIFOLD_MODES, default="token")
+    m.add_argument("--manifold-mode", choices=MANIFOLD_MODES, default="token",
+                   help="as train.py's; sample and batch compare each image with the others of "
+                        "its batch, so they depend on --batch-size and the process count")
     o = parser.add_argument_group("output")
     o.add_argument("--output-dir", required=True, help="results.json and the plots go here")
     add_debug_arg(o)
