@@ -171,6 +171,17 @@ def test_probe_separates_separable_classes():
     assert acc == 1.0
 
 
+def test_probe_trains_when_the_last_batch_would_hold_one_sample():
+    """801 training samples in batches of 400: the batch norm cannot train on a batch of one, so
+    that sample joins the batch before."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 16, generator=g) * 4
+    y = torch.arange(1601) % 4
+    x = means[y] + torch.randn(1601, 16, generator=g)
+    acc = linear_probe(x[:801], y[:801], x[801:], y[801:], 4, epochs=20, batch_size=400)
+    assert acc == 1.0
+
+
 def test_probe_on_random_labels_is_at_chance():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6000, 32, generator=g)
