@@ -127,11 +127,14 @@ def run_label(run: str) -> str:
 
 
 def load_runs(runs: list[str], metric: str) -> dict[str, list[dict[str, Any]]]:
-    """Each run's evaluations, checked to hold `metric`."""
-    data = {run: read_eval_rows(run) for run in runs}
-    for run, rows in data.items():
-        if any(metric not in row for row in rows):
-            keys = sorted(k for k, v in rows[0].items() if isinstance(v, float))
+    """Each run's evaluations that hold `metric` (FD-DINOv2 may have been turned on at a
+    resume: the rows before have none); a run with no such row is an error."""
+    data = {}
+    for run in runs:
+        rows = read_eval_rows(run)
+        data[run] = [row for row in rows if metric in row]
+        if not data[run]:
+            keys = sorted(k for k, v in rows[-1].items() if isinstance(v, float))
             raise InputError(f"{run}: no {metric!r} in its evaluations; it has {keys}")
     return data
 

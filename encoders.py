@@ -294,6 +294,11 @@ class RepresentationEncoder(nn.Module):
 #                                    Loading                                    #
 #################################################################################
 
+# What --enc-weights FILE must hold, said by every error about such a file.
+RELEASE_HINT = (
+    "pass the encoder's release checkpoint (docs/encoders.md lists them) or a timm state dict"
+)
+
 # Parameters that never reach the tokens (classifier and pooling heads): a checkpoint may hold
 # them or not.
 UNUSED_PREFIXES = ("head.", "attn_pool.", "fc_norm.")
@@ -326,7 +331,9 @@ def read_checkpoint(path: str) -> dict[str, Any]:
                     return dict(torch.jit.load(path, map_location="cpu").state_dict())
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict):
-        raise InputError(f"{path} holds a {type(checkpoint).__name__}, not a state dict")
+        raise InputError(
+            f"{path} holds a {type(checkpoint).__name__}, not a state dict; {RELEASE_HINT}"
+        )
     return checkpoint
 
 
@@ -349,13 +356,13 @@ def load_weight_file(vit: Any, name: str, path: str) -> None:
         state = timm_filter(vit)(convert(checkpoint) if convert else checkpoint, vit)
         missing, unexpected = vit.load_state_dict(state, strict=False)
     except (RuntimeError, KeyError, ValueError) as err:  # shapes of another architecture
-        raise InputError(f"{path} does not hold {name}'s weights: {err}") from err
+        raise InputError(f"{path} does not hold {name}'s weights ({err}); {RELEASE_HINT}") from err
     missing = [k for k in missing if not k.startswith(UNUSED_PREFIXES)]
     unexpected = [k for k in unexpected if not k.startswith(UNUSED_PREFIXES)]
     if missing or unexpected:
         raise InputError(
             f"{path} does not hold {name}'s weights (missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]}); pass the encoder's release checkpoint or a timm state dict"
+            f"{unexpected[:4]}); {RELEASE_HINT}"
         )
 
 

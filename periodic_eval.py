@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -82,12 +81,10 @@ def sampler_settings(args: argparse.Namespace) -> argparse.Namespace:
         per_proc_batch_size=args.eval_batch_size,
         label_sampling="balanced",
         predraw_noise=True,
+        # the EMA itself, eagerly, under autocast (`sampling.sampling_model` is not called: its
+        # bf16 copy or compiled copy would be made again at every evaluation); autocast rounds
+        # the weights to bf16 at each call as generate.py's --bf16-weights does once
         precision="bf16" if args.mixed_precision == "bf16" else "tf32",
-        # generate.py's bf16 road (weights cast once); not compiled: a fresh copy of the EMA at
-        # every evaluation would compile again
-        bf16_weights=True,
-        compile=False,
-        cuda_graphs=False,
     )
 
 
@@ -167,9 +164,11 @@ def training_state_kept() -> Iterator[None]:
 
 def gather_rows(rows: torch.Tensor, indices: list[int], total: int, acc: Any) -> np.ndarray | None:
     """(total, D) float32 rows of every process placed at their sample indices, on the main
-    process (None elsewhere). Each process passes its (n, D) rows; counts may differ by one, so
-    they are padded to the largest."""
-    most = math.ceil(total / acc.num_processes)
+    process (None elsewhere). Each process passes its (n, D) rows; counts may differ (by a whole
+    batch for the reference's images, shared out batch by batch), so they are padded to the
+    largest."""
+    count = torch.tensor([len(rows)], device=rows.device)
+    most = int(acc.gather(count).max())
     padded = rows.new_zeros(most, rows.shape[1])
     padded[: len(rows)] = rows
     where = torch.full((most,), -1, dtype=torch.long, device=rows.device)

@@ -81,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="images that train the probe, drawn at random (0: all the others)")
     d.add_argument("--enc-type", default=None,
                    help="encoder(s) to compare with, comma-separated; default: the checkpoint's, "
-                        "else dinov2-vit-b. Stored features are used; else they are computed "
-                        "from the stored pixels")
+                        "else (none recorded or trained without) dinov2-vit-b. Stored features "
+                        "are used; else they are computed from the stored pixels")
     d.add_argument("--enc-weights", default=None,
                    help="local weight file of each encoder computed from pixels, comma-separated")
     d.add_argument("--batch-size", type=positive_int, default=64, help="images per process")
@@ -99,7 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--outlier-quantile", type=unit_closed, default=0.95,
                    help="CKNNA's features are clipped at this quantile of |x| (Huh et al.'s "
                         "pipeline; 1: no clipping), then L2-normalised")
-    m.add_argument("--manifold-mode", choices=MANIFOLD_MODES, default="token")
+    m.add_argument("--manifold-mode", choices=MANIFOLD_MODES, default="token",
+                   help="as train.py's; sample and batch compare each image with the others of "
+                        "its batch, so they depend on --batch-size and the process count")
     o = parser.add_argument_group("output")
     o.add_argument("--output-dir", required=True, help="results.json and the plots go here")
     add_debug_arg(o)
@@ -141,7 +143,10 @@ def blocks_of(model: AlignedDiffusionTransformer, layers: str) -> list[int]:
 
 
 def encoder_names(args: argparse.Namespace, model: AlignedDiffusionTransformer) -> list[str]:
-    enc_type = args.enc_type or model.checkpoint_args.get("enc_type") or "dinov2-vit-b"
+    """--enc-type, else the checkpoint's encoders, else (none recorded, or a run trained without
+    alignment) DINOv2-B, as REPA compares its unaligned SiT with DINOv2."""
+    trained = str(model.checkpoint_args.get("enc_type") or "none")
+    enc_type = args.enc_type or ("dinov2-vit-b" if trained.lower() == "none" else trained)
     try:
         return encoder_list(enc_type)
     except ValueError as err:

@@ -126,8 +126,9 @@ def linear_probe(
     REPA appendix C.1: batch norm without affine parameters, a linear layer, 90 epochs, batch
     16,384, Adam, learning rate 1e-3 with cosine decay (per step, to 0, no warm-up, no weight
     decay). Each epoch visits the training set in a fresh order (seeded), the last batch
-    possibly short; the batch norm's running statistics serve at evaluation. Runs on
-    train_x's device; features (N, D) of any float dtype, labels (N,) int.
+    possibly short (a batch of one joins the one before); the batch norm's running statistics
+    serve at evaluation. Runs on train_x's device; features (N, D) of any float dtype, labels
+    (N,) int.
     """
     device = train_x.device
     train_x, val_x = train_x.float(), val_x.float().to(device)
@@ -136,7 +137,7 @@ def linear_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = probe_head(train_x.shape[1], num_classes).to(device)
-    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    steps_per_epoch = len(epoch_batches(torch.arange(len(train_x)), batch_size))
     total = epochs * steps_per_epoch
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -146,13 +147,22 @@ def linear_probe(
     with torch.autocast(device_type=device.type, enabled=False):
         for _ in range(epochs):
             order = torch.randperm(len(train_x), generator=generator).to(device)
-            for batch in order.split(batch_size):
+            for batch in epoch_batches(order, batch_size):
                 loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
         return probe_accuracy(model, val_x, val_y, batch_size)
+
+
+def epoch_batches(order: Tensor, batch_size: int) -> list[Tensor]:
+    """One epoch's batches of `order`; a last batch of one sample joins the one before, as a
+    batch norm in training mode needs two samples."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 @torch.no_grad()

@@ -163,10 +163,13 @@ def reference_dinov2_statistics(
 def fd_dinov2(
     ref_path: str | Path, sample_path: str | Path, net: DinoV2Features, batch_size: int
 ) -> float:
-    """FD-DINOv2 of `sample_path` against `ref_path` (the samples first, as FID's order)."""
-    mu_ref, sigma_ref = reference_dinov2_statistics(ref_path, net, batch_size)
-    with tf32_disabled(), open_image_array(sample_path) as samples:
-        mu, sigma = dinov2_statistics(net, samples.batches(batch_size), len(samples), "samples")
+    """FD-DINOv2 of `sample_path` against `ref_path` (the samples first, as FID's order); both
+    sets' features in full float32."""
+    with tf32_disabled():
+        mu_ref, sigma_ref = reference_dinov2_statistics(ref_path, net, batch_size)
+        with open_image_array(sample_path) as samples:
+            count = len(samples)
+            mu, sigma = dinov2_statistics(net, samples.batches(batch_size), count, "samples")
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 

@@ -20,6 +20,8 @@ DATA=${DATA:-data/imagenet256-pixels}         # moments and pixels, no features:
 VAL_DATA=${VAL_DATA:-data/imagenet256-val}    # the same for the 50K val images: `prepare`
 REF=${REF:-VIRTUAL_imagenet256_labeled.npz}   # ADM's reference batch (scripts/prepare.sh)
 NPROC=${NPROC:-8}                             # GPUs
+# RCG's MoCo v3 ViT-L checkpoint, as REPA uses (timm has no MoCo v3 weights)
+MOCOV3_WEIGHTS=${MOCOV3_WEIGHTS:-ckpts/mocov3_vitl.pth}
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 
@@ -27,11 +29,14 @@ source scripts/common.sh
 table2_row() {
     local exp=$1 enc=$2 analysed=$3 depth=$4
     shift 4
+    local weights=()  # the encoders timm has no weights for: a local file
+    [[ "$enc" == mocov3-* ]] && weights=(--enc-weights "$MOCOV3_WEIGHTS")
     train_generate_evaluate "$exp" 400000 nocfg --model SiT-L/2 --encoder-depth "$depth" \
-        --manifold-coeff 0 --enc-type "$enc" "$@"
+        --manifold-coeff 0 --enc-type "$enc" "${weights[@]}" "$@"
     run torchrun --nproc_per_node="$NPROC" -m analysis \
         --ckpt "$EXPS/$exp/checkpoints/0400000.pt" --data-dir "$DATA" --val-data-dir "$VAL_DATA" \
-        --layers "$depth" --timesteps 0.5 --enc-type "$analysed" --output-dir "$RESULTS/$exp-analysis"
+        --layers "$depth" --timesteps 0.5 --enc-type "$analysed" "${weights[@]}" \
+        --output-dir "$RESULTS/$exp-analysis"
 }
 
 encoder_row() {

@@ -5,6 +5,7 @@ the toy dataset of conftest.py (1 and 2 processes)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,7 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.__main__ import checkpoint_step, main, parse_args, projector_heads
+from analysis.__main__ import (
+    checkpoint_step,
+    encoder_names,
+    main,
+    parse_args,
+    projector_heads,
+)
 from analysis.features import draw_noise
 from analysis.metrics import (
     cknna,
@@ -164,6 +171,17 @@ def test_probe_separates_separable_classes():
     assert acc == 1.0
 
 
+def test_probe_trains_when_the_last_batch_would_hold_one_sample():
+    """801 training samples in batches of 400: the batch norm cannot train on a batch of one, so
+    that sample joins the batch before."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 16, generator=g) * 4
+    y = torch.arange(1601) % 4
+    x = means[y] + torch.randn(1601, 16, generator=g)
+    acc = linear_probe(x[:801], y[:801], x[801:], y[801:], 4, epochs=20, batch_size=400)
+    assert acc == 1.0
+
+
 def test_probe_on_random_labels_is_at_chance():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6000, 32, generator=g)
@@ -307,6 +325,20 @@ def test_heads_match_encoders_by_training_list_or_dimension():
         ENCODER_STANDIN: 0,
     }
     assert projector_heads(model, ["dinov2-vit-b"]) == {}
+
+
+def test_encoders_default_to_the_checkpoints_else_dinov2_b():
+    """A run trained without alignment (--enc-type none) is compared with DINOv2-B, as one that
+    records no encoder; --enc-type overrides both."""
+    model = build_model("SiTDown", **TINY_KWARGS)
+    default = argparse.Namespace(enc_type=None)
+    for recorded, expected in [({"enc_type": "mae-vit-l"}, ["mae-vit-l"]),
+                               ({"enc_type": "none"}, ["dinov2-vit-b"]),
+                               ({}, ["dinov2-vit-b"])]:  # fmt: skip
+        model.checkpoint_args = recorded
+        assert encoder_names(default, model) == expected
+    model.checkpoint_args = {"enc_type": "none"}
+    assert encoder_names(argparse.Namespace(enc_type="none"), model) == []
 
 
 def test_checkpoint_step_from_the_file_name():

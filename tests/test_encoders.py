@@ -376,8 +376,11 @@ def test_weights_errors_say_what_to_do(tmp_path):
     with pytest.raises(InputError, match="neither a file nor a timm pretrained name"):
         load_encoder("mae-vit-l", weights="mae_pretrain_vit_large.pth")
     torch.save(vit_release(16, 14), tmp_path / "dino.pth")
-    with pytest.raises(InputError, match="does not hold jepa-vit-tiny-random's weights"):
+    with pytest.raises(InputError, match="does not hold jepa-vit-tiny-random's weights.*; pass"):
         load_encoder("jepa-vit-tiny-random", weights=str(tmp_path / "dino.pth"))
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(InputError, match="holds a list, not a state dict; pass the encoder's"):
+        load_encoder("dinov1-vit-tiny-random", weights=str(tmp_path / "list.pth"))
     with pytest.raises(InputError, match="--enc-weights must be a file"):
         load_encoder("mae-vit-tiny-random", weights="vit_large_patch16_224.mae")
     with pytest.raises(InputError, match="unknown encoder"):

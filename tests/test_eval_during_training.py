@@ -22,6 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import RES
 from test_train import (
     argv,
@@ -46,6 +47,7 @@ from evaluations.metrics import frechet_distance
 from periodic_eval import (
     EVAL_FILE,
     forward_images_per_sample,
+    gather_rows,
     read_done_steps,
     sampler_settings,
 )
@@ -178,6 +180,40 @@ def test_two_processes_killed_in_an_evaluation_then_resumed_give_the_metrics_of_
     assert log.read_text().count("evaluation at step 2:") == 3  # announced, announced, done
 
 
+class GlooAccelerator:
+    """The part of an Accelerator that `gather_rows` uses, over torch.distributed."""
+
+    def __init__(self) -> None:
+        self.process_index, self.num_processes = dist.get_rank(), dist.get_world_size()
+        self.is_main_process = self.process_index == 0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.num_processes)]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts)
+
+
+def gather_batches_worker(rank: int, store: str, out: str) -> None:
+    """10 rows in batches of 4 shared out batch by batch as the reference's images are: process 0
+    holds batches 0 and 2 (6 rows), process 1 batch 1 (4 rows). Row i is (i, -i)."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    indices = [i for k in range(rank, 3, 2) for i in range(4 * k, min(4 * k + 4, 10))]
+    rows = torch.tensor([[i, -i] for i in indices], dtype=torch.float32)
+    gathered = gather_rows(rows, indices, 10, GlooAccelerator())
+    if rank == 0:
+        np.save(out, gathered)
+    dist.destroy_process_group()
+
+
+def test_rows_shared_out_by_batch_come_back_in_sample_order(tmp_path):
+    """Processes may hold more than ceil(total / processes) rows (the reference's images go out
+    a batch at a time): every row still lands at its index on the main process."""
+    out = str(tmp_path / "rows.npy")
+    torch.multiprocessing.spawn(gather_batches_worker, (str(tmp_path / "store"), out), nprocs=2)
+    expected = np.array([[i, -i] for i in range(10)], dtype=np.float32)
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
 class Passthrough(torch.nn.Module):
     """A feature network whose features are its input rows (synthetic features)."""
 
@@ -278,6 +314,18 @@ def test_curves_plot_every_run_against_steps_images_and_gpu_hours(evaluated, tmp
             np.testing.assert_array_equal(line.get_ydata(), [r["fid"] for r in run_rows])
     with pytest.raises(InputError, match="no 'nonsense'"):
         curves.load_runs(runs, "nonsense")
+
+
+def test_curves_plot_the_rows_that_hold_the_metric(tmp_path):
+    """--eval-fd-dinov2 turned on at a resume: FD-DINOv2's curve starts at the first row that
+    has it; a metric no row has is an error."""
+    rows = [{"step": s, "fid": 10.0 - s, "num_samples": 8} for s in (1, 2, 3)]
+    rows[2]["fd_dinov2"] = 50.0
+    (tmp_path / EVAL_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert curves.load_runs([str(tmp_path)], "fid") == {str(tmp_path): rows}
+    assert curves.load_runs([str(tmp_path)], "fd_dinov2") == {str(tmp_path): rows[2:]}
+    with pytest.raises(InputError, match="no 'sfid'"):
+        curves.load_runs([str(tmp_path)], "sfid")
 
 
 def test_paper_tables_hold_the_scripts_numbers_and_ours_beside_them(tmp_path):

@@ -212,6 +212,40 @@ def test_tf32_disabled_inside_and_restored():
         matmul.fp32_precision = before
 
 
+class PrecisionRecorder(torch.nn.Module):
+    """DINOv2's interface on toy images: 3 pixel values as features; records the matmul
+    precision at each call."""
+
+    device, feature_dim = torch.device("cpu"), 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(torch.backends.cuda.matmul.fp32_precision)
+        return images.flatten(1)[:, :3].float()
+
+
+def test_fd_dinov2_runs_reference_and_samples_without_tf32(tmp_path):
+    """A reference without DINOv2 statistics has its images' computed: in full float32, as the
+    samples' are, whatever TF32 setting the caller left on."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("PyTorch < 2.9 has only the legacy allow_tf32 flags")
+    rng = np.random.default_rng(0)
+    for name in ("ref", "samples"):
+        np.savez(tmp_path / f"{name}.npz", arr_0=rng.integers(0, 256, (6, 8, 8, 3), np.uint8))
+    net, before = PrecisionRecorder(), matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with pytest.warns(UserWarning, match="no DINOv2 statistics"):
+            evaluator.fd_dinov2(tmp_path / "ref.npz", tmp_path / "samples.npz", net, 4)  # type: ignore[arg-type]
+    finally:
+        matmul.fp32_precision = before
+    assert net.seen == ["ieee"] * 4  # 2 batches each
+
+
 # --- metrics: closed forms and brute force ---------------------------------------------------
 
 

@@ -20,6 +20,7 @@ import quickstart
 import train
 from analysis.__main__ import parse_args as analysis_args
 from bench import compile_speed, data_speed, op_count, sample_speed, train_speed
+from encoders import encoder_spec
 from evaluations import evaluator, make_reference
 from preprocessing import prepare
 
@@ -172,6 +173,20 @@ def test_table_scripts_print_commands_that_parse(script):
         assert checked, lines
         for line in checked:
             check(line)
+
+
+def test_table2_passes_a_weight_file_for_encoders_timm_has_no_weights_of():
+    """Training and the analysis build the encoder: one without library weights (MoCo v3) needs
+    --enc-weights in both, or the row stops at its first command."""
+    for row in TABLE2_ROWS:
+        for line in dry_run("scripts/table2.sh", [row]):
+            found = script_and_args(line)
+            if found is None or "--enc-type" not in found[1]:
+                continue
+            args = found[1]
+            names = args[args.index("--enc-type") + 1].split(",")
+            if any(n != "none" and not encoder_spec(n).library for n in names):
+                assert "--enc-weights" in args, line
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
