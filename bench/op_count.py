@@ -403,40 +403,46 @@ def counts_cells(t: Totals) -> str:
             f"{t.kernels:,}")  # fmt: skip
 
 
-def training_table(results: dict[str, tuple[list[Op], int]], batch: int) -> list[str]:
-    lines = [
-        f"| model, training step, batch {batch} (estimate, H200) | step | images/s | MFU | "
-        "TFLOP matmul / attention / conv / other | GB outside matmuls | of which update | "
-        "kernels |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for model, (ops, macs) in results.items():
-        for config, totals in estimates(ops).items():
+COLUMNS = (
+    "step | {rate} | MFU | TFLOP matmul / attention / conv / other | GB outside matmuls | "
+    "of which update | kernels |"
+)
+
+
+def estimate_table(
+    title: str,
+    results: dict[str, tuple[list[Op], int, int]],
+    per: int,
+    passes: int,
+    configs: int,
+    digits: int,
+    rate: str,
+) -> list[str]:
+    """Markdown rows of the estimates: for each `label: (ops, forward MACs, images)`, the first
+    `configs` configurations of `estimates(ops, per)`; MFU counts `passes` × MACs per image
+    (6: forward and backward, 2: forward), the step time in ms with `digits` decimals."""
+    lines = [f"| {title} | " + COLUMNS.format(rate=rate), "|---|---|---|---|---|---|---|---|"]
+    for label, (ops, macs, images) in results.items():
+        for config, totals in list(estimates(ops, per).items())[:configs]:
             seconds = totals.seconds(H200_PEAK_FLOPS, H200_HBM_BYTES_PER_S)
-            rate = batch / seconds
+            rate_s = images / seconds
             lines.append(
-                f"| {model}: {config} | ~{seconds * 1e3:.0f} ms | ~{rate:,.0f} | "
-                f"~{rate * 6 * macs / H200_PEAK_FLOPS:.0%} | {counts_cells(totals)} |"
+                f"| {label}: {config} | ~{seconds * 1e3:.{digits}f} ms | ~{rate_s:,.0f} | "
+                f"~{rate_s * passes * macs / H200_PEAK_FLOPS:.0%} | {counts_cells(totals)} |"
             )
     return lines
+
+
+def training_table(results: dict[str, tuple[list[Op], int]], batch: int) -> list[str]:
+    rows = {model: (ops, macs, batch) for model, (ops, macs) in results.items()}
+    title = f"model, training step, batch {batch} (estimate, H200)"
+    return estimate_table(title, rows, 1, 6, len(CONFIGS), 0, "images/s")
 
 
 def sampling_table(results: dict[str, tuple[list[Op], int, int]], steps: int) -> list[str]:
-    lines = [
-        "| model, one SDE step (estimate, H200) | step | forward images/s | MFU | "
-        "TFLOP matmul / attention / conv / other | GB outside matmuls | of which update | "
-        "kernels |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for label, (ops, macs, images) in results.items():
-        for config, totals in list(estimates(ops, steps).items())[:2]:
-            seconds = totals.seconds(H200_PEAK_FLOPS, H200_HBM_BYTES_PER_S)
-            rate = images / seconds
-            lines.append(
-                f"| {label}: {config} | ~{seconds * 1e3:.1f} ms | ~{rate:,.0f} | "
-                f"~{rate * 2 * macs / H200_PEAK_FLOPS:.0%} | {counts_cells(totals)} |"
-            )
-    return lines
+    """Eager and compiled only: sampling has no update to shard."""
+    title = "model, one SDE step (estimate, H200)"
+    return estimate_table(title, results, steps, 2, 2, 1, "forward images/s")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
