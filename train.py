@@ -293,6 +293,11 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.encoder_mode == "online" and not args.encoders:
         raise ValueError("--encoder-mode online needs an encoder (--enc-type)")
+    if args.enc_weights and args.encoder_mode != "online":
+        raise ValueError(
+            "--enc-weights is read only with --encoder-mode online: precomputed features come "
+            "from the dataset (give the weights to preprocessing/prepare.py instead)"
+        )
     if args.fsdp == "on" and args.mixed_precision == "fp16":
         raise ValueError(
             "--fsdp on does not work with --mixed-precision fp16 (its loss scaler does not know "

@@ -183,6 +183,7 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it(cuda, bf16, expected, monke
         (["--resume", "/no/such.pt"], "no checkpoint file '/no/such.pt'"),
         (["--fsdp", "on", "--mixed-precision", "fp16"], "--fsdp on does not work with --mixed-p"),
         (["--ema-every", "0"], "--ema-every: must be a positive integer, got 0"),
+        (["--enc-weights", "w.pth"], "--enc-weights is read only with --encoder-mode online"),
         # --model-config's values are checked against the constructor's annotations
         (["--model", "SiTDown", "--model-config", '{"hidden_size": "64"}'],
          "--model-config: hidden_size must be int, got '64' (str)"),
