@@ -125,6 +125,8 @@ def run_main(main: Callable[[], object]) -> NoReturn:
     Anything else is a bug and shows its traceback.
     """
     program = os.path.basename(sys.argv[0]) or "u-repa"
+    if program == "__main__.py":  # python -m PACKAGE: name the package
+        program = os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0])))
     try:
         code = main()
     except (ReportedError, OSError) as err:

@@ -120,8 +120,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--layers must be 'tap', 'all' or block numbers, got {args.layers!r}")
     if args.enc_type is not None:
         encoder_weights(args.enc_weights, encoder_list(args.enc_type))
-    if args.topk < 2:
-        raise ValueError("--topk must be >= 2")
+    if not 2 <= args.topk < args.num_samples:
+        raise ValueError(
+            f"--topk must be >= 2 and below --num-samples ({args.num_samples}): CKNNA keeps "
+            "each sample's k nearest neighbours among the others"
+        )
 
 
 def checkpoint_step(path: str, position: int) -> int:

@@ -313,6 +313,8 @@ def test_bad_flags_are_refused(run_dir, data_dir, tmp_path):
         parse_args(analysis_argv(run_dir, data_dir, tmp_path, "--timesteps", "1.5"))
     with pytest.raises(SystemExit):
         parse_args(analysis_argv(run_dir, data_dir, tmp_path, "--layers", "first"))
+    with pytest.raises(SystemExit):  # CKNNA needs k neighbours among the other samples
+        parse_args(analysis_argv(run_dir, data_dir, tmp_path, "--num-samples", "3"))
 
 
 def test_heads_match_encoders_by_training_list_or_dimension():
