@@ -39,7 +39,7 @@ from cli import (
     run_main,
     unit_closed,
 )
-from dataset import LatentDataset
+from dataset import LatentDataset, stored_encoders
 from frozen import encoder_dim, load_encoder
 from loss import MANIFOLD_MODES, PATH_TYPES
 from models.base import AlignedDiffusionTransformer
@@ -172,8 +172,7 @@ def projector_heads(model: AlignedDiffusionTransformer, names: list[str]) -> dic
 def open_dataset(path: str, names: list[str]) -> LatentDataset:
     """A prepared dataset with the stored features of `names`, and its pixels if some encoder
     has no stored features there (it then runs on the pixels)."""
-    prefix = "features-"
-    stored = [m[len(prefix) :] for m in load_manifest(path)["modalities"] if m.startswith(prefix)]
+    stored = stored_encoders(load_manifest(path))
     use = [n for n in names if n in stored]
     return LatentDataset(path, encoders=use, pixels=len(use) < len(names))
 
