@@ -23,6 +23,8 @@ import os
 from typing import Any, NamedTuple
 
 from cli import run_main
+from periodic_eval import EVAL_FILE, EVAL_PRESETS
+from sampling import SAMPLING_DEFAULTS
 from utils import InputError
 
 
@@ -102,9 +104,7 @@ PAPER_TABLES: dict[str, list[PaperRow]] = {
 }
 # The x axes of the curves: eval.jsonl field -> axis label.
 AXES = {"step": "training steps", "images_seen": "images seen", "gpu_hours": "GPU-hours"}
-EVAL_FILE = "eval.jsonl"  # periodic_eval.py's
 SETTINGS = ("preset", "sampler_steps", "num_samples")  # what a row's numbers depend on
-PRESET_STEPS = {"nocfg": 250, "paper-main": 250, "ablation": 50}  # the table scripts' samplers
 
 
 def read_eval_rows(run: str) -> list[dict[str, Any]]:
@@ -186,11 +186,10 @@ def our_fid(row: PaperRow, results: str, exps: str) -> tuple[float | None, str]:
         return result["fid"], f"FID-{result['num_samples'] // 1000}K, {path}"
     online = os.path.join(exps, row.exp, EVAL_FILE)
     preset = "no-guidance" if row.sampler == "nocfg" else row.sampler
+    steps = {**SAMPLING_DEFAULTS, **EVAL_PRESETS[preset]}["num_steps"]
     if os.path.isfile(online):
         for ev in read_eval_rows(online):
-            same_sampler = (
-                ev["preset"] == preset and ev["sampler_steps"] == PRESET_STEPS[row.sampler]
-            )
+            same_sampler = ev["preset"] == preset and ev["sampler_steps"] == steps
             if ev["step"] == row.step and same_sampler:
                 return ev["fid"], f"FID-{ev['num_samples']} online, not comparable: {online}"
     return None, ""

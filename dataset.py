@@ -15,6 +15,12 @@ from frozen import encoder_dim
 from shards import PREPARE, DatasetError, ShardReader, load_manifest
 
 
+def stored_encoders(manifest: dict[str, Any]) -> list[str]:
+    """The encoders whose features a prepared dataset stores, in its order."""
+    prefix = "features-"
+    return [m[len(prefix) :] for m in manifest["modalities"] if m.startswith(prefix)]
+
+
 class LatentDataset(Dataset):
     """Sample i -> {"moments": float32 (8, h, w) [mean, std], "label": int64 0-d,
     "features": [(T, D) float16 per requested encoder], "pixels": uint8 (3, H, W) if asked}.
@@ -35,8 +41,7 @@ class LatentDataset(Dataset):
     ):
         self.data_dir = data_dir
         self.manifest: dict[str, Any] = load_manifest(data_dir)
-        prefix = "features-"
-        stored = [m[len(prefix) :] for m in self.manifest["modalities"] if m.startswith(prefix)]
+        stored = stored_encoders(self.manifest)
         self.encoders: list[str] = list(stored if encoders is None else encoders)
         self.pixels = pixels
         self.resolution: int = self.manifest["resolution"]

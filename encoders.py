@@ -263,8 +263,6 @@ class RepresentationEncoder(nn.Module):
         self.vit: Any = vit.eval().requires_grad_(False)  # timm VisionTransformer / Eva (untyped)
         self.name = name
         self.family = FAMILIES[encoder_spec(name).family]
-        self.embed_dim: int = vit.embed_dim
-        self.resolution = resolution
         self.input_size = encoder_input_size(resolution, name)
         self.register_buffer("mean", torch.tensor(self.family.mean).view(1, 3, 1, 1), False)
         self.register_buffer("std", torch.tensor(self.family.std).view(1, 3, 1, 1), False)
@@ -371,7 +369,6 @@ def library_weights(name: str, weights: str | None) -> str:
     import timm
 
     spec = encoder_spec(name)
-    chosen = weights or spec.timm_name
     if weights and not timm.list_pretrained(weights):
         raise InputError(f"--enc-weights {weights!r} is neither a file nor a timm pretrained name")
     if not weights and not spec.library:
@@ -379,7 +376,7 @@ def library_weights(name: str, weights: str | None) -> str:
             f"timm has no {name} weights: download the authors' checkpoint (MoCo v3's, or RCG's "
             "for ViT-B/L as REPA uses) and pass it with --enc-weights FILE"
         )
-    return chosen
+    return weights or spec.timm_name
 
 
 def load_encoder(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from analysis.features import Extraction, Features, extract
+from analysis.features import Extraction, Features, extract, rank_and_world
 from analysis.metrics import cknna, linear_probe, prepare_features
 from analysis.plots import write_plots
 from checkpoints import load_model_for_sampling
@@ -39,7 +39,7 @@ from cli import (
     run_main,
     unit_closed,
 )
-from dataset import LatentDataset
+from dataset import LatentDataset, stored_encoders
 from frozen import encoder_dim, load_encoder
 from loss import MANIFOLD_MODES, PATH_TYPES
 from models.base import AlignedDiffusionTransformer
@@ -175,8 +175,7 @@ def projector_heads(model: AlignedDiffusionTransformer, names: list[str]) -> dic
 def open_dataset(path: str, names: list[str]) -> LatentDataset:
     """A prepared dataset with the stored features of `names`, and its pixels if some encoder
     has no stored features there (it then runs on the pixels)."""
-    prefix = "features-"
-    stored = [m[len(prefix) :] for m in load_manifest(path)["modalities"] if m.startswith(prefix)]
+    stored = stored_encoders(load_manifest(path))
     use = [n for n in names if n in stored]
     return LatentDataset(path, encoders=use, pixels=len(use) < len(names))
 
@@ -280,7 +279,7 @@ def run_job(
 
 def shared_jobs(jobs: list[tuple], run: Any) -> list[float]:
     """run(job) for every job, the jobs split over the processes; every process gets all."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     mine = {i: run(job) for i, job in enumerate(jobs) if i % world == rank}
     if world == 1:
         return [mine[i] for i in range(len(jobs))]
@@ -313,9 +312,9 @@ def analyse_checkpoint(
         {**base, "metric": metric, "layer": block, "t": t, "encoder": name, "value": value}
         for (metric, block, t, name), value in zip(jobs, values, strict=True)
     ]
+    layer = model.encoder_depth  # the projector's tap
     for kind, per_image in (("token_cos_sim", val.token_cos), ("manifold_distance", val.manifold)):
         for (t, name), values_t in per_image.items():
-            layer = model.encoder_depth
             records.append({**base, "metric": kind, "layer": layer, "t": t, "encoder": name,
                             "value": float(values_t.mean())})  # fmt: skip
     del model

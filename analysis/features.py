@@ -148,6 +148,11 @@ def extract_batch(
     return out
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the process count (0, 1 without a process group)."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def extract(
     model: AlignedDiffusionTransformer,
     dataset: LatentDataset,
@@ -157,7 +162,7 @@ def extract(
     desc: str,
 ) -> Features:
     """Run the model over `indices` of the dataset, split over the processes, gathered on all."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     mine = indices[rank::world]
     names = list(ex.encoders)
     parts: dict[str, list[Tensor]] = {}
@@ -190,9 +195,9 @@ def unflatten(flat: dict[str, Tensor]) -> Features:
 def gather_rows(local: Tensor, total: int, device: torch.device) -> Tensor:
     """Rows of all processes, back in the order of the samples: process r holds samples r,
     r + W, r + 2W, ... (`indices[rank::world]`). Returns a (total, ...) CPU tensor everywhere."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    _, world = rank_and_world()
+    if world == 1:
         return local
-    world = dist.get_world_size()
     per_rank = -(-total // world)  # ceil
     padded = local.new_zeros((per_rank, *local.shape[1:]))
     padded[: len(local)] = local

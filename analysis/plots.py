@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 Record = dict[str, Any]
@@ -74,6 +75,14 @@ def _figure(
     return path
 
 
+def _panels(
+    records: list[Record], metrics: Iterable[str], x: str, by: tuple[str, ...]
+) -> list[tuple[str, dict]]:
+    """(metric, its lines against `x`) for each of `metrics` that the records hold."""
+    panels = [(m, series(records, m, x, by)) for m in metrics]
+    return [(m, lines) for m, lines in panels if lines]
+
+
 def write_plots(records: list[Record], out_dir: str) -> list[str]:
     """Draw the figures that the records support into out_dir; returns their paths."""
     written = []
@@ -82,23 +91,17 @@ def write_plots(records: list[Record], out_dir: str) -> list[str]:
     last = [r for r in records if r["step"] == steps[-1]] if steps else []
     refs = {"probe_top1": {f"{r['encoder']}": r["value"] for r in records
                            if r["metric"] == "probe_top1" and r["encoder"]}}  # fmt: skip
-    panels = [(m, series(last, m, "layer", ("t", "encoder"))) for m in ("probe_top1", "cknna")]
-    panels = [(m, lines) for m, lines in panels if lines]
+    probe_and_cknna = ("probe_top1", "cknna")
+    panels = _panels(last, probe_and_cknna, "layer", ("t", "encoder"))
     if panels:
         path = os.path.join(out_dir, "per_layer.png")
         written.append(_figure(panels, f"block (step {steps[-1]})", path, refs))
-    if len(times) > 1:
-        panels = [
-            (m, series(records, m, "t", ("step", "encoder"))) for m in ("probe_top1", "cknna")
-        ]
-        panels = [(m, lines) for m, lines in panels if lines]
-        if panels:
-            written.append(
-                _figure(panels, "t (1 = noise)", os.path.join(out_dir, "per_timestep.png"))
-            )
+    panels = _panels(records, probe_and_cknna, "t", ("step", "encoder"))
+    if len(times) > 1 and panels:
+        path = os.path.join(out_dir, "per_timestep.png")
+        written.append(_figure(panels, "t (1 = noise)", path))
     if len(steps) > 1:
-        panels = [(m, series(records, m, "step", ("t", "encoder"))) for m in TITLES]
-        panels = [(m, lines) for m, lines in panels if lines]
+        panels = _panels(records, TITLES, "step", ("t", "encoder"))
         path = os.path.join(out_dir, "across_checkpoints.png")
         written.append(_figure(panels, "training step", path))
     return written

@@ -32,7 +32,6 @@ from evaluations.metrics import GaussianAccumulator
 TIMM_NAME = "vit_large_patch14_dinov2.lvd142m"
 WEIGHTS_SOURCE = f"https://huggingface.co/timm/{TIMM_NAME}"
 INPUT_SIZE = 224
-FEATURE_DIM = 1024  # ViT-L's width: the class token
 TEST_FEATURE_DIM = 32  # the stand-in's width
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -156,8 +156,15 @@ def reference_dinov2_statistics(
         "only (build the reference with make_reference.py --fd-dinov2 for all of them)",
         stacklevel=2,
     )
-    with open_image_array(ref_path) as images:
-        return dinov2_statistics(net, images.batches(batch_size), len(images), "reference")
+    return array_dinov2_statistics(ref_path, net, batch_size, "reference")
+
+
+def array_dinov2_statistics(
+    path: str | Path, net: DinoV2Features, batch_size: int, desc: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """DINOv2 mean and covariance of the `arr_0` images of an .npz (or .npy) file."""
+    with open_image_array(path) as images:
+        return dinov2_statistics(net, images.batches(batch_size), len(images), desc)
 
 
 def fd_dinov2(
@@ -167,9 +174,7 @@ def fd_dinov2(
     sets' features in full float32."""
     with tf32_disabled():
         mu_ref, sigma_ref = reference_dinov2_statistics(ref_path, net, batch_size)
-        with open_image_array(sample_path) as samples:
-            count = len(samples)
-            mu, sigma = dinov2_statistics(net, samples.batches(batch_size), count, "samples")
+        mu, sigma = array_dinov2_statistics(sample_path, net, batch_size, "samples")
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
