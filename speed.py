@@ -30,11 +30,16 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from loss import SILoss
 from run_log import LOGGER_NAME
@@ -77,6 +82,146 @@ def compile_for_training(
         return model, loss_fn
     report_compile_times(logging.getLogger(LOGGER_NAME).info)
     return compile_model(model), dataclasses.replace(loss_fn, compile=True)
+
+
+#################################################################################
+#                  Compiled = eager: the start-up gradient check                #
+#################################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientCheck:
+    """The verdict of `check_compiled_gradients` for the parameter whose compiled gradient is
+    farthest from the fp32 reference, relative to how far the eager gradient is."""
+
+    parameter: str
+    compiled_error: float  # |g_compiled - g_ref| / |g_ref|
+    eager_error: float  # |g_eager - g_ref| / |g_ref|, the same parameter
+    tolerance: float  # what the precision explains: 4 · eager_error + floor
+    seconds: float
+    passed: bool
+
+    def line(self) -> str:
+        verdict = "compiled = eager" if self.passed else "COMPILED GRADIENTS ARE WRONG"
+        return (
+            f"compile check: {verdict}; worst parameter {self.parameter}: compiled gradient "
+            f"{self.compiled_error:.1e} from the fp32 eager reference, eager "
+            f"{self.eager_error:.1e}, tolerance {self.tolerance:.1e} ({self.seconds:.1f} s)"
+        )
+
+
+# Relative gradient differences that reordered sums explain where eager is exact (fp32), and
+# where both run in a low precision (bf16/fp16 autocast or TF32 matmuls).
+CHECK_FLOOR = {"fp32": 1e-4, "low": 1e-3}
+CHECK_FACTOR = 4.0  # the compiled gradient may be this many times farther than eager's
+
+
+def check_compiled_gradients(
+    model: nn.Module,
+    loss_of: Callable[[], Tensor],
+    autocast: Callable[[], AbstractContextManager[Any]],
+    low_precision: bool,
+) -> GradientCheck:
+    """Does the compiled model (and loss) give the gradients the eager code gives? `loss_of()`
+    runs the forward of one micro-batch (fixed draws) and returns the loss; `autocast()` is the
+    training precision's context; `low_precision`: bf16/fp16 autocast or TF32 matmuls.
+
+    Three backward passes of the same loss: the reference (eager, fp32, no TF32), eager in the
+    training precision, compiled in the training precision (`torch.compiler.set_stance` runs the
+    compiled regions eagerly, so it is the same model and the same weights). For each parameter,
+    the compiled gradient must lie within `CHECK_FACTOR` times the eager gradient's distance
+    from the reference, plus a floor for reordered sums. Zero-initialised weights (AdaLN-Zero's
+    gates, the final layer) are filled with noise during the check and zeroed again after it:
+    with them at zero, most gradients are exactly zero and the check would see nothing. The
+    gradients are left cleared; nothing else changes. With several processes each runs the
+    check; the differences are summed over them (shards add up, replicas scale alike)."""
+    start = time.perf_counter()
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    with zero_weights_filled([p for _, p in named]):
+        with torch.compiler.set_stance("force_eager"), exact_fp32():
+            reference = gradients_of(loss_of, named, nullcontext)
+        with torch.compiler.set_stance("force_eager"):
+            eager_sq = squared_distances(gradients_of(loss_of, named, autocast), reference)
+        compiled_sq = squared_distances(gradients_of(loss_of, named, autocast), reference)
+    ref_sq = torch.stack([g.double().square().sum() for g in reference])
+    sums = torch.stack([compiled_sq, eager_sq, ref_sq])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    compiled, eager, ref = sums.clamp_min(0).sqrt().cpu()
+    scale = ref.clamp_min(torch.finfo(torch.float64).tiny)
+    compiled, eager = compiled / scale, eager / scale
+    tolerance = CHECK_FACTOR * eager + CHECK_FLOOR["low" if low_precision else "fp32"]
+    worst = int((compiled / tolerance).argmax())
+    return GradientCheck(
+        parameter=named[worst][0],
+        compiled_error=float(compiled[worst]),
+        eager_error=float(eager[worst]),
+        tolerance=float(tolerance[worst]),
+        seconds=time.perf_counter() - start,
+        passed=bool((compiled <= tolerance).all()),
+    )
+
+
+def gradients_of(
+    loss_of: Callable[[], Tensor],
+    named: list[tuple[str, nn.Parameter]],
+    autocast: Callable[[], AbstractContextManager[Any]],
+) -> list[Tensor]:
+    """This process's gradient (its shard, when sharded) of every parameter, as fp32 copies;
+    the parameters' `.grad` cleared again."""
+    for _, p in named:
+        p.grad = None
+    with autocast():
+        loss = loss_of()
+    loss.backward()
+    grads = []
+    for _, p in named:
+        if p.grad is None:  # a parameter the loss does not reach: its gradient is zero
+            grads.append(torch.zeros_like(local(p), dtype=torch.float32))
+        else:
+            grads.append(local(p.grad).float())
+        p.grad = None
+    return grads
+
+
+def squared_distances(grads: list[Tensor], reference: list[Tensor]) -> Tensor:
+    """Σ (g - g_ref)² per parameter, in float64."""
+    pairs = zip(grads, reference, strict=True)
+    return torch.stack([(g.double() - r.double()).square().sum() for g, r in pairs])
+
+
+def local(t: Tensor) -> Tensor:
+    """This process's part of a tensor: the local shard of a sharded one."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 matmuls and convolutions without TF32, attention by a kernel that runs fp32."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@contextmanager
+def zero_weights_filled(params: list[nn.Parameter], std: float = 0.02) -> Iterator[None]:
+    """Within the context, the parameters that are all zero hold N(0, std²) noise; after it,
+    zeros again (exactly what they held)."""
+    with torch.no_grad():
+        filled = [local(p) for p in params if not local(p).any()]
+        for i, tensor in enumerate(filled):
+            generator = torch.Generator(tensor.device).manual_seed(i)
+            tensor.normal_(0.0, std, generator=generator)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor in filled:
+                tensor.zero_()
 
 
 def cast_matmul_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:

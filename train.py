@@ -193,6 +193,11 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
                         "(FSDP2), so that each updates 1/N of them; auto: on with several CUDA "
                         "processes (not with fp16), on: with several processes, off: DDP")
     add_speed_args(g)
+    g.add_argument("--compile-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --compile: before the first step, compare the compiled and the "
+                        "eager gradients of the first micro-batch once and stop, naming the "
+                        "worst parameter, if they differ beyond what the precision explains "
+                        "(costs two extra forward and backward passes; the time is logged)")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:

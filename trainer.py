@@ -67,7 +67,7 @@ from run_log import (
     track_image,
 )
 from samplers import VelocityOnly, euler_sampler
-from speed import compile_for_training
+from speed import check_compiled_gradients, compile_for_training
 
 if TYPE_CHECKING:  # periodic_eval imports this module
     from periodic_eval import PeriodicEvaluation
@@ -242,23 +242,49 @@ def accumulate_gradients(
             # Gradients are reduced once per step, in the last micro-batch's backward pass.
             with gradient_sync(trainer, i == accumulation - 1):
                 with nullcontext() if shared else acc.autocast():
-                    losses = trainer.loss_fn(
-                        trainer.model,
-                        batch["x"],
-                        batch["y"],
-                        alignment_targets(trainer, batch),
-                        t=batch["t"],
-                        noise=batch["noise"],
-                        # Label dropout, drawn once per step for the global batch: given these
-                        # decisions, the model's label embedder applies them and draws nothing.
-                        model_kwargs={"force_drop_ids": batch["drop"]},
-                    )
+                    losses = micro_batch_losses(trainer, batch)
                 with torch.autocast(acc.device.type, enabled=False):
                     acc.backward(losses["total"] / accumulation)
             for name, value in losses.items():
                 share = value.detach() / accumulation
                 means[name] = means[name] + share if name in means else share
     return means
+
+
+def micro_batch_losses(trainer: Trainer, batch: dict[str, Any]) -> dict[str, Tensor]:
+    """The loss terms of Eq. 5 on one micro-batch, with the step's draws (t, noise, dropout)."""
+    return trainer.loss_fn(
+        trainer.model,
+        batch["x"],
+        batch["y"],
+        alignment_targets(trainer, batch),
+        t=batch["t"],
+        noise=batch["noise"],
+        # Label dropout, drawn once per step for the global batch: given these decisions, the
+        # model's label embedder applies them and draws nothing.
+        model_kwargs={"force_drop_ids": batch["drop"]},
+    )
+
+
+def check_compilation(trainer: Trainer, batch: dict[str, Any], logger: Any) -> None:
+    """--compile-check: the compiled and the eager gradients of the first micro-batch compared
+    once (`speed.check_compiled_gradients`), before the first step; a disagreement beyond what
+    the precision explains stops the run in one line naming the worst parameter."""
+    acc = trainer.accelerator
+    tf32 = acc.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    result = check_compiled_gradients(
+        trainer.model,
+        lambda: micro_batch_losses(trainer, batch)["total"],
+        acc.autocast,
+        low_precision=acc.mixed_precision != "no" or tf32,
+    )
+    logger.info(result.line())
+    if not result.passed:
+        raise TrainingError(
+            f"{result.line()}. This torch's compiler ({torch.__version__}) computes other "
+            "gradients than the eager code for this model: train with --no-compile (and "
+            "report the torch version and GPU)"
+        )
 
 
 def clip_gradients(trainer: Trainer) -> Tensor:
@@ -543,19 +569,25 @@ class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop then finishes its step, saves a checkpoint and exits.
     A second SIGINT interrupts at once.
 
-    With several processes a signal may reach them at different steps, so the flag is combined
-    by an all-reduce (max) over a CPU (gloo) group after every step: all processes stop after the
-    same step, and the check never waits for the GPU.
+    With several processes a signal may reach them at different steps, so they agree on the
+    flag by an all-reduce (max) over a CPU (gloo) group, all at the same steps: every
+    `check_every`-th step, so that the processes meet on the host only there, not at every
+    step. A stop therefore comes up to `check_every` steps
+    after the signal; one process alone reads its flag at every step.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    CHECK_EVERY = 10  # steps: ~5 s of SiT↓-XL/2 on 8 GPUs, well inside a scheduler's grace time
 
-    def __init__(self) -> None:
+    def __init__(self, check_every: int = CHECK_EVERY) -> None:
         self.requested = False
+        self.check_every = check_every
         self._previous: dict[int, Any] = {}
-        self._group = None
+        self._group: dist.ProcessGroup | None = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo")
+            group = dist.new_group(backend="gloo")
+            assert isinstance(group, dist.ProcessGroup)  # (a member of the group: all are)
+            self._group = group
 
     def __enter__(self) -> StopRequest:
         for sig in self.SIGNALS:
@@ -580,10 +612,13 @@ class StopRequest:
         for sig in StopRequest.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
-    def __call__(self) -> bool:
-        """Whether any process has been asked to stop (a collective when distributed)."""
+    def __call__(self, step: int) -> bool:
+        """Whether any process has been asked to stop, as agreed after `step` (every process
+        asks after every step; at every `check_every`-th they meet in a collective)."""
         if self._group is None:
             return self.requested
+        if step % self.check_every:
+            return False
         flag = torch.tensor([int(self.requested)])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
@@ -623,18 +658,21 @@ def train(
     with a checkpoint. Returns whether a signal stopped it."""
     args, acc, logger = trainer.args, trainer.accelerator, monitor.logger
     last_good = latest_checkpoint(run_dir)
-    micro_batches = batches_from(trainer, dataset, trainer.step)
+    start_step = trainer.step
+    micro_batches = batches_from(trainer, dataset, start_step)
     monitor.last_step, monitor.last_time = trainer.step, time.perf_counter()
     trainer.model.train()
     with StopRequest() as stop, progress_bar(trainer) as progress:
         while trainer.step < args.max_train_steps:
             batch = [next(micro_batches) for _ in range(args.gradient_accumulation_steps)]
+            if args.compile and args.compile_check and trainer.step == start_step:
+                check_compilation(trainer, batch[0], logger)
             stats = train_step(trainer, batch)
             trainer.step += 1  # steps count from 1: step s ends with checkpoint s
             progress.update()
             step = trainer.step
             monitor.add(stats, step)
-            stopping = stop()
+            stopping = stop(step)
             last = step == args.max_train_steps or stopping
             if step % args.log_every == 0 or last:
                 monitor.check_finite(last_good)

@@ -117,7 +117,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        return grid_to_tokens(self.proj(x))  # (N, T, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -331,5 +331,10 @@ def tokens_to_grid(x: Tensor, grid_size: int) -> Tensor:
 
 
 def grid_to_tokens(x: Tensor) -> Tensor:
-    """(N, C, g, g) feature map -> (N, g², C) raster-order tokens."""
-    return x.flatten(2).transpose(1, 2)
+    """(N, C, g, g) feature map -> (N, g², C) raster-order tokens, contiguous.
+
+    Contiguous rather than a transposed view of the map: every block then sees one memory
+    layout (one compiled graph per token grid), and torch 2.13's inductor computed wrong
+    gradients for AdaLN blocks fed the transposed layout (docs/benchmarks.md, "Compiled =
+    eager")."""
+    return x.flatten(2).transpose(1, 2).contiguous()

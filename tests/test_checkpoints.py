@@ -232,13 +232,16 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
     "name", ["u-repa-1_sitdown-tiny.pt", "u-repa-1_sitdown-tiny-ema.safetensors"]
 )
 def test_format_1_files_written_by_the_first_release_still_load(name):
-    """A checkpoint and an EMA export written by earlier code load and give its outputs."""
+    """A checkpoint and an EMA export written by earlier code load and give its outputs (to
+    fp32 rounding: the outputs were computed by another torch release, whose kernels may round
+    differently)."""
     reference = torch.load(os.path.join(FIXTURES, "u-repa-1_sitdown-tiny-outputs.pt"),
                            weights_only=True)  # fmt: skip
     model = load_model_for_sampling(os.path.join(FIXTURES, name))
     v, zs = model(reference["x"], reference["t"], reference["y"])
-    assert torch.equal(v, reference["v"])
-    assert len(zs) == len(reference["zs"]) == 1 and torch.equal(zs[0], reference["zs"][0])
+    torch.testing.assert_close(v, reference["v"], rtol=1e-5, atol=1e-12)
+    assert len(zs) == len(reference["zs"]) == 1
+    torch.testing.assert_close(zs[0], reference["zs"][0], rtol=1e-5, atol=1e-6)
 
 
 def test_format_1_lognormal_reads_as_the_distribution_it_drew(tmp_path):
