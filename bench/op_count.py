@@ -331,20 +331,56 @@ def count(fn: Callable[[], Any]) -> list[Op]:
     return [*counter.ops, Op("return", "return", 0, 0, returned, {})]
 
 
-def training_ops(model: str, batch: int, train_argv: list[str]) -> tuple[list[Op], int]:
-    """The operations of one steady-state training step (the second), and forward MACs."""
+@dataclass
+class TrainingCount:
+    """One training step's operations (today's update path), the operations of the compiled
+    update path (`fused_update`) on the same state, forward MACs and parameters (local)."""
+
+    ops: list[Op]
+    fused_update: list[Op]
+    macs: int
+    params: int
+
+
+def training_ops(model: str, batch: int, train_argv: list[str]) -> TrainingCount:
+    """The operations of one steady-state training step (the second), with the update as
+    today's path runs it, and the compiled update path's operations on the same tensors."""
     from bench.train_speed import build_trainer, forward_macs, synthetic_batch, train_args
     from trainer import to_device, train_step
 
     args = train_args(["--model", model, "--batch-size", str(batch), *train_argv], [])
-    args.compile = False  # the fusion model stands in for compilation (also on a GPU machine)
+    # the fusion model stands in for compilation (also on a GPU machine); the compiled update
+    # is counted on its own below
+    args.compile = args.compile_update = False
     with fake_mode(), gpu_roads():
         trainer = build_trainer(args, 1000, tempfile.mkdtemp(prefix="op-count-"))
         batch_cpu = synthetic_batch(trainer, 1000)
         micro = [to_device(batch_cpu, trainer.accelerator.device)]
         train_step(trainer, micro)  # the first step creates AdamW's state
         ops = count(lambda: train_step(trainer, micro))
-    return ops, forward_macs(trainer.raw)[0]
+        fused = fused_update_ops(trainer)
+    params = sum(p.numel() for p in trainer.model_params)
+    return TrainingCount(ops, fused, forward_macs(trainer.raw)[0], params)
+
+
+def fused_update_ops(trainer: Any) -> list[Op]:
+    """The compiled update path (`--compile-update`) on the trainer's state: the gradient norm
+    (a foreach pass, as today), then `fused_update`'s multi-tensor operations, which
+    torch.compile fuses: marked fusable ("other") for the fusion model."""
+    from fused_update import fused_update
+    from trainer import apply_fused_update, full, gradient_norm
+
+    for p in trainer.raw.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.update_fn = fused_update
+    ops = count(lambda: apply_fused_update(trainer, full(gradient_norm(trainer)), True))
+    trainer.update_fn = None
+    norm_done = False
+    for op in ops:
+        norm_done = norm_done or op.name.startswith("_foreach_norm")
+        if norm_done and op.category == "update" and not op.name.startswith("_foreach_norm"):
+            op.category = "other"
+    return ops
 
 
 def sampling_ops(
@@ -381,14 +417,59 @@ def sampling_ops(
 # The tables
 # --------------------------------------------------------------------------------------------
 
-CONFIGS = ("eager", "compiled", f"compiled + optimiser/EMA sharded over {SHARDS} GPUs")
+CONFIGS = ("eager", "compiled", "compiled, update compiled (--compile-update)",
+           f"compiled, update compiled, optimiser/EMA sharded over {SHARDS} GPUs")  # fmt: skip
 
 
-def estimates(ops: list[Op], per: float = 1.0) -> dict[str, Totals]:
-    """Totals per configuration, divided by `per` (repeats of the step in `ops`)."""
+def update_kernels(ops: list[Op]) -> int:
+    return sum(op.kernels for op in ops if op.category == "update")
+
+
+def with_compiled_update(t: Totals, step_ops: list[Op], fused_ops: list[Op]) -> Totals:
+    """`t` with today's update operations (clipping, AdamW, EMA) replaced by the compiled
+    update's: the gradient norm as counted, the rest one fused pass (the fusion model)."""
+    fused = compiled_totals(fused_ops)
+    return Totals(dict(t.flops), t.bytes - t.update_bytes + fused.bytes, fused.bytes,
+                  t.kernels - update_kernels(step_ops) + fused.kernels)  # fmt: skip
+
+
+def estimates(
+    ops: list[Op], per: float = 1.0, fused_ops: list[Op] | None = None
+) -> dict[str, Totals]:
+    """Totals per configuration, divided by `per` (repeats of the step in `ops`); with
+    `fused_ops` (a training step's compiled update), the compiled-update rows too."""
     eager, compiled = eager_totals(ops), compiled_totals(ops)
-    rows = (eager, compiled, sharded(compiled, SHARDS))
-    return {name: scaled(totals, per) for name, totals in zip(CONFIGS, rows, strict=True)}
+    rows = [eager, compiled]
+    if fused_ops is not None:
+        rows.append(with_compiled_update(compiled, ops, fused_ops))
+        rows.append(sharded(rows[-1], SHARDS))
+    return {name: scaled(totals, per) for name, totals in zip(CONFIGS, rows, strict=False)}
+
+
+def update_bytes_per_parameter(count: TrainingCount) -> dict[str, float]:
+    """Bytes per parameter and step of the update path: today's (clipping's norm and scale,
+    AdamW's kernel, the EMA, as counted) and the compiled update's (norm + one fused pass)."""
+    update = [op for op in count.ops if op.category == "update"]
+    # in train_step's order: the norm, the clipping's scale, AdamW's operations, the EMA's lerp
+    names = ["gradient norm", "clipping (scale)"] + ["AdamW"] * (len(update) - 3) + ["EMA"]
+    parts: dict[str, float] = {}
+    for name, op in zip(names, update, strict=True):
+        parts[name] = parts.get(name, 0) + op.bytes / count.params
+    fused = compiled_totals(count.fused_update)
+    parts["today's path, in all"] = sum(parts.values())
+    parts["compiled update (--compile-update), in all"] = fused.bytes / count.params
+    return parts
+
+
+def update_table(results: dict[str, TrainingCount]) -> list[str]:
+    models = list(results)
+    per = {m: update_bytes_per_parameter(c) for m, c in results.items()}
+    keys = list(dict.fromkeys(k for p in per.values() for k in p))
+    lines = ["| update path, bytes per parameter and step | " + " | ".join(models) + " |",
+             "|---|" + "---|" * len(models)]  # fmt: skip
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{per[m].get(key, 0):.1f}" for m in models) + " |")
+    return lines
 
 
 def scaled(t: Totals, per: float) -> Totals:
@@ -409,40 +490,37 @@ COLUMNS = (
 )
 
 
-def estimate_table(
-    title: str,
-    results: dict[str, tuple[list[Op], int, int]],
-    per: int,
-    passes: int,
-    configs: int,
-    digits: int,
-    rate: str,
-) -> list[str]:
-    """Markdown rows of the estimates: for each `label: (ops, forward MACs, images)`, the first
-    `configs` configurations of `estimates(ops, per)`; MFU counts `passes` × MACs per image
-    (6: forward and backward, 2: forward), the step time in ms with `digits` decimals."""
-    lines = [f"| {title} | " + COLUMNS.format(rate=rate), "|---|---|---|---|---|---|---|---|"]
-    for label, (ops, macs, images) in results.items():
-        for config, totals in list(estimates(ops, per).items())[:configs]:
-            seconds = totals.seconds(H200_PEAK_FLOPS, H200_HBM_BYTES_PER_S)
-            rate_s = images / seconds
-            lines.append(
-                f"| {label}: {config} | ~{seconds * 1e3:.{digits}f} ms | ~{rate_s:,.0f} | "
-                f"~{rate_s * passes * macs / H200_PEAK_FLOPS:.0%} | {counts_cells(totals)} |"
-            )
+def estimate_rows(label: str, totals: dict[str, Totals], macs: int, images: int, passes: int,
+                  digits: int) -> list[str]:  # fmt: skip
+    """Markdown rows, one per configuration: MFU counts `passes` × MACs per image (6: forward
+    and backward, 2: forward), the step time in ms with `digits` decimals."""
+    lines = []
+    for config, t in totals.items():
+        seconds = t.seconds(H200_PEAK_FLOPS, H200_HBM_BYTES_PER_S)
+        rate_s = images / seconds
+        lines.append(
+            f"| {label}: {config} | ~{seconds * 1e3:.{digits}f} ms | ~{rate_s:,.0f} | "
+            f"~{rate_s * passes * macs / H200_PEAK_FLOPS:.0%} | {counts_cells(t)} |"
+        )
     return lines
 
 
-def training_table(results: dict[str, tuple[list[Op], int]], batch: int) -> list[str]:
-    rows = {model: (ops, macs, batch) for model, (ops, macs) in results.items()}
+def training_table(results: dict[str, TrainingCount], batch: int) -> list[str]:
     title = f"model, training step, batch {batch} (estimate, H200)"
-    return estimate_table(title, rows, 1, 6, len(CONFIGS), 0, "images/s")
+    lines = [f"| {title} | " + COLUMNS.format(rate="images/s"), "|---|---|---|---|---|---|---|---|"]
+    for label, c in results.items():
+        lines += estimate_rows(label, estimates(c.ops, 1, c.fused_update), c.macs, batch, 6, 0)
+    return lines
 
 
 def sampling_table(results: dict[str, tuple[list[Op], int, int]], steps: int) -> list[str]:
-    """Eager and compiled only: sampling has no update to shard."""
+    """Eager and compiled only: sampling has no update."""
     title = "model, one SDE step (estimate, H200)"
-    return estimate_table(title, results, steps, 2, 2, 1, "forward images/s")
+    lines = [f"| {title} | " + COLUMNS.format(rate="forward images/s"),
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, (ops, macs, images) in results.items():
+        lines += estimate_rows(label, estimates(ops, steps), macs, images, 2, 1)
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -467,8 +545,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     models = opts.models.split(",")
     config = ["--model-config", opts.model_config] if opts.model_config else []
     training = {m: training_ops(m, opts.batch_size, [*config, *train_argv]) for m in models}
-    tables = {"training": training_table(training, opts.batch_size)}
-    print("\n".join(tables["training"]))
+    tables = {"training": training_table(training, opts.batch_size),
+              "update": update_table(training)}  # fmt: skip
+    print("\n".join(tables["training"]) + "\n\n" + "\n".join(tables["update"]))
     if not opts.no_sampling:
         sampling = {}
         for m in models:

@@ -103,6 +103,11 @@ CONFIGS: dict[str, tuple[list[str], bool, str]] = {
     ),
     "compile": (["--compile"], False, "ours + torch.compile of the blocks and the loss"),
     "eager": (["--no-compile"], False, "ours without torch.compile"),
+    "no-compile-update": (
+        ["--no-compile-update"],
+        False,
+        "ours with clipping, AdamW and EMA one after the other",
+    ),  # fmt: skip
     "fp16": (["--mixed-precision", "fp16"], False, "ours with fp16 autocast + loss scaling"),
     "no-fused-adamw": (["--no-fused-optimizer"], False, "ours with PyTorch's default AdamW"),
     "online-encoder": (["--encoder-mode", "online"], False, "ours, encoder run online"),
@@ -266,7 +271,7 @@ def time_updates(trainer: Trainer, repeats: int, compare: bool) -> dict[str, flo
     }
     if compare:
         other = not trainer.args.fused_optimizer
-        optimizer = torch.optim.AdamW(params, lr=trainer.args.learning_rate, fused=other)
+        optimizer = torch.optim.AdamW(params, lr=trainer.args.learning_rate, fused=other or None)
         # not fused: PyTorch's default, foreach on a GPU and a loop over the tensors on a CPU
         out["adamw_fused_step_ms" if other else "adamw_default_step_ms"] = ms(optimizer.step)
         out["ema_per_tensor_loop_ms"] = ms(lambda: repa_ema_loop(trainer.ema_params, params, decay))

@@ -362,12 +362,29 @@ def test_op_count_prints_the_estimate_table_of_a_training_step(capsys):
     ])  # fmt: skip
     rows = [r.split(" | ") for r in tables["training"][2:]]
     assert [r[0].split(": ")[1] for r in rows] == list(op_count.CONFIGS)
-    eager_gb, compiled_gb, sharded_gb = (float(r[5]) for r in rows)
-    eager_update, compiled_update, sharded_update = (float(r[6]) for r in rows)
-    assert compiled_gb < eager_gb and eager_update == compiled_update > 0
-    assert sharded_update == pytest.approx(compiled_update / 8, rel=0.01)
-    assert sharded_gb == pytest.approx(compiled_gb - compiled_update * 7 / 8, rel=0.01)
+    eager_gb, compiled_gb, update_gb, sharded_gb = (float(r[5]) for r in rows)
+    eager_update, compiled_update, fused_update, sharded_update = (float(r[6]) for r in rows)
+    assert compiled_gb < eager_gb and eager_update == compiled_update > fused_update > 0
+    assert update_gb == pytest.approx(compiled_gb - compiled_update + fused_update, rel=0.01)
+    assert sharded_update == pytest.approx(fused_update / 8, rel=0.01)
+    assert sharded_gb == pytest.approx(update_gb - fused_update * 7 / 8, rel=0.01)
     assert "| SiTDown: eager |" in capsys.readouterr().out
+    # bytes per parameter: norm 4, clipping's scale 8, AdamW 28, EMA 12; compiled: 4 + 20 + 16
+    update = dict(r.strip("| ").split(" | ") for r in tables["update"][2:])
+    assert update["today's path, in all"] == "52.0"
+    assert update["compiled update (--compile-update), in all"] == "40.0"
+
+
+def test_op_count_counts_the_unfused_adamw_as_foreach_updates():
+    """--no-fused-optimizer is PyTorch's default AdamW: foreach kernels on a GPU (counted as
+    multi-tensor updates), never its per-tensor loop (lerp_, addcdiv_, ... one per tensor)."""
+    count = op_count.training_ops("SiTDown", 2, [
+        "--model-config", TINY, "--resolution", "64", "--enc-type", ENCODER_STANDIN,
+        "--no-fused-optimizer"])  # fmt: skip
+    other = {op.name.split(".")[0] for op in count.ops if op.category == "other"}
+    assert not other & {"lerp_", "addcdiv_", "addcmul_", "sqrt"}
+    update = [op.name.split(".")[0] for op in count.ops if op.category == "update"]
+    assert "_foreach_addcdiv_" in update and "_fused_adamw_" not in update
 
 
 # --------------------------------------------------------------------------------------------
