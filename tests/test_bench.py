@@ -392,28 +392,47 @@ def test_op_count_counts_the_unfused_adamw_as_foreach_updates():
 # --------------------------------------------------------------------------------------------
 
 
-def test_quick_gpu_part_runs_on_tiny_models_and_ends_with_one_summary_table(tmp_path):
-    """`BENCH_SMOKE=1 bash bench/run_gpu.sh OUT quick` with REPA_SRC: both benchmarks run,
-    REPA's step and sampler beside ours, and the summary is printed and written."""
+def run_quick(tmp_path, limits: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
     env = {**os.environ, "BENCH_SMOKE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "REPA_SRC": write_repa_stub(tmp_path / "REPA")}  # fmt: skip
+           "REPA_SRC": write_repa_stub(tmp_path / "REPA"), "QUICK_LIMITS": limits}  # fmt: skip
     out = tmp_path / "out"
     result = subprocess.run(["bash", "bench/run_gpu.sh", str(out), "quick"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (out / "quick-summary.md").read_text()
     assert summary.strip() in result.stdout
-    rows = dict(line.strip("| ").split(" | ", 1) for line in summary.splitlines()[2:])
-    train = json.loads((out / "quick-train.json").read_text())
-    ours = train["configs"]["ours"]
-    assert rows["training images/s (ours)"].startswith(f"{ours['images_per_sec']:.4g} ")
-    ratio = train["ratios"]["ours/repa-actual"]
-    assert any(k.startswith("REPA's own step") and v.endswith(f"{ratio:.2f}x")
-               for k, v in rows.items())  # fmt: skip
-    sample = json.loads((out / "quick-sample.json").read_text())["sampling"]
-    assert sample["ratio_to_repa"] == pytest.approx(
-        sample["samples_per_sec"] / sample["repa"]["samples_per_sec"]
+    return result, dict(line.strip("| ").split(" | ", 1) for line in summary.splitlines()[2:])
+
+
+def test_quick_gpu_part_runs_on_tiny_models_and_ends_with_one_summary_table(tmp_path):
+    """`BENCH_SMOKE=1 bash bench/run_gpu.sh OUT quick` with REPA_SRC: our SiT↓ step and our SiT
+    step (REPA's recipe), each beside REPA's own step, and the sampler; one summary table with
+    both ratios. A part stopped by its time limit is reported and leaves the others' figures."""
+    _, rows = run_quick(tmp_path, "200 200 200")
+    out = tmp_path / "out"
+    for part, what in (("quick-train", "SiT↓-XL/2 + U-REPA"),
+                       ("quick-train-sit", "SiT-XL/2 + REPA recipe")):  # fmt: skip
+        train = json.loads((out / f"{part}.json").read_text())
+        ours = train["configs"]["ours"]
+        assert rows[f"{what}: training images/s (ours)"].startswith(
+            f"{ours['images_per_sec']:.4g} "
+        )
+        ratio = train["ratios"]["ours/repa-actual"]
+        assert any(k.startswith(f"{what}: REPA's own step") and v.endswith(f"{ratio:.2f}x")
+                   for k, v in rows.items())  # fmt: skip
+        # the smoke runs eagerly: no compile check to run
+        assert rows[f"{what}: compile check (compiled vs eager gradients)"] == "not compiled"
+    assert (
+        json.loads((out / "quick-train-sit.json").read_text())["configs"]["ours"]["model"] == "SiT"
     )
+    sample = json.loads((out / "quick-sample.json").read_text())["sampling"]
+    assert rows["sampling samples/s (ours)"].startswith(f"{sample['samples_per_sec']:.4g} ")
+    # both training parts stopped at a limit of 1 s: reported, the sampler's figures kept
+    result, rows = run_quick(tmp_path, "1 1 200")
+    assert "quick-train: stopped" in result.stdout and "quick-train-sit: stopped" in result.stdout
+    assert rows["quick-train"].startswith("not finished")
+    assert rows["quick-train-sit"].startswith("not finished")
+    assert "sampling samples/s (ours)" in rows
 
 
 def test_every_gpu_part_passes_valid_flags_to_its_benchmark(tmp_path):
