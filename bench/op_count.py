@@ -1,5 +1,6 @@
 """Operations, bytes and kernel launches of one training step and one sampler step, and the
-step time they imply on an H200 (arithmetic from counts, not a measurement).
+step time they imply on an H100 SXM and an H200, a bound and an estimate (arithmetic from
+counts, not a measurement; `bench.time_model` prices the kernels).
 
     python -m bench.op_count                       # SiT↓-XL/2 and SiT-XL/2: the markdown tables
     python -m bench.op_count --models SiTDown-XL/2 --batch-size 32 --sample-batch-size 64
@@ -23,18 +24,18 @@ other operation; a multi-tensor `_foreach_*` / `_fused_*` operation launches as 
 multi_tensor_apply does: a new launch per 320 chunks of 65,536 elements or per 110 / 64 / 48 /
 36 / 30 tensors for 1 to 5 lists).
 
-Time estimate, per configuration: matrix products, attention and convolutions at the dense bf16
-peak (989 TFLOP/s), every other byte at the HBM bandwidth (4.8 TB/s), one after the other, no
-launch overhead: a floor that no overlap of the two lowers by more than half.
-* eager: the operations as counted.
-* compiled: element-wise chains fused. A region is a maximal run of consecutive operations that
-  are neither matrix products, attention, convolutions nor multi-tensor updates; inside it
-  each tensor is read from memory once if it comes from outside the region and written once
-  if anything after the region (or the state kept across steps) reads it. One kernel per region.
-  The multi-tensor update operations are kept as they are.
-* + optimiser/EMA sharded over 8 GPUs: the multi-tensor update operations (clipping's foreach
-  norm and scale, AdamW, EMA) move 1/8 of their bytes; the gathers of the parameters travel
-  over NVLink and are not counted.
+Kernels, per configuration (each priced twice, `bench.time_model`):
+* eager: the operations as counted, one kernel each (bound and estimate alike).
+* compiled: element-wise chains fused into regions. A region is a run of consecutive
+  operations that are neither matrix products, attention, convolutions nor multi-tensor
+  updates; it reads each tensor that comes from outside it once and writes only what is read
+  after it (backward included) or outlives the step; one kernel. The bound fuses every maximal
+  run, across block boundaries (an idealisation); the estimate fuses as the code compiles: only
+  inside one compiled graph (each block's forward, its backward, the loss's objective; for
+  sampling with CUDA graphs, the whole model), everything else one kernel per operation.
+* update compiled (--compile-update): clipping, AdamW and the EMA as one fused region.
+* sharded over 8 GPUs (--fsdp): the update moves 1/8 of its bytes; the estimate adds FSDP2's
+  fp32 all-gather and reduce-scatter over NVLink and its copies in and out of their buffers.
 MFU = images/s × 6 × forward MACs (Table 2's count, `models.summary`) ÷ peak, as `train_speed`.
 """
 
@@ -631,7 +632,7 @@ def counts_table(title: str, rows: list[Row]) -> list[str]:
         for name, config in row.configs.items():
             bound, est = totals(config.bound, row.per), totals(config.estimate, row.per)
             tf = {k: est.flops.get(k, 0) / 1e12 for k in ("matmul", "attention", "conv", "other")}
-            sent = config.sharding.wire_bytes() / 2 / row.per if config.sharding else 0
+            sent = config.sharding.wire_bytes() / row.per if config.sharding else 0
             lines.append(
                 f"| {row.label}: {name} | {tf['matmul']:.2f} / {tf['attention']:.2f} / "
                 f"{tf['conv']:.3f} / {tf['other']:.3f} | {bound.bytes / 1e9:.3g} / "

@@ -407,7 +407,7 @@ def test_op_count_prints_bound_and_estimate_for_both_gpus(capsys):
 @pytest.mark.parametrize(("model", "gflop"), [("SiTDown-XL/2", 678.28), ("SiT-XL/2", 728.80)])
 def test_op_count_flops_per_image_of_the_xl_models(model, gflop):
     """A training step's matmul + attention + convolution FLOPs per image at full size (fake
-    tensors): the figures that independent arithmetic confirmed (docs/benchmarks.md)."""
+    tensors), as docs/benchmarks.md reports them: the time model must not change them."""
     ops = op_count.training_ops(model, 2, [], update=False).ops
     flops = sum(op.flops for op in ops if op.category in ("matmul", "attention", "conv"))
     assert flops / 2 / 1e9 == pytest.approx(gflop, abs=0.005)
