@@ -630,7 +630,7 @@ RESUMABLE_CHANGES = frozenset(
         "sampling_steps", "preview_images", "log_every", "report_to", "num_workers",
         "data_dir", "output_dir", "exp_name", "resume", "dry_run", "debug", "compile",
         "compile_check",
-        "peak_tflops", "fused_optimizer", "sdpa_backend", "fsdp", "ema_every",
+        "peak_tflops", "fused_optimizer", "compile_update", "sdpa_backend", "fsdp", "ema_every",
         "vae", "enc_weights", "on_nonfinite", "gradient_accumulation_steps",
         # evaluation during training reads the EMA, never changes training
         "eval_every", "eval_samples", "eval_ref", "eval_preset", "eval_num_steps",

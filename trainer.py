@@ -55,6 +55,7 @@ from data_plan import (
     derive_seed,
 )
 from frozen import RepresentationEncoder
+from fused_update import UpdateFn, adamw_state, compile_update, hyperparameters
 from loss import SILoss
 from models.base import AlignedDiffusionTransformer
 from run_log import (
@@ -90,6 +91,8 @@ class Trainer:
     plan: BatchPlan
     step: int = 0
     dataset_id: str | None = None  # the content of the training data (None: unknown)
+    # clipping + AdamW + EMA in one pass (fused_update.py), or None: clip, AdamW, EMA in turn
+    update_fn: UpdateFn | None = None
     raw: AlignedDiffusionTransformer = field(init=False)  # the model, unwrapped
 
     def __post_init__(self) -> None:
@@ -108,14 +111,16 @@ class Trainer:
 
 
 def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW (REPA's protocol); --fused-optimizer picks PyTorch's fused kernel (CUDA and CPU)."""
+    """AdamW (REPA's protocol); --fused-optimizer picks PyTorch's fused kernel (CUDA and CPU),
+    --no-fused-optimizer PyTorch's default (foreach on CUDA; `fused=False` would force its
+    per-tensor loop)."""
     return torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
-        fused=args.fused_optimizer,
+        fused=args.fused_optimizer or None,
     )
 
 
@@ -172,9 +177,9 @@ def create_trainer(
     else:
         prepared, optimizer = accelerator.prepare(prepared, optimizer)
         ema.to(accelerator.device)
-    return Trainer(
-        args, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan, dataset_id=dataset_id
-    )
+    update_fn = compile_update() if args.compile_update else None
+    return Trainer(args, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan,
+                   dataset_id=dataset_id, update_fn=update_fn)  # fmt: skip
 
 
 def local_tensors(params: Iterable[Tensor]) -> list[Tensor]:
@@ -287,17 +292,50 @@ def check_compilation(trainer: Trainer, batch: dict[str, Any], logger: Any) -> N
         )
 
 
+def gradient_norm(trainer: Trainer) -> Tensor:
+    """The global gradient norm, in one foreach pass over this process's gradients (its shard
+    when sharded): a 0-dim tensor, a DTensor when sharded."""
+    trainer.accelerator.unscale_gradients()  # fp16: the loss scale comes out first
+    grads = [p.grad for p in trainer.raw.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
+def full(norm: Tensor) -> Tensor:
+    """Sharded: the norm of every process's shards (one all-reduce of a scalar)."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 def clip_gradients(trainer: Trainer) -> Tensor:
     """Clip the global gradient norm to --max-grad-norm in two foreach passes over this
-    process's gradients (its shard when sharded): one reads them for the norm, one scales
-    them. Returns the norm before clipping, a 0-dim tensor equal on every process."""
-    trainer.accelerator.unscale_gradients()  # fp16: the loss scale comes out first
+    process's gradients: one reads them for the norm, one scales them. Returns the norm before
+    clipping, a 0-dim tensor equal on every process."""
+    norm = gradient_norm(trainer)
     params = list(trainer.raw.parameters())
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     torch.nn.utils.clip_grads_with_norm_(params, trainer.args.max_grad_norm, norm, foreach=True)
-    # Sharded: the norm of every process's shards, one all-reduce of a scalar.
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return full(norm)
+
+
+def apply_fused_update(trainer: Trainer, grad_norm: Tensor, with_ema: bool) -> None:
+    """Clipping, AdamW and (`with_ema`) the EMA in one pass (`fused_update.fused_update`) on
+    this process's shards, with AdamW's own state and hyperparameters. As AdamW, it leaves the
+    parameters without a gradient alone; the EMA averages them too, as `update_ema` does."""
+    assert trainer.update_fn is not None
+    args, optimizer = trainer.args, trainer.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds AdamW
+    decay = args.ema_decay**args.ema_every
+    # (a shard's local view has no .grad: the gradients are read from the parameters)
+    has_grad = [p.grad is not None for p in trainer.raw.parameters()]
+    grads = local_tensors(p.grad for p in trainer.raw.parameters() if p.grad is not None)
+    params = [p for p, g in zip(trainer.model_params, has_grad, strict=True) if g]
+    ema = [e for e, g in zip(trainer.ema_params, has_grad, strict=True) if g]
+    state = adamw_state(inner, has_grad)
+    hyper = hyperparameters(inner, args.max_grad_norm, decay)
+    trainer.update_fn(params, grads, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                      ema if with_ema else [], grad_norm, hyper)  # fmt: skip
+    if with_ema and not all(has_grad):
+        still = [(e, p) for e, p, g in zip(trainer.ema_params, trainer.model_params, has_grad,
+                                           strict=True) if not g]  # fmt: skip
+        update_ema([e for e, _ in still], [p for _, p in still], decay)
 
 
 def train_step(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -311,16 +349,20 @@ def train_step(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> dict[st
     """
     acc, args = trainer.accelerator, trainer.args
     losses = accumulate_gradients(trainer, micro_batches)
-    grad_norm = clip_gradients(trainer)
+    fused = trainer.update_fn is not None  # never with fp16 (validate_args)
+    grad_norm = full(gradient_norm(trainer)) if fused else clip_gradients(trainer)
     # --on-nonfinite skip reads the global gradient norm (equal on every process) to decide;
     # with fp16, the loss scaler skips steps with non-finite gradients by itself.
     skip = args.on_nonfinite == "skip" and acc.scaler is None and not torch.isfinite(grad_norm)
     skipped = torch.full_like(grad_norm, float(skip), dtype=torch.float32)
-    if not skip:
+    ema_due = (trainer.step + 1) % args.ema_every == 0  # this step is step trainer.step + 1
+    decay = args.ema_decay**args.ema_every  # k steps of the EMA with θ held fixed
+    if not skip and fused:
+        apply_fused_update(trainer, grad_norm, ema_due)
+    elif not skip:
         scale = loss_scale(acc) if acc.scaler is not None else None
         trainer.optimizer.step()
-        if (trainer.step + 1) % args.ema_every == 0:  # this step is step trainer.step + 1
-            decay = args.ema_decay**args.ema_every  # k steps of the EMA with θ held fixed
+        if ema_due:
             update_ema(trainer.ema_params, trainer.model_params, decay)
         if scale is not None:  # fp16: the scaler lowers its scale when it skips a step
             skipped = (loss_scale(acc) < scale).float()

@@ -1,5 +1,6 @@
 """Operations, bytes and kernel launches of one training step and one sampler step, and the
-step time they imply on an H200 (arithmetic from counts, not a measurement).
+step time they imply on an H100 SXM and an H200, a bound and an estimate (arithmetic from
+counts, not a measurement; `bench.time_model` prices the kernels).
 
     python -m bench.op_count                       # SiT↓-XL/2 and SiT-XL/2: the markdown tables
     python -m bench.op_count --models SiTDown-XL/2 --batch-size 32 --sample-batch-size 64
@@ -23,18 +24,18 @@ other operation; a multi-tensor `_foreach_*` / `_fused_*` operation launches as 
 multi_tensor_apply does: a new launch per 320 chunks of 65,536 elements or per 110 / 64 / 48 /
 36 / 30 tensors for 1 to 5 lists).
 
-Time estimate, per configuration: matrix products, attention and convolutions at the dense bf16
-peak (989 TFLOP/s), every other byte at the HBM bandwidth (4.8 TB/s), one after the other, no
-launch overhead: a floor that no overlap of the two lowers by more than half.
-* eager: the operations as counted.
-* compiled: element-wise chains fused. A region is a maximal run of consecutive operations that
-  are neither matrix products, attention, convolutions nor multi-tensor updates; inside it
-  each tensor is read from memory once if it comes from outside the region and written once
-  if anything after the region (or the state kept across steps) reads it. One kernel per region.
-  The multi-tensor update operations are kept as they are.
-* + optimiser/EMA sharded over 8 GPUs: the multi-tensor update operations (clipping's foreach
-  norm and scale, AdamW, EMA) move 1/8 of their bytes; the gathers of the parameters travel
-  over NVLink and are not counted.
+Kernels, per configuration (each priced twice, `bench.time_model`):
+* eager: the operations as counted, one kernel each (bound and estimate alike).
+* compiled: element-wise chains fused into regions. A region is a run of consecutive
+  operations that are neither matrix products, attention, convolutions nor multi-tensor
+  updates; it reads each tensor that comes from outside it once and writes only what is read
+  after it (backward included) or outlives the step; one kernel. The bound fuses every maximal
+  run, across block boundaries (an idealisation); the estimate fuses as the code compiles: only
+  inside one compiled graph (each block's forward, its backward, the loss's objective; for
+  sampling with CUDA graphs, the whole model), everything else one kernel per operation.
+* update compiled (--compile-update): clipping, AdamW and the EMA as one fused region.
+* sharded over 8 GPUs (--fsdp): the update moves 1/8 of its bytes; the estimate adds FSDP2's
+  fp32 all-gather and reduce-scatter over NVLink and its copies in and out of their buffers.
 MFU = images/s × 6 × forward MACs (Table 2's count, `models.summary`) ÷ peak, as `train_speed`.
 """
 
@@ -44,24 +45,34 @@ import argparse
 import math
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
 from unittest import mock
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
+from bench.time_model import (
+    BOUND,
+    ESTIMATE,
+    GPUS,
+    PARTS,
+    Efficiency,
+    Gpu,
+    Kernel,
+    Sharding,
+    fsdp_copies,
+    step_seconds,
+)
 from cli import positive_int, run_main
 
-H200_PEAK_FLOPS = 989e12  # dense bf16, NVIDIA's data sheet
-H200_HBM_BYTES_PER_S = 4.8e12
 SHARDS = 8
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm"}
@@ -91,6 +102,8 @@ class Op:
     kernels: int
     reads: dict[int, int]  # storage -> bytes of its tensors read
     writes: dict[int, int]  # storage -> bytes written
+    head_dim: int = 0  # attention: the size of a head
+    graphs: dict[str, str] = field(default_factory=dict)  # scope -> compiled graph it runs in
 
     @property
     def bytes(self) -> int:
@@ -163,11 +176,56 @@ def mutated_tensors(func: Any, args: tuple, kwargs: dict) -> list[Tensor]:
     return out
 
 
+class CompiledGraphs:
+    """Which compiled graph each operation would run in, per scope of compilation ("blocks":
+    what `--compile` compiles, each block and the loss's objective one by one; "model": the
+    whole model, as CUDA graphs compile it for sampling). Every call of a compiled module or
+    function is a graph of its own, and so is its backward pass: the autograd nodes its forward
+    creates (a window of autograd's sequence numbers) run its backward operations."""
+
+    def __init__(self) -> None:
+        self.active: dict[str, tuple[str, int]] = {}  # scope -> (graph, first sequence number)
+        self.windows: list[tuple[str, str, int, int]] = []  # (scope, graph, first, end)
+        self.calls = 0
+
+    def enter(self, scope: str) -> None:
+        self.calls += 1
+        self.active[scope] = (f"{scope} #{self.calls}", torch._C._autograd._get_sequence_nr())
+
+    def exit(self, scope: str) -> None:
+        graph, first = self.active.pop(scope)
+        self.windows.append((scope, graph, first, torch._C._autograd._get_sequence_nr()))
+
+    def current(self) -> dict[str, str]:
+        """scope -> graph of the operation running now (forward, or backward of a graph's node)."""
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return {scope: graph for scope, (graph, _) in self.active.items()}
+        seq = node._sequence_nr()
+        return {scope: graph for scope, graph, first, end in self.windows if first <= seq < end}
+
+    def track_modules(self, scope: str, modules: Iterable[nn.Module]) -> None:
+        for module in modules:
+            module.register_forward_pre_hook(lambda *_: self.enter(scope))
+            module.register_forward_hook(lambda *_: self.exit(scope))
+
+    def track_function(self, scope: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def tracked(*args: Any, **kwargs: Any) -> Any:
+            self.enter(scope)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit(scope)
+
+        return tracked
+
+
 class OpCounter(TorchDispatchMode):
     """Records every ATen operation that reads or writes a tensor (views cost nothing)."""
 
-    def __init__(self) -> None:
+    def __init__(self, graphs: CompiledGraphs | None = None) -> None:
         super().__init__()
+        self.graphs = graphs
         self.ops: list[Op] = []
         # Holds the storages, so that no storage key is reused; never the tensors: an extra
         # reference would stop autograd from taking a gradient over without a copy.
@@ -189,91 +247,128 @@ class OpCounter(TorchDispatchMode):
         written = outputs + mutated
         kernels = multi_tensor_launches(args) if cat == "update" else 1
         flops = op_flops(func, cat, args, kwargs, out, outputs)
-        self.ops.append(Op(name, cat, flops, kernels, tensor_bytes(inputs), tensor_bytes(written)))
+        head_dim = inputs[0].shape[-1] if cat == "attention" else 0
+        graphs = self.graphs.current() if self.graphs is not None else {}
+        self.ops.append(Op(name, cat, flops, kernels, tensor_bytes(inputs), tensor_bytes(written),
+                           head_dim, graphs))  # fmt: skip
         self.keep += [t.untyped_storage() for t in inputs + outputs]
         return out
 
 
 # --------------------------------------------------------------------------------------------
-# Summaries: eager, compiled (fusion model), sharded update
+# Kernels: eager, fused as compiled, fused across the whole step
 # --------------------------------------------------------------------------------------------
 
-
-@dataclass
-class Totals:
-    """FLOPs by category, bytes outside matrix products / attention / convolutions, kernels."""
-
-    flops: dict[str, int] = field(default_factory=dict)
-    bytes: int = 0  # memory traffic of the memory-bound operations
-    update_bytes: int = 0  # the part of `bytes` spent by multi-tensor updates
-    kernels: int = 0
-
-    @property
-    def compute_flops(self) -> int:
-        return sum(self.flops.get(c, 0) for c in ("matmul", "attention", "conv"))
-
-    def seconds(self, peak: float, bandwidth: float) -> float:
-        return self.compute_flops / peak + self.bytes / bandwidth
+# How element-wise operations fuse: "eager" (none), "ideal" (every maximal run of them, across
+# block boundaries: the bound), or a scope of CompiledGraphs ("blocks", "model": runs inside
+# one compiled graph; operations outside every graph run eagerly)
+FUSIONS = ("eager", "ideal", "blocks", "model")
 
 
-def sharded(t: Totals, shards: int) -> Totals:
-    """Each process updates 1/shards of the parameters: the update moves 1/shards of its bytes."""
-    update = round(t.update_bytes / shards)
-    return Totals(dict(t.flops), t.bytes - t.update_bytes + update, update, t.kernels)
+def kernels(ops: list[Op], fusion: str = "eager") -> list[Kernel]:
+    """The kernels that run `ops` under `fusion`. A fused region reads each tensor that comes
+    from outside it once and writes only what is read after it or kept across steps."""
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    traffic = RegionTraffic(ops)
+    out = []
+    for start, end in regions(ops, fusion):
+        first = ops[start]
+        eager = fusion == "eager" or (fusion != "ideal" and fusion not in first.graphs)
+        if first.category != "other" or (end - start == 1 and eager):
+            out.append(op_kernel(first))
+        else:
+            flops = sum(op.flops for op in ops[start:end])
+            out.append(Kernel("memory", flops, traffic.bytes(start, end)))
+    return out
 
 
-def eager_totals(ops: list[Op]) -> Totals:
-    totals = Totals()
-    for op in ops:
-        if op.category == "return":
-            continue
-        cat = "other" if op.category == "update" else op.category
-        totals.flops[cat] = totals.flops.get(cat, 0) + op.flops
-        totals.kernels += op.kernels
-        if op.category in ("other", "update"):
-            totals.bytes += op.bytes
-        if op.category == "update":
-            totals.update_bytes += op.bytes
-    return totals
+def op_kernel(op: Op) -> Kernel:
+    """An operation as its own kernel(s)."""
+    if op.category in ("other", "update"):
+        return Kernel("memory", op.flops, op.bytes, op.kernels, update=op.category == "update")
+    return Kernel(op.category, op.flops, op.bytes, op.kernels, head_dim=op.head_dim,
+                  backward="backward" in op.name)  # fmt: skip
 
 
-def regions(ops: list[Op]) -> Iterator[tuple[int, int]]:
-    """[start, end) of each maximal run of fusable ('other') operations."""
-    start = None
-    for i, op in enumerate(ops + [Op("end", "return", 0, 0, {}, {})]):
-        if op.category == "other" and start is None:
+def regions(ops: list[Op], fusion: str) -> Iterator[tuple[int, int]]:
+    """[start, end) of each kernel: a single operation, or a maximal run of fusable ('other')
+    operations in one compiled graph of the scope `fusion` (any run, with "ideal")."""
+    start = 0
+    for i in range(1, len(ops) + 1):
+        if i == len(ops) or not fusable(ops[i - 1], ops[i], fusion):
+            if ops[start].category != "return":
+                yield start, i
             start = i
-        elif op.category != "other" and start is not None:
-            yield start, i
-            start = None
 
 
-def compiled_totals(ops: list[Op]) -> Totals:
-    """The fusion model of the module docstring: a region reads what comes from outside it
-    once and writes only what is read after it or kept across steps."""
-    totals = eager_totals(ops)
-    produced = {key for op in ops for key in op.writes if key not in op.reads}
-    persistent = {key for op in ops for key in op.reads} - produced
-    last_read: dict[int, int] = {}
-    for i, op in enumerate(ops):
-        for key in op.reads:
-            last_read[key] = i
-    for start, end in regions(ops):
-        eager = sum(op.bytes for op in ops[start:end])
+def fusable(before: Op, after: Op, fusion: str) -> bool:
+    if fusion == "eager" or before.category != "other" or after.category != "other":
+        return False
+    if fusion == "ideal":
+        return True
+    graph = before.graphs.get(fusion)
+    return graph is not None and graph == after.graphs.get(fusion)
+
+
+class RegionTraffic:
+    """Bytes of a fused region of a step's operations: what it reads from outside, once, and
+    what it writes that is read after it or outlives the step."""
+
+    def __init__(self, ops: list[Op]):
+        self.ops = ops
+        produced = {key for op in ops for key in op.writes if key not in op.reads}
+        self.persistent = {key for op in ops for key in op.reads} - produced
+        self.last_read: dict[int, int] = {}
+        for i, op in enumerate(ops):
+            for key in op.reads:
+                self.last_read[key] = i
+
+    def bytes(self, start: int, end: int) -> int:
         inside: set[int] = set()
         reads: dict[int, int] = {}
         writes: dict[int, int] = {}
-        for op in ops[start:end]:
+        for op in self.ops[start:end]:
             for key, size in op.reads.items():
                 if key not in inside:
                     reads[key] = max(reads.get(key, 0), size)
             for key, size in op.writes.items():
                 inside.add(key)
-                if key in persistent or last_read.get(key, -1) >= end:
+                if key in self.persistent or self.last_read.get(key, -1) >= end:
                     writes[key] = max(writes.get(key, 0), size)
-        totals.bytes += sum(reads.values()) + sum(writes.values()) - eager
-        totals.kernels -= end - start - 1
-    return totals
+        return sum(reads.values()) + sum(writes.values())
+
+
+@dataclass
+class Totals:
+    """FLOPs by category, bytes of the memory-bound kernels, kernel launches."""
+
+    flops: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0  # memory traffic of the memory-bound kernels
+    update_bytes: int = 0  # the part of `bytes` spent by clipping, AdamW and the EMA
+    kernels: int = 0
+
+
+def totals(ks: list[Kernel], per: float = 1.0) -> Totals:
+    """The sums over `ks`, divided by `per` (repeats of the step)."""
+    t = Totals()
+    for k in ks:
+        cat = "other" if k.category == "memory" else k.category
+        t.flops[cat] = t.flops.get(cat, 0) + k.flops
+        t.kernels += k.launches
+        if k.category == "memory":
+            t.bytes += k.bytes
+            t.update_bytes += k.bytes if k.update else 0
+    return Totals({c: round(f / per) for c, f in t.flops.items()}, round(t.bytes / per),
+                  round(t.update_bytes / per), round(t.kernels / per))  # fmt: skip
+
+
+def eager_totals(ops: list[Op]) -> Totals:
+    return totals(kernels(ops, "eager"))
+
+
+def compiled_totals(ops: list[Op], fusion: str = "ideal") -> Totals:
+    return totals(kernels(ops, fusion))
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,29 +417,79 @@ def fake_mode() -> Iterator[FakeTensorMode]:
         yield mode
 
 
-def count(fn: Callable[[], Any]) -> list[Op]:
-    """The operations `fn` runs, then a "return" marker that reads what `fn` returns (so the
-    fusion model writes it)."""
-    with OpCounter() as counter:
+def count(fn: Callable[[], Any], graphs: CompiledGraphs | None = None) -> list[Op]:
+    """The operations `fn` runs (each with the compiled graphs `graphs` puts it in), then a
+    "return" marker that reads what `fn` returns (so the fusion model writes it)."""
+    with OpCounter(graphs) as counter:
         out = fn()
     returned = tensor_bytes([t for t in tree_leaves(out) if isinstance(t, Tensor)])
     return [*counter.ops, Op("return", "return", 0, 0, returned, {})]
 
 
-def training_ops(model: str, batch: int, train_argv: list[str]) -> tuple[list[Op], int]:
-    """The operations of one steady-state training step (the second), and forward MACs."""
+@dataclass
+class TrainingCount:
+    """One training step's operations (today's update path), the operations of the compiled
+    update path (`fused_update`) on the same state, forward MACs, and the parameters (local)
+    in all and outside the transformer blocks."""
+
+    ops: list[Op]
+    fused_update: list[Op]
+    macs: int
+    params: int
+    params_outside_blocks: int
+
+
+def training_ops(model: str, batch: int, train_argv: list[str], update: bool = True
+                 ) -> TrainingCount:  # fmt: skip
+    """The operations of one steady-state training step (the second), with the update as
+    today's path runs it, each with the compiled graph `--compile` would run it in, and the
+    compiled update path's operations on the same tensors. `update=False`: the first step, the
+    compiled update and the MACs are skipped (the step's FLOPs are the same, in half the time)."""
     from bench.train_speed import build_trainer, forward_macs, synthetic_batch, train_args
     from trainer import to_device, train_step
 
     args = train_args(["--model", model, "--batch-size", str(batch), *train_argv], [])
-    args.compile = False  # the fusion model stands in for compilation (also on a GPU machine)
+    # the fusion model stands in for compilation (also on a GPU machine); the compiled update
+    # is counted on its own below
+    args.compile = args.compile_update = False
+    graphs = CompiledGraphs()
     with fake_mode(), gpu_roads():
         trainer = build_trainer(args, 1000, tempfile.mkdtemp(prefix="op-count-"))
+        # what --compile compiles (speed.compile_for_training): each block, the loss's objective
+        graphs.track_modules("blocks", trainer.raw.get_submodule("blocks").children())
+        loss_fn = trainer.loss_fn
+        loss_fn._objective = graphs.track_function("blocks", loss_fn._objective)
         batch_cpu = synthetic_batch(trainer, 1000)
         micro = [to_device(batch_cpu, trainer.accelerator.device)]
-        train_step(trainer, micro)  # the first step creates AdamW's state
-        ops = count(lambda: train_step(trainer, micro))
-    return ops, forward_macs(trainer.raw)[0]
+        if update:
+            train_step(trainer, micro)  # the first step creates AdamW's state
+        ops = count(lambda: train_step(trainer, micro), graphs)
+        fused = fused_update_ops(trainer) if update else []
+    params = sum(p.numel() for p in trainer.model_params)
+    in_blocks = sum(p.numel() for p in trainer.raw.get_submodule("blocks").parameters())
+    macs = forward_macs(trainer.raw)[0] if update else 0
+    return TrainingCount(ops, fused, macs, params, params - in_blocks)
+
+
+def fused_update_ops(trainer: Any) -> list[Op]:
+    """The compiled update path (`--compile-update`) on the trainer's state: the gradient norm
+    (a foreach pass, as today), then `fused_update`'s multi-tensor operations, which
+    torch.compile fuses: marked fusable ("other"), in one compiled graph."""
+    from fused_update import fused_update
+    from trainer import apply_fused_update, full, gradient_norm
+
+    for p in trainer.raw.parameters():
+        p.grad = torch.zeros_like(p)
+    trainer.update_fn = fused_update
+    ops = count(lambda: apply_fused_update(trainer, full(gradient_norm(trainer)), True))
+    trainer.update_fn = None
+    norm_done = False
+    for op in ops:
+        norm_done = norm_done or op.name.startswith("_foreach_norm")
+        if norm_done and op.category == "update" and not op.name.startswith("_foreach_norm"):
+            op.category = "other"
+            op.graphs = {"blocks": "update"}
+    return ops
 
 
 def sampling_ops(
@@ -368,10 +513,14 @@ def sampling_ops(
         model.eval().requires_grad_(False)
         args.compile = False  # the fusion model stands in for compilation
         sampler = sampling.sampling_model(model, args)
+    graphs = CompiledGraphs()  # compiled per block (--no-cuda-graphs), or whole (CUDA graphs)
+    module = cast(nn.Module, sampler)
+    graphs.track_modules("blocks", module.get_submodule("blocks").children())
+    graphs.track_modules("model", [module])
     inputs = sampling.draw_inputs(list(range(batch)), args, None, model.num_classes,
                                   model.latent_shape, pin=False)  # fmt: skip
     with gpu_roads():  # the sampler's own time grid stays real: it reads it on the host
-        ops = count(lambda: sampling.sample_batch(sampler, inputs, args, device))
+        ops = count(lambda: sampling.sample_batch(sampler, inputs, args, device), graphs)
     from models.summary import count_macs
 
     return ops, count_macs(model, model.latent_shape[-1])
@@ -381,68 +530,161 @@ def sampling_ops(
 # The tables
 # --------------------------------------------------------------------------------------------
 
-CONFIGS = ("eager", "compiled", f"compiled + optimiser/EMA sharded over {SHARDS} GPUs")
+CONFIGS = ("eager", "compiled", "compiled, update compiled (--compile-update)",
+           f"compiled, update compiled, sharded over {SHARDS} GPUs (--fsdp)")  # fmt: skip
+SAMPLING_CONFIGS = ("eager", "compiled per block (--no-cuda-graphs)",
+                    "compiled whole, CUDA graphs (the default)")  # fmt: skip
 
 
-def estimates(ops: list[Op], per: float = 1.0) -> dict[str, Totals]:
-    """Totals per configuration, divided by `per` (repeats of the step in `ops`)."""
-    eager, compiled = eager_totals(ops), compiled_totals(ops)
-    rows = (eager, compiled, sharded(compiled, SHARDS))
-    return {name: scaled(totals, per) for name, totals in zip(CONFIGS, rows, strict=True)}
+@dataclass
+class Config:
+    """The kernels of one configuration as the bound prices them (element-wise work fused
+    across the whole step) and as the estimate does (fused as compiled); FSDP's sharding."""
+
+    bound: list[Kernel]
+    estimate: list[Kernel]
+    sharding: Sharding | None = None
 
 
-def scaled(t: Totals, per: float) -> Totals:
-    return Totals({k: round(v / per) for k, v in t.flops.items()}, round(t.bytes / per),
-                  round(t.update_bytes / per), round(t.kernels / per))  # fmt: skip
+def with_compiled_update(step: list[Kernel], fused: list[Kernel]) -> list[Kernel]:
+    """`step` with today's update kernels (clipping, AdamW, EMA) replaced by the compiled
+    update's: the gradient norm as counted, the rest one fused pass."""
+    return [k for k in step if not k.update] + [replace(k, update=True) for k in fused]
 
 
-def counts_cells(t: Totals) -> str:
-    tf = {k: t.flops.get(k, 0) / 1e12 for k in ("matmul", "attention", "conv", "other")}
-    return (f"{tf['matmul']:.2f} / {tf['attention']:.2f} / {tf['conv']:.3f} / "
-            f"{tf['other']:.3f} | {t.bytes / 1e9:.3g} | {t.update_bytes / 1e9:.3g} | "
-            f"{t.kernels:,}")  # fmt: skip
+def shard_update(ks: list[Kernel], shards: int) -> list[Kernel]:
+    """Each process updates 1/shards of the parameters: the update moves 1/shards of its bytes."""
+    return [replace(k, bytes=round(k.bytes / shards)) if k.update else k for k in ks]
 
 
-COLUMNS = (
-    "step | {rate} | MFU | TFLOP matmul / attention / conv / other | GB outside matmuls | "
-    "of which update | kernels |"
-)
+def training_configs(c: TrainingCount) -> dict[str, Config]:
+    """The rows of CONFIGS (the compiled update's two without `c.fused_update`)."""
+    eager = kernels(c.ops, "eager")
+    bound, estimate = kernels(c.ops, "ideal"), kernels(c.ops, "blocks")
+    configs = {CONFIGS[0]: Config(eager, eager), CONFIGS[1]: Config(bound, estimate)}
+    if c.fused_update:
+        bound = with_compiled_update(bound, kernels(c.fused_update, "ideal"))
+        estimate = with_compiled_update(estimate, kernels(c.fused_update, "blocks"))
+        configs[CONFIGS[2]] = Config(bound, estimate)
+        sharding = Sharding(SHARDS, c.params, c.params_outside_blocks)
+        configs[CONFIGS[3]] = Config(shard_update(bound, SHARDS), shard_update(estimate, SHARDS)
+                                     + [fsdp_copies(sharding)], sharding)  # fmt: skip
+    return configs
 
 
-def estimate_table(
-    title: str,
-    results: dict[str, tuple[list[Op], int, int]],
-    per: int,
-    passes: int,
-    configs: int,
-    digits: int,
-    rate: str,
-) -> list[str]:
-    """Markdown rows of the estimates: for each `label: (ops, forward MACs, images)`, the first
-    `configs` configurations of `estimates(ops, per)`; MFU counts `passes` × MACs per image
-    (6: forward and backward, 2: forward), the step time in ms with `digits` decimals."""
-    lines = [f"| {title} | " + COLUMNS.format(rate=rate), "|---|---|---|---|---|---|---|---|"]
-    for label, (ops, macs, images) in results.items():
-        for config, totals in list(estimates(ops, per).items())[:configs]:
-            seconds = totals.seconds(H200_PEAK_FLOPS, H200_HBM_BYTES_PER_S)
-            rate_s = images / seconds
+def sampling_configs(ops: list[Op]) -> dict[str, Config]:
+    eager = kernels(ops, "eager")
+    ideal = kernels(ops, "ideal")
+    return {SAMPLING_CONFIGS[0]: Config(eager, eager),
+            SAMPLING_CONFIGS[1]: Config(ideal, kernels(ops, "blocks")),
+            SAMPLING_CONFIGS[2]: Config(ideal, kernels(ops, "model"))}  # fmt: skip
+
+
+def update_bytes_per_parameter(count: TrainingCount) -> dict[str, float]:
+    """Bytes per parameter and step of the update path: today's (clipping's norm and scale,
+    AdamW's kernel, the EMA, as counted) and the compiled update's (norm + one fused pass)."""
+    update = [op for op in count.ops if op.category == "update"]
+    # in train_step's order: the norm, the clipping's scale, AdamW's operations, the EMA's lerp
+    names = ["gradient norm", "clipping (scale)"] + ["AdamW"] * (len(update) - 3) + ["EMA"]
+    parts: dict[str, float] = {}
+    for name, op in zip(names, update, strict=True):
+        parts[name] = parts.get(name, 0) + op.bytes / count.params
+    fused = compiled_totals(count.fused_update)
+    parts["today's path, in all"] = sum(parts.values())
+    parts["compiled update (--compile-update), in all"] = fused.bytes / count.params
+    return parts
+
+
+def update_table(results: dict[str, TrainingCount]) -> list[str]:
+    models = list(results)
+    per = {m: update_bytes_per_parameter(c) for m, c in results.items()}
+    keys = list(dict.fromkeys(k for p in per.values() for k in p))
+    lines = ["| update path, bytes per parameter and step | " + " | ".join(models) + " |",
+             "|---|" + "---|" * len(models)]  # fmt: skip
+    for key in keys:
+        lines.append(f"| {key} | " + " | ".join(f"{per[m].get(key, 0):.1f}" for m in models) + " |")
+    return lines
+
+
+@dataclass
+class Row:
+    """One model's configurations, with what MFU needs: images per step, MACs per image,
+    passes (6: forward and backward, 2: forward), and repeats of the step in the counts."""
+
+    label: str
+    configs: dict[str, Config]
+    images: int
+    macs: int
+    passes: int
+    per: int = 1
+
+
+def header(title: str, columns: list[str]) -> list[str]:
+    return [f"| {title} | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+
+
+def counts_table(title: str, rows: list[Row]) -> list[str]:
+    columns = ["TFLOP matmul / attention / conv / other", "GB memory-bound ops: bound / estimate",
+               "of which update", f"GB sent over NVLink per GPU ({SHARDS} GPUs)",
+               "kernels (as compiled)"]  # fmt: skip
+    lines = header(f"{title}: counts", columns)
+    for row in rows:
+        for name, config in row.configs.items():
+            bound, est = totals(config.bound, row.per), totals(config.estimate, row.per)
+            tf = {k: est.flops.get(k, 0) / 1e12 for k in ("matmul", "attention", "conv", "other")}
+            sent = config.sharding.wire_bytes() / row.per if config.sharding else 0
             lines.append(
-                f"| {label}: {config} | ~{seconds * 1e3:.{digits}f} ms | ~{rate_s:,.0f} | "
-                f"~{rate_s * passes * macs / H200_PEAK_FLOPS:.0%} | {counts_cells(totals)} |"
+                f"| {row.label}: {name} | {tf['matmul']:.2f} / {tf['attention']:.2f} / "
+                f"{tf['conv']:.3f} / {tf['other']:.3f} | {bound.bytes / 1e9:.3g} / "
+                f"{est.bytes / 1e9:.3g} | {est.update_bytes / 1e9:.3g} | {sent / 1e9:.3g} | "
+                f"{est.kernels:,} |"
             )
     return lines
 
 
-def training_table(results: dict[str, tuple[list[Op], int]], batch: int) -> list[str]:
-    rows = {model: (ops, macs, batch) for model, (ops, macs) in results.items()}
-    title = f"model, training step, batch {batch} (estimate, H200)"
-    return estimate_table(title, rows, 1, 6, len(CONFIGS), 0, "images/s")
+def seconds(config: Config, gpu: Gpu, eff: Efficiency, per: int) -> dict[str, float]:
+    ks = config.bound if eff is BOUND else config.estimate
+    return {part: s / per for part, s in step_seconds(ks, gpu, eff, config.sharding).items()}
 
 
-def sampling_table(results: dict[str, tuple[list[Op], int, int]], steps: int) -> list[str]:
-    """Eager and compiled only: sampling has no update to shard."""
-    title = "model, one SDE step (estimate, H200)"
-    return estimate_table(title, results, steps, 2, 2, 1, "forward images/s")
+def time_table(title: str, rows: list[Row], digits: int) -> list[str]:
+    """Step time (ms with `digits` decimals), images per second and MFU, per GPU: the bound,
+    then the estimate."""
+    columns = [f"{gpu.name}: {kind}" for gpu in GPUS for kind in ("bound", "estimate")]
+    lines = header(f"{title}: ms, images/s, MFU", columns)
+    for row in rows:
+        for name, config in row.configs.items():
+            cells = []
+            for gpu in GPUS:
+                for eff in (BOUND, ESTIMATE):
+                    step = sum(seconds(config, gpu, eff, row.per).values())
+                    rate = row.images / step
+                    mfu = rate * row.passes * row.macs / gpu.peak_flops
+                    cells.append(f"{step * 1e3:.{digits}f} ms, {rate:,.0f}, {mfu:.0%}")
+            lines.append(f"| {row.label}: {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def parts_table(title: str, rows: list[Row]) -> list[str]:
+    """Where the estimate's time goes, per GPU: ms in each of PARTS (3 significant digits)."""
+    lines = header(f"{title}: the estimate's ms, " + " / ".join(PARTS),
+                   [gpu.name for gpu in GPUS])  # fmt: skip
+    for row in rows:
+        for name, config in row.configs.items():
+            cells = [" / ".join(f"{s * 1e3:.3g}" for s in
+                                seconds(config, gpu, ESTIMATE, row.per).values())
+                     for gpu in GPUS]  # fmt: skip
+            lines.append(f"| {row.label}: {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(name: str, title: str, rows: list[Row], digits: int) -> dict[str, list[str]]:
+    """The time table, the estimate's parts and the counts of `rows`, printed."""
+    out = {f"{name} time": time_table(title, rows, digits),
+           f"{name} parts": parts_table(title, rows),
+           f"{name} counts": counts_table(title, rows)}  # fmt: skip
+    print("\n\n".join("\n".join(table) for table in out.values()) + "\n")
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -467,19 +709,20 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     models = opts.models.split(",")
     config = ["--model-config", opts.model_config] if opts.model_config else []
     training = {m: training_ops(m, opts.batch_size, [*config, *train_argv]) for m in models}
-    tables = {"training": training_table(training, opts.batch_size)}
-    print("\n".join(tables["training"]))
-    if not opts.no_sampling:
-        sampling = {}
-        for m in models:
-            for guided in (False, True):
-                images = opts.sample_batch_size * (2 if guided else 1)
-                ops, macs = sampling_ops(m, opts.sample_batch_size, guided, config)
-                label = f"{m}, {'guided' if guided else 'unguided'} ({images} images)"
-                sampling[label] = (ops, macs, images)
-        tables["sampling"] = sampling_table(sampling, SAMPLER_STEPS)
-        print("\n" + "\n".join(tables["sampling"]))
-    return tables
+    rows = [Row(m, training_configs(c), opts.batch_size, c.macs, 6) for m, c in training.items()]
+    out = report("training", f"model, training step, batch {opts.batch_size}", rows, 0)
+    out["update"] = update_table(training)
+    print("\n".join(out["update"]) + "\n")
+    if opts.no_sampling:
+        return out
+    rows = []
+    for m in models:
+        for guided in (False, True):
+            images = opts.sample_batch_size * (2 if guided else 1)
+            ops, macs = sampling_ops(m, opts.sample_batch_size, guided, config)
+            label = f"{m}, {'guided' if guided else 'unguided'} ({images} images)"
+            rows.append(Row(label, sampling_configs(ops), images, macs, 2, SAMPLER_STEPS))
+    return out | report("sampling", "model, one SDE step", rows, 1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The headline figures of `bash bench/run_gpu.sh OUT quick` as one markdown table.
 
-python -m bench.summary OUT        # reads OUT/quick-train.json and OUT/quick-sample.json,
-                                   # prints the table and writes OUT/quick-summary.md
+python -m bench.summary OUT        # reads OUT/quick-train.json, OUT/quick-train-sit.json and
+                                   # OUT/quick-sample.json (a part that did not finish is
+                                   # reported so), prints the table and writes
+                                   # OUT/quick-summary.md
 """
 
 from __future__ import annotations
@@ -13,28 +15,31 @@ from typing import Any
 
 from bench.common import fmt
 from cli import run_main
-from utils import InputError
 
 NOT_RUN = "not run (no --repa-src / REPA_SRC)"
 
 
-def load(out: str, name: str) -> dict[str, Any]:
-    path = os.path.join(out, f"{name}.json")
+PARTS = ("quick-train", "quick-train-sit", "quick-sample")
+
+
+def load(out: str, name: str) -> dict[str, Any] | None:
+    """OUT/NAME.json, or None if the part did not finish (stopped at its time limit, failed)."""
     try:
-        with open(path) as f:
+        with open(os.path.join(out, f"{name}.json")) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: {err}; run `bash bench/run_gpu.sh {out} quick` first") from None
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f} %"
 
 
-def training_rows(train: dict[str, Any]) -> list[tuple[str, str]]:
+def training_rows(train: dict[str, Any], what: str) -> list[tuple[str, str]]:
+    """The rows of one training part; `what` names it in each row (e.g. "SiT↓-XL/2")."""
     ours = train["configs"]["ours"]
     if "error" in ours:
-        return [("training (ours)", f"failed: {ours['error']}")]
+        return [(f"{what}: training (ours)", f"failed: {ours['error']}")]
     rows = [
         ("training: model, batch, precision, compile",
          f"{ours['model']}, {ours['batch_per_device']} per GPU, {ours['precision']}, "
@@ -49,6 +54,7 @@ def training_rows(train: dict[str, Any]) -> list[tuple[str, str]]:
         ("update share (AdamW step + EMA, alone)", f"{percent(ours['ema_opt_share'])} "
          f"({fmt(ours['adamw_step_ms'])} + {fmt(ours['ema_update_ms'])} ms of "
          f"{fmt(ours['step_ms'])} ms)"),
+        ("compile check (compiled vs eager gradients)", ours.get("compile_check", "n/a")),
     ]  # fmt: skip
     repa = train["configs"].get("repa-actual")
     if repa is None:
@@ -61,7 +67,7 @@ def training_rows(train: dict[str, Any]) -> list[tuple[str, str]]:
                      "precomputed): images/s, MFU, ratio ours / REPA",
                      f"{fmt(repa['images_per_sec'])}, {percent(repa['mfu'])}, "
                      f"{ratio:.2f}x"))  # fmt: skip
-    return rows
+    return [(f"{what}: {name}", value) for name, value in rows]
 
 
 def sampling_rows(sample: dict[str, Any]) -> list[tuple[str, str]]:
@@ -87,10 +93,21 @@ def sampling_rows(sample: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def summary_table(out: str) -> str:
-    train, sample = load(out, "quick-train"), load(out, "quick-sample")
-    env = train["environment"]
-    rows = [("device", f"{env['device_name']} (torch {env['torch']}, CUDA {env['cuda']})")]
-    rows += training_rows(train) + sampling_rows(sample)
+    train, sit, sample = (load(out, name) for name in PARTS)
+    first = next((part for part in (train, sit, sample) if part is not None), None)
+    env = first["environment"] if first is not None else None
+    rows = [("device", "n/a (no part finished)" if env is None else
+             f"{env['device_name']} (torch {env['torch']}, CUDA {env['cuda']}; MFU against "
+             "this GPU's own dense bf16 peak)")]  # fmt: skip
+    parts = ((train, "quick-train", lambda r: training_rows(r, "SiT↓-XL/2 + U-REPA")),
+             (sit, "quick-train-sit", lambda r: training_rows(r, "SiT-XL/2 + REPA recipe")),
+             (sample, "quick-sample", sampling_rows))  # fmt: skip
+    for result, name, rows_of in parts:
+        if result is None:
+            rows.append((name, f"not finished (stopped at its time limit or failed): see "
+                               f"{os.path.join(out, name + '.txt')}"))  # fmt: skip
+        else:
+            rows += rows_of(result)
     return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 

@@ -48,6 +48,7 @@ import torch
 from accelerate.state import AcceleratorState
 from torch import Tensor
 
+import speed
 import train
 from bench.common import (
     CUDA_ONLY,
@@ -103,6 +104,11 @@ CONFIGS: dict[str, tuple[list[str], bool, str]] = {
     ),
     "compile": (["--compile"], False, "ours + torch.compile of the blocks and the loss"),
     "eager": (["--no-compile"], False, "ours without torch.compile"),
+    "compile-update": (
+        ["--compile-update"],
+        False,
+        "ours with clipping, AdamW and EMA compiled into one pass",
+    ),  # fmt: skip
     "fp16": (["--mixed-precision", "fp16"], False, "ours with fp16 autocast + loss scaling"),
     "no-fused-adamw": (["--no-fused-optimizer"], False, "ours with PyTorch's default AdamW"),
     "online-encoder": (["--encoder-mode", "online"], False, "ours, encoder run online"),
@@ -266,7 +272,7 @@ def time_updates(trainer: Trainer, repeats: int, compare: bool) -> dict[str, flo
     }
     if compare:
         other = not trainer.args.fused_optimizer
-        optimizer = torch.optim.AdamW(params, lr=trainer.args.learning_rate, fused=other)
+        optimizer = torch.optim.AdamW(params, lr=trainer.args.learning_rate, fused=other or None)
         # not fused: PyTorch's default, foreach on a GPU and a loop over the tensors on a CPU
         out["adamw_fused_step_ms" if other else "adamw_default_step_ms"] = ms(optimizer.step)
         out["ema_per_tensor_loop_ms"] = ms(lambda: repa_ema_loop(trainer.ema_params, params, decay))
@@ -336,6 +342,7 @@ def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict
 
     trainer.model.train()
     with sdpa_backend(args.sdpa_backend):
+        check = compile_check(trainer, [to_device(batch, device) for _ in range(micro_batches)])
         timings = time_steps(step, log, bench, device)
         updates = time_updates(trainer, bench.update_repeats, compare=name == "ours")
 
@@ -367,7 +374,24 @@ def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict
         **timings,
         **updates,
         "ema_opt_share": (updates["adamw_step_ms"] + updates["ema_update_ms"]) / step_ms,
+        "compile_check": check,
     }
+
+
+def compile_check(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> str:
+    """The verdict of the start-up check that compiled and eager gradients agree, run here as
+    train.py runs it before its first step; "not compiled" or "not available" otherwise."""
+    if not trainer.args.compile:
+        return "not compiled"
+    # HOOK: train.py's start-up compile check, `speed.check_compiled_gradients(trainer,
+    # micro_batches)`, returning its verdict as text (or raising with the worst parameter).
+    check = getattr(speed, "check_compiled_gradients", None)
+    if check is None:
+        return "not available in this version (speed.check_compiled_gradients)"
+    try:
+        return str(check(trainer, micro_batches))
+    except Exception as err:  # the verdict is a figure of the run, not the end of it
+        return f"failed: {type(err).__name__}: {err}"
 
 
 def measure_repa(bench: argparse.Namespace, args: argparse.Namespace) -> dict[str, Any]:
@@ -448,6 +472,7 @@ def show(name: str, r: dict[str, Any], bench: argparse.Namespace) -> None:
         "syncs_per_step": CUDA_ONLY if r["syncs_per_step"] is None
         else f"{fmt(r['syncs_per_step'])} (over {bench.sync_steps} steps between logs)",
         "syncs_per_log": CUDA_ONLY if r["syncs_per_log"] is None else r["syncs_per_log"],
+        "compile_check": r.get("compile_check", "n/a"),
     }  # fmt: skip
     for key in ("adamw_step_ms", "ema_update_ms", "clip_grad_ms", "adamw_fused_step_ms",
                 "adamw_default_step_ms", "ema_per_tensor_loop_ms"):  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 
-from bench import data_speed, op_count, repa, sample_speed, train_speed
+from bench import data_speed, op_count, repa, sample_speed, time_model, train_speed
 from frozen import ENCODER_STANDIN
 from run_log import gpu_peak_tflops
 from utils import InputError
@@ -355,19 +355,161 @@ def test_op_count_kernels_and_fusion_model_of_a_tiny_graph():
     assert op_count.multi_tensor_launches(([torch.empty(2 * 320 * 65536 + 1)],)) == 3
 
 
-def test_op_count_prints_the_estimate_table_of_a_training_step(capsys):
+def table_rows(table: list[str]) -> dict[str, list[str]]:
+    """Row label -> cells of a markdown table printed by bench.op_count."""
+    return {r.strip("| ").split(" | ")[0]: r.strip("| ").split(" | ")[1:] for r in table[2:]}
+
+
+def test_op_count_prints_bound_and_estimate_for_both_gpus(capsys):
     tables = op_count.main([
         "--models", "SiTDown", "--model-config", TINY, "--resolution", "64",
         "--enc-type", ENCODER_STANDIN, "--batch-size", "2", "--no-sampling",
     ])  # fmt: skip
-    rows = [r.split(" | ") for r in tables["training"][2:]]
-    assert [r[0].split(": ")[1] for r in rows] == list(op_count.CONFIGS)
-    eager_gb, compiled_gb, sharded_gb = (float(r[5]) for r in rows)
-    eager_update, compiled_update, sharded_update = (float(r[6]) for r in rows)
-    assert compiled_gb < eager_gb and eager_update == compiled_update > 0
-    assert sharded_update == pytest.approx(compiled_update / 8, rel=0.01)
-    assert sharded_gb == pytest.approx(compiled_gb - compiled_update * 7 / 8, rel=0.01)
-    assert "| SiTDown: eager |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| SiTDown: eager |" in out
+    time_header = tables["training time"][0]
+    for gpu in ("H100 SXM", "H200"):
+        assert f"{gpu}: bound" in time_header and f"{gpu}: estimate" in time_header
+    labels = [f"SiTDown: {c}" for c in op_count.CONFIGS]
+    time_rows = table_rows(tables["training time"])
+    assert list(time_rows) == labels
+    for cells in time_rows.values():  # per GPU: bound, estimate as "ms, images/s, MFU%"
+        for bound, estimate in (cells[0:2], cells[2:4]):
+            (b_ms, b_rate, b_mfu), (e_ms, e_rate, e_mfu) = (
+                [float(x.strip(" ms%").replace(",", "")) for x in c.split(", ")]
+                for c in (bound, estimate))  # fmt: skip
+            assert e_ms >= b_ms and e_rate <= b_rate and e_mfu <= b_mfu
+
+    counts = table_rows(tables["training counts"])
+    (eager_gb, _), (bound_gb, compiled_gb), (_, update_gb), (_, sharded_gb) = (
+        (float(x) for x in counts[label][1].split(" / ")) for label in labels)  # fmt: skip
+    # fused within each block only moves more than fused across the whole step, less than eager
+    assert bound_gb < compiled_gb < eager_gb
+    eager_update, compiled_update, fused_update, sharded_update = (
+        float(counts[label][2]) for label in labels)  # fmt: skip
+    assert eager_update == compiled_update > fused_update > 0
+    assert update_gb == pytest.approx(compiled_gb - compiled_update + fused_update, rel=0.01)
+    assert sharded_update == pytest.approx(fused_update / 8, rel=0.01)
+    # sharded: 1/8 of the update, plus FSDP2's copies around its collectives (16 B/parameter)
+    assert sharded_gb > update_gb - fused_update * 7 / 8
+    # the all-gathers and reduce-scatters: only the sharded row sends over NVLink
+    sent = [float(counts[label][3]) for label in labels]
+    assert sent[:3] == [0, 0, 0] and sent[3] > 0
+    collectives = [float(cells[0].split(" / ")[-1]) for cells in
+                   table_rows(tables["training parts"]).values()]  # fmt: skip
+    assert collectives[:3] == [0, 0, 0] and collectives[3] > 0
+    # bytes per parameter: norm 4, clipping's scale 8, AdamW 28, EMA 12; compiled: 4 + 20 + 16
+    update = {k: v[0] for k, v in table_rows(tables["update"]).items()}
+    assert update["today's path, in all"] == "52.0"
+    assert update["compiled update (--compile-update), in all"] == "40.0"
+
+
+@pytest.mark.parametrize(("model", "gflop"), [("SiTDown-XL/2", 678.28), ("SiT-XL/2", 728.80)])
+def test_op_count_flops_per_image_of_the_xl_models(model, gflop):
+    """A training step's matmul + attention + convolution FLOPs per image at full size (fake
+    tensors), as docs/benchmarks.md reports them: the time model must not change them."""
+    ops = op_count.training_ops(model, 2, [], update=False).ops
+    flops = sum(op.flops for op in ops if op.category in ("matmul", "attention", "conv"))
+    assert flops / 2 / 1e9 == pytest.approx(gflop, abs=0.005)
+
+
+def test_time_model_prices_adaln_matmuls_by_their_bytes():
+    """An AdaLN matmul has one row per image (32): it reads a 1152 x 6912 bf16 weight for
+    little arithmetic, so the estimate prices its bytes; with a token per row (32 x 256 rows)
+    the same weight is priced by its FLOPs. The bound prices FLOPs at peak either way."""
+    weight = (6 * 1152, 1152)
+
+    def make(rows: int):
+        return lambda: (torch.randn(rows, 1152, dtype=torch.bfloat16),
+                        torch.randn(weight, dtype=torch.bfloat16))  # fmt: skip
+
+    for rows, part in ((32, "memory-bound matmuls"), (32 * 256, "matmuls")):
+        op, _ = counted(make(rows), F.linear)
+        kernel = op_count.op_kernel(op)
+        assert kernel.bytes == 2 * (rows * 1152 + 6 * 1152 * 1152 + rows * 6 * 1152)
+        for gpu in time_model.GPUS:
+            name, seconds = time_model.kernel_seconds(kernel, gpu, time_model.ESTIMATE)
+            assert name == part
+            memory = kernel.bytes / (gpu.hbm_bytes_per_s * 0.85)
+            compute = 2 * rows * 1152 * 6 * 1152 / (gpu.peak_flops * 0.70)
+            assert seconds == pytest.approx(max(memory, compute))
+            assert (memory > compute) == (rows == 32)
+            assert time_model.kernel_seconds(kernel, gpu, time_model.BOUND) == (
+                "matmuls",
+                pytest.approx(compute * 0.70),
+            )
+
+
+def test_time_model_attention_runs_the_padded_flash_kernel():
+    est = time_model.ESTIMATE
+    assert est.attention(72, False) == pytest.approx(0.30 * 72 / 96)  # the head-96 kernel
+    assert est.attention(72, True) == pytest.approx(0.21 * 72 / 96)
+    assert est.attention(64, False) == est.attention(128, False) == pytest.approx(0.30)
+    assert time_model.BOUND.attention(72, True) == 1.0
+
+
+def test_time_model_counts_fsdp_collectives_only_when_sharded():
+    gpu = time_model.GPUS[0]
+    ks = [time_model.Kernel("matmul", int(1e12), 0)]  # ~1.4 ms of compute on an H100
+    sharding = time_model.Sharding(8, 10**9, 10**8)
+    # fp32 all-gather + reduce-scatter: each GPU sends 7/8 of the weights, twice
+    assert sharding.wire_bytes() == pytest.approx(2 * 7 / 8 * 4e9)
+    wire = sharding.wire_bytes() / (450e9 * 0.80)  # ~19 ms: longer than the compute
+    root = wire / 10  # the unit outside the blocks overlaps with nothing
+    compute = 1e12 / (989e12 * 0.70)
+    parts = time_model.step_seconds(ks, gpu, time_model.ESTIMATE, sharding)
+    assert parts["collectives"] == pytest.approx(root + (wire - root - compute))
+    assert time_model.step_seconds(ks, gpu, time_model.ESTIMATE)["collectives"] == 0
+    assert time_model.step_seconds(ks, gpu, time_model.BOUND, sharding)["collectives"] == 0
+
+
+def test_op_count_fuses_only_inside_each_compiled_graph_backward_included():
+    """Two blocks with an element-wise operation between them: fused across everything (the
+    bound) one kernel per direction; as compiled, each block's forward and backward are
+    kernels of their own, and what runs outside the blocks runs eagerly."""
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            return (x * 2).relu()
+
+    blocks = [Block(), Block()]
+    graphs = op_count.CompiledGraphs()
+    graphs.track_modules("blocks", blocks)
+
+    def step(x):
+        y = blocks[1](blocks[0](x) + 1)
+        y.sum().backward()
+        return x.grad
+
+    with op_count.fake_mode():
+        x = torch.randn(100, requires_grad=True)
+    ops = op_count.count(lambda: step(x), graphs)
+    forward = [(op.name.split(".")[0], op.graphs.get("blocks")) for op in ops[:6]]
+    assert forward == [("mul", "blocks #1"), ("relu", "blocks #1"), ("add", None),
+                       ("mul", "blocks #2"), ("relu", "blocks #2"), ("sum", None)]  # fmt: skip
+    # the backward of each block's operations (threshold_backward, mul) runs in its graph
+    backward = {op.graphs.get("blocks") for op in ops[6:-1] if op.name.startswith("threshold")}
+    assert backward == {"blocks #1", "blocks #2"}
+    tagged = [op for op in ops[6:-1] if op.graphs]
+    assert {op.name.split(".")[0] for op in tagged} == {"threshold_backward", "mul"}
+    ideal, compiled = op_count.kernels(ops, "ideal"), op_count.kernels(ops, "blocks")
+    eager = op_count.kernels(ops, "eager")
+    assert len(ideal) < len(compiled) < len(eager)
+    by_graph = [op.graphs.get("blocks") for op in ops[:-1]]
+    runs = sum(1 for i, g in enumerate(by_graph) if g is None or i == 0 or g != by_graph[i - 1])
+    assert len(compiled) == runs
+
+
+def test_op_count_counts_the_unfused_adamw_as_foreach_updates():
+    """--no-fused-optimizer is PyTorch's default AdamW: foreach kernels on a GPU (counted as
+    multi-tensor updates), never its per-tensor loop (lerp_, addcdiv_, ... one per tensor)."""
+    count = op_count.training_ops("SiTDown", 2, [
+        "--model-config", TINY, "--resolution", "64", "--enc-type", ENCODER_STANDIN,
+        "--no-fused-optimizer"])  # fmt: skip
+    other = {op.name.split(".")[0] for op in count.ops if op.category == "other"}
+    assert not other & {"lerp_", "addcdiv_", "addcmul_", "sqrt"}
+    update = [op.name.split(".")[0] for op in count.ops if op.category == "update"]
+    assert "_foreach_addcdiv_" in update and "_fused_adamw_" not in update
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,28 +517,47 @@ def test_op_count_prints_the_estimate_table_of_a_training_step(capsys):
 # --------------------------------------------------------------------------------------------
 
 
-def test_quick_gpu_part_runs_on_tiny_models_and_ends_with_one_summary_table(tmp_path):
-    """`BENCH_SMOKE=1 bash bench/run_gpu.sh OUT quick` with REPA_SRC: both benchmarks run,
-    REPA's step and sampler beside ours, and the summary is printed and written."""
+def run_quick(tmp_path, limits: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
     env = {**os.environ, "BENCH_SMOKE": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "REPA_SRC": write_repa_stub(tmp_path / "REPA")}  # fmt: skip
+           "REPA_SRC": write_repa_stub(tmp_path / "REPA"), "QUICK_LIMITS": limits}  # fmt: skip
     out = tmp_path / "out"
     result = subprocess.run(["bash", "bench/run_gpu.sh", str(out), "quick"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = (out / "quick-summary.md").read_text()
     assert summary.strip() in result.stdout
-    rows = dict(line.strip("| ").split(" | ", 1) for line in summary.splitlines()[2:])
-    train = json.loads((out / "quick-train.json").read_text())
-    ours = train["configs"]["ours"]
-    assert rows["training images/s (ours)"].startswith(f"{ours['images_per_sec']:.4g} ")
-    ratio = train["ratios"]["ours/repa-actual"]
-    assert any(k.startswith("REPA's own step") and v.endswith(f"{ratio:.2f}x")
-               for k, v in rows.items())  # fmt: skip
-    sample = json.loads((out / "quick-sample.json").read_text())["sampling"]
-    assert sample["ratio_to_repa"] == pytest.approx(
-        sample["samples_per_sec"] / sample["repa"]["samples_per_sec"]
+    return result, dict(line.strip("| ").split(" | ", 1) for line in summary.splitlines()[2:])
+
+
+def test_quick_gpu_part_runs_on_tiny_models_and_ends_with_one_summary_table(tmp_path):
+    """`BENCH_SMOKE=1 bash bench/run_gpu.sh OUT quick` with REPA_SRC: our SiT↓ step and our SiT
+    step (REPA's recipe), each beside REPA's own step, and the sampler; one summary table with
+    both ratios. A part stopped by its time limit is reported and leaves the others' figures."""
+    _, rows = run_quick(tmp_path, "200 200 200")
+    out = tmp_path / "out"
+    for part, what in (("quick-train", "SiT↓-XL/2 + U-REPA"),
+                       ("quick-train-sit", "SiT-XL/2 + REPA recipe")):  # fmt: skip
+        train = json.loads((out / f"{part}.json").read_text())
+        ours = train["configs"]["ours"]
+        assert rows[f"{what}: training images/s (ours)"].startswith(
+            f"{ours['images_per_sec']:.4g} "
+        )
+        ratio = train["ratios"]["ours/repa-actual"]
+        assert any(k.startswith(f"{what}: REPA's own step") and v.endswith(f"{ratio:.2f}x")
+                   for k, v in rows.items())  # fmt: skip
+        # the smoke runs eagerly: no compile check to run
+        assert rows[f"{what}: compile check (compiled vs eager gradients)"] == "not compiled"
+    assert (
+        json.loads((out / "quick-train-sit.json").read_text())["configs"]["ours"]["model"] == "SiT"
     )
+    sample = json.loads((out / "quick-sample.json").read_text())["sampling"]
+    assert rows["sampling samples/s (ours)"].startswith(f"{sample['samples_per_sec']:.4g} ")
+    # both training parts stopped at a limit of 1 s: reported, the sampler's figures kept
+    result, rows = run_quick(tmp_path, "1 1 200")
+    assert "quick-train: stopped" in result.stdout and "quick-train-sit: stopped" in result.stdout
+    assert rows["quick-train"].startswith("not finished")
+    assert rows["quick-train-sit"].startswith("not finished")
+    assert "sampling samples/s (ours)" in rows
 
 
 def test_every_gpu_part_passes_valid_flags_to_its_benchmark(tmp_path):
