@@ -51,6 +51,7 @@ from evaluations.inputs import ReferenceStatistics, load_dinov2_statistics
 from evaluations.inputs import load_reference_statistics as load_reference
 from evaluations.metrics import GaussianAccumulator, frechet_distance
 from models.summary import count_macs
+from run_log import read_jsonl
 from samplers import guidance_active
 from sampling import PRESETS, SAMPLING_DEFAULTS, balanced_labels, generate_latents, to_uint8
 from trainer import Trainer
@@ -128,11 +129,7 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
 def read_done_steps(run_dir: str, settings: dict[str, Any]) -> set[int]:
     """The steps of eval.jsonl's rows made with `settings` (rows made with others are kept, but
     their steps are evaluated again with these)."""
-    path = os.path.join(run_dir, EVAL_FILE)
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(os.path.join(run_dir, EVAL_FILE))[0]  # damaged lines: see train.py
     return {row["step"] for row in rows if all(row.get(k) == v for k, v in settings.items())}
 
 
@@ -296,14 +293,12 @@ def fid_name(num_samples: int) -> str:
 def training_gpu_hours(run_dir: str, step: int, processes: int) -> float:
     """Training time to `step` × processes, from metrics.jsonl's sec_per_step (which leaves the
     evaluations out), the steps after its last row at that row's rate."""
-    path, seconds, last_step, last_rate = os.path.join(run_dir, "metrics.jsonl"), 0.0, 0, 0.0
-    if os.path.exists(path):
-        with open(path) as f:
-            for row in map(json.loads, f):
-                if row["step"] > step:
-                    break
-                seconds += row["sec_per_step"] * (row["step"] - last_step)
-                last_step, last_rate = row["step"], row["sec_per_step"]
+    seconds, last_step, last_rate = 0.0, 0, 0.0
+    for row in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))[0]:
+        if row["step"] > step:
+            break
+        seconds += row.get("sec_per_step", last_rate) * (row["step"] - last_step)
+        last_step, last_rate = row["step"], row.get("sec_per_step", last_rate)
     seconds += last_rate * (step - last_step)
     return seconds * processes / 3600
 

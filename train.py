@@ -62,8 +62,16 @@ from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
-from periodic_eval import EVAL_PRESETS, check_eval_args, create_evaluation
-from run_log import add_log_file, close_logger, create_logger, keep_metrics_until, peak_flops
+from periodic_eval import EVAL_FILE, EVAL_PRESETS, check_eval_args, create_evaluation
+from run_log import (
+    add_log_file,
+    close_logger,
+    create_logger,
+    damaged_lines_note,
+    keep_metrics_until,
+    peak_flops,
+    repair_jsonl,
+)
 from shards import DatasetError
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
 from utils import EXIT_STOPPED
@@ -597,13 +605,19 @@ def start_run_directory(args: argparse.Namespace, accelerator: Accelerator, logg
 def repair_run_directory(args: argparse.Namespace, step: int, logger: Any) -> None:
     """Main process, before anything is saved: clear up after a run that was killed. The
     temporary files of its interrupted saves go, the metrics of steps after `step` (run again
-    now) go, and EMA exports lost between a checkpoint and its export are written again."""
+    now) go, damaged lines of metrics.jsonl and eval.jsonl go, and EMA exports lost between a
+    checkpoint and its export are written again."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
     for path in remove_interrupted_saves(run_dir):
         logger.info(f"removed {path}, left by a save that was interrupted")
+    eval_log = os.path.join(run_dir, EVAL_FILE)
+    if damaged := repair_jsonl(eval_log):
+        logger.warning(f"{damaged_lines_note(eval_log, damaged)}; rewritten without them")
     dropped = keep_metrics_until(os.path.join(run_dir, "metrics.jsonl"), step)
     if dropped:
-        logger.info(f"metrics.jsonl: removed {dropped} rows after step {step}, run again now")
+        logger.info(
+            f"metrics.jsonl: removed {dropped} rows after step {step} (run again now) or damaged"
+        )
     for path in write_missing_exports(run_dir, args.milestone_every, args.max_train_steps):
         logger.info(f"wrote the missing EMA export {path}")
 

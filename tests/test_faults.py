@@ -352,3 +352,32 @@ def test_a_truncated_npz_is_one_line_and_exit_code_1(samples_reference, tmp_path
     cmd = [sys.executable, "evaluations/evaluator.py", truncated, str(good), "--device", "cpu",
            "--random-weights-for-tests"]  # fmt: skip
     assert "truncated.npz" in one_line_error(cmd)
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupts
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_ctrl_c_while_exiting_is_one_line_and_exit_code_130(tmp_path):
+    """A second Ctrl-C that lands after the run has saved and returned, in the libraries'
+    atexit callbacks, exits at once with 130 and one line (no "Exception ignored" traceback)."""
+    script = tmp_path / "slow_exit.py"
+    script.write_text(
+        "import atexit, sys, time\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from cli import run_main\n"
+        "def teardown():\n"
+        "    print('tearing down', flush=True)\n"
+        "    time.sleep(60)\n"
+        "def main():\n"
+        "    atexit.register(teardown)  # a library's slow teardown\n"
+        "    return 75\n"
+        "run_main(main)\n"
+    )
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout.readline() == "tearing down\n"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err == "slow_exit.py: interrupted\n", err
