@@ -381,3 +381,19 @@ def test_a_ctrl_c_while_exiting_is_one_line_and_exit_code_130(tmp_path):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130 and err == "slow_exit.py: interrupted\n", err
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs that raised tracebacks: one line, exit code 1
+# --------------------------------------------------------------------------------------------
+
+
+def test_garbage_encoder_weights_are_one_line_and_exit_code_1(toy_images, data_dir, tmp_path):
+    garbage = tmp_path / "encoder.pt"
+    garbage.write_bytes(random.Random(SEED).randbytes(4096))
+    expected = f"could not read --enc-weights {garbage}: truncated, corrupt or not a weight file"
+    flags = prepare_flags(toy_images, str(tmp_path / "data"), "--enc-weights", str(garbage))
+    assert expected in one_line_error([sys.executable, "preprocessing/prepare.py", *flags])
+    online = ["--encoder-mode", "online", "--enc-weights", str(garbage)]
+    train = [sys.executable, "train.py", *argv(data_dir, tmp_path, "online", *online)]
+    assert expected in one_line_error(train)
