@@ -18,11 +18,13 @@ import json
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import Dataset
 
 from checkpoints import (
@@ -74,7 +76,7 @@ from run_log import (
 )
 from shards import DatasetError
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
-from utils import EXIT_STOPPED
+from utils import EXIT_STOPPED, ReportedError, exclusive_lock
 
 # Projector options that are flags of the same name (every field of ProjectorConfig but its
 # width); --model-config may not set them too.
@@ -622,11 +624,47 @@ def repair_run_directory(args: argparse.Namespace, step: int, logger: Any) -> No
         logger.info(f"wrote the missing EMA export {path}")
 
 
+def run_lock_path(run_dir: str) -> str:
+    """exps/RUN -> exps/.RUN.lock: beside the run directory, so that a run that fails before its
+    first write leaves the directory absent, and a race to create it is decided under the lock."""
+    parent, name = os.path.split(os.path.normpath(run_dir))
+    return os.path.join(parent, f".{name}.lock")
+
+
+@contextmanager
+def run_directory_lock(run_dir: str, accelerator: Accelerator, dry_run: bool) -> Iterator[None]:
+    """One writer per run directory: the main process holds its lock while the run lives (a dry
+    run writes nothing and takes none). A directory in use is refused on every process."""
+    if dry_run:
+        yield
+        return
+    with ExitStack() as held:
+        refusal: list[str | None] = [None]
+        if accelerator.is_main_process:
+            advice = "wait for it to end, or choose another --exp-name"
+            try:
+                held.enter_context(exclusive_lock(run_lock_path(run_dir), run_dir, advice))
+            except ReportedError as err:
+                refusal = [str(err)]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(refusal)
+        if refusal[0] is not None:
+            raise TrainingError(refusal[0])
+        yield
+
+
 def main(args: argparse.Namespace) -> int:
     """Train; returns the exit code: 0, or EXIT_STOPPED when a signal stopped the run after its
     checkpoint (re-running the command with --resume auto continues it)."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
     accelerator = create_accelerator(args, run_dir)
+    with run_directory_lock(run_dir, accelerator, args.dry_run):
+        return train_into(args, accelerator, run_dir)
+
+
+def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str) -> int:
+    """main's work, under the run directory's lock: what an earlier process left there is
+    cleared only by the holder."""
     resume = resolve_run(run_dir, args.resume)  # before anything is written, on every process
     logger = create_logger(accelerator.is_main_process)
     try:

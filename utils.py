@@ -6,10 +6,12 @@ writes, seeds, the differences between two settings records, and torchrun's proc
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -124,6 +126,37 @@ def remove_temporaries(folder: str, of: str = "") -> list[str]:
     for path in doomed:
         os.remove(path)
     return doomed
+
+
+#################################################################################
+#                                One writer                                     #
+#################################################################################
+
+
+@contextmanager
+def exclusive_lock(path: str, what: str, advice: str) -> Iterator[None]:
+    """Hold an advisory lock (`flock`) on the file `path`, created if needed, while the block
+    runs; the lock file records the holder's PID. A lock held elsewhere is refused at once with
+    a ReportedError naming `what`, the holder's PID and `advice`.
+
+    The kernel drops the lock with the process, so a `kill -9` never leaves a stale lock behind
+    (the file stays, with the dead PID, and is simply taken over)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ReportedError(
+                f"{what} is in use by another process (PID {holder}, lock {path}): {advice}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 #################################################################################

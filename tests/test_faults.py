@@ -173,6 +173,34 @@ def test_train_after_a_full_disk_then_room_equals_an_uninterrupted_run(
     assert_same_run(out / "full-disk", reference)
 
 
+def test_one_writer_per_run_directory(data_dir, train_reference, tmp_path):
+    """A run directory in use is refused in one line naming the holder's PID, before anything
+    in it is touched; the lock dies with its holder, so after a `kill -9` the run resumes."""
+    out, reference = train_reference
+    shutil.copytree(reference, tmp_path / "locked")
+    (tmp_path / "locked" / "checkpoints" / ".0000006.pt.abcd.tmp").write_bytes(b"in progress")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from train import exclusive_lock, run_lock_path;"
+         f"lock = exclusive_lock(run_lock_path({str(tmp_path / 'locked')!r}), 'x', 'y');"
+         "lock.__enter__(); print('held', flush=True); time.sleep(300)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in ([], ["--resume", "auto"]):
+            with pytest.raises(
+                TrainingError, match=f"in use by another process \\(PID {holder.pid},"
+            ):
+                run(*argv(data_dir, tmp_path, "locked", *TRAIN[:-2], *resume))
+        # the holder's save in progress is left alone
+        assert temporaries(tmp_path / "locked" / "checkpoints")
+    finally:
+        holder.kill()
+        holder.wait()
+    run(*argv(data_dir, tmp_path, "locked", *TRAIN))  # the lock died with its holder
+    assert not temporaries(tmp_path / "locked" / "checkpoints")
+
+
 # --------------------------------------------------------------------------------------------
 # preprocessing/prepare.py
 # --------------------------------------------------------------------------------------------
