@@ -18,7 +18,7 @@ import json
 import os
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -32,7 +32,7 @@ from checkpoints import (
     check_resumable,
     load_checkpoint,
     remove_interrupted_saves,
-    resolve_run,
+    resume_checkpoint,
     write_missing_exports,
 )
 from cli import (
@@ -509,7 +509,7 @@ def setup(
         raise TrainingError(str(err)) from None
     model = create_model(args, dataset, dataset[0])
     dataset_id = dataset_identity(dataset.manifest)
-    ckpt = load_checkpoint(resume) if resume else None
+    ckpt = load_checkpoint(resume, verify=False) if resume else None  # verified by main
     if ckpt is not None:  # refuse before any state is touched
         data = {"dataset_size": plan.dataset_size, "dataset_id": dataset_id}
         for unchecked in check_resumable(
@@ -639,18 +639,27 @@ def run_directory_lock(run_dir: str, accelerator: Accelerator, dry_run: bool) ->
         yield
         return
     with ExitStack() as held:
-        refusal: list[str | None] = [None]
-        if accelerator.is_main_process:
-            advice = "wait for it to end, or choose another --exp-name"
-            try:
-                held.enter_context(exclusive_lock(run_lock_path(run_dir), run_dir, advice))
-            except ReportedError as err:
-                refusal = [str(err)]
-        if accelerator.num_processes > 1:
-            broadcast_object_list(refusal)
-        if refusal[0] is not None:
-            raise TrainingError(refusal[0])
+        advice = "wait for it to end, or choose another --exp-name"
+        lock = exclusive_lock(run_lock_path(run_dir), run_dir, advice)
+        decided_by_main(accelerator, lambda: held.enter_context(lock))
         yield
+
+
+def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
+    """`decide()`'s result, computed on the main process and sent to every process; an expected
+    failure there is raised on every process, so that none waits for the others."""
+    outcome: list[Any] = [(None, None)]  # (result, error message)
+    if accelerator.is_main_process:
+        try:
+            outcome = [(decide(), None)]
+        except ReportedError as err:
+            outcome = [(None, str(err))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    result, error = outcome[0]
+    if error is not None:
+        raise TrainingError(error)
+    return result
 
 
 def main(args: argparse.Namespace) -> int:
@@ -665,18 +674,20 @@ def main(args: argparse.Namespace) -> int:
 def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str) -> int:
     """main's work, under the run directory's lock: what an earlier process left there is
     cleared only by the holder."""
-    resume = resolve_run(run_dir, args.resume)  # before anything is written, on every process
     logger = create_logger(accelerator.is_main_process)
+    # Checked against its SHA-256 by the main process (a damaged latest one passed over with
+    # --resume auto), before anything is written; every process resumes the one it chose.
+    resume = [decided_by_main(accelerator, lambda: resume_checkpoint(run_dir, args.resume))]
     try:
         if args.dry_run and not os.path.isdir(args.data_dir):
             error = FileNotFoundError(f"no folder {args.data_dir} (--data-dir)")
             logger.info(plan_without_data(args, accelerator, error))
             return 0
-        trainer, dataset = setup(args, accelerator, resume, logger)
+        trainer, dataset = setup(args, accelerator, resume[0], logger)
         model = trainer.raw  # forward MACs per image, projector included, for MFU
         macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
         if args.dry_run:
-            logger.info(describe(trainer, macs, resume))
+            logger.info(describe(trainer, macs, resume[0]))
             return 0
         # Every process samples for the evaluation; otherwise the main one decodes previews.
         wants_vae = accelerator.is_main_process or args.eval_every > 0
@@ -686,7 +697,7 @@ def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str)
             start_run_directory(args, accelerator, logger)
             repair_run_directory(args, trainer.step, logger)
         accelerator.wait_for_everyone()
-        logger.info(describe(trainer, macs, resume))
+        logger.info(describe(trainer, macs, resume[0]))
         if evaluation is not None:
             evaluation.catch_up()  # the resumed step's evaluation, if a kill interrupted it
         if trainer.step >= args.max_train_steps:

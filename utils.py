@@ -7,6 +7,7 @@ writes, seeds, the differences between two settings records, and torchrun's proc
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -112,6 +113,15 @@ def write_json(path: str, obj: Any, indent: int = 2) -> None:
     atomic_write(path, write)
 
 
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_temporary(name: str, of: str = "") -> bool:
     """Whether file name `name` is a temporary file of `atomic_write` (for the file named `of`,
     when given): what a killed write leaves behind."""
@@ -157,6 +167,43 @@ def exclusive_lock(path: str, what: str, advice: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+#################################################################################
+#                      Sizes: what is asked, what is there                      #
+#################################################################################
+
+
+def readable_size(num_bytes: int) -> str:
+    """1536 -> "1.5 KiB"."""
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} PiB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: a GPU's free memory, or the host's
+    available memory (MemAvailable: free plus what the page cache can give back)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: free pages alone
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def require(what: str, needed: int, available: int, where: str, advice: str) -> None:
+    """Refuse, before allocating or writing anything, a request larger than what is there."""
+    if needed > available:
+        raise InputError(
+            f"{what} needs at least {readable_size(needed)} of {where}, and "
+            f"{readable_size(available)} is available: {advice}"
+        )
 
 
 #################################################################################

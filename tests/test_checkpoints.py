@@ -61,7 +61,8 @@ def test_round_trip_with_weights_only(tmp_path):
     for key, value in ema.state_dict().items():
         assert torch.equal(state["ema"][key], value)
     assert state["opt"]["state"]  # AdamW moments survived
-    assert os.listdir(tmp_path / "ckpt") == ["0001234.pt"]  # no temporary files left
+    # no temporary files left; the checksum beside it
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["0001234.pt", "0001234.pt.sha256"]
 
 
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
@@ -91,10 +92,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(str(path), checkpoint_state(model, model, step=2))
     assert path.read_bytes() == before  # the old checkpoint is intact
-    assert os.listdir(tmp_path) == ["last.pt"]  # and the partial file is gone
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "last.pt.sha256"]  # the partial file is gone
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(str(tmp_path / "new.pt"), checkpoint_state(model, model, step=2))
-    assert os.listdir(tmp_path) == ["last.pt"]  # no partial new file either
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "last.pt.sha256"]  # no partial new file
 
 
 def test_clear_errors_for_missing_corrupt_and_foreign_files(tmp_path):

@@ -201,6 +201,57 @@ def test_one_writer_per_run_directory(data_dir, train_reference, tmp_path):
     assert not temporaries(tmp_path / "locked" / "checkpoints")
 
 
+def flip_bytes(path, count: int = 64) -> None:
+    """Damage a file in place: `count` bytes in its middle inverted (a tensor's in a checkpoint)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_and_exports_carry_a_sha256_in_sha256sums_format(train_reference):
+    folder = train_reference[1] / "checkpoints"
+    files = [name for name in names(folder) if not name.endswith(".sha256")]
+    assert files == ["0000004-ema.safetensors", "0000004.pt", "0000006-ema.safetensors",
+                     "0000006.pt"]  # fmt: skip
+    for name in files:
+        recorded = (folder / f"{name}.sha256").read_text()
+        assert recorded == f"{shards.file_sha256(str(folder / name))}  {name}\n"
+
+
+def test_a_damaged_latest_checkpoint_is_passed_over_for_the_one_before(
+    data_dir, train_reference, tmp_path, caplog
+):
+    """64 bytes flipped inside checkpoint 6: --resume auto warns and resumes from checkpoint 4,
+    and the run ends as an uninterrupted one; naming the damaged file is one line."""
+    out, reference = train_reference
+    shutil.copytree(reference, out / "damaged")
+    flip_bytes(out / "damaged" / "checkpoints" / "0000006.pt")
+    named = [sys.executable, "train.py",
+             *argv(data_dir, out, "damaged", *TRAIN[:-1], str(out / "damaged" / "checkpoints" /
+                                                           "0000006.pt"))]  # fmt: skip
+    assert "0000006.pt is damaged: its SHA-256 is" in one_line_error(named)
+    run(*argv(data_dir, out, "damaged", *TRAIN))
+    assert "0000006.pt is damaged" in caplog.text and "the checkpoint before it" in caplog.text
+    assert_same_run(out / "damaged", reference)
+
+
+def test_a_damaged_export_is_refused_by_generate(train_reference, tmp_path, caplog):
+    export = train_reference[1] / "checkpoints" / "0000006-ema.safetensors"
+    damaged = tmp_path / "0000006-ema.safetensors"
+    shutil.copy(export, damaged)
+    shutil.copy(f"{export}.sha256", f"{damaged}.sha256")
+    flip_bytes(damaged)
+    with pytest.raises(ReportedError, match="0000006-ema.safetensors is damaged"):
+        generate.main(generate.parse_args(generate_flags(str(damaged), tmp_path / "samples")))
+    assert not (tmp_path / "samples").exists()
+    alone = tmp_path / "alone" / "0000006-ema.safetensors"  # copied without its checksum
+    alone.parent.mkdir()
+    shutil.copy(export, alone)
+    generate.main(generate.parse_args(generate_flags(str(alone), tmp_path / "samples")))
+    assert "read without being verified" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------
 # preprocessing/prepare.py
 # --------------------------------------------------------------------------------------------
@@ -274,6 +325,51 @@ def test_prepare_after_a_full_disk_then_room_equals_an_uninterrupted_run(
         assert_same_dataset(dest, reference)
     finally:
         shutil.rmtree(dest, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def other_images(toy_images, tmp_path_factory):
+    """Another source with the toy set's file names (and sizes): each image mirrored."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("other-images") / "images"
+    shutil.copytree(toy_images, root)
+    for path in sorted(root.rglob("*.png")):
+        with Image.open(path) as image:
+            mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mirrored.save(path)
+    return str(root)
+
+
+def test_a_destination_refuses_to_continue_or_finish_from_another_source(
+    toy_images, other_images, prepare_reference, tmp_path
+):
+    """A finished dataset, and one killed after its first shard, re-run with another --source
+    holding the same file names: refused in one line; --force builds it anew from the new one.
+    A re-run with nothing to do leaves the manifest as it was."""
+    reference, _ = prepare_reference
+    finished, partial = tmp_path / "finished", tmp_path / "partial"
+    for dest in (finished, partial):
+        shutil.copytree(reference, dest)
+    manifest = finished / shards.MANIFEST
+    written = manifest.stat().st_mtime_ns
+    prepare_main(prepare_args(prepare_flags(toy_images, str(finished), *PREPARE_EXTRA)))
+    assert manifest.stat().st_mtime_ns == written  # nothing to do: not rewritten
+    os.remove(partial / shards.MANIFEST)  # killed after its first shard
+    for shard in (1, 2, 3):
+        os.remove(shards.sidecar_path(str(partial), shard))
+    for dest in (finished, partial):
+        flags = prepare_flags(other_images, str(dest), *PREPARE_EXTRA)
+        with pytest.raises(ReportedError, match="made from another --source.*--force"):
+            prepare_main(prepare_args(flags))
+        assert manifest.stat().st_mtime_ns == written
+    prepare_main(prepare_args(prepare_flags(other_images, str(partial), *PREPARE_EXTRA, "--force")))
+    fresh = tmp_path / "fresh"
+    prepare_main(prepare_args(prepare_flags(other_images, str(fresh), *PREPARE_EXTRA)))
+    assert names(partial / "shards") == names(fresh / "shards")
+    _, mismatch, errors = filecmp.cmpfiles(partial / "shards", fresh / "shards",
+                                           names(fresh / "shards"), shallow=False)  # fmt: skip
+    assert not mismatch and not errors
 
 
 # --------------------------------------------------------------------------------------------
