@@ -6,6 +6,7 @@ every stored value is compared with the stand-in networks applied to an independ
 
 from __future__ import annotations
 
+import builtins
 import errno
 import io
 import json
@@ -593,6 +594,36 @@ def test_disk_full_when_flushing_a_shard(folder, built, tmp_path):
 
     dest = str(tmp_path / "full")
     fill_disk_then_resume(folder, built, dest, shards, "_fsync", no_space_in_shard_1, 1)
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails with ENOSPC (buffered above it, the bytes in
+    the buffer fail again when the file is closed)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def test_disk_full_while_writing_pngs_says_what_is_needed_and_free(folder, built, tmp_path):
+    real_open = builtins.open
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        if mode == "wb" and str(path).endswith("-00001.png.bin.tmp"):
+            return io.BufferedWriter(FullDisk(real_open(path, "wb", buffering=0)))
+        return real_open(path, mode, *args, **kwargs)
+
+    dest = str(tmp_path / "full")
+    fill_disk_then_resume(folder, built, dest, builtins, "open", open_on_a_full_disk, 1)
 
 
 def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
