@@ -55,7 +55,7 @@ from run_log import read_jsonl
 from samplers import guidance_active
 from sampling import PRESETS, SAMPLING_DEFAULTS, balanced_labels, generate_latents, to_uint8
 from trainer import Trainer
-from utils import atomic_write
+from utils import atomic_write, available_memory, require
 
 EVAL_FILE = "eval.jsonl"
 EVAL_SEED = 0  # generate.py's default --global-seed
@@ -285,6 +285,22 @@ class Reference:
             self.dinov2 = gaussian(gathered[2])
 
 
+def check_reference_size(path: str, resolution: int) -> None:
+    """Refuse a reference whose images are not the samples' size: the feature networks resize
+    both, so the metrics would come out, comparing two resolutions without a word."""
+    try:
+        with open_image_array(path) as images:
+            height, width = images.shape[1:3]
+    except EvaluationError as err:
+        raise TrainingError(f"--eval-ref: {err}") from err
+    if (height, width) != (resolution, resolution):
+        raise TrainingError(
+            f"--eval-ref {path} holds {height}×{width} images, the samples are "
+            f"{resolution}×{resolution} (--resolution): use a reference of that size (ADM's "
+            f"for ImageNet {resolution}, or one made by evaluations/make_reference.py)"
+        )
+
+
 def fid_name(num_samples: int) -> str:
     """FID-10K, FID-50K, or FID-<n> for other counts."""
     return f"FID-{num_samples // 1000}K" if num_samples % 1000 == 0 else f"FID-{num_samples}"
@@ -326,6 +342,11 @@ class PeriodicEvaluation:
         if args.eval_samples % num_classes:
             raise TrainingError(f"--eval-samples {args.eval_samples} is not a multiple of the "
                                 f"{num_classes} classes (the labels are balanced)")  # fmt: skip
+        # the features of every sample are gathered on the main process (float32, at least)
+        per_sample = 4 * sum(self.nets.dims) + 16
+        require(f"--eval-samples {args.eval_samples}", args.eval_samples * per_sample,
+                available_memory(torch.device("cpu")), "memory for the features of every "
+                "sample", "lower --eval-samples (10000: FID-10K)")  # fmt: skip
         self.sampler = sampler_settings(args)
         self.labels = balanced_labels(args.eval_samples, num_classes, EVAL_SEED)
         settings = eval_settings(args)
@@ -464,6 +485,7 @@ def create_evaluation(
     for flag, path in files.items():
         if path is not None and not os.path.isfile(path):
             raise TrainingError(f"{flag}: no file {path!r}")
+    check_reference_size(args.eval_ref, args.resolution)
     nets = load_feature_nets(args, trainer.accelerator.device)
     reference = Reference.load(args.eval_ref, nets)
     macs = count_macs(trainer.ema, trainer.ema.latent_shape[-1], include_projectors=False)

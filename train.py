@@ -76,8 +76,9 @@ from run_log import (
 )
 from shards import DatasetError
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
-from utils import EXIT_STOPPED, ReportedError, exclusive_lock
+from utils import EXIT_STOPPED, ReportedError, available_memory, exclusive_lock, require
 
+CPU = torch.device("cpu")
 # Projector options that are flags of the same name (every field of ProjectorConfig but its
 # width); --model-config may not set them too.
 PROJECTOR_FLAGS = tuple(name for name in PROJECTOR_FIELDS if name != "projector_dim")
@@ -461,18 +462,40 @@ def model_arguments(args: argparse.Namespace, input_size: int, num_classes: int)
 
 
 def create_model(
-    args: argparse.Namespace, dataset: Any, sample: dict[str, Any]
+    args: argparse.Namespace,
+    dataset: Any,
+    sample: dict[str, Any],
+    device: torch.device = CPU,
+    processes: int = 1,
 ) -> AlignedDiffusionTransformer:
     """Build the model from the flags, the dataset (classes, latent size) and --model-config.
-    Initialised from --seed, so every process and every run with that seed starts alike."""
+    Initialised from --seed, so every process and every run with that seed starts alike.
+    Refused first if it cannot fit `device` (trained by `processes`)."""
     kwargs = model_arguments(args, sample["moments"].shape[-1], dataset.num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(args.seed)  # the model is built on the CPU
         try:
+            with torch.device("meta"):  # its size first: no memory, no initialisation
+                parameters = build_model(args.model, **kwargs).num_parameters()
+            check_model_memory(args, parameters, device, processes)
             model = build_model(args.model, **kwargs)
         except (TypeError, ValueError) as err:
             raise TrainingError(f"cannot build {args.model}: {err}") from err
     return model
+
+
+def check_model_memory(
+    args: argparse.Namespace, parameters: int, device: torch.device, processes: int
+) -> None:
+    """Refuse a model the memory cannot hold before it is allocated: each process builds it and
+    its EMA on the CPU (fp32), then holds weights, EMA, gradients and AdamW's two moments on its
+    device (sharded: a 1/N share of them)."""
+    what = f"{args.model} with {parameters / 1e6:.4g} M parameters"
+    advice = "choose a smaller --model or --model-config"
+    require(what, 8 * parameters, available_memory(CPU), "host memory (model and EMA)", advice)
+    if device.type != "cpu":
+        share = 16 * parameters // processes
+        require(what, share, available_memory(device), f"{device} memory", advice)
 
 
 def load_encoders(args: argparse.Namespace, device: torch.device) -> list[RepresentationEncoder]:
@@ -507,7 +530,7 @@ def setup(
         )
     except ValueError as err:  # the global batch does not split, or exceeds the dataset
         raise TrainingError(str(err)) from None
-    model = create_model(args, dataset, dataset[0])
+    model = create_model(args, dataset, dataset[0], accelerator.device, accelerator.num_processes)
     dataset_id = dataset_identity(dataset.manifest)
     ckpt = load_checkpoint(resume, verify=False) if resume else None  # verified by main
     if ckpt is not None:  # refuse before any state is touched

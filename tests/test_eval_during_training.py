@@ -378,6 +378,21 @@ def test_damaged_log_lines_are_skipped_then_repaired_by_a_resume(
     assert "skipped 2 damaged line(s) (2, 4)" in (tmp_path / "damaged" / "log.txt").read_text()
 
 
+def test_an_impossible_evaluation_size_or_a_reference_of_another_size_is_refused(
+    data_dir, toy_images, reference, tmp_path
+):
+    """Before the first step: --eval-samples beyond memory (a raw allocation error before), and
+    a reference of 32-px images against 64-px samples (accepted without a word before)."""
+    huge = [*EVAL[:2], "--eval-samples", "100000000000", *EVAL[4:]]
+    with pytest.raises(InputError, match="--eval-samples 100000000000 needs at least .* memory"):
+        run(*argv(data_dir, tmp_path, "huge", *RUN, "--eval-ref", reference, *huge))
+    small = str(tmp_path / "ref32.npz")
+    make_reference(toy_images, small, TinyInceptionForTests(), resolution=32)
+    with pytest.raises(TrainingError, match="holds 32×32 images, the samples are 64×64"):
+        run(*argv(data_dir, tmp_path, "small", *RUN, "--eval-ref", small, *EVAL))
+    assert not (tmp_path / "huge").exists() and not (tmp_path / "small").exists()
+
+
 def test_curves_refuse_an_unknown_figure_format_and_a_file_as_results(tmp_path):
     (tmp_path / EVAL_FILE).write_text(json.dumps({"step": 1, "fid": 3.0}) + "\n")
     with pytest.raises(InputError, match=r"--out .*x\.xyz: a figure is written as .*png"):

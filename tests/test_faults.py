@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import filecmp
+import json
 import os
 import random
 import shutil
@@ -521,3 +522,33 @@ def test_garbage_encoder_weights_are_one_line_and_exit_code_1(toy_images, data_d
     online = ["--encoder-mode", "online", "--enc-weights", str(garbage)]
     train = [sys.executable, "train.py", *argv(data_dir, tmp_path, "online", *online)]
     assert expected in one_line_error(train)
+
+
+# --------------------------------------------------------------------------------------------
+# Impossible sizes: refused before anything is allocated, saying what was asked and what is there
+# --------------------------------------------------------------------------------------------
+
+
+def test_more_samples_than_the_disk_holds_are_refused_before_sampling(
+    samples_reference, tmp_path, monkeypatch
+):
+    ckpt, _ = samples_reference
+    free = 1000  # bytes: less than 8 images of 64×64×3
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=free))
+    with pytest.raises(ReportedError, match="--num-fid-samples 8 needs at least 96.0 KiB of disk"):
+        generate.main(generate.parse_args(generate_flags(ckpt, tmp_path / "samples")))
+    monkeypatch.undo()
+    huge = [*generate_flags(ckpt, tmp_path / "samples"), "--num-fid-samples", "100000000000"]
+    with pytest.raises(ReportedError, match=r"needs at least 1\.\d PiB of disk .* is available"):
+        generate.main(generate.parse_args(huge))
+    assert not (tmp_path / "samples").exists()
+
+
+def test_a_model_larger_than_memory_is_refused_before_it_is_built(data_dir, tmp_path):
+    huge = json.dumps({"hidden_size": 100_000_000, "depths": [1, 2, 1], "num_heads": 2})
+    flags = argv(data_dir, tmp_path, "huge", "--model-config", huge)
+    with pytest.raises(ReportedError, match=r"SiTDown with .* M parameters needs at least .* of "
+                                            r"host memory .* is available"):  # fmt: skip
+        run(*flags)
+    assert not (tmp_path / "huge").exists()
