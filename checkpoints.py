@@ -38,6 +38,7 @@ first, and a failed write says what was kept. After a kill, `remove_interrupted_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +46,9 @@ import pickle
 import random
 import re
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -200,8 +204,7 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
         )
 
     def write(tmp: str) -> None:
-        torch.save(state, tmp)
-        write_checksum(path, file_sha256(tmp))  # read back from the page cache
+        write_checksum(path, hashed_while_written(tmp, lambda: torch.save(state, tmp)))
 
     atomic_write(path, write)
 
@@ -220,6 +223,50 @@ logger = logging.getLogger("u-repa.checkpoints")
 
 class DamagedCheckpoint(InputError):
     """A checkpoint or export whose bytes differ from its recorded SHA-256."""
+
+
+class FileFollower(threading.Thread):
+    """Hashes a file as another thread writes it, front to back: reads what has been written
+    so far (from the page cache), waits for more, and ends once told the writer has finished."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True)
+        self.path, self.digest = path, hashlib.sha256()
+        self.writer_done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                while True:
+                    finished = self.writer_done.is_set()  # before the read: nothing is missed
+                    if block := f.read(HASH_BLOCK):
+                        self.digest.update(block)  # hashlib releases the GIL on large blocks
+                    elif finished:
+                        return
+                    else:
+                        time.sleep(0.005)
+        except BaseException as err:  # raised in the writer's thread by `hashed_while_written`
+            self.error = err
+
+
+HASH_BLOCK = 16 << 20
+
+
+def hashed_while_written(path: str, write: Callable[[], None]) -> str:
+    """Run `write()`, which writes the existing file `path` in place, front to back (torch.save
+    does; safetensors replaces the file), and return the file's SHA-256, computed by a thread
+    while it is written: the hash overlaps the write instead of following it."""
+    follower = FileFollower(path)
+    follower.start()
+    try:
+        write()
+    finally:
+        follower.writer_done.set()
+        follower.join()
+    if follower.error is not None:
+        raise follower.error
+    return follower.digest.hexdigest()
 
 
 def checksum_path(path: str) -> str:
@@ -287,8 +334,8 @@ def export_ema_safetensors(
     }
 
     def write(tmp: str) -> None:
-        save_file(tensors, tmp, metadata=metadata)
-        write_checksum(path, file_sha256(tmp))  # read back from the page cache
+        save_file(tensors, tmp, metadata=metadata)  # replaces the file: not followed as written
+        write_checksum(path, file_sha256(tmp))  # read back from the page cache (milestones only)
 
     atomic_write(path, write)
 
