@@ -700,17 +700,17 @@ def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str)
     logger = create_logger(accelerator.is_main_process)
     # Checked against its SHA-256 by the main process (a damaged latest one passed over with
     # --resume auto), before anything is written; every process resumes the one it chose.
-    resume = [decided_by_main(accelerator, lambda: resume_checkpoint(run_dir, args.resume))]
+    resume = decided_by_main(accelerator, lambda: resume_checkpoint(run_dir, args.resume))
     try:
         if args.dry_run and not os.path.isdir(args.data_dir):
             error = FileNotFoundError(f"no folder {args.data_dir} (--data-dir)")
             logger.info(plan_without_data(args, accelerator, error))
             return 0
-        trainer, dataset = setup(args, accelerator, resume[0], logger)
+        trainer, dataset = setup(args, accelerator, resume, logger)
         model = trainer.raw  # forward MACs per image, projector included, for MFU
         macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
         if args.dry_run:
-            logger.info(describe(trainer, macs, resume[0]))
+            logger.info(describe(trainer, macs, resume))
             return 0
         # Every process samples for the evaluation; otherwise the main one decodes previews.
         wants_vae = accelerator.is_main_process or args.eval_every > 0
@@ -720,7 +720,7 @@ def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str)
             start_run_directory(args, accelerator, logger)
             repair_run_directory(args, trainer.step, logger)
         accelerator.wait_for_everyone()
-        logger.info(describe(trainer, macs, resume[0]))
+        logger.info(describe(trainer, macs, resume))
         if evaluation is not None:
             evaluation.catch_up()  # the resumed step's evaluation, if a kill interrupted it
         if trainer.step >= args.max_train_steps:
