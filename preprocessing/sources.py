@@ -196,7 +196,11 @@ class ImageSource:
                 yield name, info.file_size, info.CRC
             return
         for name in map(bytes.decode, self.files):
-            stat = os.stat(os.path.join(self.source, name))
+            try:
+                stat = os.stat(os.path.join(self.source, name))
+            except OSError:  # a broken link: excluded when it fails to decode, with the reason
+                yield name, -1, -1
+                continue
             yield name, stat.st_size, stat.st_mtime_ns
 
     def fingerprint(self) -> str:

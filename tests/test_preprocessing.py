@@ -288,6 +288,16 @@ def test_links_are_followed_but_no_folder_twice(tmp_path, caplog):
     assert skipped == ["a/again:", "a/loop:", "a/sub/back:", "a/up:"]
 
 
+def test_the_source_identity_follows_sizes_and_times_and_survives_a_broken_link(tmp_path):
+    root = tmp_path / "src"
+    write_images(root, "a/0.png", "b/0.png")
+    (root / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # excluded when decoded
+    before = ImageSource(str(root)).identity()
+    assert ImageSource(str(root)).identity() == before  # listing it again changes nothing
+    os.utime(root / "a" / "0.png", ns=(1, 1))  # touched: the same bytes, another time
+    assert ImageSource(str(root)).identity() != before
+
+
 def test_unreadable_folder_is_an_error(tmp_path, monkeypatch):
     root = tmp_path / "src"
     write_images(root, "a/0.png", "b/sub/1.png")
