@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import random
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 from checkpoints import (
     checkpoint_state,
     export_ema_safetensors,
@@ -254,3 +256,24 @@ def test_format_1_lognormal_reads_as_the_distribution_it_drew(tmp_path):
         assert loaded["format"] == "u-repa/2" and loaded["args"]["weighting"] == read_as
         model = load_model_for_sampling(str(tmp_path / "old.pt"))
         assert model.checkpoint_args["weighting"] == read_as
+
+
+def test_a_file_is_hashed_while_it_is_written_or_read_back_if_it_was_replaced(tmp_path):
+    path = str(tmp_path / "f.bin")
+    open(path, "wb").close()
+    data = os.urandom(3 * checkpoints.HASH_BLOCK + 5)
+
+    def write_in_place() -> None:
+        with open(path, "r+b") as f:
+            for start in range(0, len(data), 1 << 20):
+                f.write(data[start : start + (1 << 20)])
+                f.flush()
+
+    def replace() -> None:
+        other = str(tmp_path / "other.bin")
+        with open(other, "wb") as f:
+            f.write(data)
+        os.replace(other, path)
+
+    for write in (write_in_place, replace):
+        assert checkpoints.hashed_while_written(path, write) == hashlib.sha256(data).hexdigest()
