@@ -10,6 +10,7 @@ reason. Checks between flags stay in each script's own `validate_args`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -155,6 +156,8 @@ def exit_now_on_ctrl_c(program: str) -> None:
     ("Exception ignored in atexit callback"). Everything worth keeping is saved by then."""
 
     def exit_interrupted(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(Exception):  # what was printed still reaches a pipe
+            sys.stdout.flush()
         sys.stderr.write(f"{program}: interrupted\n")
         sys.stderr.flush()
         os._exit(EXIT_INTERRUPTED)
