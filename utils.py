@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -150,23 +151,39 @@ def exclusive_lock(path: str, what: str, advice: str) -> Iterator[None]:
     a ReportedError naming `what`, the holder's PID and `advice`.
 
     The kernel drops the lock with the process, so a `kill -9` never leaves a stale lock behind
-    (the file stays, with the dead PID, and is simply taken over)."""
+    (the file stays, with the dead PID, and is simply taken over). A killed process holds it
+    until it has finished exiting, which takes a while for a large one: a held lock is retried
+    for LOCK_WAIT_SECONDS before it is refused."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_within(fd, LOCK_WAIT_SECONDS):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise ReportedError(
                 f"{what} is in use by another process (PID {holder}, lock {path}): {advice}"
-            ) from None
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+LOCK_WAIT_SECONDS = 10.0  # how long a held lock is retried: its holder may be exiting
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """Take the exclusive lock on `fd`, retrying every 50 ms for `seconds`; whether it was."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 #################################################################################

@@ -37,6 +37,7 @@ from test_train import (
 
 import generate
 import shards
+import utils
 from checkpoints import TrainingError, load_checkpoint
 from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
@@ -174,10 +175,11 @@ def test_train_after_a_full_disk_then_room_equals_an_uninterrupted_run(
     assert_same_run(out / "full-disk", reference)
 
 
-def test_one_writer_per_run_directory(data_dir, train_reference, tmp_path):
+def test_one_writer_per_run_directory(data_dir, train_reference, tmp_path, monkeypatch):
     """A run directory in use is refused in one line naming the holder's PID, before anything
     in it is touched; the lock dies with its holder, so after a `kill -9` the run resumes."""
     out, reference = train_reference
+    monkeypatch.setattr(utils, "LOCK_WAIT_SECONDS", 0.5)  # the holder is alive: no need to wait
     shutil.copytree(reference, tmp_path / "locked")
     (tmp_path / "locked" / "checkpoints" / ".0000006.pt.abcd.tmp").write_bytes(b"in progress")
     holder = subprocess.Popen(
@@ -197,8 +199,9 @@ def test_one_writer_per_run_directory(data_dir, train_reference, tmp_path):
         assert temporaries(tmp_path / "locked" / "checkpoints")
     finally:
         holder.kill()
-        holder.wait()
-    run(*argv(data_dir, tmp_path, "locked", *TRAIN))  # the lock died with its holder
+    # at once: the lock is waited for while its killed holder exits
+    run(*argv(data_dir, tmp_path, "locked", *TRAIN))
+    holder.wait()
     assert not temporaries(tmp_path / "locked" / "checkpoints")
 
 
