@@ -33,17 +33,25 @@ whole tensors and distributed again on loading, so that a checkpoint resumes on 
 processes, sharded or not. `save_run_checkpoint` checks the free space
 first, and a failed write says what was kept. After a kill, `remove_interrupted_saves` and
 `write_missing_exports` clear up what the interrupted saves left and lost.
+
+Every checkpoint and export has its SHA-256 beside it (`NAME.sha256`), compared whenever it is
+read; `resume_checkpoint` passes over a damaged latest checkpoint for the one before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import pickle
 import random
 import re
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,7 +70,7 @@ from torch.distributed.fsdp import FSDPModule
 import utils
 from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
-from utils import InputError, ReportedError, atomic_write, dict_differences
+from utils import InputError, ReportedError, atomic_write, dict_differences, file_sha256
 
 CHECKPOINT_FORMAT = "u-repa/2"
 READABLE_FORMATS = ("u-repa/1", CHECKPOINT_FORMAT)
@@ -190,14 +198,132 @@ def load_full_optimizer_state(
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """Write a checkpoint dict (see `checkpoint_state`) atomically."""
+    """Write a checkpoint dict (see `checkpoint_state`) atomically, with its checksum file."""
     missing = [key for key in CHECKPOINT_KEYS if key not in state]
     if missing or state["format"] != CHECKPOINT_FORMAT:
         raise InputError(
             f"not a {CHECKPOINT_FORMAT} checkpoint dict (missing {missing}); build it with "
             "checkpoints.checkpoint_state"
         )
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp: str) -> None:
+        write_checksum(path, hashed_while_written(tmp, lambda: torch.save(state, tmp)))
+
+    atomic_write(path, write)
+
+
+#################################################################################
+#              Checksums: a SHA-256 file beside every checkpoint and export        #
+#################################################################################
+
+# `0000006.pt.sha256` holds "HEX  0000006.pt" (sha256sum's format: `sha256sum -c` checks it).
+# It is written after the data, before the checkpoint is renamed into place: a checkpoint
+# written by this code always has one. One without (earlier code, or copied alone) loads
+# with a warning that it could not be verified.
+CHECKSUM_SUFFIX = ".sha256"
+logger = logging.getLogger("u-repa.checkpoints")
+
+
+class DamagedCheckpoint(InputError):
+    """A checkpoint or export whose bytes differ from its recorded SHA-256."""
+
+
+class FileFollower(threading.Thread):
+    """Hashes a file as another thread writes it, front to back: reads what has been written
+    so far (from the page cache), waits for more, and ends once told the writer has finished."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True)
+        self.path, self.digest = path, hashlib.sha256()
+        self.writer_done = threading.Event()
+        self.error: BaseException | None = None
+        self.followed: tuple[int, int] = (-1, 0)  # (inode, bytes hashed)
+
+    def run(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                while True:
+                    finished = self.writer_done.is_set()  # before the read: nothing is missed
+                    if block := f.read(HASH_BLOCK):
+                        self.digest.update(block)  # hashlib releases the GIL on large blocks
+                        self.followed = (inode, self.followed[1] + len(block))
+                    elif finished:
+                        self.followed = (inode, self.followed[1])
+                        return
+                    else:
+                        time.sleep(0.005)
+        except BaseException as err:  # raised in the writer's thread by `hashed_while_written`
+            self.error = err
+
+
+HASH_BLOCK = 16 << 20
+
+
+def hashed_while_written(path: str, write: Callable[[], None]) -> str:
+    """Run `write()`, which writes the existing file `path` in place, front to back (torch.save
+    does; safetensors replaces the file), and return the file's SHA-256, computed by a thread
+    while it is written: the hash overlaps the write instead of following it."""
+    follower = FileFollower(path)
+    follower.start()
+    try:
+        write()
+    finally:
+        follower.writer_done.set()
+        follower.join()
+    if follower.error is not None:
+        raise follower.error
+    written = os.stat(path)
+    if follower.followed != (written.st_ino, written.st_size):  # replaced, not written in place
+        return file_sha256(path)
+    return follower.digest.hexdigest()
+
+
+def checksum_path(path: str) -> str:
+    return path + CHECKSUM_SUFFIX
+
+
+def write_checksum(path: str, hexdigest: str) -> None:
+    """Record the SHA-256 of the file `path` (atomically, durably) in `path`.sha256."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(f"{hexdigest}  {os.path.basename(path)}\n")
+
+    atomic_write(checksum_path(path), write)
+
+
+def verify_checksum(path: str) -> bool:
+    """Compare the file `path` with its recorded SHA-256: True if they agree, False if none is
+    recorded; a DamagedCheckpoint if they differ. Reads and hashes the whole file (2 to 4 s per
+    GiB on a loaded 2-core CPU, docs/reliability.md)."""
+    recorded = checksum_path(path)
+    if not os.path.exists(recorded):
+        return False
+    with open(recorded) as f:
+        expected = f.read().split(maxsplit=1)[0] if os.path.getsize(recorded) else ""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise DamagedCheckpoint(
+            f"{path} is damaged: its SHA-256 is {actual[:16]}..., {recorded} records "
+            f"{expected[:16] or 'nothing'}... (changed on disk since it was written); use "
+            "another checkpoint"
+        )
+    return True
+
+
+def warn_unverified(path: str) -> None:
+    """Say, once it has loaded, that a U-REPA file had no SHA-256 to be checked against."""
+    logger.warning(f"{path} has no {CHECKSUM_SUFFIX} file beside it (written by earlier code, "
+                   "or copied alone): it was read without being verified")  # fmt: skip
+
+
+def remove_checkpoint(path: str) -> list[str]:
+    """Delete a checkpoint or export and its checksum file; returns what was there."""
+    doomed = [p for p in (path, checksum_path(path)) if os.path.exists(p)]
+    for p in doomed:
+        os.remove(p)
+    return doomed
 
 
 def export_ema_safetensors(
@@ -217,7 +343,12 @@ def export_ema_safetensors(
         "model_kwargs": json.dumps(model_kwargs),
         "args": json.dumps(args or {}, default=str),
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def write(tmp: str) -> None:
+        save_file(tensors, tmp, metadata=metadata)  # replaces the file: not followed as written
+        write_checksum(path, file_sha256(tmp))  # read back from the page cache (milestones only)
+
+    atomic_write(path, write)
 
 
 def rng_state() -> dict[str, Any]:
@@ -277,9 +408,14 @@ def upgrade_args(args: dict[str, Any], file_format: str) -> dict[str, Any]:
     return args
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
+def load_checkpoint(path: str, verify: bool = True) -> dict[str, Any]:
     """Read a training checkpoint written by `save_checkpoint` (weights_only), in the current
-    format (an older one is upgraded, see the module docstring)."""
+    format (an older one is upgraded, see the module docstring). `verify`: check its SHA-256
+    first (False: the caller has)."""
+    if verify and os.path.isfile(path):
+        checked = verify_checksum(path)
+    else:  # compared by the caller, if it was there
+        checked = os.path.exists(checksum_path(path))
     state = torch_load(path)
     if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -289,6 +425,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         )
     state["args"] = upgrade_args(state["args"], state["format"])
     state["format"] = CHECKPOINT_FORMAT
+    if not checked:
+        warn_unverified(path)
     return state
 
 
@@ -377,9 +515,12 @@ def read_sampling_weights(
     """(EMA state dict, model_name, model_kwargs, training args) from any supported file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    checked = verify_checksum(path)  # REPA's files have none
     if path.endswith(".safetensors"):
         state_dict, metadata = _read_safetensors(path)
         if metadata.get("format") in READABLE_FORMATS:
+            if not checked:
+                warn_unverified(path)
             kwargs = json.loads(metadata["model_kwargs"])
             args = upgrade_args(json.loads(metadata["args"]), metadata["format"])
             return state_dict, metadata["model_name"], kwargs, args
@@ -387,6 +528,8 @@ def read_sampling_weights(
         return state_dict, name, kwargs, {}
     obj = torch_load(path)
     if isinstance(obj, dict) and obj.get("format") in READABLE_FORMATS:
+        if not checked:
+            warn_unverified(path)
         args = upgrade_args(obj["args"], obj["format"])
         return _strip_prefixes(obj["ema"]), obj["model_name"], obj["model_kwargs"], args
     return _read_repa_checkpoint(obj, path, model_name)
@@ -495,10 +638,7 @@ def prune_checkpoints(run_dir: str, keep_last: int, milestone_every: int) -> lis
     removed = []
     for step, path in checkpoints.items():
         if step not in keep:
-            for doomed in (path, ema_export_path(path)):
-                if os.path.exists(doomed):
-                    os.remove(doomed)
-                    removed.append(doomed)
+            removed += remove_checkpoint(path) + remove_checkpoint(ema_export_path(path))
     return removed
 
 
@@ -595,24 +735,58 @@ def save_run_checkpoint(
 
 
 def remove_interrupted_saves(run_dir: str) -> list[str]:
-    """Delete the temporary files of saves that a kill stopped midway (`utils.atomic_write`'s,
-    as large as a checkpoint) from the run directory; returns their paths."""
-    return [
-        *utils.remove_temporaries(run_dir),
-        *utils.remove_temporaries(os.path.join(run_dir, "checkpoints")),
+    """Delete what saves that a kill stopped midway left in the run directory: temporary files
+    (`utils.atomic_write`'s, as large as a checkpoint), and checksum files of checkpoints that
+    were never renamed into place. Returns their paths."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    orphans = [
+        os.path.join(folder, name)
+        for name in names
+        if name.endswith(CHECKSUM_SUFFIX) and name.removesuffix(CHECKSUM_SUFFIX) not in names
     ]
+    for path in orphans:
+        os.remove(path)
+    return [*utils.remove_temporaries(run_dir), *utils.remove_temporaries(folder), *orphans]
 
 
 def write_missing_exports(run_dir: str, milestone_every: int, final_step: int) -> list[str]:
     """Write the EMA export of every kept checkpoint that should have one (`export_due`) but
-    has none: a kill or a full disk came between the checkpoint and its export. Returns the
-    exports written."""
-    return [
-        write_ema_export(path, load_checkpoint(path))
-        for step, path in list_checkpoints(run_dir).items()
-        if export_due(step, milestone_every, final_step)
-        and not os.path.exists(ema_export_path(path))
-    ]
+    has none: a kill or a full disk came between the checkpoint and its export. A damaged
+    checkpoint is skipped (the resume has said so). Returns the exports written."""
+    written = []
+    for step, path in list_checkpoints(run_dir).items():
+        if export_due(step, milestone_every, final_step) and not os.path.exists(
+            ema_export_path(path)
+        ):
+            try:
+                written.append(write_ema_export(path, load_checkpoint(path)))
+            except DamagedCheckpoint:
+                continue
+    return written
+
+
+def resume_checkpoint(run_dir: str, resume: str | None) -> str | None:
+    """The checkpoint to resume from (see `resolve_run`), checked against its SHA-256. With
+    --resume auto, a damaged latest checkpoint is passed over, with a warning, for the one
+    before it (the steps after that run again); a named one must be intact."""
+    path = resolve_run(run_dir, resume)
+    if path is None or resume != "auto":
+        if path is not None and os.path.isfile(path):
+            verify_checksum(path)
+        return path
+    candidates = list(list_checkpoints(run_dir).values())[::-1]  # the latest first
+    for path in candidates:
+        try:
+            verify_checksum(path)
+        except DamagedCheckpoint as err:
+            logger.warning(f"{err}: resuming from the checkpoint before it")
+            continue
+        return path
+    raise TrainingError(
+        f"every checkpoint of {run_dir} is damaged (see above): resume from a copy with "
+        "--resume PATH, or start a new run with another --exp-name"
+    )
 
 
 #################################################################################

@@ -10,12 +10,15 @@ reason. Checks between flags stay in each script's own `validate_args`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from types import FrameType
 from typing import Any, NoReturn
 
 from encoders import ENCODER_STANDIN, check_resolution, parse_encoder_list
@@ -135,11 +138,31 @@ def run_main(main: Callable[[], object]) -> NoReturn:
         exit_code: int = getattr(err, "exit_code", EXIT_ERROR)
         kind = "stopped" if exit_code == EXIT_STOPPED else "error"
         print(f"{program}: {kind}: {err}", file=sys.stderr)
+        exit_now_on_ctrl_c(program)
         sys.exit(exit_code)
     except KeyboardInterrupt:
         print(f"{program}: interrupted", file=sys.stderr)
+        exit_now_on_ctrl_c(program)
         sys.exit(EXIT_INTERRUPTED)
+    exit_now_on_ctrl_c(program)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def exit_now_on_ctrl_c(program: str) -> None:
+    """From here on, a Ctrl-C ends the process at once with EXIT_INTERRUPTED and one line.
+
+    The exit runs the libraries' atexit callbacks (process groups, trackers, loggers): Python's
+    default handler would raise KeyboardInterrupt inside one of them and print its traceback
+    ("Exception ignored in atexit callback"). Everything worth keeping is saved by then."""
+
+    def exit_interrupted(signum: int, frame: FrameType | None) -> None:
+        with contextlib.suppress(Exception):  # what was printed still reaches a pipe
+            sys.stdout.flush()
+        sys.stderr.write(f"{program}: interrupted\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    signal.signal(signal.SIGINT, exit_interrupted)
 
 
 #################################################################################

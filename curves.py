@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any, NamedTuple
 
 from cli import run_main
 from periodic_eval import EVAL_FILE, EVAL_PRESETS
+from run_log import damaged_lines_note, read_jsonl
 from sampling import SAMPLING_DEFAULTS
 from utils import InputError
 
@@ -115,11 +117,16 @@ def read_eval_rows(run: str) -> list[dict[str, Any]]:
             f"{run}: no {EVAL_FILE} there; give a run directory of train.py --eval-every N "
             f"(or its {EVAL_FILE})"
         )
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows, damaged = read_jsonl(path)
+    if damaged and path not in REPORTED:  # each file's damage is told once
+        REPORTED.add(path)
+        print(f"curves.py: warning: {damaged_lines_note(path, damaged)}", file=sys.stderr)
     if not rows:
-        raise InputError(f"{path} holds no evaluation yet")
+        raise InputError(f"{path} holds no readable evaluation")
     return sorted(rows, key=lambda row: row["step"])
+
+
+REPORTED: set[str] = set()  # the eval.jsonl files whose damaged lines were reported
 
 
 def run_label(run: str) -> str:
@@ -181,8 +188,7 @@ def our_fid(row: PaperRow, results: str, exps: str) -> tuple[float | None, str]:
     evaluation at that step with that sampler, else (None, '')."""
     path = os.path.join(results, f"{row.exp}-{row.step:07d}-{row.sampler}.json")
     if os.path.isfile(path):
-        with open(path) as f:
-            result = json.load(f)
+        result = read_result(path)
         return result["fid"], f"FID-{result['num_samples'] // 1000}K, {path}"
     online = os.path.join(exps, row.exp, EVAL_FILE)
     preset = "no-guidance" if row.sampler == "nocfg" else row.sampler
@@ -193,6 +199,54 @@ def our_fid(row: PaperRow, results: str, exps: str) -> tuple[float | None, str]:
             if ev["step"] == row.step and same_sampler:
                 return ev["fid"], f"FID-{ev['num_samples']} online, not comparable: {online}"
     return None, ""
+
+
+def read_result(path: str) -> dict[str, Any]:
+    """An evaluator result file (JSON with `fid` and `num_samples`), or a one-line error."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        fid, count = result["fid"], result["num_samples"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise InputError(
+            f"{path} is not an evaluator result (JSON with fid and num_samples: "
+            f"{type(err).__name__}); evaluate the samples again or remove it"
+        ) from None
+    if not isinstance(fid, int | float) or not isinstance(count, int):
+        raise InputError(f"{path}: fid {fid!r} and num_samples {count!r} are not numbers")
+    return result
+
+
+def check_table_sources(results: str, exps: str) -> None:
+    """--results and --exps must be folders (a missing one holds nothing yet; not both): a
+    table read from a file or from nothing would say "not run" on every row without a word."""
+    for flag, folder in (("--results", results), ("--exps", exps)):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise InputError(
+                f"{flag} {folder} is not a folder: give the folder of the "
+                f"{'evaluator results' if flag == '--results' else 'run directories'}"
+            )
+    if not os.path.isdir(results) and not os.path.isdir(exps):
+        raise InputError(
+            f"neither --results {results} nor --exps {exps} is a folder: there is "
+            "nothing to read the table from"
+        )
+
+
+def check_figure_format(out: str) -> None:
+    """--out's extension must be a format matplotlib writes (png, pdf, svg, ...)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(out)[1].lstrip(".").lower()
+    if extension not in formats:
+        raise InputError(
+            f"--out {out}: a figure is written as {', '.join(sorted(formats))} "
+            "(the file name's extension says which)"
+        )
 
 
 def paper_table(table: str, results: str, exps: str) -> str:
@@ -237,9 +291,11 @@ def main(args: argparse.Namespace) -> None:
     if not os.path.isdir(folder):
         raise InputError(f"--out {args.out}: the folder {folder} does not exist; create it first")
     if args.table is not None:
+        check_table_sources(args.results, args.exps)
         with open(args.out, "w") as f:
             f.write(paper_table(args.table, args.results, args.exps))
     else:
+        check_figure_format(args.out)
         fig = curve_figure(load_runs(args.runs, args.metric), args.metric)
         fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")

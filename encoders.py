@@ -316,7 +316,25 @@ def build_vit(name: str, resolution: int, pretrained: str | None = None) -> Any:
 
 def read_checkpoint(path: str) -> dict[str, Any]:
     """A weight file as a dict: safetensors, a torch.save file (weights_only) or a TorchScript
-    archive (OpenAI's CLIP releases; it holds no pickled Python objects)."""
+    archive (OpenAI's CLIP releases; it holds no pickled Python objects). A file that none of
+    them reads is a one-line error."""
+    try:
+        checkpoint = _read_weight_file(path)
+    except InputError:
+        raise
+    except Exception as err:  # each reader fails its own way on garbage: pickle, zip, Rust
+        raise InputError(
+            f"could not read --enc-weights {path}: truncated, corrupt or not a weight file "
+            f"({type(err).__name__}); {RELEASE_HINT}"
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise InputError(
+            f"{path} holds a {type(checkpoint).__name__}, not a state dict; {RELEASE_HINT}"
+        )
+    return checkpoint
+
+
+def _read_weight_file(path: str) -> Any:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -327,12 +345,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
                 with warnings.catch_warnings():  # torch deprecates TorchScript, not its files
                     warnings.simplefilter("ignore", DeprecationWarning)
                     return dict(torch.jit.load(path, map_location="cpu").state_dict())
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise InputError(
-            f"{path} holds a {type(checkpoint).__name__}, not a state dict; {RELEASE_HINT}"
-        )
-    return checkpoint
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def timm_filter(vit: Any) -> Callable[[dict[str, Any], Any], dict[str, Any]]:

@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import zipfile
 from typing import Any
 
@@ -83,12 +84,14 @@ from utils import (
     InputError,
     ReportedError,
     atomic_write,
+    available_memory,
     barrier,
     broadcast_from_rank0,
     close_distributed,
     dict_differences,
     init_distributed,
     remove_temporaries,
+    require,
     write_json,
 )
 
@@ -350,6 +353,29 @@ def check_model(
                          f"{model.in_channels}")  # fmt: skip
 
 
+# Host memory per sample before the first image: its balanced label (a permutation and its
+# remainders, int64) and its place in the lists of indices to sample.
+MEMORY_PER_SAMPLE = 64
+
+
+def check_room(
+    args: argparse.Namespace, model: AlignedDiffusionTransformer, vae: LatentAutoencoder
+) -> None:
+    """Refuse a --num-fid-samples that the disk or the memory cannot hold, before anything is
+    allocated: the .npz alone takes N × H × W × 3 bytes beside the folder."""
+    side = model.latent_shape[-1] * vae.downsample_factor
+    count = args.num_fid_samples
+    folder = os.path.dirname(os.path.abspath(npz_path_of(args.sample_dir)))
+    while not os.path.isdir(folder):  # the free space of the disk it will be on
+        folder = os.path.dirname(folder)
+    advice = "lower --num-fid-samples (50000 for FID-50K)"
+    require(f"--num-fid-samples {count}", count * side * side * 3,
+            shutil.disk_usage(folder).free, f"disk in {folder} for the .npz of {side}×{side} "
+            "images", advice)  # fmt: skip
+    require(f"--num-fid-samples {count}", count * MEMORY_PER_SAMPLE,
+            available_memory(torch.device("cpu")), "memory", advice)  # fmt: skip
+
+
 def generate_samples(
     model: AlignedDiffusionTransformer,
     vae: LatentAutoencoder,
@@ -390,6 +416,7 @@ def main(args: argparse.Namespace) -> None:
         args.path_type = model.checkpoint_args.get("path_type", "linear")
     vae = load_vae(args.vae, device)
     check_model(model, vae, args)
+    check_room(args, model, vae)
     labels = None
     if args.label_sampling == "balanced":
         labels = balanced_labels(args.num_fid_samples, model.num_classes, args.global_seed)

@@ -51,10 +51,11 @@ from evaluations.inputs import ReferenceStatistics, load_dinov2_statistics
 from evaluations.inputs import load_reference_statistics as load_reference
 from evaluations.metrics import GaussianAccumulator, frechet_distance
 from models.summary import count_macs
+from run_log import read_jsonl
 from samplers import guidance_active
 from sampling import PRESETS, SAMPLING_DEFAULTS, balanced_labels, generate_latents, to_uint8
 from trainer import Trainer
-from utils import atomic_write
+from utils import atomic_write, available_memory, require
 
 EVAL_FILE = "eval.jsonl"
 EVAL_SEED = 0  # generate.py's default --global-seed
@@ -128,11 +129,7 @@ def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
 def read_done_steps(run_dir: str, settings: dict[str, Any]) -> set[int]:
     """The steps of eval.jsonl's rows made with `settings` (rows made with others are kept, but
     their steps are evaluated again with these)."""
-    path = os.path.join(run_dir, EVAL_FILE)
-    if not os.path.exists(path):
-        return set()
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(os.path.join(run_dir, EVAL_FILE))[0]  # damaged lines: see train.py
     return {row["step"] for row in rows if all(row.get(k) == v for k, v in settings.items())}
 
 
@@ -288,6 +285,22 @@ class Reference:
             self.dinov2 = gaussian(gathered[2])
 
 
+def check_reference_size(path: str, resolution: int) -> None:
+    """Refuse a reference whose images are not the samples' size: the feature networks resize
+    both, so the metrics would come out, comparing two resolutions without a word."""
+    try:
+        with open_image_array(path) as images:
+            height, width = images.shape[1:3]
+    except EvaluationError as err:
+        raise TrainingError(f"--eval-ref: {err}") from err
+    if (height, width) != (resolution, resolution):
+        raise TrainingError(
+            f"--eval-ref {path} holds {height}×{width} images, the samples are "
+            f"{resolution}×{resolution} (--resolution): use a reference of that size (ADM's "
+            f"for ImageNet {resolution}, or one made by evaluations/make_reference.py)"
+        )
+
+
 def fid_name(num_samples: int) -> str:
     """FID-10K, FID-50K, or FID-<n> for other counts."""
     return f"FID-{num_samples // 1000}K" if num_samples % 1000 == 0 else f"FID-{num_samples}"
@@ -296,14 +309,12 @@ def fid_name(num_samples: int) -> str:
 def training_gpu_hours(run_dir: str, step: int, processes: int) -> float:
     """Training time to `step` × processes, from metrics.jsonl's sec_per_step (which leaves the
     evaluations out), the steps after its last row at that row's rate."""
-    path, seconds, last_step, last_rate = os.path.join(run_dir, "metrics.jsonl"), 0.0, 0, 0.0
-    if os.path.exists(path):
-        with open(path) as f:
-            for row in map(json.loads, f):
-                if row["step"] > step:
-                    break
-                seconds += row["sec_per_step"] * (row["step"] - last_step)
-                last_step, last_rate = row["step"], row["sec_per_step"]
+    seconds, last_step, last_rate = 0.0, 0, 0.0
+    for row in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))[0]:
+        if row["step"] > step:
+            break
+        seconds += row.get("sec_per_step", last_rate) * (row["step"] - last_step)
+        last_step, last_rate = row["step"], row.get("sec_per_step", last_rate)
     seconds += last_rate * (step - last_step)
     return seconds * processes / 3600
 
@@ -331,6 +342,11 @@ class PeriodicEvaluation:
         if args.eval_samples % num_classes:
             raise TrainingError(f"--eval-samples {args.eval_samples} is not a multiple of the "
                                 f"{num_classes} classes (the labels are balanced)")  # fmt: skip
+        # the features of every sample are gathered on the main process (float32, at least)
+        per_sample = 4 * sum(self.nets.dims) + 16
+        require(f"--eval-samples {args.eval_samples}", args.eval_samples * per_sample,
+                available_memory(torch.device("cpu")), "memory for the features of every "
+                "sample", "lower --eval-samples (10000: FID-10K)")  # fmt: skip
         self.sampler = sampler_settings(args)
         self.labels = balanced_labels(args.eval_samples, num_classes, EVAL_SEED)
         settings = eval_settings(args)
@@ -469,6 +485,7 @@ def create_evaluation(
     for flag, path in files.items():
         if path is not None and not os.path.isfile(path):
             raise TrainingError(f"{flag}: no file {path!r}")
+    check_reference_size(args.eval_ref, args.resolution)
     nets = load_feature_nets(args, trainer.accelerator.device)
     reference = Reference.load(args.eval_ref, nets)
     macs = count_macs(trainer.ema, trainer.ema.latent_shape[-1], include_projectors=False)

@@ -54,14 +54,29 @@ def append_jsonl(path: str, record: dict[str, Any]) -> None:
 
 
 def keep_metrics_until(path: str, step: int) -> int:
-    """Drop the rows of steps after `step` from a metrics.jsonl, and a row cut short by a kill:
-    a run resumed from the checkpoint of `step` logs those steps again, so that every step keeps
-    one row. Rewritten atomically, and only if a row goes; returns how many went."""
+    """Drop the rows of steps after `step` from a metrics.jsonl, and damaged lines (a row cut
+    short by a kill, garbage): a run resumed from the checkpoint of `step` logs those steps
+    again, so that every step keeps one row. Rewritten atomically, and only if a line goes;
+    returns how many went."""
+    return rewrite_jsonl(path, lambda row: row is not None and row["step"] <= step)
+
+
+def repair_jsonl(path: str) -> list[int]:
+    """Rewrite a JSON-lines log (eval.jsonl, metrics.jsonl) without its damaged lines,
+    atomically, if it has any; returns their numbers (from 1)."""
+    damaged = read_jsonl(path)[1]
+    rewrite_jsonl(path, lambda row: row is not None)
+    return damaged
+
+
+def rewrite_jsonl(path: str, keep: Callable[[dict[str, Any] | None], bool]) -> int:
+    """Keep the lines of a JSON-lines log whose row (None: damaged) `keep` accepts, rewriting
+    the file atomically if a line goes; returns how many went."""
     if not os.path.exists(path):
         return 0
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if metrics_row_step(line) <= step]
+    kept = [line for line in lines if keep(log_row(line))]
     if len(kept) < len(lines):
 
         def write(tmp: str) -> None:
@@ -72,12 +87,37 @@ def keep_metrics_until(path: str, step: int) -> int:
     return len(lines) - len(kept)
 
 
-def metrics_row_step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinite for a line a kill cut short."""
+def read_jsonl(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a JSON-lines log and the numbers (from 1) of its damaged lines, which are
+    skipped. A missing file has no rows."""
+    if not os.path.exists(path):
+        return [], []
+    rows, damaged = [], []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            row = log_row(line)
+            if row is not None:
+                rows.append(row)
+            elif line.strip():  # a blank line is no row, and no damage either
+                damaged.append(number)
+    return rows, damaged
+
+
+def log_row(line: str) -> dict[str, Any] | None:
+    """A line of metrics.jsonl or eval.jsonl as its row; None if it is damaged: cut short (no
+    newline: a kill, a full disk), not JSON, or not an object with an integer step."""
     try:
-        return json.loads(line)["step"] if line.endswith("\n") else math.inf
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+        row = json.loads(line) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+        return None
+    valid = isinstance(row, dict) and type(row.get("step")) is int
+    return row if valid else None
+
+
+def damaged_lines_note(path: str, damaged: list[int]) -> str:
+    """The report of a log's damaged lines: "PATH: skipped 2 damaged lines (3, 9) ..."."""
+    shown = ", ".join(map(str, damaged[:10])) + (", ..." if len(damaged) > 10 else "")
+    return f"{path}: skipped {len(damaged)} damaged line(s) ({shown}): not a complete JSON row"
 
 
 def format_metrics(step: int, metrics: dict[str, float]) -> str:

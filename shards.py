@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import os
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from utils import ReportedError, atomic_write, write_json
+from utils import ReportedError, atomic_write, file_sha256, readable_size, write_json
 
 FORMAT_NAME = "u-repa-shards"
 FORMAT_VERSION = 1
@@ -108,14 +107,6 @@ def sidecar_path(root: str, shard: int) -> str:
 #################################################################################
 
 
-def file_sha256(path: str, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -140,16 +131,6 @@ def open_npy(path: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
         finally:
             os.close(fd)
     return array
-
-
-def readable_size(num_bytes: int) -> str:
-    """1536 -> "1.5 KiB"."""
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def read_json(path: str) -> Any:
@@ -313,7 +294,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         for f in self._blobs.values():
-            f.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush of its buffer
+                f.close()
+        self._blobs.clear()
         self._arrays.clear()
         remove_stale_temporaries(self.root, self.shard)
 

@@ -18,11 +18,13 @@ import json
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import Dataset
 
 from checkpoints import (
@@ -30,7 +32,7 @@ from checkpoints import (
     check_resumable,
     load_checkpoint,
     remove_interrupted_saves,
-    resolve_run,
+    resume_checkpoint,
     write_missing_exports,
 )
 from cli import (
@@ -62,12 +64,21 @@ from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
-from periodic_eval import EVAL_PRESETS, check_eval_args, create_evaluation
-from run_log import add_log_file, close_logger, create_logger, keep_metrics_until, peak_flops
+from periodic_eval import EVAL_FILE, EVAL_PRESETS, check_eval_args, create_evaluation
+from run_log import (
+    add_log_file,
+    close_logger,
+    create_logger,
+    damaged_lines_note,
+    keep_metrics_until,
+    peak_flops,
+    repair_jsonl,
+)
 from shards import DatasetError
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
-from utils import EXIT_STOPPED
+from utils import EXIT_STOPPED, ReportedError, available_memory, exclusive_lock, require
 
+CPU = torch.device("cpu")
 # Projector options that are flags of the same name (every field of ProjectorConfig but its
 # width); --model-config may not set them too.
 PROJECTOR_FLAGS = tuple(name for name in PROJECTOR_FIELDS if name != "projector_dim")
@@ -472,18 +483,40 @@ def model_arguments(args: argparse.Namespace, input_size: int, num_classes: int)
 
 
 def create_model(
-    args: argparse.Namespace, dataset: Any, sample: dict[str, Any]
+    args: argparse.Namespace,
+    dataset: Any,
+    sample: dict[str, Any],
+    device: torch.device = CPU,
+    processes: int = 1,
 ) -> AlignedDiffusionTransformer:
     """Build the model from the flags, the dataset (classes, latent size) and --model-config.
-    Initialised from --seed, so every process and every run with that seed starts alike."""
+    Initialised from --seed, so every process and every run with that seed starts alike.
+    Refused first if it cannot fit `device` (trained by `processes`)."""
     kwargs = model_arguments(args, sample["moments"].shape[-1], dataset.num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(args.seed)  # the model is built on the CPU
         try:
+            with torch.device("meta"):  # its size first: no memory, no initialisation
+                parameters = build_model(args.model, **kwargs).num_parameters()
+            check_model_memory(args, parameters, device, processes)
             model = build_model(args.model, **kwargs)
         except (TypeError, ValueError) as err:
             raise TrainingError(f"cannot build {args.model}: {err}") from err
     return model
+
+
+def check_model_memory(
+    args: argparse.Namespace, parameters: int, device: torch.device, processes: int
+) -> None:
+    """Refuse a model the memory cannot hold before it is allocated: each process builds it and
+    its EMA on the CPU (fp32), then holds weights, EMA, gradients and AdamW's two moments on its
+    device (sharded: a 1/N share of them)."""
+    what = f"{args.model} with {parameters / 1e6:.4g} M parameters"
+    advice = "choose a smaller --model or --model-config"
+    require(what, 8 * parameters, available_memory(CPU), "host memory (model and EMA)", advice)
+    if device.type != "cpu":
+        share = 16 * parameters // processes
+        require(what, share, available_memory(device), f"{device} memory", advice)
 
 
 def load_encoders(args: argparse.Namespace, device: torch.device) -> list[RepresentationEncoder]:
@@ -518,9 +551,9 @@ def setup(
         )
     except ValueError as err:  # the global batch does not split, or exceeds the dataset
         raise TrainingError(str(err)) from None
-    model = create_model(args, dataset, dataset[0])
+    model = create_model(args, dataset, dataset[0], accelerator.device, accelerator.num_processes)
     dataset_id = dataset_identity(dataset.manifest)
-    ckpt = load_checkpoint(resume) if resume else None
+    ckpt = load_checkpoint(resume, verify=False) if resume else None  # verified by main
     if ckpt is not None:  # refuse before any state is touched
         data = {"dataset_size": plan.dataset_size, "dataset_id": dataset_id}
         for unchecked in check_resumable(
@@ -619,15 +652,59 @@ def start_run_directory(args: argparse.Namespace, accelerator: Accelerator, logg
 def repair_run_directory(args: argparse.Namespace, step: int, logger: Any) -> None:
     """Main process, before anything is saved: clear up after a run that was killed. The
     temporary files of its interrupted saves go, the metrics of steps after `step` (run again
-    now) go, and EMA exports lost between a checkpoint and its export are written again."""
+    now) go, damaged lines of metrics.jsonl and eval.jsonl go, and EMA exports lost between a
+    checkpoint and its export are written again."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
     for path in remove_interrupted_saves(run_dir):
         logger.info(f"removed {path}, left by a save that was interrupted")
+    eval_log = os.path.join(run_dir, EVAL_FILE)
+    if damaged := repair_jsonl(eval_log):
+        logger.warning(f"{damaged_lines_note(eval_log, damaged)}; rewritten without them")
     dropped = keep_metrics_until(os.path.join(run_dir, "metrics.jsonl"), step)
     if dropped:
-        logger.info(f"metrics.jsonl: removed {dropped} rows after step {step}, run again now")
+        logger.info(
+            f"metrics.jsonl: removed {dropped} rows after step {step} (run again now) or damaged"
+        )
     for path in write_missing_exports(run_dir, args.milestone_every, args.max_train_steps):
         logger.info(f"wrote the missing EMA export {path}")
+
+
+def run_lock_path(run_dir: str) -> str:
+    """exps/RUN -> exps/.RUN.lock: beside the run directory, so that a run that fails before its
+    first write leaves the directory absent, and a race to create it is decided under the lock."""
+    parent, name = os.path.split(os.path.normpath(run_dir))
+    return os.path.join(parent, f".{name}.lock")
+
+
+@contextmanager
+def run_directory_lock(run_dir: str, accelerator: Accelerator, dry_run: bool) -> Iterator[None]:
+    """One writer per run directory: the main process holds its lock while the run lives (a dry
+    run writes nothing and takes none). A directory in use is refused on every process."""
+    if dry_run:
+        yield
+        return
+    with ExitStack() as held:
+        advice = "wait for it to end, or choose another --exp-name"
+        lock = exclusive_lock(run_lock_path(run_dir), run_dir, advice)
+        decided_by_main(accelerator, lambda: held.enter_context(lock))
+        yield
+
+
+def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
+    """`decide()`'s result, computed on the main process and sent to every process; an expected
+    failure there is raised on every process, so that none waits for the others."""
+    outcome: list[Any] = [(None, None)]  # (result, error message)
+    if accelerator.is_main_process:
+        try:
+            outcome = [(decide(), None)]
+        except ReportedError as err:
+            outcome = [(None, str(err))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome)
+    result, error = outcome[0]
+    if error is not None:
+        raise TrainingError(error)
+    return result
 
 
 def main(args: argparse.Namespace) -> int:
@@ -635,8 +712,17 @@ def main(args: argparse.Namespace) -> int:
     checkpoint (re-running the command with --resume auto continues it)."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
     accelerator = create_accelerator(args, run_dir)
-    resume = resolve_run(run_dir, args.resume)  # before anything is written, on every process
+    with run_directory_lock(run_dir, accelerator, args.dry_run):
+        return train_into(args, accelerator, run_dir)
+
+
+def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str) -> int:
+    """main's work, under the run directory's lock: what an earlier process left there is
+    cleared only by the holder."""
     logger = create_logger(accelerator.is_main_process)
+    # Checked against its SHA-256 by the main process (a damaged latest one passed over with
+    # --resume auto), before anything is written; every process resumes the one it chose.
+    resume = decided_by_main(accelerator, lambda: resume_checkpoint(run_dir, args.resume))
     try:
         if args.dry_run and not os.path.isdir(args.data_dir):
             error = FileNotFoundError(f"no folder {args.data_dir} (--data-dir)")

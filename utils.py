@@ -6,10 +6,14 @@ writes, seeds, the differences between two settings records, and torchrun's proc
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -110,6 +114,15 @@ def write_json(path: str, obj: Any, indent: int = 2) -> None:
     atomic_write(path, write)
 
 
+def file_sha256(path: str, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def is_temporary(name: str, of: str = "") -> bool:
     """Whether file name `name` is a temporary file of `atomic_write` (for the file named `of`,
     when given): what a killed write leaves behind."""
@@ -124,6 +137,90 @@ def remove_temporaries(folder: str, of: str = "") -> list[str]:
     for path in doomed:
         os.remove(path)
     return doomed
+
+
+#################################################################################
+#                                One writer                                     #
+#################################################################################
+
+
+@contextmanager
+def exclusive_lock(path: str, what: str, advice: str) -> Iterator[None]:
+    """Hold an advisory lock (`flock`) on the file `path`, created if needed, while the block
+    runs; the lock file records the holder's PID. A lock held elsewhere is refused at once with
+    a ReportedError naming `what`, the holder's PID and `advice`.
+
+    The kernel drops the lock with the process, so a `kill -9` never leaves a stale lock behind
+    (the file stays, with the dead PID, and is simply taken over). A killed process holds it
+    until it has finished exiting, which takes a while for a large one: a held lock is retried
+    for LOCK_WAIT_SECONDS before it is refused."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _lock_within(fd, LOCK_WAIT_SECONDS):
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ReportedError(
+                f"{what} is in use by another process (PID {holder}, lock {path}): {advice}"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+LOCK_WAIT_SECONDS = 10.0  # how long a held lock is retried: its holder may be exiting
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """Take the exclusive lock on `fd`, retrying every 50 ms for `seconds`; whether it was."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+#################################################################################
+#                      Sizes: what is asked, what is there                      #
+#################################################################################
+
+
+def readable_size(num_bytes: int) -> str:
+    """1536 -> "1.5 KiB"."""
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024:
+            return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} PiB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: a GPU's free memory, or the host's
+    available memory (MemAvailable: free plus what the page cache can give back)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: free pages alone
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def require(what: str, needed: int, available: int, where: str, advice: str) -> None:
+    """Refuse, before allocating or writing anything, a request larger than what is there."""
+    if needed > available:
+        raise InputError(
+            f"{what} needs at least {readable_size(needed)} of {where}, and "
+            f"{readable_size(available)} is available: {advice}"
+        )
 
 
 #################################################################################

@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import sys
 from datetime import timedelta
 from typing import Any
@@ -134,6 +135,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                        help="decoding workers per process")
     group.add_argument("--dry-run", action="store_true",
                        help="list the source, check --dest, print the plan; load and write nothing")
+    group.add_argument("--force", action="store_true",
+                       help="delete the dataset that --dest holds (made by this script, from "
+                            "another --source or with other settings) and build it anew")
 # fmt: on
 
 
@@ -197,6 +201,7 @@ def build_settings(args: argparse.Namespace, source: ImageSource) -> dict[str, A
         "labels": "labels-file" if args.labels else "class-folders",
         "num_files": len(source),
         "files_sha256": source.fingerprint(),
+        "source_identity": source.identity(),
     }
 
 
@@ -225,9 +230,9 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join([shards.PREPARE, *map(shlex.quote, flags)])
 
 
-def check_destination(dest: str, settings: dict[str, Any]) -> bool:
-    """True if `dest` already holds (part of) this dataset, False if it is new; an error if it
-    holds something else."""
+def check_destination(dest: str, settings: dict[str, Any], force: bool = False) -> bool:
+    """True if `dest` already holds (part of) this dataset, False if it is new (or, `force`,
+    holds a dataset of this script to build anew); an error if it holds something else."""
     if os.path.exists(dest) and not os.path.isdir(dest):
         raise InputError(f"--dest {dest!r} exists and is not a directory")
     path = os.path.join(dest, shards.SETTINGS)
@@ -238,14 +243,22 @@ def check_destination(dest: str, settings: dict[str, Any]) -> bool:
                 "not made by this script. Choose a new or empty directory."
             )
         return False
+    if force:
+        return False
     on_disk = shards.read_json(path)["settings"]
+    if on_disk.get("source_identity") != settings["source_identity"]:
+        raise InputError(
+            f"--dest {dest!r} was made from another --source (or its files changed since: "
+            "their names, sizes or modification times differ); its shards would be mixed "
+            "with this one's. Use a new --dest, or pass --force to delete it and build it anew."
+        )
     differences = dict_differences(on_disk, settings, "on disk", "now")
     if differences:
         raise InputError(
             f"--dest {dest!r} was built with other settings:\n  "
             + "\n  ".join(differences)
-            + f"\nUse a new --dest, re-run with the original settings to resume, or delete "
-            f"{dest!r} to rebuild it."
+            + f"\nUse a new --dest, re-run with the original settings to resume, or pass "
+            f"--force to delete {dest!r} and rebuild it."
         )
     return True
 
@@ -376,7 +389,7 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     settings = build_settings(args, source)
     modalities = build_modalities(args)
     ranges = shard_ranges(len(source), args.shard_size)
-    resuming = check_destination(args.dest, settings)
+    resuming = check_destination(args.dest, settings, args.force)
     pending = [
         shard
         for shard in range(len(ranges))
@@ -409,21 +422,48 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     barrier()  # every shard is published
     manifest = None
     if rank == 0:
-        manifest = finalize(args, source, settings, modalities, len(ranges))
+        manifest = finished_manifest(args.dest, pending)
+        if manifest is None:
+            manifest = finalize(args, source, settings, modalities, len(ranges))
     close_distributed()
+    return manifest
+
+
+def finished_manifest(dest: str, pending: list[int]) -> dict[str, Any] | None:
+    """The manifest of a dataset that had nothing left to do, as it is: rewriting it would only
+    change where it says it came from (the shards are what they were)."""
+    path = os.path.join(dest, shards.MANIFEST)
+    if pending or not os.path.exists(path):
+        return None
+    logger.info("%s is complete: nothing to do", dest)
+    manifest: dict[str, Any] = shards.read_json(path)
     return manifest
 
 
 def prepare_destination(
     args: argparse.Namespace, settings: dict[str, Any], pending: list[int]
 ) -> None:
-    """Rank 0, before any shard is written: record the settings, drop what a killed run left."""
+    """Rank 0, before any shard is written: (--force: delete the dataset there,) record the
+    settings, drop what a killed run left."""
+    if args.force:
+        remove_dataset(args.dest)
     os.makedirs(args.dest, exist_ok=True)
     remove_temporaries(args.dest)  # a killed JSON write
     record = {"settings": settings, "command": command_line(args)}
     write_json(os.path.join(args.dest, shards.SETTINGS), record)
     if pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
         os.remove(os.path.join(args.dest, shards.MANIFEST))  # stale until every shard is back
+
+
+def remove_dataset(dest: str) -> None:
+    """--force: delete what this script writes into `dest` (its shard folder, settings and
+    manifest, their temporary files), nothing else."""
+    shutil.rmtree(os.path.join(dest, shards.SHARD_DIR), ignore_errors=True)
+    for name in (shards.MANIFEST, shards.SETTINGS):
+        if os.path.exists(os.path.join(dest, name)):
+            os.remove(os.path.join(dest, name))
+    if os.path.isdir(dest):
+        remove_temporaries(dest)
 
 
 def finalize(

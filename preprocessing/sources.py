@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -174,6 +175,33 @@ class ImageSource:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_zip": None}
+
+    def identity(self) -> str:
+        """SHA-256 of what the listed files are: each one's path, size and modification time
+        (in a zip: its entry's size and CRC-32). One `stat` per file and no read (seconds for
+        ImageNet's 1.28M files); a file replaced, edited or touched changes it, and so does
+        another source that holds the same names."""
+        digest = hashlib.sha256()
+        for path, size, stamp in self._file_stamps():
+            digest.update(f"{path}\t{size}\t{stamp}\n".encode())
+        return digest.hexdigest()
+
+    def _file_stamps(self) -> Iterator[tuple[str, int, int]]:
+        """(path, size, mtime in ns, or a zip entry's CRC-32) of every listed file."""
+        if self.is_zip:
+            with zipfile.ZipFile(self.source) as z:
+                entries = {info.filename: info for info in z.infolist()}
+            for name in map(bytes.decode, self.files):
+                info = entries[self.prefix + name]
+                yield name, info.file_size, info.CRC
+            return
+        for name in map(bytes.decode, self.files):
+            try:
+                stat = os.stat(os.path.join(self.source, name))
+            except OSError:  # a broken link: excluded when it fails to decode, with the reason
+                yield name, -1, -1
+                continue
+            yield name, stat.st_size, stat.st_mtime_ns
 
     def fingerprint(self) -> str:
         """SHA-256 of the (path, label) list: what decides the content of every shard."""

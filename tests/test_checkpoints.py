@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import random
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 from checkpoints import (
     checkpoint_state,
     export_ema_safetensors,
@@ -61,7 +63,8 @@ def test_round_trip_with_weights_only(tmp_path):
     for key, value in ema.state_dict().items():
         assert torch.equal(state["ema"][key], value)
     assert state["opt"]["state"]  # AdamW moments survived
-    assert os.listdir(tmp_path / "ckpt") == ["0001234.pt"]  # no temporary files left
+    # no temporary files left; the checksum beside it
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["0001234.pt", "0001234.pt.sha256"]
 
 
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
@@ -91,10 +94,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(str(path), checkpoint_state(model, model, step=2))
     assert path.read_bytes() == before  # the old checkpoint is intact
-    assert os.listdir(tmp_path) == ["last.pt"]  # and the partial file is gone
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "last.pt.sha256"]  # the partial file is gone
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(str(tmp_path / "new.pt"), checkpoint_state(model, model, step=2))
-    assert os.listdir(tmp_path) == ["last.pt"]  # no partial new file either
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "last.pt.sha256"]  # no partial new file
 
 
 def test_clear_errors_for_missing_corrupt_and_foreign_files(tmp_path):
@@ -256,3 +259,24 @@ def test_format_1_lognormal_reads_as_the_distribution_it_drew(tmp_path):
         assert loaded["format"] == "u-repa/2" and loaded["args"]["weighting"] == read_as
         model = load_model_for_sampling(str(tmp_path / "old.pt"))
         assert model.checkpoint_args["weighting"] == read_as
+
+
+def test_a_file_is_hashed_while_it_is_written_or_read_back_if_it_was_replaced(tmp_path):
+    path = str(tmp_path / "f.bin")
+    open(path, "wb").close()
+    data = os.urandom(3 * checkpoints.HASH_BLOCK + 5)
+
+    def write_in_place() -> None:
+        with open(path, "r+b") as f:
+            for start in range(0, len(data), 1 << 20):
+                f.write(data[start : start + (1 << 20)])
+                f.flush()
+
+    def replace() -> None:
+        other = str(tmp_path / "other.bin")
+        with open(other, "wb") as f:
+            f.write(data)
+        os.replace(other, path)
+
+    for write in (write_in_place, replace):
+        assert checkpoints.hashed_while_written(path, write) == hashlib.sha256(data).hexdigest()

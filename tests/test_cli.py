@@ -4,6 +4,7 @@ through every entry point that takes them."""
 from __future__ import annotations
 
 import argparse
+import signal
 
 import pytest
 
@@ -142,8 +143,12 @@ def test_generate_refuses_a_non_finite_cfg_scale(bad, capsys):
 def exit_of(main, argv, monkeypatch, capsys):
     """(exit code, stderr) of cli.run_main(main) run as `prog.py ARGV`."""
     monkeypatch.setattr("sys.argv", ["prog.py", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(main)
+    ctrl_c = signal.getsignal(signal.SIGINT)  # run_main ends the process at a later Ctrl-C
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_main(main)
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
     return exit_info.value.code, capsys.readouterr().err
 
 

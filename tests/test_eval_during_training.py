@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,6 +353,65 @@ def test_paper_tables_hold_the_scripts_numbers_and_ours_beside_them(tmp_path):
     assert lines[4].startswith("| w = 0 | 100,000 | ablation | 6.25 | not run |")
     assert lines[5].startswith("| w = 2 | 100,000 | ablation | 5.81 | 7.50 | FID-10000 online")
     assert lines[6].startswith("| w = 3 (default) | 100,000 | ablation | 5.72 | 5.70 | FID-50K")
+
+
+def test_damaged_log_lines_are_skipped_then_repaired_by_a_resume(
+    data_dir, evaluated, reference, tmp_path, capsys
+):
+    """A garbage line and a row cut short in eval.jsonl, garbage in metrics.jsonl: curves.py
+    draws the readable rows and reports the damage once; a resume rewrites both files without
+    the damaged lines instead of stopping."""
+    shutil.copytree(evaluated / "evaluated", tmp_path / "damaged")
+    eval_log, metrics_log = tmp_path / "damaged" / EVAL_FILE, tmp_path / "damaged" / "metrics.jsonl"
+    good_eval, good_metrics = eval_log.read_text(), metrics_log.read_text()
+    eval_log.write_text(good_eval.replace("\n", "\nnot json\n", 1) + '{"step": 3, "fi')
+    metrics_log.write_text(good_metrics.replace("\n", '\n{"step": [1]}\n', 1) + "\x00\x00")
+    runs = [str(tmp_path / "damaged"), str(tmp_path / "damaged")]  # the same file twice
+    curves.main(curves.parse_args([*runs, "--out", str(tmp_path / "c.png")]))
+    err = capsys.readouterr().err
+    assert err.count("skipped 2 damaged line(s) (2, 4)") == 1, err
+    fig = curves.curve_figure(curves.load_runs(runs[:1], "fid"), "fid")
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2]
+    run(*argv(data_dir, tmp_path, "damaged", *RUN, "--eval-ref", reference, *EVAL,
+              "--resume", "auto"))  # fmt: skip
+    assert eval_log.read_text() == good_eval and metrics_log.read_text() == good_metrics
+    assert "skipped 2 damaged line(s) (2, 4)" in (tmp_path / "damaged" / "log.txt").read_text()
+
+
+def test_an_impossible_evaluation_size_or_a_reference_of_another_size_is_refused(
+    data_dir, toy_images, reference, tmp_path
+):
+    """Before the first step: --eval-samples beyond memory (a raw allocation error before), and
+    a reference of 32-px images against 64-px samples (accepted without a word before)."""
+    huge = [*EVAL[:2], "--eval-samples", "100000000000", *EVAL[4:]]
+    with pytest.raises(InputError, match="--eval-samples 100000000000 needs at least .* memory"):
+        run(*argv(data_dir, tmp_path, "huge", *RUN, "--eval-ref", reference, *huge))
+    small = str(tmp_path / "ref32.npz")
+    make_reference(toy_images, small, TinyInceptionForTests(), resolution=32)
+    with pytest.raises(TrainingError, match="holds 32×32 images, the samples are 64×64"):
+        run(*argv(data_dir, tmp_path, "small", *RUN, "--eval-ref", small, *EVAL))
+    assert not (tmp_path / "huge").exists() and not (tmp_path / "small").exists()
+
+
+def test_curves_refuse_an_unknown_figure_format_and_a_file_as_results(tmp_path):
+    (tmp_path / EVAL_FILE).write_text(json.dumps({"step": 1, "fid": 3.0}) + "\n")
+    with pytest.raises(InputError, match=r"--out .*x\.xyz: a figure is written as .*png"):
+        curves.main(curves.parse_args([str(tmp_path), "--out", str(tmp_path / "x.xyz")]))
+    not_a_folder = tmp_path / "results.json"
+    not_a_folder.write_text("{}")
+    with pytest.raises(InputError, match="--results .*results.json is not a folder"):
+        curves.main(curves.parse_args(["--table", "5", "--results", str(not_a_folder),
+                                       "--out", str(tmp_path / "t.md")]))  # fmt: skip
+    nowhere = [str(tmp_path / "none"), "--exps", str(tmp_path / "none")]
+    with pytest.raises(InputError, match="nothing to read the table from"):
+        curves.main(curves.parse_args(["--table", "5", "--results", *nowhere,
+                                       "--out", str(tmp_path / "t.md")]))  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "sitdown-xl2-urepa-0100000-ablation.json").write_text('{"fid": ')
+    with pytest.raises(InputError, match="is not an evaluator result"):
+        curves.main(curves.parse_args(["--table", "8", "--results", str(results),
+                                       "--out", str(tmp_path / "t.md")]))  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import filecmp
+import json
 import os
 import random
 import shutil
@@ -36,6 +37,7 @@ from test_train import (
 
 import generate
 import shards
+import utils
 from checkpoints import TrainingError, load_checkpoint
 from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
@@ -173,6 +175,87 @@ def test_train_after_a_full_disk_then_room_equals_an_uninterrupted_run(
     assert_same_run(out / "full-disk", reference)
 
 
+def test_one_writer_per_run_directory(data_dir, train_reference, tmp_path, monkeypatch):
+    """A run directory in use is refused in one line naming the holder's PID, before anything
+    in it is touched; the lock dies with its holder, so after a `kill -9` the run resumes."""
+    out, reference = train_reference
+    monkeypatch.setattr(utils, "LOCK_WAIT_SECONDS", 0.5)  # the holder is alive: no need to wait
+    shutil.copytree(reference, tmp_path / "locked")
+    (tmp_path / "locked" / "checkpoints" / ".0000006.pt.abcd.tmp").write_bytes(b"in progress")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from train import exclusive_lock, run_lock_path;"
+         f"lock = exclusive_lock(run_lock_path({str(tmp_path / 'locked')!r}), 'x', 'y');"
+         "lock.__enter__(); print('held', flush=True); time.sleep(300)"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in ([], ["--resume", "auto"]):
+            with pytest.raises(
+                TrainingError, match=f"in use by another process \\(PID {holder.pid},"
+            ):
+                run(*argv(data_dir, tmp_path, "locked", *TRAIN[:-2], *resume))
+        # the holder's save in progress is left alone
+        assert temporaries(tmp_path / "locked" / "checkpoints")
+    finally:
+        holder.kill()
+    # at once: the lock is waited for while its killed holder exits
+    run(*argv(data_dir, tmp_path, "locked", *TRAIN))
+    holder.wait()
+    assert not temporaries(tmp_path / "locked" / "checkpoints")
+
+
+def flip_bytes(path, count: int = 64) -> None:
+    """Damage a file in place: `count` bytes in its middle inverted (a tensor's in a checkpoint)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + count] = bytes(b ^ 0xFF for b in data[middle : middle + count])
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_and_exports_carry_a_sha256_in_sha256sums_format(train_reference):
+    folder = train_reference[1] / "checkpoints"
+    files = [name for name in names(folder) if not name.endswith(".sha256")]
+    assert files == ["0000004-ema.safetensors", "0000004.pt", "0000006-ema.safetensors",
+                     "0000006.pt"]  # fmt: skip
+    for name in files:
+        recorded = (folder / f"{name}.sha256").read_text()
+        assert recorded == f"{shards.file_sha256(str(folder / name))}  {name}\n"
+
+
+def test_a_damaged_latest_checkpoint_is_passed_over_for_the_one_before(
+    data_dir, train_reference, tmp_path, caplog
+):
+    """64 bytes flipped inside checkpoint 6: --resume auto warns and resumes from checkpoint 4,
+    and the run ends as an uninterrupted one; naming the damaged file is one line."""
+    out, reference = train_reference
+    shutil.copytree(reference, out / "damaged")
+    flip_bytes(out / "damaged" / "checkpoints" / "0000006.pt")
+    named = [sys.executable, "train.py",
+             *argv(data_dir, out, "damaged", *TRAIN[:-1], str(out / "damaged" / "checkpoints" /
+                                                           "0000006.pt"))]  # fmt: skip
+    assert "0000006.pt is damaged: its SHA-256 is" in one_line_error(named)
+    run(*argv(data_dir, out, "damaged", *TRAIN))
+    assert "0000006.pt is damaged" in caplog.text and "the checkpoint before it" in caplog.text
+    assert_same_run(out / "damaged", reference)
+
+
+def test_a_damaged_export_is_refused_by_generate(train_reference, tmp_path, caplog):
+    export = train_reference[1] / "checkpoints" / "0000006-ema.safetensors"
+    damaged = tmp_path / "0000006-ema.safetensors"
+    shutil.copy(export, damaged)
+    shutil.copy(f"{export}.sha256", f"{damaged}.sha256")
+    flip_bytes(damaged)
+    with pytest.raises(ReportedError, match="0000006-ema.safetensors is damaged"):
+        generate.main(generate.parse_args(generate_flags(str(damaged), tmp_path / "samples")))
+    assert not (tmp_path / "samples").exists()
+    alone = tmp_path / "alone" / "0000006-ema.safetensors"  # copied without its checksum
+    alone.parent.mkdir()
+    shutil.copy(export, alone)
+    generate.main(generate.parse_args(generate_flags(str(alone), tmp_path / "samples")))
+    assert "read without being verified" in caplog.text
+
+
 # --------------------------------------------------------------------------------------------
 # preprocessing/prepare.py
 # --------------------------------------------------------------------------------------------
@@ -246,6 +329,51 @@ def test_prepare_after_a_full_disk_then_room_equals_an_uninterrupted_run(
         assert_same_dataset(dest, reference)
     finally:
         shutil.rmtree(dest, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def other_images(toy_images, tmp_path_factory):
+    """Another source with the toy set's file names (and sizes): each image mirrored."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("other-images") / "images"
+    shutil.copytree(toy_images, root)
+    for path in sorted(root.rglob("*.png")):
+        with Image.open(path) as image:
+            mirrored = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        mirrored.save(path)
+    return str(root)
+
+
+def test_a_destination_refuses_to_continue_or_finish_from_another_source(
+    toy_images, other_images, prepare_reference, tmp_path
+):
+    """A finished dataset, and one killed after its first shard, re-run with another --source
+    holding the same file names: refused in one line; --force builds it anew from the new one.
+    A re-run with nothing to do leaves the manifest as it was."""
+    reference, _ = prepare_reference
+    finished, partial = tmp_path / "finished", tmp_path / "partial"
+    for dest in (finished, partial):
+        shutil.copytree(reference, dest)
+    manifest = finished / shards.MANIFEST
+    written = manifest.stat().st_mtime_ns
+    prepare_main(prepare_args(prepare_flags(toy_images, str(finished), *PREPARE_EXTRA)))
+    assert manifest.stat().st_mtime_ns == written  # nothing to do: not rewritten
+    os.remove(partial / shards.MANIFEST)  # killed after its first shard
+    for shard in (1, 2, 3):
+        os.remove(shards.sidecar_path(str(partial), shard))
+    for dest in (finished, partial):
+        flags = prepare_flags(other_images, str(dest), *PREPARE_EXTRA)
+        with pytest.raises(ReportedError, match="made from another --source.*--force"):
+            prepare_main(prepare_args(flags))
+        assert manifest.stat().st_mtime_ns == written
+    prepare_main(prepare_args(prepare_flags(other_images, str(partial), *PREPARE_EXTRA, "--force")))
+    fresh = tmp_path / "fresh"
+    prepare_main(prepare_args(prepare_flags(other_images, str(fresh), *PREPARE_EXTRA)))
+    assert names(partial / "shards") == names(fresh / "shards")
+    _, mismatch, errors = filecmp.cmpfiles(partial / "shards", fresh / "shards",
+                                           names(fresh / "shards"), shallow=False)  # fmt: skip
+    assert not mismatch and not errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,3 +480,78 @@ def test_a_truncated_npz_is_one_line_and_exit_code_1(samples_reference, tmp_path
     cmd = [sys.executable, "evaluations/evaluator.py", truncated, str(good), "--device", "cpu",
            "--random-weights-for-tests"]  # fmt: skip
     assert "truncated.npz" in one_line_error(cmd)
+
+
+# --------------------------------------------------------------------------------------------
+# Interrupts
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_ctrl_c_while_exiting_is_one_line_and_exit_code_130(tmp_path):
+    """A second Ctrl-C that lands after the run has saved and returned, in the libraries'
+    atexit callbacks, exits at once with 130 and one line (no "Exception ignored" traceback)."""
+    script = tmp_path / "slow_exit.py"
+    script.write_text(
+        "import atexit, sys, time\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "from cli import run_main\n"
+        "def teardown():\n"
+        "    print('tearing down', flush=True)\n"
+        "    time.sleep(60)\n"
+        "def main():\n"
+        "    atexit.register(teardown)  # a library's slow teardown\n"
+        "    return 75\n"
+        "run_main(main)\n"
+    )
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout.readline() == "tearing down\n"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err == "slow_exit.py: interrupted\n", err
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs that raised tracebacks: one line, exit code 1
+# --------------------------------------------------------------------------------------------
+
+
+def test_garbage_encoder_weights_are_one_line_and_exit_code_1(toy_images, data_dir, tmp_path):
+    garbage = tmp_path / "encoder.pt"
+    garbage.write_bytes(random.Random(SEED).randbytes(4096))
+    expected = f"could not read --enc-weights {garbage}: truncated, corrupt or not a weight file"
+    flags = prepare_flags(toy_images, str(tmp_path / "data"), "--enc-weights", str(garbage))
+    assert expected in one_line_error([sys.executable, "preprocessing/prepare.py", *flags])
+    online = ["--encoder-mode", "online", "--enc-weights", str(garbage)]
+    train = [sys.executable, "train.py", *argv(data_dir, tmp_path, "online", *online)]
+    assert expected in one_line_error(train)
+
+
+# --------------------------------------------------------------------------------------------
+# Impossible sizes: refused before anything is allocated, saying what was asked and what is there
+# --------------------------------------------------------------------------------------------
+
+
+def test_more_samples_than_the_disk_holds_are_refused_before_sampling(
+    samples_reference, tmp_path, monkeypatch
+):
+    ckpt, _ = samples_reference
+    free = 1000  # bytes: less than 8 images of 64×64×3
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(path)._replace(free=free))
+    with pytest.raises(ReportedError, match="--num-fid-samples 8 needs at least 96.0 KiB of disk"):
+        generate.main(generate.parse_args(generate_flags(ckpt, tmp_path / "samples")))
+    monkeypatch.undo()
+    huge = [*generate_flags(ckpt, tmp_path / "samples"), "--num-fid-samples", "100000000000"]
+    with pytest.raises(ReportedError, match=r"needs at least 1\.\d PiB of disk .* is available"):
+        generate.main(generate.parse_args(huge))
+    assert not (tmp_path / "samples").exists()
+
+
+def test_a_model_larger_than_memory_is_refused_before_it_is_built(data_dir, tmp_path):
+    huge = json.dumps({"hidden_size": 100_000_000, "depths": [1, 2, 1], "num_heads": 2})
+    flags = argv(data_dir, tmp_path, "huge", "--model-config", huge)
+    with pytest.raises(ReportedError, match=r"SiTDown with .* M parameters needs at least .* of "
+                                            r"host memory .* is available"):  # fmt: skip
+        run(*flags)
+    assert not (tmp_path / "huge").exists()

@@ -6,6 +6,7 @@ every stored value is compared with the stand-in networks applied to an independ
 
 from __future__ import annotations
 
+import builtins
 import errno
 import io
 import json
@@ -285,6 +286,16 @@ def test_links_are_followed_but_no_folder_twice(tmp_path, caplog):
     assert source.labels.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
     skipped = sorted(r.getMessage().split()[2] for r in caplog.records)
     assert skipped == ["a/again:", "a/loop:", "a/sub/back:", "a/up:"]
+
+
+def test_the_source_identity_follows_sizes_and_times_and_survives_a_broken_link(tmp_path):
+    root = tmp_path / "src"
+    write_images(root, "a/0.png", "b/0.png")
+    (root / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # excluded when decoded
+    before = ImageSource(str(root)).identity()
+    assert ImageSource(str(root)).identity() == before  # listing it again changes nothing
+    os.utime(root / "a" / "0.png", ns=(1, 1))  # touched: the same bytes, another time
+    assert ImageSource(str(root)).identity() != before
 
 
 def test_unreadable_folder_is_an_error(tmp_path, monkeypatch):
@@ -593,6 +604,36 @@ def test_disk_full_when_flushing_a_shard(folder, built, tmp_path):
 
     dest = str(tmp_path / "full")
     fill_disk_then_resume(folder, built, dest, shards, "_fsync", no_space_in_shard_1, 1)
+
+
+class FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails with ENOSPC (buffered above it, the bytes in
+    the buffer fail again when the file is closed)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def test_disk_full_while_writing_pngs_says_what_is_needed_and_free(folder, built, tmp_path):
+    real_open = builtins.open
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):
+        if mode == "wb" and str(path).endswith("-00001.png.bin.tmp"):
+            return io.BufferedWriter(FullDisk(real_open(path, "wb", buffering=0)))
+        return real_open(path, mode, *args, **kwargs)
+
+    dest = str(tmp_path / "full")
+    fill_disk_then_resume(folder, built, dest, builtins, "open", open_on_a_full_disk, 1)
 
 
 def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):

@@ -516,7 +516,9 @@ def test_run_directory_checkpoints_logs_and_previews(data_dir, tmp_path):
     run_dir = tmp_path / "full-run"
     # Last 1 + milestones (4), each milestone and the final step with an EMA export.
     assert sorted(os.listdir(run_dir / "checkpoints")) == [
-        "0000004-ema.safetensors", "0000004.pt", "0000006-ema.safetensors", "0000006.pt",
+        "0000004-ema.safetensors", "0000004-ema.safetensors.sha256", "0000004.pt",
+        "0000004.pt.sha256", "0000006-ema.safetensors", "0000006-ema.safetensors.sha256",
+        "0000006.pt", "0000006.pt.sha256",
     ]  # fmt: skip
     ckpt = checkpoint(tmp_path, "full-run", 6)
     assert ckpt["format"] == "u-repa/2" and ckpt["step"] == 6
@@ -619,7 +621,7 @@ def test_lost_ema_exports_are_written_again_by_the_next_run(data_dir, tmp_path, 
         run(*argv(data_dir, tmp_path, "lost", *extra, "--resume", "auto"))
     monkeypatch.undo()
     folder, straight = tmp_path / "lost" / "checkpoints", tmp_path / "straight" / "checkpoints"
-    assert os.listdir(folder) == ["0000002.pt"]
+    assert sorted(os.listdir(folder)) == ["0000002.pt", "0000002.pt.sha256"]
     run(*argv(data_dir, tmp_path, "lost", *extra, "--resume", "auto"))  # resumes at step 2
     names = ["0000002-ema.safetensors", "0000004-ema.safetensors"]
     for name in names:  # the flags differ by --exp-name and --resume
@@ -681,7 +683,10 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_p
     with pytest.raises(TrainingError, match="the loss was not finite at step 4") as err:
         run(*argv(data_dir, tmp_path, "nan", "--max-train-steps", "6", "--log-every", "10"))
     assert "0000002.pt" in str(err.value)
-    assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == ["0000002.pt"]
+    assert sorted(os.listdir(tmp_path / "nan" / "checkpoints")) == [
+        "0000002.pt",
+        "0000002.pt.sha256",
+    ]
 
 
 def test_nonfinite_steps_can_be_skipped(data_dir, tmp_path, monkeypatch):
@@ -707,7 +712,10 @@ def test_failed_save_is_a_clear_error_and_keeps_the_previous_checkpoint(
     with pytest.raises(TrainingError, match="could not write the checkpoint of step 4") as err:
         run(*argv(data_dir, tmp_path, "full-disk", "--max-train-steps", "6"))
     assert "No space left on device" in str(err.value) and "0000002.pt) is intact" in str(err.value)
-    assert sorted(os.listdir(tmp_path / "full-disk" / "checkpoints")) == ["0000002.pt"]
+    assert sorted(os.listdir(tmp_path / "full-disk" / "checkpoints")) == [
+        "0000002.pt",
+        "0000002.pt.sha256",
+    ]
     assert checkpoint(tmp_path, "full-disk", 2)["step"] == 2
 
 
@@ -757,7 +765,9 @@ def test_a_full_disk_says_what_was_kept_and_how_to_continue(data_dir, tmp_path, 
         assert re.search(r"needs [\d.]+ MiB, 0.1 MiB are free", message), message
     else:
         assert ("file write failed" if how == "RuntimeError" else "No space left") in message
-    assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == ["0000002.pt"]  # no .tmp
+    assert sorted(os.listdir(tmp_path / "full" / "checkpoints")) == [  # no .tmp
+        "0000002.pt", "0000002.pt.sha256"
+    ]  # fmt: skip
 
 
 def test_a_full_disk_at_the_export_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -772,7 +782,9 @@ def test_a_full_disk_at_the_export_keeps_the_checkpoint(data_dir, tmp_path, monk
     with pytest.raises(TrainingError, match="the checkpoint of step 4 is saved") as err:
         run(*argv(data_dir, tmp_path, "export", "--milestone-every", "4"))
     assert "StorageFull" in str(err.value) and "--resume auto" in str(err.value)
-    assert sorted(os.listdir(tmp_path / "export" / "checkpoints")) == ["0000002.pt", "0000004.pt"]
+    assert sorted(os.listdir(tmp_path / "export" / "checkpoints")) == [
+        "0000002.pt", "0000002.pt.sha256", "0000004.pt", "0000004.pt.sha256"
+    ]  # fmt: skip
 
 
 def test_a_corrupt_checkpoint_is_one_line_and_exit_code_1(data_dir, tmp_path):
@@ -804,6 +816,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     output = process.communicate(timeout=120)[0].decode()
     assert process.returncode == EXIT_STOPPED == 75, output  # a scheduler tells it from the end
     assert "stopped by a signal after step" in output
-    steps = sorted(int(n[:7]) for n in os.listdir(tmp_path / "term" / "checkpoints"))
+    steps = sorted(int(n[:7]) for n in os.listdir(tmp_path / "term" / "checkpoints")
+                   if n.endswith(".pt"))  # fmt: skip
     assert len(steps) == 1 and steps[0] >= 2
     assert metrics(tmp_path, "term")[-1]["step"] == steps[0]
