@@ -68,7 +68,7 @@ from run_log import (
     track_image,
 )
 from samplers import VelocityOnly, euler_sampler
-from speed import check_compiled_gradients, compile_for_training
+from speed import GradientCheck, check_compiled_gradients, compile_for_training
 
 if TYPE_CHECKING:  # periodic_eval imports this module
     from periodic_eval import PeriodicEvaluation
@@ -271,18 +271,23 @@ def micro_batch_losses(trainer: Trainer, batch: dict[str, Any]) -> dict[str, Ten
     )
 
 
-def check_compilation(trainer: Trainer, batch: dict[str, Any], logger: Any) -> None:
-    """--compile-check: the compiled and the eager gradients of the first micro-batch compared
-    once (`speed.check_compiled_gradients`), before the first step; a disagreement beyond what
-    the precision explains stops the run in one line naming the worst parameter."""
+def compiled_gradient_check(trainer: Trainer, batch: dict[str, Any]) -> GradientCheck:
+    """`speed.check_compiled_gradients` on the micro-batch `batch`, in the run's precision."""
     acc = trainer.accelerator
     tf32 = acc.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    result = check_compiled_gradients(
+    return check_compiled_gradients(
         trainer.model,
         lambda: micro_batch_losses(trainer, batch)["total"],
         acc.autocast,
         low_precision=acc.mixed_precision != "no" or tf32,
     )
+
+
+def check_compilation(trainer: Trainer, batch: dict[str, Any], logger: Any) -> None:
+    """--compile-check: the compiled and the eager gradients of the first micro-batch compared
+    once, before the first step; a disagreement beyond what the precision explains stops the
+    run in one line naming the worst parameter."""
+    result = compiled_gradient_check(trainer, batch)
     logger.info(result.line())
     if not result.passed:
         raise TrainingError(

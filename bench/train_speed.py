@@ -48,7 +48,6 @@ import torch
 from accelerate.state import AcceleratorState
 from torch import Tensor
 
-import speed
 import train
 from bench.common import (
     CUDA_ONLY,
@@ -80,7 +79,15 @@ from frozen import encoder_dim, sample_latents
 from models.layers import sdpa_backend
 from models.summary import count_macs
 from run_log import create_logger, peak_flops
-from trainer import Monitor, Trainer, create_trainer, to_device, train_step, update_ema
+from trainer import (
+    Monitor,
+    Trainer,
+    compiled_gradient_check,
+    create_trainer,
+    to_device,
+    train_step,
+    update_ema,
+)
 from utils import InputError
 
 IMAGENET_TRAIN = 1_281_167  # dataset size for the data plan (only the epoch counter uses it)
@@ -383,13 +390,8 @@ def compile_check(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> str:
     train.py runs it before its first step; "not compiled" or "not available" otherwise."""
     if not trainer.args.compile:
         return "not compiled"
-    # HOOK: train.py's start-up compile check, `speed.check_compiled_gradients(trainer,
-    # micro_batches)`, returning its verdict as text (or raising with the worst parameter).
-    check = getattr(speed, "check_compiled_gradients", None)
-    if check is None:
-        return "not available in this version (speed.check_compiled_gradients)"
     try:
-        return str(check(trainer, micro_batches))
+        return compiled_gradient_check(trainer, micro_batches[0]).line()
     except Exception as err:  # the verdict is a figure of the run, not the end of it
         return f"failed: {type(err).__name__}: {err}"
 
