@@ -227,9 +227,10 @@ def add_speed_args(group: FlagGroup, sampling: bool = False) -> None:
                             "numbers)")
 
 
-def resolve_speed_args(args: argparse.Namespace) -> None:
-    """--compile without --compile or --no-compile: on where CUDA is available."""
-    args.compile = resolve_compile(args.compile)
+def resolve_speed_args(args: argparse.Namespace, training: bool = False) -> None:
+    """--compile without --compile or --no-compile: on where CUDA is available (for training,
+    not on a torch whose compiled gradients are known to be wrong, where --compile is refused)."""
+    args.compile = resolve_compile(args.compile, training)
 # fmt: on
 
 

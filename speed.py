@@ -40,6 +40,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.torch_version import TorchVersion
 
 from loss import SILoss
 from run_log import LOGGER_NAME
@@ -47,8 +48,27 @@ from run_log import LOGGER_NAME
 COMPILE_SCOPES = ("blocks", "model")
 
 
-def resolve_compile(flag: bool | None) -> bool:
-    """--compile / --no-compile, or neither (None): compiled where CUDA is available."""
+# The first torch release whose inductor gives the eager gradients for these models and loss:
+# torch 2.13's does not (docs/benchmarks.md, "Compiled = eager"); sampling runs no backward.
+COMPILED_TRAINING_MIN_TORCH = "2.14"
+
+
+def compiled_training_supported(version: str = torch.__version__) -> bool:
+    return TorchVersion(version) >= COMPILED_TRAINING_MIN_TORCH
+
+
+def resolve_compile(flag: bool | None, training: bool = False) -> bool:
+    """--compile / --no-compile, or neither (None): compiled where CUDA is available. For
+    training, --compile is refused on a torch whose compiled gradients are known to be wrong,
+    and the default is off there."""
+    if training and not compiled_training_supported():
+        if flag:
+            raise ValueError(
+                f"--compile: torch {torch.__version__}'s inductor computes wrong gradients for "
+                f"these models (see docs/benchmarks.md); install torch>="
+                f"{COMPILED_TRAINING_MIN_TORCH} or train with --no-compile"
+            )
+        return False
     return torch.cuda.is_available() if flag is None else flag
 
 

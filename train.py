@@ -313,7 +313,7 @@ def validate_args(args: argparse.Namespace) -> None:
     """Checks between flags (each flag's own range is checked by its `type`); resolves
     --mixed-precision auto and --compile, so that checkpoints record what was actually used."""
     args.mixed_precision = resolve_precision(args.mixed_precision)
-    resolve_speed_args(args)
+    resolve_speed_args(args, training=True)
     resolve_compile_update(args)
     parse_encoder_args(args)
     if not args.encoders and args.proj_coeff > 0:

@@ -17,6 +17,7 @@ import torch._dynamo as dynamo
 from torch._dynamo.testing import CompileCounter
 
 import generate
+import speed
 import train
 from loss import SILoss
 from models import build_model
@@ -182,6 +183,22 @@ def test_compile_is_on_by_default_where_cuda_is_available(monkeypatch, tmp_path)
         assert train.parse_args([*train_args, "--mixed-precision", "no", "--compile"]).compile
 
 
+def test_compiled_training_is_refused_on_a_torch_known_to_give_wrong_gradients(
+    monkeypatch, tmp_path, capsys
+):
+    """torch 2.13's inductor: wrong gradients (the tests above fail there); sampling is right."""
+    assert not speed.compiled_training_supported("2.13.0+cu130")
+    assert speed.compiled_training_supported("2.14.1") and speed.compiled_training_supported("2.15")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(speed, "compiled_training_supported", lambda: False)
+    train_args = ["--data-dir", str(tmp_path), "--exp-name", "run", "--mixed-precision", "no"]
+    assert train.parse_args(train_args).compile is False  # the default: off
+    with pytest.raises(SystemExit):
+        train.parse_args([*train_args, "--compile"])
+    assert "inductor computes wrong gradients" in capsys.readouterr().err
+    assert generate.parse_args(["--ckpt", "x.pt", "--sample-dir", str(tmp_path)]).compile
+
+
 def test_each_compilation_is_reported_with_its_time():
     lines: list[str] = []
     report_compile_times(lines.append)
@@ -262,6 +279,12 @@ def test_inductor_forward_and_every_gradient_equal_eager_in_float64(name, kwargs
     assert_relatively_close(compiled_grads, grads, 1e-9, names)
 
 
+@pytest.mark.xfail(
+    not speed.compiled_training_supported(),
+    reason="torch 2.13's inductor: wrong gradients of the compiled loss (why compiled training "
+    "is refused there)",
+    strict=True,
+)
 def test_inductor_loss_equals_the_eager_loss_in_float64():
     """The loss's compiled element-wise part (SILoss.objective), every term and gradient."""
     model = randomized(tiny("SiTDown")).double()
