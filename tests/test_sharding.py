@@ -74,6 +74,22 @@ def test_sharded_runs_equal_one_process_and_resume_across_process_counts(data_di
     assert_runs_agree(checkpoint(tmp_path, "two", 6), checkpoint(tmp_path, "back", 6), exact=False)
 
 
+def test_compiled_sharded_training_equals_eager_unsharded_training(data_dir, tmp_path):
+    """FSDP2 with the blocks and the loss compiled by inductor, in 2 processes, against one
+    eager unsharded process, within the sharding tolerance; the start-up compile check runs
+    once, on every process, before the first step, and passes."""
+    flags = ["--learning-rate", "1e-3", "--max-train-steps", "2"]
+    run(*argv(data_dir, tmp_path, "eager", *flags, "--no-compile"))
+    result = torchrun(
+        argv(data_dir, tmp_path, "compiled", *flags, "--fsdp", "on", "--compile"), timeout=1200
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "update      sharded over the processes (FSDP2)" in result.stdout
+    assert result.stdout.count("compile check: compiled = eager") == 1  # the main process logs
+    assert_runs_agree(checkpoint(tmp_path, "eager", 2), checkpoint(tmp_path, "compiled", 2),
+                      exact=False)  # fmt: skip
+
+
 def test_ema_every_k_steps_is_a_per_tensor_loop_with_decay_to_the_k(data_dir, tmp_path):
     decay, k = 0.8, 3
     tr, args, batches = build_trainer(data_dir, tmp_path, "--ema-decay", str(decay),

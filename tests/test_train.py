@@ -72,12 +72,12 @@ def run(*args: str) -> None:
     train.main(train.parse_args(list(args)))
 
 
-def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     """train.py in 2 CPU processes (gloo); accelerate needs ACCELERATE_USE_CPU to see them."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train.py", *args]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def checkpoint(out, exp: str, step: int) -> dict:
