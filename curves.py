@@ -22,7 +22,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
-from cli import run_main
+from cli import DefaultsHelpFormatter, run_main
 from periodic_eval import EVAL_FILE, EVAL_PRESETS
 from sampling import SAMPLING_DEFAULTS
 from utils import InputError
@@ -213,7 +213,9 @@ def paper_table(table: str, results: str, exps: str) -> str:
 
 # fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Convergence curves and paper tables.")
+    parser = argparse.ArgumentParser(
+        description="Convergence curves and paper tables.", formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("runs", nargs="*",
                         help="run directories (or their eval.jsonl) to plot, one line each")
     parser.add_argument("--metric", default="fid",

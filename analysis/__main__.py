@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "leak into the probed features) or each image's label")
     g.add_argument("--path-type", choices=PATH_TYPES, default=None,
                    help="interpolant; default: the checkpoint's, else linear")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the model's precision: fp32, or bf16 autocast")
     d = parser.add_argument_group("data")
     d.add_argument("--data-dir", required=True,
                    help="dataset written by preprocessing/prepare.py: trains the linear probe")
@@ -91,8 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = parser.add_argument_group("metrics")
     m.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="linear probing (needs labels; the slow part on big sets)")
-    m.add_argument("--probe-epochs", type=positive_int, default=90)
-    m.add_argument("--probe-batch-size", type=positive_int, default=16_384)
+    m.add_argument("--probe-epochs", type=positive_int, default=90,
+                   help="passes of the linear probe over its training split (REPA's 90)")
+    m.add_argument("--probe-batch-size", type=positive_int, default=16_384,
+                   help="the linear probe's batch (REPA's 16384)")
     m.add_argument("--probe-lr", type=positive_float, default=1e-3,
                    help="Adam's initial learning rate, decayed to 0 by a cosine")
     m.add_argument("--topk", type=positive_int, default=10, help="CKNNA's k")
