@@ -188,12 +188,12 @@ def add_encoder_args(group: FlagGroup, none_means: str, default_note: str | None
     `default_note`, where --enc-type defaults to what the data holds, says what (else the
     default is dinov2-vit-b)."""
     group.add_argument("--enc-type", default=None if default_note else DEFAULT_ENCODER,
-                       help=(f"default: {default_note}. " if default_note else "") +
-                            "representation encoder(s), comma-separated, REPA's names: "
+                       help="representation encoder(s), comma-separated, REPA's names: "
                             "dinov2-vit-{s,b,l,g}[_reg], dinov1-vit-b, mocov3-vit-{s,b,l}, "
                             "mae-vit-l, jepa-vit-h, clip-vit-L, siglip-vit-L; also siglip2-vit-L, "
                             "dinov3-vit-{s,b,l}, or <family>-vit-tiny-random (test stand-ins, e.g. "
-                            f"{ENCODER_STANDIN}); 'none' (any case) {none_means}")
+                            f"{ENCODER_STANDIN}); 'none' (any case) {none_means}" +
+                            (f"; default: {default_note}" if default_note else ""))
     group.add_argument("--enc-weights", default=None,
                        help="weights of each encoder, comma-separated, one per --enc-type entry "
                             "(an empty entry: the default): a local file (the authors' release "

@@ -128,9 +128,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_alignment_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("objective (U-REPA Eq. 5: L_v + λ(t)·(L_REPA + w·L_ML))")
     add_encoder_args(g, none_means="trains without alignment (needs --proj-coeff 0)",
-                     default_note="the encoder whose features the dataset stores (dinov2-vit-b "
-                                  "if it stores several or --encoder-mode online; none with "
-                                  "--proj-coeff 0)")
+                     default_note="the encoder whose features the dataset stores; "
+                                  "dinov2-vit-b where it stores that one among others, none, or "
+                                  "with --encoder-mode online; none with --proj-coeff 0")
     g.add_argument("--encoder-mode", choices=["precomputed", "online"], default="precomputed",
                    help="read the dataset's stored encoder features, or run the encoder on the "
                         "dataset's stored pixels in the loop (as REPA does)")

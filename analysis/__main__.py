@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from analysis.features import Extraction, Features, extract, rank_and_world
 from analysis.metrics import cknna, linear_probe, prepare_features
@@ -280,10 +281,13 @@ def run_job(
     )  # fmt: skip
 
 
-def shared_jobs(jobs: list[tuple], run: Any) -> list[float]:
-    """run(job) for every job, the jobs split over the processes; every process gets all."""
+def shared_jobs(jobs: list[tuple], run: Any, desc: str = "metrics") -> list[float]:
+    """run(job) for every job, the jobs split over the processes; every process gets all.
+    The main process shows its share's progress (each probe trains for --probe-epochs)."""
     rank, world = rank_and_world()
-    mine = {i: run(job) for i, job in enumerate(jobs) if i % world == rank}
+    share = [(i, job) for i, job in enumerate(jobs) if i % world == rank]
+    progress = tqdm(share, desc=desc, unit="metric", disable=rank != 0)
+    mine = {i: run(job) for i, job in progress}
     if world == 1:
         return [mine[i] for i in range(len(jobs))]
     parts: list[dict[int, float]] = [{} for _ in range(world)]
@@ -308,7 +312,9 @@ def analyse_checkpoint(
             ex.encoders = {}
         train = extract(model, sets.train, sets.train_idx, ex, device, f"{name} probe")
     jobs = metric_jobs(val, train, with_encoders=position == 0)
-    values = shared_jobs(jobs, lambda job: run_job(job, val, train, args, device))
+    values = shared_jobs(
+        jobs, lambda job: run_job(job, val, train, args, device), f"{name} metrics"
+    )
     step = checkpoint_step(path, position)
     base = {"ckpt": path, "step": step, "model": model.model_name}
     records = [
@@ -322,6 +328,18 @@ def analyse_checkpoint(
                             "value": float(values_t.mean())})  # fmt: skip
     del model
     return records
+
+
+def cknna_note(records: list[Record], num_samples: int) -> str | None:
+    """Why a CKNNA above 1 is no error, with this run's largest value; None without CKNNA."""
+    values = [r["value"] for r in records if r["metric"] == "cknna"]
+    if not values:
+        return None
+    return (
+        f"note: CKNNA (largest here {max(values):.3f}, on {num_samples} images) is a ratio of "
+        "unbiased HSIC estimates over different neighbour masks, not a correlation: it can "
+        "exceed 1, the more so the fewer the images (REPA measures 10,000)"
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -346,11 +364,16 @@ def main(args: argparse.Namespace) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if k != "debug"}
         settings.update(eval_images=len(sets.val_idx), probe_train_images=len(sets.train_idx))
+        note = cknna_note(records, len(sets.val_idx))
+        settings["cknna_note"] = note
         write_json(os.path.join(args.output_dir, "results.json"),
                    {"settings": settings, "records": records})  # fmt: skip
+        print(f"drawing the plots in {args.output_dir}", flush=True)
         for written in write_plots(records, args.output_dir):
-            print(f"wrote {written}")
+            print(f"wrote {written}", flush=True)
         print(f"wrote {os.path.join(args.output_dir, 'results.json')}")
+        if note:
+            print(note)
     close_distributed()
 
 

@@ -50,7 +50,7 @@ def tiles(path, rows, columns, size=64, pad=2):
 def test_sample_py_writes_the_sampler_images_of_each_class_as_rows(ckpt, tmp_path):
     path, model = ckpt
     out = str(tmp_path / "grid.png")
-    command = [sys.executable, "sample.py", "--ckpt", path, "--classes", "3,1", "--per-class",
+    command = [sys.executable, "sample.py", "--ckpt", path, "--classes", "3", "1", "--per-class",
                "2", "--preset", "ablation", "--seed", "5", "--out", out]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # tiny: one thread
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -78,9 +78,9 @@ def test_sample_py_writes_the_sampler_images_of_each_class_as_rows(ckpt, tmp_pat
 
 
 def test_sample_py_refuses_a_class_the_model_does_not_have(ckpt, tmp_path):
-    args = sample.parse_args(["--ckpt", ckpt[0], "--classes", "0,4", "--out",
+    args = sample.parse_args(["--ckpt", ckpt[0], "--classes", "0", "4", "--out",
                               str(tmp_path / "g.png")])  # fmt: skip
-    with pytest.raises(InputError, match=r"--classes must lie in \[0, 4\), got 0,4"):
+    with pytest.raises(InputError, match=r"--classes must lie in \[0, 4\), got \[0, 4\]"):
         sample.main(args)
     assert not os.path.exists(tmp_path / "g.png")
 
@@ -88,4 +88,4 @@ def test_sample_py_refuses_a_class_the_model_does_not_have(ckpt, tmp_path):
 def test_sample_py_stays_short():
     with open(os.path.join(REPO, "sample.py")) as f:
         lines = [line for line in f if line.strip()]
-    assert len(lines) < 50
+    assert len(lines) <= 40  # blank lines aside

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -151,3 +152,45 @@ def test_generate_refuses_a_vae_of_other_latents_in_one_line(tmp_path):
     with pytest.raises(InputError, match="--vae tiny-random does not fit") as err:
         generate.main(args)
     assert "\n" not in str(err.value)
+
+
+def test_the_docs_small_cpu_run_works_on_the_quickstarts_data(pixel_data, tmp_path, monkeypatch):
+    """docs/training.md's small run on a CPU, as written, on the quickstart's stand-in data
+    (3-channel pixels-2x), fewer steps and samples only; then sample.py on its checkpoint."""
+    from test_readme_commands import doc_commands, split
+
+    import sample
+
+    commands = [c for c in doc_commands("docs/training.md") if "small-cpu" in c]
+    assert [split(c)[1][1] for c in commands] == ["train.py", "sample.py"]
+    (tmp_path / "quickstart-out").mkdir()
+    os.symlink(pixel_data, tmp_path / "quickstart-out" / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # trackers are optional: training without
+    env, words = split(commands[0])
+    assert env == {"ACCELERATE_USE_CPU": "1"}
+    shorter = ["--max-train-steps", "4", "--checkpointing-steps", "2", "--num-workers", "0"]
+    assert run([*words[2:], *shorter]) == 0
+    ckpt = load_checkpoint("exps/small-cpu/checkpoints/0000004.pt")
+    assert (ckpt["model_kwargs"]["in_channels"], ckpt["args"]["vae"]) == (3, "pixels-2x")
+    words = split(commands[1])[1]
+    words[words.index("--ckpt") + 1] = "exps/small-cpu/checkpoints/0000004.pt"
+    sample.main(sample.parse_args(words[2:]))
+    assert os.path.getsize("samples/small-cpu.png") > 0
+
+
+def test_report_to_wandb_without_it_is_one_line_saying_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = lambda name, *rest: None if name == "wandb" else real(name, *rest)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-dir", "d", "--exp-name", "x", "--report-to", "wandb"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("--report-to wandb needs the wandb package, an optional extra: pip "
+                          "install -r requirements-trackers.txt (or pip install wandb; or "
+                          "--report-to none)")  # fmt: skip
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "requirements.txt")) as f:
+        packages = [line.split()[0] for line in f if line.strip() and not line.startswith("#")]
+    assert not {p for p in packages if p.startswith(("wandb", "tensorboard"))}
