@@ -1,7 +1,7 @@
-"""Quickstart: the whole U-REPA pipeline on a toy dataset, in minutes on a laptop CPU.
+"""Quickstart: the whole U-REPA pipeline on a toy dataset, on a CPU or one GPU.
 
-    python quickstart.py          # 1,200 steps; a GPU is used if present
-    python quickstart.py --fast   # 6 steps: checks the pipeline in about a minute and a half
+    python quickstart.py          # 1,200 steps (minutes on an idle CPU); a GPU is used if present
+    python quickstart.py --fast   # 6 steps: checks the plumbing only
 
 1. draws the toy dataset (`toy_shapes.py`: ten classes of coloured shapes, 3,000 images);
 2. `preprocessing/prepare.py`: "latents" and representation-encoder features;

@@ -609,8 +609,10 @@ def progress_bar(trainer: Trainer) -> Iterator[tqdm]:
     The bar reads the clock only: no host sync."""
     args, acc = trainer.args, trainer.accelerator
     interactive = acc.is_main_process and sys.stderr.isatty()
+    # smoothing 0.01: the rate (and time left) is a mean over about 100 updates, not over the
+    # last few, which swing with the load of a shared machine
     with tqdm(total=args.max_train_steps, initial=trainer.step, unit="step", desc="training",
-              disable=not interactive, dynamic_ncols=True) as bar:  # fmt: skip
+              disable=not interactive, dynamic_ncols=True, smoothing=0.01) as bar:  # fmt: skip
         if not interactive:
             yield bar
             return
