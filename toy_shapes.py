@@ -14,8 +14,8 @@ An image is a shape of random size and position, in its colour (each channel jit
 `measure` reads the shape and colour back: the largest blob that differs from the background
 (estimated from the border), its median colour matched to the nearest palette entry, and its mask,
 scaled to its bounding box, matched to the nearest shape template (soft IoU). An image that is not
-recognisably a shape (no plain background, a blob that fills the image, is not one palette colour
-or matches no template well) reads as no shape: noise and constant images score 0, below chance.
+recognisably a shape (no plain background, a blob that fills the image or is cut by its edge, is
+not one palette colour or matches no template well) reads as no shape: noise and constant images score 0, below chance.
 On freshly drawn images it reads every class right (`tests/test_end_to_end.py` checks both), so
 the agreement of generated images with their labels measures the generator, not the measurement.
 """
@@ -54,7 +54,8 @@ FOREGROUND_LEVELS = 48  # a pixel this far (max over channels) from the backgrou
 # worst case in brackets, 300 images at 64 px), noise fails them all (`reading`).
 BACKGROUND_LEVELS = 24  # a border pixel this close to the border's median is background...
 PLAIN_BORDER = 0.5  # ...and at least this fraction of the border is (1.0; noise <= 0.17)
-MIN_AREA = 0.005  # the shape covers at least this fraction of the image...
+# The shape lies inside the image (drawn ones keep 2 px from its edges)...
+MIN_AREA = 0.005  # ...covers at least this fraction of it...
 MAX_AREA = 0.5  # ...and at most this (0.37: no shape fills the image; noise's blob does, 0.94)
 COLOUR_LEVELS = 50  # its median colour is this close to a palette colour (20; noise >= 67)
 SOLID_LEVELS = 40  # a shape pixel this close to the median colour is of that colour...
@@ -198,12 +199,14 @@ def reading(image: np.ndarray) -> dict[str, Any]:
         shape=SHAPES[int(iou.argmax())],
         colour=colour,
         area=float(mask.mean()),
+        inside=not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()),
         colour_off=off[colour],
         solid=float((np.abs(pixels[mask] - rgb).max(-1) <= SOLID_LEVELS).mean()),
         iou=float(iou.max()),
     )
     read["recognised"] = (
         plain >= PLAIN_BORDER
+        and read["inside"]
         and MIN_AREA <= read["area"] <= MAX_AREA
         and read["colour_off"] <= COLOUR_LEVELS
         and read["solid"] >= SOLID

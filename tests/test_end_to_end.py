@@ -121,6 +121,9 @@ def test_a_shape_on_a_noisy_background_or_filling_the_image_is_no_shape():
     full = np.full((64, 64, 3), 40, np.uint8)
     full[1:-1, 1:-1] = toy_shapes.PALETTE["red"]  # a red square filling the image
     assert toy_shapes.measure(full) == (None, None)
+    half = np.full((64, 64, 3), 40, np.uint8)
+    half[8:56, 34:] = toy_shapes.PALETTE["red"]  # a red block cut by the right edge
+    assert toy_shapes.measure(half) == (None, None)
     assert toy_shapes.measure(circle) == ("circle", "red")
 
 
