@@ -15,9 +15,10 @@ An image is a shape of random size and position, in its colour (each channel jit
 (estimated from the border), its median colour matched to the nearest palette entry, and its mask,
 scaled to its bounding box, matched to the nearest shape template (soft IoU). An image that is not
 recognisably a shape (no plain background, a blob that fills the image or is cut by its edge, is
-not one palette colour or matches no template well) reads as no shape: noise and constant images score 0, below chance.
-On freshly drawn images it reads every class right (`tests/test_end_to_end.py` checks both), so
-the agreement of generated images with their labels measures the generator, not the measurement.
+not one palette colour or matches no template well) reads as no shape: noise and constant images
+score 0, below chance. On freshly drawn images it reads every class right
+(`tests/test_end_to_end.py` checks both), so the agreement of generated images with their labels
+measures the generator, not the measurement.
 """
 
 from __future__ import annotations
