@@ -818,7 +818,12 @@ def resolve_run(run_dir: str, resume: str | None) -> str | None:
     """The checkpoint a run resumes from (None: it starts), checked against its directory
     before anything is written. `resume`: None, "auto" or a checkpoint path (--resume)."""
     if resume is None:
-        if os.path.exists(run_dir):
+        if os.path.exists(run_dir) and not never_checkpointed(run_dir):
+            if latest_checkpoint(run_dir) is None:
+                raise TrainingError(
+                    f"the run directory {run_dir} already exists and holds no checkpoint: "
+                    f"delete it (rm -r {run_dir}) to start again, or choose another --exp-name"
+                )
             raise TrainingError(
                 f"the run directory {run_dir} already exists: pass --resume auto to continue "
                 "that run, or choose another --exp-name (runs are never overwritten)"
@@ -827,6 +832,19 @@ def resolve_run(run_dir: str, resume: str | None) -> str | None:
     if resume == "auto":
         return latest_checkpoint(run_dir)
     return resume
+
+
+# What a run writes before its first checkpoint (train.start_run_directory).
+FIRST_FILES = {"checkpoints", "samples", "log.txt", "args.json", "metrics.jsonl"}
+
+
+def never_checkpointed(run_dir: str) -> bool:
+    """Whether `run_dir` holds only what a run that failed before its first checkpoint and
+    preview left (nothing to resume, nothing to lose): a new run may start there."""
+    if not os.path.isdir(run_dir) or not set(os.listdir(run_dir)) <= FIRST_FILES:
+        return False
+    folders = (os.path.join(run_dir, name) for name in ("checkpoints", "samples"))
+    return not any(os.path.isdir(folder) and os.listdir(folder) for folder in folders)
 
 
 def check_resumable(

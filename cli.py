@@ -99,13 +99,21 @@ def parse_checked(
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to a flag's help unless there is nothing to say: no default
-    (None, a required flag, a switch that is off) or a help text that names its default."""
+    (None, a required flag, a switch that is off) or a help text that names its default. A
+    default of 0 is shown: it equals False, so the test is by identity."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+        absent = action.default is None or action.default is False
+        if absent or action.default is argparse.SUPPRESS or "default" in text:
             return text
         return super()._get_help_string(action)
+
+
+class RawDescriptionDefaultsHelpFormatter(
+    argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter
+):
+    """DefaultsHelpFormatter that prints the description as written (a module docstring)."""
 
 
 #################################################################################
@@ -183,20 +191,32 @@ def vae_help(purpose: str) -> str:
     return f"SD-VAE that {purpose}: {VAE_CHOICES}"
 
 
+DEFAULT_ENCODER = "dinov2-vit-b"  # REPA's and U-REPA's
+
+
 # The flag tables below are formatted by hand, one flag per line or two, as in REPA.
 # fmt: off
-def add_vae_args(group: FlagGroup, purpose: str) -> None:
-    group.add_argument("--vae", default="ema", help=vae_help(purpose))
+def add_vae_args(group: FlagGroup, purpose: str, recorded_in: str | None = None) -> None:
+    """--vae; `recorded_in` names what records the VAE to use when it is not given (the
+    dataset, the checkpoint), else the default is ema."""
+    if recorded_in is None:
+        group.add_argument("--vae", default="ema", help=vae_help(purpose))
+        return
+    group.add_argument("--vae", default=None,
+                       help=f"{vae_help(purpose)}; default: the one {recorded_in} records")
 
 
-def add_encoder_args(group: FlagGroup, none_means: str) -> None:
-    """--enc-type and --enc-weights; `none_means` says what --enc-type none does here."""
-    group.add_argument("--enc-type", default="dinov2-vit-b",
+def add_encoder_args(group: FlagGroup, none_means: str, default_note: str | None = None) -> None:
+    """--enc-type and --enc-weights; `none_means` says what --enc-type none does here;
+    `default_note`, where --enc-type defaults to what the data holds, says what (else the
+    default is dinov2-vit-b)."""
+    group.add_argument("--enc-type", default=None if default_note else DEFAULT_ENCODER,
                        help="representation encoder(s), comma-separated, REPA's names: "
                             "dinov2-vit-{s,b,l,g}[_reg], dinov1-vit-b, mocov3-vit-{s,b,l}, "
                             "mae-vit-l, jepa-vit-h, clip-vit-L, siglip-vit-L; also siglip2-vit-L, "
                             "dinov3-vit-{s,b,l}, or <family>-vit-tiny-random (test stand-ins, e.g. "
-                            f"{ENCODER_STANDIN}); 'none' (any case) {none_means}")
+                            f"{ENCODER_STANDIN}); 'none' (any case) {none_means}" +
+                            (f"; default: {default_note}" if default_note else ""))
     group.add_argument("--enc-weights", default=None,
                        help="weights of each encoder, comma-separated, one per --enc-type entry "
                             "(an empty entry: the default): a local file (the authors' release "

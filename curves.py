@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Any, NamedTuple
 
-from cli import run_main
+from cli import DefaultsHelpFormatter, run_main
 from periodic_eval import EVAL_FILE, EVAL_PRESETS
 from run_log import damaged_lines_note, read_jsonl
 from sampling import SAMPLING_DEFAULTS
@@ -267,7 +267,9 @@ def paper_table(table: str, results: str, exps: str) -> str:
 
 # fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Convergence curves and paper tables.")
+    parser = argparse.ArgumentParser(
+        description="Convergence curves and paper tables.", formatter_class=DefaultsHelpFormatter
+    )
     parser.add_argument("runs", nargs="*",
                         help="run directories (or their eval.jsonl) to plot, one line each")
     parser.add_argument("--metric", default="fid",

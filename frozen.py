@@ -134,6 +134,23 @@ def latent_geometry(spec: str) -> tuple[int, int]:
     return (4, SD_VAE_FACTOR) if factor is None else (3, factor)
 
 
+def resolve_vae(flag: str | None, trained_with: str | None, what: str) -> str:
+    """--vae for a model or dataset whose latents came from `trained_with` (None: not
+    recorded): that VAE when the flag is not given (ema when nothing is recorded); the flag
+    when its latents have the same shape (ema, mse and a local SD-VAE share SD-VAE's); else
+    an InputError. `what` names the model or dataset, e.g. "the checkpoint was trained"."""
+    if flag is None:
+        return trained_with or "ema"
+    if trained_with is not None and latent_geometry(flag) != latent_geometry(trained_with):
+        channels, factor = latent_geometry(trained_with)
+        raise InputError(
+            f"--vae {flag} does not fit: {what} with --vae {trained_with}, whose latents "
+            f"({channels} channels, 1/{factor} of the image side) {flag} does not decode; leave "
+            f"--vae out to use {trained_with}"
+        )
+    return flag
+
+
 def tiny_autoencoder_kl() -> nn.Module:
     """An SD-VAE-shaped AutoencoderKL (factor 8, 4 latent channels) with ~25K random weights."""
     from diffusers.models import AutoencoderKL

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from checkpoints import load_model_for_sampling
 from cli import (
+    DefaultsHelpFormatter,
     add_debug_arg,
     add_speed_args,
     add_vae_args,
@@ -66,7 +67,7 @@ from cli import (
     run_main,
     unit_closed,
 )
-from frozen import LatentAutoencoder, load_vae
+from frozen import LatentAutoencoder, load_vae, resolve_vae
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from sampling import (
@@ -78,6 +79,7 @@ from sampling import (
     resolve_sampling_args,
     sampling_model,
     to_uint8,
+    trained_vae,
 )
 from speed import report_compile_times
 from utils import (
@@ -115,7 +117,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", type=model_name, default=None,
                        help="only for a REPA checkpoint whose SiT variant cannot be inferred; "
                             "a checkpoint that records its model refuses any other name")
-    add_vae_args(group, "decodes the samples")
+    add_vae_args(group, "decodes the samples", recorded_in="the checkpoint")
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
@@ -141,11 +143,13 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("--sample-dir", type=str, required=True,
                        help="folder of PNGs (and settings.json); the .npz goes beside it")
-    group.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    group.add_argument("--num-fid-samples", type=positive_int, default=50_000,
+                       help="images to generate (50000 for the papers' FID-50K)")
     group.add_argument("--per-proc-batch-size", type=positive_int, default=32,
                        help="images per process per batch; the images are the same up to float "
                             "rounding")
-    group.add_argument("--global-seed", type=nonnegative_int, default=0)
+    group.add_argument("--global-seed", type=nonnegative_int, default=0,
+                       help="with the index, decides each sample's label and noise")
     group.add_argument("--label-sampling", choices=["random", "balanced"], default="random",
                        help="random: uniform labels; balanced: exactly N/num_classes per class")
     group.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
@@ -165,7 +169,10 @@ def add_sampling_speed_args(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Sample images for FID (PNGs + one .npz).")
+    parser = argparse.ArgumentParser(
+        description="Sample images for FID (PNGs + one .npz).",
+        formatter_class=DefaultsHelpFormatter,
+    )
     for add in (add_model_args, add_sampler_args, add_output_args, add_sampling_speed_args):
         add(parser)
     add_debug_arg(parser)
@@ -414,6 +421,7 @@ def main(args: argparse.Namespace) -> None:
     model = load_model_for_sampling(args.ckpt, device, args.model)
     if args.path_type is None:
         args.path_type = model.checkpoint_args.get("path_type", "linear")
+    args.vae = resolve_vae(args.vae, trained_vae(model), f"{args.ckpt} was trained")
     vae = load_vae(args.vae, device)
     check_model(model, vae, args)
     check_room(args, model, vae)

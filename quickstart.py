@@ -1,7 +1,7 @@
-"""Quickstart: the whole U-REPA pipeline on a toy dataset, in minutes on a laptop CPU.
+"""Quickstart: the whole U-REPA pipeline on a toy dataset, on a CPU or one GPU.
 
-    python quickstart.py          # 1,200 steps; a GPU is used if present
-    python quickstart.py --fast   # 6 steps: checks the pipeline in about a minute and a half
+    python quickstart.py          # 1,200 steps (minutes on an idle CPU); a GPU is used if present
+    python quickstart.py --fast   # 6 steps: checks the plumbing only
 
 1. draws the toy dataset (`toy_shapes.py`: ten classes of coloured shapes, 3,000 images);
 2. `preprocessing/prepare.py`: "latents" and representation-encoder features;
@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,13 +45,17 @@ from PIL import Image, ImageDraw, ImageFont
 import generate
 import toy_shapes
 import train
-from cli import add_debug_arg, run_main
-from frozen import ENCODER_STANDIN, VAE_PIXELS_2X, encoder_grid, load_encoder, load_vae
+from cli import DefaultsHelpFormatter, add_debug_arg, run_main
+from frozen import ENCODER_STANDIN, VAE_PIXELS_2X, load_encoder, load_vae
 from preprocessing import prepare
 from utils import EXIT_STOPPED, InputError, ReportedError, RunStopped
 
 EXP_NAME = "toy-sitdown-urepa"
 VAE_PRETRAINED, ENCODER_PRETRAINED = "ema", "dinov2-vit-s"
+# What `toy_shapes.measure` reads in a sample, and the colour of its frame in samples.png.
+VERDICT_CLASS, VERDICT_OTHER, VERDICT_NO_SHAPE = "its class", "another class", "no shape"
+FRAME_COLOURS = {VERDICT_CLASS: (40, 170, 60), VERDICT_OTHER: (215, 40, 40),
+                 VERDICT_NO_SHAPE: (150, 150, 150)}  # fmt: skip
 SAMPLERS = {  # name: (generate.py preset, description)
     "ode": ("ablation", "ODE: Euler 50 steps, cfg 1.8 on t in [0, 0.7] (Tables 5-10)"),
     "sde": ("paper-main", "SDE: Euler-Maruyama 250 steps, cfg 1.65 on t in [0, 0.7] (Table 4)"),
@@ -88,21 +93,20 @@ class Networks:
     resolution = 64  # px: SD-VAE 8×8 latents, or pixels-2x 32×32 "latents"
 
     def model_config(self) -> dict[str, Any]:
-        """Constructor arguments of the small SiT↓ (the rest come from the flags and the data).
-        Both give 4×4 tokens, a 2×2 middle stage and the encoder's 4×4 grid at 64 px, so the
-        projector upsamples ×2 as with SD-VAE and DINOv2 at 256 px. Pixels take patch 8: 4×4
-        tokens of 192 numbers (a token may not hold more numbers than the width, or the
-        velocity loses dimensions)."""
-        config: dict[str, Any] = dict(hidden_size=192, depths=[2, 2, 2], num_heads=4,
-                                      projector_dim=256)  # fmt: skip
-        if self.vae == VAE_PIXELS_2X:
-            config.update(patch_size=8, in_channels=3, encoder_grid=encoder_grid(self.resolution))
-        return config
+        """Constructor arguments of the small SiT↓; train.py takes the rest from the flags and
+        the data: the latent channels, the encoder's grid (4×4 at 64 px) and the patch that
+        gives one token per encoder patch (2 for SD-VAE latents; 8 for pixels-2x, 4×4 tokens
+        of 192 numbers, no more than the width, or the velocity would lose dimensions). Both
+        give a 2×2 middle stage, upsampled ×2 to the encoder's grid as with SD-VAE and DINOv2
+        at 256 px."""
+        return dict(hidden_size=192, depths=[2, 2, 2], num_heads=4, projector_dim=256)
 
 
 # fmt: off
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter
+    )
     p.add_argument("--out", default="quickstart-out", help="output folder (re-run to resume)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {FULL.steps}; --fast: {FAST.steps})")
@@ -221,10 +225,8 @@ def prepare_argv(images: str, data: str, net: Networks) -> list[str]:
 
 def train_argv(data: str, out: str, net: Networks, cfg: Config, cuda: bool) -> list[str]:
     return [
-        "--data-dir", data, "--resolution", str(net.resolution), "--output-dir", out,
-        "--exp-name", EXP_NAME, "--resume", "auto",
+        "--data-dir", data, "--output-dir", out, "--exp-name", EXP_NAME, "--resume", "auto",
         "--model", "SiTDown", "--model-config", json.dumps(net.model_config()),
-        "--enc-type", net.encoder, "--vae", net.vae,
         "--batch-size", str(cfg.batch_size), "--max-train-steps", str(cfg.steps),
         "--learning-rate", str(cfg.learning_rate), "--ema-decay", str(cfg.ema_decay),
         "--checkpointing-steps", str(cfg.steps // 2), "--milestone-every", "0",
@@ -233,8 +235,9 @@ def train_argv(data: str, out: str, net: Networks, cfg: Config, cuda: bool) -> l
     ]  # fmt: skip
 
 
-def generate_argv(ckpt: str, sample_dir: str, net: Networks, preset: str, n: int) -> list[str]:
-    return ["--ckpt", ckpt, "--sample-dir", sample_dir, "--vae", net.vae, "--preset", preset,
+def generate_argv(ckpt: str, sample_dir: str, preset: str, n: int) -> list[str]:
+    """generate.py's flags: the VAE is the one the checkpoint was trained with."""
+    return ["--ckpt", ckpt, "--sample-dir", sample_dir, "--preset", preset,
             "--num-fid-samples", str(n), "--label-sampling", "balanced",
             "--per-proc-batch-size", str(min(n, 100))]  # fmt: skip
 
@@ -288,7 +291,8 @@ def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def sample_grid(path: str, images: str, samples: dict[str, Samples], k: int) -> None:
     """One row per class: a training image, then k samples of each sampler; a sample's frame is
-    green when `toy_shapes.measure` reads its class, red when not."""
+    green when `toy_shapes.measure` reads its class, red when it reads another, grey when it
+    reads no shape."""
     show = 64  # smaller images are enlarged (nearest neighbour)
     cell, pad, left, top = show + 6, 6, 130, 40
     blocks = 1 + len(samples) * k
@@ -310,18 +314,18 @@ def sample_grid(path: str, images: str, samples: dict[str, Samples], k: int) -> 
         canvas.paste(real.resize((show, show), Image.Resampling.NEAREST), (left + 3, y + 3))
         x0 = left + cell + pad
         for s in samples.values():
-            pixels, correct = s.pixels, s.correct
             picks = np.flatnonzero(s.labels == label)[:k]
             for j, i in enumerate(picks):
                 x = x0 + j * cell
-                colour = (40, 170, 60) if correct[i] else (215, 40, 40)
+                colour = FRAME_COLOURS[s.verdicts[i]]
                 draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)
                 canvas.paste(
-                    Image.fromarray(pixels[i]).resize((show, show), Image.Resampling.NEAREST),
+                    Image.fromarray(s.pixels[i]).resize((show, show), Image.Resampling.NEAREST),
                     (x + 3, y + 3),
                 )
             x0 += k * cell + pad
-    legend = "frame: green = the sample shows its class's shape and colour (toy_shapes.measure)"
+    legend = ("frame (toy_shapes.measure): green = shows its class's shape and colour, red = "
+              "another class, grey = no recognisable shape")  # fmt: skip
     draw.text((6, top + toy_shapes.NUM_CLASSES * cell + 6), legend, "black", small)
     canvas.save(path)
 
@@ -373,6 +377,8 @@ def training_curve(path: str, records: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args.command = shlex.join(["python", "quickstart.py", *words])  # what continues this run
     cfg = FAST if args.fast else FULL
     if args.steps is not None:
         cfg = Config(**{**asdict(cfg), "steps": args.steps})
@@ -382,7 +388,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: PyTorch sees no GPU; use --device cpu")
     with environment(**device_environment(device)):
-        return run(args, cfg, device)
+        try:
+            return run(args, cfg, device)
+        except KeyboardInterrupt:  # in preparation or sampling, which both resume
+            raise RunStopped(f"interrupted: re-run {args.command} to continue") from None
 
 
 def run(args: argparse.Namespace, cfg: Config, device: str) -> dict[str, Any]:
@@ -393,9 +402,10 @@ def run(args: argparse.Namespace, cfg: Config, device: str) -> dict[str, Any]:
     net = pick_networks(args.weights)
     weights, why_no_fid = inception_weights(args, device)  # before the minutes of work
     print("\n".join(net.notes) or f"pretrained weights: --vae {net.vae}, --enc-type {net.encoder}")
-    ckpt = prepare_and_train(out, net, cfg, device, clock)
+    clock.lap("networks")  # reaching the hub, loading or giving up on the pretrained networks
+    ckpt = prepare_and_train(out, net, cfg, device, clock, args.command)
 
-    samples = {name: sample(name, ckpt, out, net, cfg) for name in SAMPLERS}
+    samples = {name: sample(name, ckpt, out, cfg) for name in SAMPLERS}
     clock.lap("generate")
     npz = {name: s.npz for name, s in samples.items()}
     images = os.path.join(out, "images")
@@ -420,6 +430,7 @@ def run(args: argparse.Namespace, cfg: Config, device: str) -> dict[str, Any]:
         "device": device,
         "agreement": {name: s.agreement for name, s in samples.items()},
         "agreement_on_fresh_images": measurement_ceiling(net.resolution),
+        "agreement_on_noise": measurement_floor(net.resolution),
         "agreement_chance": {"class": 0.1, "shape": 0.2, "colour": 0.2},
         "fid": fid,
         "last_training_log": log[-1],
@@ -443,11 +454,16 @@ def earlier_times(metrics_path: str) -> list[dict[str, float]]:
     return [*earlier.get("times_s_earlier_runs", []), earlier["times_s"]]
 
 
-def prepare_and_train(out: str, net: Networks, cfg: Config, device: str, clock: Clock) -> str:
-    """The toy dataset, prepare.py on it, then train.py; returns the final checkpoint's path."""
+def prepare_and_train(
+    out: str, net: Networks, cfg: Config, device: str, clock: Clock, command: str
+) -> str:
+    """The toy dataset, prepare.py on it, then train.py; returns the final checkpoint's path.
+    Stopped by a signal, training saves a checkpoint and this says, in one line, that
+    `command` (the quickstart's own) continues."""
     images, data, exps = (os.path.join(out, d) for d in ("images", "data", "exps"))
     count = toy_shapes.write_dataset(images, cfg.images_per_class, net.resolution)
     print(f"\n=== Toy dataset: {count} images of {toy_shapes.NUM_CLASSES} classes in {images}")
+    clock.lap("dataset")
     argv = prepare_argv(images, data, net)
     stage("Preprocessing", "python preprocessing/prepare.py", argv)
     prepare.main(prepare.parse_args(argv))
@@ -456,10 +472,9 @@ def prepare_and_train(out: str, net: Networks, cfg: Config, device: str, clock: 
     argv = train_argv(data, exps, net, cfg, device == "cuda")
     env = "ACCELERATE_USE_CPU=1 " if device == "cpu" else ""
     stage(f"Training ({cfg.steps} steps)", f"{env}python train.py", argv)
-    if train.main(train.parse_args(argv)) == EXIT_STOPPED:
+    if train.main(train.parse_args(argv), stop_hint=None) == EXIT_STOPPED:
         raise RunStopped(
-            "training stopped by a signal, its checkpoint saved: re-run the same command to "
-            "continue"
+            f"training stopped by a signal, its checkpoint saved: re-run {command} to continue"
         )
     clock.lap("train")
     return os.path.join(exps, EXP_NAME, "checkpoints", f"{cfg.steps:07d}.pt")
@@ -505,23 +520,35 @@ class Samples:
     npz: str
     pixels: np.ndarray  # (N, H, W, 3) uint8
     labels: np.ndarray  # (N,)
-    correct: list[bool]
+    verdicts: list[str]  # VERDICT_*, per image
     agreement: dict[str, Any]
 
 
-def sample(name: str, ckpt: str, out: str, net: Networks, cfg: Config) -> Samples:
+def sample(name: str, ckpt: str, out: str, cfg: Config) -> Samples:
     """generate.py with sampler `name`, then the shape/colour measurement of its images."""
     preset, description = SAMPLERS[name]
     n = cfg.samples_per_class * toy_shapes.NUM_CLASSES
     sample_dir = os.path.join(out, "samples", f"{name}-{cfg.steps:07d}")
-    argv = generate_argv(ckpt, sample_dir, net, preset, n)
+    argv = generate_argv(ckpt, sample_dir, preset, n)
     stage(f"Sampling, {description}", "python generate.py", argv)
     generate.main(generate.parse_args(argv))
     with np.load(f"{sample_dir}.npz") as f:
         pixels = f["arr_0"]
     labels = generate.balanced_labels(n, toy_shapes.NUM_CLASSES, 0).numpy()  # --global-seed 0
     agreement = toy_shapes.agreement(pixels, labels)
-    return Samples(f"{sample_dir}.npz", pixels, labels, agreement.pop("correct"), agreement)
+    verdicts = [
+        VERDICT_NO_SHAPE if not seen else VERDICT_CLASS if right else VERDICT_OTHER
+        for right, seen in zip(agreement.pop("correct"), agreement.pop("recognised"), strict=True)
+    ]
+    return Samples(f"{sample_dir}.npz", pixels, labels, verdicts, agreement)
+
+
+def measured(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """`toy_shapes.agreement` without its per-image lists."""
+    result = toy_shapes.agreement(images, labels)
+    for per_image in ("correct", "recognised"):
+        result.pop(per_image)
+    return result
 
 
 def measurement_ceiling(resolution: int, per_class: int = 20) -> dict[str, Any]:
@@ -530,9 +557,16 @@ def measurement_ceiling(resolution: int, per_class: int = 20) -> dict[str, Any]:
     images = np.stack(
         [toy_shapes.draw(int(k), i, resolution, seed=1) for i, k in enumerate(labels)]
     )
-    result = toy_shapes.agreement(images, labels)
-    result.pop("correct")
-    return result
+    return measured(images, labels)
+
+
+def measurement_floor(resolution: int, per_class: int = 20) -> dict[str, Any]:
+    """The measurement on uniform noise: what a generator that learned nothing scores (0: noise
+    shows no shape, below chance)."""
+    labels = np.repeat(np.arange(toy_shapes.NUM_CLASSES), per_class)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (len(labels), resolution, resolution, 3), dtype=np.uint8)
+    return measured(noise, labels)
 
 
 def report(record: dict[str, Any]) -> None:
@@ -543,7 +577,8 @@ def report(record: dict[str, Any]) -> None:
     rows = [(SAMPLERS[k][1], v) for k, v in record["agreement"].items()]
     rows += [("fresh images drawn like the training set (the ceiling)",
               record["agreement_on_fresh_images"]),
-             ("chance", record["agreement_chance"])]  # fmt: skip
+             ("chance (labels drawn at random)", record["agreement_chance"]),
+             ("uniform noise (the floor: no shape)", record["agreement_on_noise"])]  # fmt: skip
     width = max(len(title) for title, _ in rows) + 2
     print(f"  {'':<{width}}{'class':>7}{'shape':>7}{'colour':>7}")
     for title, a in rows:

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -148,6 +149,38 @@ def time_remaining(step: int, sec_per_step: float, max_steps: int, checkpoint_ev
     to_end = format_duration((max_steps - step) * sec_per_step)
     to_checkpoint = format_duration((next_checkpoint - step) * sec_per_step)
     return f"eta {to_end} to step {max_steps}, {to_checkpoint} to the next checkpoint"
+
+
+class StepRate:
+    """Seconds per step over the last `window` seconds of training, for the time left: one log
+    interval's rate swings with the load of a shared machine (a 2-core CPU shared with other
+    jobs gave 0.5 to 15 s per step within minutes), the mean over a window does not.
+
+    `add(seconds, step)` records that training reached `step` after `seconds` of training
+    time; the rate is taken from the oldest point that keeps the window full to the newest."""
+
+    def __init__(self, window: float = 600.0) -> None:
+        self.window = window
+        self.points: deque[tuple[float, int]] = deque()
+
+    def add(self, seconds: float, step: int) -> None:
+        self.points.append((seconds, step))
+        while len(self.points) > 2 and seconds - self.points[1][0] >= self.window:
+            self.points.popleft()
+
+    @property
+    def span(self) -> float:
+        """Seconds the rate is measured over."""
+        return self.points[-1][0] - self.points[0][0]
+
+    @property
+    def sec_per_step(self) -> float:
+        (_, first), (_, last) = self.points[0], self.points[-1]
+        return self.span / max(1, last - first)
+
+    def describe(self) -> str:
+        """ "at 0.52 s/step (mean of the last 10m00s)": the rate the time left assumes."""
+        return f"at {self.sec_per_step:.3g} s/step (mean of the last {format_duration(self.span)})"
 
 
 class MetricMeans:

@@ -19,6 +19,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from frozen import PIXEL_VAES, latent_geometry
 from models.base import AlignedDiffusionTransformer
 from samplers import (
     AlignedModel,
@@ -56,6 +57,19 @@ def resolve_sampling_args(args: argparse.Namespace) -> None:
     for key, default in SAMPLING_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, default))
+
+
+def trained_vae(model: AlignedDiffusionTransformer) -> str | None:
+    """The --vae whose latents the checkpoint's model was trained on, as its training args
+    record it, or None where they do not (REPA's checkpoints); a pixel space where the model
+    has 3 channels but the record says otherwise (train.py once took --vae for its previews
+    only, without reading the dataset's)."""
+    args = model.checkpoint_args
+    recorded = args.get("vae")
+    if model.in_channels == 3 and latent_geometry(recorded or "ema")[0] != 3:
+        side = model.latent_shape[-1]
+        return PIXEL_VAES.get(args.get("resolution", side) // side, recorded)
+    return recorded
 
 
 def balanced_labels(num_samples: int, num_classes: int, global_seed: int) -> torch.Tensor:

@@ -13,9 +13,12 @@ An image is a shape of random size and position, in its colour (each channel jit
 
 `measure` reads the shape and colour back: the largest blob that differs from the background
 (estimated from the border), its median colour matched to the nearest palette entry, and its mask,
-scaled to its bounding box, matched to the nearest shape template (soft IoU). On freshly drawn
-images it reads every class right (`tests/test_end_to_end.py` checks this), so the agreement of
-generated images with their labels measures the generator, not the measurement.
+scaled to its bounding box, matched to the nearest shape template (soft IoU). An image that is not
+recognisably a shape (no plain background, a blob that fills the image or is cut by its edge, is
+not one palette colour or matches no template well) reads as no shape: noise and constant images
+score 0, below chance. On freshly drawn images it reads every class right
+(`tests/test_end_to_end.py` checks both), so the agreement of generated images with their labels
+measures the generator, not the measurement.
 """
 
 from __future__ import annotations
@@ -48,7 +51,18 @@ NUM_CLASSES = len(CLASSES)
 SUPERSAMPLE = 4  # draw at 4× and box-filter down: anti-aliased edges
 COLOUR_JITTER = 20  # per channel, levels
 FOREGROUND_LEVELS = 48  # a pixel this far (max over channels) from the background is the shape's
-MIN_AREA = 0.005  # blobs smaller than this fraction of the image are no shape
+# What an image must show to be read as a shape. Calibrated on drawn images (worst case first),
+# the quickstart's samples after 1,200 steps (worst case second, ODE and SDE, 200 images) and
+# noise (uniform and Gaussian), which must fail (`reading`).
+BACKGROUND_LEVELS = 24  # a border pixel this close to the border's median is background...
+PLAIN_BORDER = 0.2  # ...and at least this fraction of the border is (1.0, 0.25; noise <= 0.17)
+# The shape lies inside the image (drawn ones keep 2 px from its edges)...
+MIN_AREA = 0.025  # ...covers at least this fraction of it (0.069, 0.037; noise specks less)
+MAX_AREA = 0.5  # ...and at most this (0.37, 0.45; no shape fills the image, uniform noise's 0.94)
+COLOUR_LEVELS = 110  # its median colour is this close to a palette colour (20, 108)
+SOLID_LEVELS = 40  # a shape pixel this close to the median colour is of that colour...
+SOLID = 0.15  # ...and at least this fraction of them are (0.82, 0.17; noise <= 0.08)
+MIN_IOU = 0.35  # its mask overlaps its shape's template this much (0.89, 0.39)
 TEMPLATE_SIZE = 24
 
 
@@ -156,29 +170,60 @@ def _templates() -> np.ndarray:
 
 
 def measure(image: np.ndarray) -> tuple[str | None, str | None]:
-    """(shape, colour) that a (H, W, 3) uint8 image shows; (None, None) if it shows no blob."""
+    """(shape, colour) that a (H, W, 3) uint8 image shows; (None, None) if it shows no shape:
+    no plain background, no blob, or a blob that is not one solid palette colour in one of
+    the five shapes (see `reading`)."""
+    read = reading(image)
+    return (read["shape"], read["colour"]) if read["recognised"] else (None, None)
+
+
+def reading(image: np.ndarray) -> dict[str, Any]:
+    """What `measure` looks at, and whether the image passes each test: its nearest shape and
+    colour, and `recognised`. The tests are calibrated so that freshly drawn images pass all
+    of them (`tests/test_end_to_end.py`) and that uniform or Gaussian noise, constant images
+    and images without a plain background fail, so that noise scores 0, below chance."""
     pixels = image.astype(np.int16)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    distance = np.abs(pixels - np.median(border, axis=0)).max(axis=-1)  # (H, W)
-    blobs, count = ndimage.label(distance > FOREGROUND_LEVELS)
+    background = np.median(border, axis=0)
+    plain = float((np.abs(border - background).max(-1) <= BACKGROUND_LEVELS).mean())
+    blobs, count = ndimage.label(np.abs(pixels - background).max(axis=-1) > FOREGROUND_LEVELS)
+    read: dict[str, Any] = {"shape": None, "colour": None, "recognised": False, "plain": plain}
     if count == 0:
-        return None, None
-    areas = np.bincount(blobs.ravel())[1:]
-    mask = blobs == 1 + int(areas.argmax())
-    if mask.sum() < MIN_AREA * mask.size:
-        return None, None
+        return read
+    mask = blobs == 1 + int(np.bincount(blobs.ravel())[1:].argmax())  # the largest blob
     rgb = np.median(pixels[mask], axis=0)
-    colour = min(PALETTE, key=lambda c: float(np.sum((rgb - np.array(PALETTE[c])) ** 2)))
+    off = {c: float(np.abs(rgb - np.array(PALETTE[c])).max()) for c in PALETTE}  # worst channel
+    colour = min(off, key=off.__getitem__)
     box_mask = _box_resize(mask)
     templates = _templates()
     iou = np.minimum(templates, box_mask).sum((1, 2)) / np.maximum(templates, box_mask).sum((1, 2))
-    return SHAPES[int(iou.argmax())], colour
+    read.update(
+        shape=SHAPES[int(iou.argmax())],
+        colour=colour,
+        area=float(mask.mean()),
+        inside=not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()),
+        colour_off=off[colour],
+        solid=float((np.abs(pixels[mask] - rgb).max(-1) <= SOLID_LEVELS).mean()),
+        iou=float(iou.max()),
+    )
+    read["recognised"] = (
+        plain >= PLAIN_BORDER
+        and read["inside"]
+        and MIN_AREA <= read["area"] <= MAX_AREA
+        and read["colour_off"] <= COLOUR_LEVELS
+        and read["solid"] >= SOLID
+        and read["iou"] >= MIN_IOU
+    )
+    return read
 
 
 def agreement(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """How often (N, H, W, 3) uint8 images show their labels' shape, colour and both (= class),
-    overall and per class (keyed by the class's folder name); chance is 0.2, 0.2 and 0.1."""
+    overall and per class (keyed by the class's folder name); chance is 0.2, 0.2 and 0.1. An
+    image that shows no shape counts as wrong on all three; `no_shape` is how many do, and
+    `recognised` says which."""
     seen = [measure(image) for image in images]
+    recognised = [shape is not None for shape, _ in seen]
     shape_ok = np.array([s == CLASSES[y][0] for (s, _), y in zip(seen, labels, strict=True)])
     colour_ok = np.array([c == CLASSES[y][1] for (_, c), y in zip(seen, labels, strict=True)])
     class_ok = shape_ok & colour_ok
@@ -188,6 +233,8 @@ def agreement(images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         "class": float(class_ok.mean()),
         "shape": float(shape_ok.mean()),
         "colour": float(colour_ok.mean()),
+        "no_shape": 1 - float(np.mean(recognised)),
         "per_class": per_class,
         "correct": class_ok.tolist(),
+        "recognised": recognised,
     }

@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import types
 import typing
@@ -36,18 +37,19 @@ from checkpoints import (
     write_missing_exports,
 )
 from cli import (
+    DEFAULT_ENCODER,
     DefaultsHelpFormatter,
     add_debug_arg,
     add_encoder_args,
     add_speed_args,
     add_vae_args,
+    encoder_list,
     encoder_weights,
     json_object,
     model_name,
     nonnegative_float,
     nonnegative_int,
     parse_checked,
-    parse_encoder_args,
     positive_float,
     positive_int,
     resolve_speed_args,
@@ -56,8 +58,18 @@ from cli import (
     unit_interval,
 )
 from data_plan import BatchPlan, draws_mismatch
-from dataset import LatentDataset
-from frozen import RepresentationEncoder, encoder_dim, latent_geometry, load_encoder, load_vae
+from dataset import LatentDataset, stored_encoders
+from encoders import check_resolution
+from frozen import (
+    SD_VAE_FACTOR,
+    RepresentationEncoder,
+    encoder_dim,
+    encoder_grid,
+    latent_geometry,
+    load_encoder,
+    load_vae,
+    resolve_vae,
+)
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
 from models import MODEL_CLASSES, MODELS, PROJECTOR_FIELDS, ProjectorConfig, build_model
 from models.base import AlignedDiffusionTransformer
@@ -74,7 +86,7 @@ from run_log import (
     peak_flops,
     repair_jsonl,
 )
-from shards import DatasetError
+from shards import DatasetError, load_manifest
 from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
 from utils import EXIT_STOPPED, ReportedError, available_memory, exclusive_lock, require
 
@@ -126,7 +138,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_alignment_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("objective (U-REPA Eq. 5: L_v + λ(t)·(L_REPA + w·L_ML))")
-    add_encoder_args(g, none_means="trains without alignment (needs --proj-coeff 0)")
+    add_encoder_args(g, none_means="trains without alignment (needs --proj-coeff 0)",
+                     default_note="the encoder whose features the dataset stores; "
+                                  "dinov2-vit-b where it stores that one among others, none, or "
+                                  "with --encoder-mode online; none with --proj-coeff 0")
     g.add_argument("--encoder-mode", choices=["precomputed", "online"], default="precomputed",
                    help="read the dataset's stored encoder features, or run the encoder on the "
                         "dataset's stored pixels in the loop (as REPA does)")
@@ -153,11 +168,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", required=True,
                    help="a dataset written by preprocessing/prepare.py")
-    g.add_argument("--resolution", type=positive_int, default=256,
-                   help="image resolution; must match the dataset's")
+    g.add_argument("--resolution", type=positive_int, default=None,
+                   help="image resolution; default: the dataset's, which it must match")
     g.add_argument("--num-workers", type=nonnegative_int, default=4,
                    help="data-loading processes per training process")
-    add_vae_args(g, purpose="decodes the previews")
+    add_vae_args(g, purpose="decodes the previews", recorded_in="the dataset")
 
 
 def add_optimization_args(parser: argparse.ArgumentParser) -> None:
@@ -169,10 +184,14 @@ def add_optimization_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-accumulation-steps", type=positive_int, default=1,
                    help="micro-batches per optimiser step and process")
     g.add_argument("--learning-rate", type=positive_float, default=1e-4, help="AdamW, constant")
-    g.add_argument("--adam-beta1", type=unit_interval, default=0.9)
-    g.add_argument("--adam-beta2", type=unit_interval, default=0.999)
-    g.add_argument("--adam-weight-decay", type=nonnegative_float, default=0.0)
-    g.add_argument("--adam-epsilon", type=positive_float, default=1e-8)
+    g.add_argument("--adam-beta1", type=unit_interval, default=0.9,
+                   help="AdamW's decay of the gradient's running mean")
+    g.add_argument("--adam-beta2", type=unit_interval, default=0.999,
+                   help="AdamW's decay of the squared gradient's running mean")
+    g.add_argument("--adam-weight-decay", type=nonnegative_float, default=0.0,
+                   help="AdamW's decoupled weight decay (0: none, REPA's protocol)")
+    g.add_argument("--adam-epsilon", type=positive_float, default=1e-8,
+                   help="AdamW's epsilon, added to the root of the squared-gradient mean")
     g.add_argument("--max-grad-norm", type=positive_float, default=1.0,
                    help="clip the global gradient norm to this")
     g.add_argument("--ema-decay", type=unit_closed, default=0.9999,
@@ -315,16 +334,10 @@ def validate_args(args: argparse.Namespace) -> None:
     args.mixed_precision = resolve_precision(args.mixed_precision)
     resolve_speed_args(args, training=True)
     resolve_compile_update(args)
-    parse_encoder_args(args)
-    if not args.encoders and args.proj_coeff > 0:
-        raise ValueError("--enc-type none trains without alignment: it needs --proj-coeff 0")
-    if args.encoders and args.proj_coeff == 0:
-        raise ValueError(
-            "--proj-coeff 0 switches alignment off: pass --enc-type none too, so that the model "
-            "has no projector to leave untrained"
-        )
-    if args.encoder_mode == "online" and not args.encoders:
-        raise ValueError("--encoder-mode online needs an encoder (--enc-type)")
+    if args.enc_type is None and args.proj_coeff == 0:
+        args.enc_type = "none"
+    if args.enc_type is not None:  # else once the dataset says which encoders it stores
+        check_encoder_args(args)
     if args.enc_weights and args.encoder_mode != "online":
         raise ValueError(
             "--enc-weights is read only with --encoder-mode online: precomputed features come "
@@ -345,8 +358,9 @@ def validate_args(args: argparse.Namespace) -> None:
     package = {"wandb": "wandb", "tensorboard": "tensorboard"}.get(args.report_to)
     if package and importlib.util.find_spec(package) is None:
         raise ValueError(
-            f"--report-to {args.report_to} needs the {package} package: "
-            f"pip install {package} (or --report-to none)"
+            f"--report-to {args.report_to} needs the {package} package, an optional extra: "
+            f"pip install -r requirements-trackers.txt (or pip install {package}; or "
+            "--report-to none)"
         )
     clashes = sorted(set(args.model_config) & set(FLAG_OF_MODEL_KWARG))
     if clashes:
@@ -356,6 +370,24 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     check_model_config(args.model, args.model_config)
     check_eval_args(args)
+
+
+def check_encoder_args(args: argparse.Namespace) -> None:
+    """Set `args.encoders` from --enc-type and check it against the flags that depend on it
+    (ValueError); --resolution too once it is known."""
+    args.encoders = encoder_list(args.enc_type)
+    encoder_weights(args.enc_weights, args.encoders)
+    for name in args.encoders if args.resolution is not None else []:
+        check_resolution(name, args.resolution)
+    if not args.encoders and args.proj_coeff > 0:
+        raise ValueError("--enc-type none trains without alignment: it needs --proj-coeff 0")
+    if args.encoders and args.proj_coeff == 0:
+        raise ValueError(
+            "--proj-coeff 0 switches alignment off: pass --enc-type none too, so that the model "
+            "has no projector to leave untrained"
+        )
+    if args.encoder_mode == "online" and not args.encoders:
+        raise ValueError("--encoder-mode online needs an encoder (--enc-type)")
 
 
 def constructor_types(name: str) -> dict[str, Any]:
@@ -435,10 +467,35 @@ def create_accelerator(args: argparse.Namespace, run_dir: str) -> Accelerator:
     return accelerator
 
 
+def take_from_dataset(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
+    """The flags not given that the dataset decides: --resolution, --enc-type (the encoder it
+    stores) and --vae (the one that encoded it); a given flag that contradicts it is an error."""
+    if args.resolution is None:
+        args.resolution = manifest["resolution"]
+    if args.enc_type is None:
+        stored = stored_encoders(manifest)
+        if args.encoder_mode == "online" or DEFAULT_ENCODER in stored or not stored:
+            args.enc_type = DEFAULT_ENCODER
+        elif len(stored) == 1:
+            args.enc_type = stored[0]
+        else:
+            raise TrainingError(
+                f"{args.data_dir} stores the features of {', '.join(stored)}: pass --enc-type "
+                "to pick them"
+            )
+    try:
+        check_encoder_args(args)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+    encoded_by = manifest.get("settings", {}).get("vae")
+    args.vae = resolve_vae(args.vae, encoded_by, f"{args.data_dir} was encoded")
+
+
 def open_dataset(args: argparse.Namespace) -> LatentDataset:
     """The preprocessed dataset, with the features (or, online, the pixels) this run needs."""
     online = args.encoder_mode == "online"
     try:
+        take_from_dataset(args, load_manifest(args.data_dir))
         dataset = LatentDataset(
             args.data_dir, encoders=[] if online else args.encoders, pixels=online
         )
@@ -467,6 +524,33 @@ def dataset_identity(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def data_geometry(args: argparse.Namespace, dataset: LatentDataset) -> dict[str, int]:
+    """The constructor arguments the data decides besides its latent size and classes: the
+    latent channels (4 for SD-VAE, 3 in pixel space), the encoder's token grid (the stored
+    features', or at --resolution online) and, for a bare class (--model SiT or SiTDown)
+    whose --model-config sets no patch_size, the patch that gives one token per encoder patch
+    (2 for SD-VAE latents, 8 for pixels-2x). --model-config may repeat the first two, never
+    contradict them. Each is given only where it differs from the constructor's default (4
+    channels, SD-VAE's grid, patch 2), so that checkpoints of SD-VAE data record what they
+    always did."""
+    moments = dataset.manifest["modalities"]["moments"]["shape"]  # (2·C, h, w)
+    tokens = dataset.manifest["modalities"].get(f"features-{(args.encoders or [''])[0]}")
+    grid = math.isqrt(tokens["shape"][0]) if tokens else encoder_grid(args.resolution)
+    found = {"in_channels": moments[0] // 2, "encoder_grid": grid}
+    for key, value in found.items():
+        given = args.model_config.get(key, value)
+        if given != value:
+            raise TrainingError(
+                f"--model-config {key} {given} contradicts {args.data_dir}, whose data gives "
+                f"{value}: leave {key} out of --model-config"
+            )
+    if args.model in MODEL_CLASSES and "patch_size" not in args.model_config:
+        found["patch_size"] = max(1, moments[-1] // grid)
+    defaults = {"in_channels": 4, "encoder_grid": encoder_grid(SD_VAE_FACTOR * moments[-1]),
+                "patch_size": 2}  # fmt: skip
+    return {key: value for key, value in found.items() if value != defaults[key]}
+
+
 def model_arguments(args: argparse.Namespace, input_size: int, num_classes: int) -> dict[str, Any]:
     """The model's constructor arguments: the data's latent size and classes, the flags that
     set model arguments (FLAG_OF_MODEL_KWARG), then --model-config."""
@@ -493,6 +577,7 @@ def create_model(
     Initialised from --seed, so every process and every run with that seed starts alike.
     Refused first if it cannot fit `device` (trained by `processes`)."""
     kwargs = model_arguments(args, sample["moments"].shape[-1], dataset.num_classes)
+    kwargs = {**data_geometry(args, dataset), **kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(args.seed)  # the model is built on the CPU
         try:
@@ -613,7 +698,7 @@ def retention(args: argparse.Namespace) -> str:
 def plan_without_data(args: argparse.Namespace, accelerator: Accelerator, error: Exception) -> str:
     """--dry-run when the dataset cannot be opened: the model and the batch from the flags
     alone (ImageNet's 1000 classes assumed), and what is missing."""
-    channels, factor = latent_geometry(args.vae)
+    channels, factor = latent_geometry(args.vae or "ema")
     kwargs = {"in_channels": channels, **model_arguments(args, args.resolution // factor, 1000)}
     with torch.device("meta"):
         model = build_model(args.model, **kwargs)
@@ -707,16 +792,19 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
     return result
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, stop_hint: str | None = "continue with --resume auto") -> int:
     """Train; returns the exit code: 0, or EXIT_STOPPED when a signal stopped the run after its
-    checkpoint (re-running the command with --resume auto continues it)."""
+    checkpoint, which the log says, followed by `stop_hint` (how to continue; None: the caller
+    reports the stop itself)."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
     accelerator = create_accelerator(args, run_dir)
     with run_directory_lock(run_dir, accelerator, args.dry_run):
-        return train_into(args, accelerator, run_dir)
+        return train_into(args, accelerator, run_dir, stop_hint)
 
 
-def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str) -> int:
+def train_into(
+    args: argparse.Namespace, accelerator: Accelerator, run_dir: str, stop_hint: str | None
+) -> int:
     """main's work, under the run directory's lock: what an earlier process left there is
     cleared only by the holder."""
     logger = create_logger(accelerator.is_main_process)
@@ -726,6 +814,7 @@ def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str)
     try:
         if args.dry_run and not os.path.isdir(args.data_dir):
             error = FileNotFoundError(f"no folder {args.data_dir} (--data-dir)")
+            take_from_dataset(args, {"resolution": 256, "modalities": {}})  # ImageNet's
             logger.info(plan_without_data(args, accelerator, error))
             return 0
         trainer, dataset = setup(args, accelerator, resume, logger)
@@ -757,6 +846,9 @@ def train_into(args: argparse.Namespace, accelerator: Accelerator, run_dir: str)
         with sdpa_backend(args.sdpa_backend):
             stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor, evaluation)
         if stopped:
+            if stop_hint is not None:
+                logger.info(f"stopped by a signal after step {trainer.step}, checkpoint saved: "
+                            f"{stop_hint}")  # fmt: skip
             return EXIT_STOPPED
         logger.info(f"done: step {trainer.step}")
         return 0

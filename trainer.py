@@ -61,6 +61,7 @@ from models.base import AlignedDiffusionTransformer
 from run_log import (
     LOGGER_NAME,
     MetricMeans,
+    StepRate,
     append_jsonl,
     format_metrics,
     grid_image,
@@ -527,6 +528,8 @@ class Monitor:
     first_nonfinite: Tensor | None = None
     last_time: float = field(default_factory=time.perf_counter)
     last_step: int = 0
+    train_seconds: float = 0.0  # training time so far in this process, evaluations excluded
+    rate: StepRate = field(default_factory=StepRate)
 
     def add(self, stats: dict[str, Tensor], step: int) -> None:
         bad = torch.where(stats.pop("nonfinite") > 0, step, sys.maxsize)
@@ -554,6 +557,10 @@ class Monitor:
         now = time.perf_counter()
         sec_per_step = (now - self.last_time) / max(1, step - self.last_step)
         images_per_sec = args.batch_size / sec_per_step
+        if not self.rate.points:  # where this process started training
+            self.rate.add(self.train_seconds, self.last_step)
+        self.train_seconds += now - self.last_time
+        self.rate.add(self.train_seconds, step)
         self.last_time, self.last_step = now, step
         epoch = step / self.trainer.plan.steps_per_epoch  # as the data plan counts epochs
         record: dict[str, Any] = {"step": step, "epoch": round(epoch, 4)}
@@ -569,8 +576,9 @@ class Monitor:
         if acc.is_main_process:
             append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
             line = format_metrics(step, {k: v for k, v in record.items() if k != "step"})
-            eta = time_remaining(step, sec_per_step, args.max_train_steps, args.checkpointing_steps)
-            self.logger.info(f"{line} | {eta}")
+            rate = self.rate.sec_per_step  # steadier than this interval's sec_per_step
+            eta = time_remaining(step, rate, args.max_train_steps, args.checkpointing_steps)
+            self.logger.info(f"{line} | {eta} {self.rate.describe()}")
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return record
 
@@ -683,8 +691,10 @@ def progress_bar(trainer: Trainer) -> Iterator[tqdm]:
     The bar reads the clock only: no host sync."""
     args, acc = trainer.args, trainer.accelerator
     interactive = acc.is_main_process and sys.stderr.isatty()
+    # smoothing 0.01: the rate (and time left) is a mean over about 100 updates, not over the
+    # last few, which swing with the load of a shared machine
     with tqdm(total=args.max_train_steps, initial=trainer.step, unit="step", desc="training",
-              disable=not interactive, dynamic_ncols=True) as bar:  # fmt: skip
+              disable=not interactive, dynamic_ncols=True, smoothing=0.01) as bar:  # fmt: skip
         if not interactive:
             yield bar
             return
@@ -735,10 +745,6 @@ def train(
                 acc.wait_for_everyone()
             if evaluation is not None and not stopping:  # a stopped run evaluates on resume
                 monitor.last_time += evaluation.maybe_run(step)  # not counted as training time
-            if stopping:
-                logger.info(
-                    f"stopped by a signal after step {step}, checkpoint saved: "
-                    "continue with --resume auto"
-                )
+            if stopping:  # the caller says so, with the command that continues
                 return True
     return False

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from analysis.features import Extraction, Features, extract, rank_and_world
 from analysis.metrics import cknna, linear_probe, prepare_features
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "leak into the probed features) or each image's label")
     g.add_argument("--path-type", choices=PATH_TYPES, default=None,
                    help="interpolant; default: the checkpoint's, else linear")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the model's precision: fp32, or bf16 autocast")
     d = parser.add_argument_group("data")
     d.add_argument("--data-dir", required=True,
                    help="dataset written by preprocessing/prepare.py: trains the linear probe")
@@ -91,8 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m = parser.add_argument_group("metrics")
     m.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="linear probing (needs labels; the slow part on big sets)")
-    m.add_argument("--probe-epochs", type=positive_int, default=90)
-    m.add_argument("--probe-batch-size", type=positive_int, default=16_384)
+    m.add_argument("--probe-epochs", type=positive_int, default=90,
+                   help="passes of the linear probe over its training split (REPA's 90)")
+    m.add_argument("--probe-batch-size", type=positive_int, default=16_384,
+                   help="the linear probe's batch (REPA's 16384)")
     m.add_argument("--probe-lr", type=positive_float, default=1e-3,
                    help="Adam's initial learning rate, decayed to 0 by a cosine")
     m.add_argument("--topk", type=positive_int, default=10, help="CKNNA's k")
@@ -277,10 +281,13 @@ def run_job(
     )  # fmt: skip
 
 
-def shared_jobs(jobs: list[tuple], run: Any) -> list[float]:
-    """run(job) for every job, the jobs split over the processes; every process gets all."""
+def shared_jobs(jobs: list[tuple], run: Any, desc: str = "metrics") -> list[float]:
+    """run(job) for every job, the jobs split over the processes; every process gets all.
+    The main process shows its share's progress (each probe trains for --probe-epochs)."""
     rank, world = rank_and_world()
-    mine = {i: run(job) for i, job in enumerate(jobs) if i % world == rank}
+    share = [(i, job) for i, job in enumerate(jobs) if i % world == rank]
+    progress = tqdm(share, desc=desc, unit="metric", disable=rank != 0)
+    mine = {i: run(job) for i, job in progress}
     if world == 1:
         return [mine[i] for i in range(len(jobs))]
     parts: list[dict[int, float]] = [{} for _ in range(world)]
@@ -305,7 +312,9 @@ def analyse_checkpoint(
             ex.encoders = {}
         train = extract(model, sets.train, sets.train_idx, ex, device, f"{name} probe")
     jobs = metric_jobs(val, train, with_encoders=position == 0)
-    values = shared_jobs(jobs, lambda job: run_job(job, val, train, args, device))
+    values = shared_jobs(
+        jobs, lambda job: run_job(job, val, train, args, device), f"{name} metrics"
+    )
     step = checkpoint_step(path, position)
     base = {"ckpt": path, "step": step, "model": model.model_name}
     records = [
@@ -319,6 +328,18 @@ def analyse_checkpoint(
                             "value": float(values_t.mean())})  # fmt: skip
     del model
     return records
+
+
+def cknna_note(records: list[Record], num_samples: int) -> str | None:
+    """Why a CKNNA above 1 is no error, with this run's largest value; None without CKNNA."""
+    values = [r["value"] for r in records if r["metric"] == "cknna"]
+    if not values:
+        return None
+    return (
+        f"note: CKNNA (largest here {max(values):.3f}, on {num_samples} images) is a ratio of "
+        "unbiased HSIC estimates over different neighbour masks, not a correlation: it can "
+        "exceed 1, the more so the fewer the images (REPA measures 10,000)"
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -343,11 +364,16 @@ def main(args: argparse.Namespace) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if k != "debug"}
         settings.update(eval_images=len(sets.val_idx), probe_train_images=len(sets.train_idx))
+        note = cknna_note(records, len(sets.val_idx))
+        settings["cknna_note"] = note
         write_json(os.path.join(args.output_dir, "results.json"),
                    {"settings": settings, "records": records})  # fmt: skip
+        print(f"drawing the plots in {args.output_dir}", flush=True)
         for written in write_plots(records, args.output_dir):
-            print(f"wrote {written}")
+            print(f"wrote {written}", flush=True)
         print(f"wrote {os.path.join(args.output_dir, 'results.json')}")
+        if note:
+            print(note)
     close_distributed()
 
 

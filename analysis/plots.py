@@ -19,7 +19,7 @@ from typing import Any
 Record = dict[str, Any]
 TITLES = {
     "probe_top1": "linear probing top-1",
-    "cknna": "CKNNA",
+    "cknna": "CKNNA (unbiased: may exceed 1 at small N)",
     "token_cos_sim": "token cosine similarity",
     "manifold_distance": "manifold distance",
 }

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import shards
 from cli import (
+    RawDescriptionDefaultsHelpFormatter,
     add_debug_arg,
     add_encoder_args,
     add_vae_args,
@@ -143,7 +144,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__, formatter_class=RawDescriptionDefaultsHelpFormatter
     )
     for add in (add_source_args, add_encoding_args, add_run_args):
         add(parser)
@@ -399,6 +400,12 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
         if rank == 0:
             print_plan(args, source, modalities, ranges, pending, world)
         return None
+    if resuming and not pending and os.path.exists(os.path.join(args.dest, shards.MANIFEST)):
+        # Complete: nothing to encode, and nothing (settings, manifest) is written again.
+        logger.info("%s is complete (%d images, %d shards): nothing to do", args.dest,
+                    len(source), len(ranges))  # fmt: skip
+        close_distributed()
+        return shards.load_manifest(args.dest) if rank == 0 else None
     mine = pending[rank::world]
     # Load (and so check) the networks before anything is written into --dest: a run that fails
     # here (unknown --vae, weights not downloadable) must leave no settings.json behind that

@@ -6,6 +6,8 @@ the toy dataset of conftest.py (1 and 2 processes)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -238,9 +240,11 @@ def analysis_argv(run_dir, data_dir, out, *extra):
 @pytest.fixture(scope="module")
 def single(run_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis-out")
-    main(parse_args(analysis_argv(run_dir, data_dir, out)))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        main(parse_args(analysis_argv(run_dir, data_dir, out)))
     with open(out / "results.json") as f:
-        return out, json.load(f)
+        return out, json.load(f), stdout.getvalue(), stderr.getvalue()
 
 
 def find(records, **match):
@@ -250,7 +254,7 @@ def find(records, **match):
 
 
 def test_command_writes_every_metric_and_plot(single):
-    out, results = single
+    out, results, _, _ = single
     records = results["records"]
     # 2 checkpoints x 3 blocks x 2 times x (probe + cknna) + 2 x 2 times x (cos + manifold)
     # + the encoder's own probe
@@ -263,9 +267,21 @@ def test_command_writes_every_metric_and_plot(single):
     assert all(0 <= r["value"] <= 1 for r in records if r["metric"] == "probe_top1")
 
 
+def test_command_shows_the_progress_of_every_phase_and_why_cknna_may_exceed_1(single):
+    _, results, stdout, stderr = single
+    for phase in ("0000100.pt eval", "0000100.pt probe", "0000100.pt metrics",
+                  "0000200.pt metrics"):  # fmt: skip
+        assert phase in stderr  # tqdm bars: the features, then the probes and CKNNA
+    assert "drawing the plots in" in stdout
+    largest = max(r["value"] for r in results["records"] if r["metric"] == "cknna")
+    note = results["settings"]["cknna_note"]
+    assert f"largest here {largest:.3f}, on 12 images" in note and "can exceed 1" in note
+    assert stdout.rstrip().endswith(note)
+
+
 def test_command_metrics_match_a_direct_computation(single, run_dir, data_dir):
     """Block 2 (the tap) at t = 0.75 and step 200, recomputed without hooks or the command."""
-    _, results = single
+    _, results, _, _ = single
     records, t = results["records"], 0.75
     model = load_model_for_sampling(str(run_dir / "0000200.pt"))
     data = LatentDataset(data_dir)

@@ -209,3 +209,53 @@ def test_help_never_says_default_none_or_a_default_twice(parse, capsys, monkeypa
         parse(["--help"])
     for line in capsys.readouterr().out.splitlines():
         assert "(default: None)" not in line and line.count("default") <= 1, line
+
+
+class _Captured(Exception):
+    """Raised by the parse_args spy: the parser is built, nothing is parsed."""
+
+
+def parser_of(parse, monkeypatch) -> argparse.ArgumentParser:
+    """The ArgumentParser an entry point's parse function builds."""
+
+    def spy(self, *args, **kwargs):
+        raise _Captured(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    with pytest.raises(_Captured) as caught:
+        parse([])
+    return caught.value.args[0]
+
+
+def entry_point_parsers():
+    import curves
+    import sample
+    from analysis.__main__ import parse_args as analysis_args
+
+    return {
+        "train.py": train.parse_args,
+        "generate.py": generate.parse_args,
+        "quickstart.py": quickstart.parse_args,
+        "curves.py": curves.parse_args,
+        "preprocessing/prepare.py": prepare.parse_args,
+        "python -m analysis": analysis_args,
+        "sample.py": sample.parse_args,
+    }
+
+
+@pytest.mark.parametrize("program", list(entry_point_parsers()))
+def test_every_flag_with_a_default_shows_it_in_the_help(program, monkeypatch):
+    """A flag whose default is a value (0 included: it equals False) says it in --help, either
+    in its own words or as argparse's "(default: X)"."""
+    parser = parser_of(entry_point_parsers()[program], monkeypatch)
+    formatter = parser._get_formatter()
+    silent = []
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.required:
+            continue
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            continue  # a switch that is off, or a flag whose absence its help explains
+        text = formatter._expand_help(action) if action.help else ""
+        if "default" not in text:
+            silent.append(f"{action.option_strings[0]} (default {action.default!r}): {text!r}")
+    assert not silent, f"{program}: " + "; ".join(silent)

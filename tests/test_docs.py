@@ -38,7 +38,8 @@ def tracked_text_files() -> list[str]:
     result = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
     if result.returncode == 0:
         return [p for p in result.stdout.splitlines() if p.endswith(TEXT_SUFFIXES)]
-    outputs = {"exps", "data", "samples", "results", "wandb", "quickstart-out"}
+    outputs = {"exps", "data", "samples", "results", "wandb", "quickstart-out", "quickstart-fast",
+               "analysis-out"}  # fmt: skip
     files = []
     for root, dirs, names in os.walk(REPO):
         dirs[:] = [d for d in dirs if d not in outputs and (d == ".ci" or not d.startswith("."))]

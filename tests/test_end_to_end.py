@@ -24,7 +24,7 @@ from checkpoints import load_checkpoint, load_model_for_sampling
 from dataset import LatentDataset
 from evaluations import evaluator, make_reference
 from frozen import VAE_SCALE
-from utils import ReportedError
+from utils import EXIT_STOPPED, ReportedError, RunStopped
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = quickstart.FAST
@@ -69,6 +69,64 @@ def test_measurement_sees_no_shape_and_wrong_classes():
     assert result["colour"] == 1.0 and result["shape"] == 0.5
 
 
+CHANCE = {"class": 0.1, "shape": 0.2, "colour": 0.2}
+
+
+def balanced(n_per_class: int) -> np.ndarray:
+    return np.repeat(np.arange(toy_shapes.NUM_CLASSES), n_per_class)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_noise_shows_no_shape_and_scores_below_chance(size):
+    """Uniform noise and Gaussian noise of several spreads: no sample shows a shape, so every
+    score is 0 (uniform noise used to read as a green or purple square in every image)."""
+    rng = np.random.default_rng(size)
+    labels = balanced(4)
+    uniform = rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8)
+    gaussians = [rng.normal(mean, spread, uniform.shape).clip(0, 255).astype(np.uint8)
+                 for mean, spread in [(128, 30), (128, 60), (60, 40), (200, 50)]]  # fmt: skip
+    for images in (uniform, *gaussians):
+        result = toy_shapes.agreement(images, labels)
+        assert result["no_shape"] == 1.0
+        assert result["class"] == result["shape"] == result["colour"] == 0.0
+
+
+@pytest.mark.parametrize("value", [0, 40, 128, 255])
+def test_constant_images_show_no_shape(value):
+    grey = np.full((toy_shapes.NUM_CLASSES, 32, 32, 3), value, np.uint8)
+    palette = np.stack([np.full((32, 32, 3), rgb, np.uint8) for rgb in toy_shapes.PALETTE.values()])
+    for images in (grey, np.concatenate([palette, palette])):
+        result = toy_shapes.agreement(images, np.arange(toy_shapes.NUM_CLASSES))
+        assert result["no_shape"] == 1.0 and result["class"] == 0.0
+
+
+def test_class_shuffled_images_score_what_their_shuffle_leaves_right():
+    """Real images under shuffled labels: each image still reads as its own class, so the
+    agreement is exactly the fraction of labels the shuffle left in place (0.1 expected, i.e.
+    chance), and 0 under a shift that moves every label."""
+    labels = balanced(12)
+    images = np.stack([toy_shapes.draw(int(k), i, 32, seed=3) for i, k in enumerate(labels)])
+    shifted = (labels + 1) % toy_shapes.NUM_CLASSES
+    assert toy_shapes.agreement(images, shifted)["class"] == 0.0
+    shuffled = np.random.default_rng(0).permutation(labels)
+    result = toy_shapes.agreement(images, shuffled)
+    assert result["class"] == float(np.mean(shuffled == labels))
+    assert result["class"] <= CHANCE["class"] + 0.055  # 120 labels: within 2 standard errors
+
+
+def test_a_shape_on_a_noisy_background_or_filling_the_image_is_no_shape():
+    circle = toy_shapes.draw(0, 0, 64)
+    noisy = circle.astype(int) + np.random.default_rng(1).integers(-90, 91, circle.shape)
+    assert toy_shapes.measure(noisy.clip(0, 255).astype(np.uint8)) == (None, None)
+    full = np.full((64, 64, 3), 40, np.uint8)
+    full[1:-1, 1:-1] = toy_shapes.PALETTE["red"]  # a red square filling the image
+    assert toy_shapes.measure(full) == (None, None)
+    half = np.full((64, 64, 3), 40, np.uint8)
+    half[8:56, 34:] = toy_shapes.PALETTE["red"]  # a red block cut by the right edge
+    assert toy_shapes.measure(half) == (None, None)
+    assert toy_shapes.measure(circle) == ("circle", "red")
+
+
 def test_classes_pair_every_shape_and_colour_twice():
     assert len(set(toy_shapes.CLASSES)) == toy_shapes.NUM_CLASSES == 10
     for shape in toy_shapes.SHAPES:
@@ -101,6 +159,8 @@ def test_quickstart_writes_figures_metrics_and_checkpoints(quick):
         assert json.load(f) == json.loads(json.dumps(record))
     assert record["networks"]["stand_ins"] and not record["comparable_to_paper"]
     assert record["agreement_on_fresh_images"]["class"] == 1.0
+    noise = record["agreement_on_noise"]  # the floor the summary shows beside the samplers
+    assert noise["no_shape"] == 1.0 and noise["class"] == noise["shape"] == noise["colour"] == 0
     for result in record["agreement"].values():
         for key in ("class", "shape", "colour"):
             assert 0 <= result[key] <= 1
@@ -152,12 +212,10 @@ def test_resuming_from_the_middle_gives_the_same_weights(quick, tmp_path):
 
 def test_two_processes_generate_the_same_npz(quick, tmp_path):
     out, _ = quick
-    net = quickstart.pick_networks("stand-in")
     n = CFG.samples_per_class * toy_shapes.NUM_CLASSES
     sample_dir = str(tmp_path / "two")
-    argv = quickstart.generate_argv(
-        checkpoint_path(out / "exps", CFG.steps), sample_dir, net, "ablation", n
-    )
+    argv = quickstart.generate_argv(checkpoint_path(out / "exps", CFG.steps), sample_dir,
+                                    "ablation", n)  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "generate.py", *argv]  # fmt: skip
     # CPU kernels split sums by thread count: keep this process's, as the quickstart ran here
@@ -224,3 +282,32 @@ def test_fid_asked_for_without_weights_stops_before_any_work(tmp_path):
     assert quickstart.inception_weights(quickstart.parse_args([]), "cpu") == (
         None, "off on a CPU; --fid computes it",
     )  # fmt: skip
+
+
+def test_a_stop_is_one_line_naming_the_quickstarts_own_command(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in training: train.py reports nothing itself (no "--resume auto", which the
+    quickstart does not take); the quickstart says, once, how to continue. Elsewhere (the
+    preparation, the sampling) the same."""
+
+    def stopped_training(args, stop_hint="continue with --resume auto"):
+        assert stop_hint is None  # the quickstart reports the stop itself
+        return EXIT_STOPPED
+
+    monkeypatch.setattr(quickstart, "pick_networks", lambda choice: quickstart.Networks(
+        "pixels-2x", "dinov2-vit-tiny-random"))  # fmt: skip
+    monkeypatch.setattr(quickstart.prepare, "main", lambda args: None)
+    monkeypatch.setattr(quickstart.train, "main", stopped_training)
+    argv = ["--fast", "--out", str(tmp_path / "q"), "--device", "cpu"]
+    with pytest.raises(RunStopped) as stop:
+        quickstart.main(argv)
+    command = f"python quickstart.py --fast --out {tmp_path / 'q'} --device cpu"
+    assert str(stop.value) == (
+        f"training stopped by a signal, its checkpoint saved: re-run {command} to continue"
+    )
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quickstart.prepare, "main", interrupted)
+    with pytest.raises(RunStopped, match=f"^interrupted: re-run {command} to continue$"):
+        quickstart.main(argv)

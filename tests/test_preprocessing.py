@@ -649,6 +649,17 @@ def test_rerun_rebuilds_only_missing_or_damaged_shards(folder, built, tmp_path):
     assert shard_files(manifest) == shard_files(built[1])
 
 
+def test_rerun_of_a_complete_dataset_writes_nothing(folder, built, tmp_path):
+    dest = str(tmp_path / "d")
+    prepare(folder[0], dest)
+    names = sorted(os.listdir(dest))
+    before = {name: os.stat(os.path.join(dest, name)).st_mtime_ns for name in names}
+    manifest = prepare(folder[0], dest)
+    assert sorted(os.listdir(dest)) == names
+    assert {name: os.stat(os.path.join(dest, name)).st_mtime_ns for name in names} == before
+    assert manifest == shards.load_manifest(dest)
+
+
 def test_destination_with_other_settings_is_a_clear_error(folder, built, tmp_path):
     with pytest.raises(
         ReportedError, match=r"(?s)other settings:\n  encoders.*\n  pixels.*new --dest"

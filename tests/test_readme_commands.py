@@ -17,6 +17,7 @@ import pytest
 import curves
 import generate
 import quickstart
+import sample
 import train
 from analysis.__main__ import parse_args as analysis_args
 from bench import compile_speed, data_speed, op_count, sample_speed, train_speed
@@ -33,6 +34,7 @@ PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "evaluations/evaluator.py": evaluator.parse_args,
     "evaluations/make_reference.py": make_reference.parse_args,
     "quickstart.py": quickstart.parse_args,
+    "sample.py": sample.parse_args,
     "curves.py": curves.parse_args,
     "bench.compile_speed": compile_speed.parse_args,
     "bench.op_count": op_count.parse_args,
@@ -201,3 +203,27 @@ def test_table5_refuses_a_block_outside_its_usage(block):
     result = subprocess.run(["bash", "scripts/table5.sh", block], cwd=REPO, capture_output=True,
                             text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2 and "any block 1-36" in result.stderr
+
+
+# Flags whose value is a folder (or, for sample.py, a file) that a command writes its outputs to.
+OUTPUT_FLAGS = {"--output-dir", "--sample-dir", "--dest"}
+OUTPUT_FLAGS_OF = {"quickstart.py": {"--out"}, "sample.py": {"--out"}}
+
+
+def test_the_output_folders_the_docs_suggest_are_git_ignored():
+    """Following the docs never leaves run outputs for `git status` to list."""
+    outputs = set()
+    for command in readme_commands():
+        found = script_and_args(command)
+        if found is None:
+            continue
+        script, args = found
+        flags = OUTPUT_FLAGS | OUTPUT_FLAGS_OF.get(script, set())
+        folder = "" if script == "sample.py" else "/a-file"  # a folder pattern needs a path in it
+        outputs |= {args[i + 1] + folder for i, word in enumerate(args[:-1]) if word in flags}
+    assert {"quickstart-fast/a-file", "samples/small-cpu.png"} <= outputs  # the parse found them
+    result = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=REPO,
+                            capture_output=True, text=True)  # fmt: skip
+    if result.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert set(result.stdout.split()) == outputs

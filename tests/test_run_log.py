@@ -12,7 +12,7 @@ import termios
 
 import pytest
 
-from run_log import format_duration, format_metrics, time_remaining
+from run_log import StepRate, format_duration, format_metrics, time_remaining
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,6 +34,45 @@ def test_time_remaining_counts_to_the_end_and_to_the_next_checkpoint():
     # On a checkpoint step the next one is a full interval away; the last one is the end.
     assert time_remaining(3000, 0.5, 4000, 1500).endswith("8m20s to the next checkpoint")
     assert time_remaining(3999, 1.0, 4000, 1500) == "eta 1s to step 4000, 1s to the next checkpoint"
+
+
+def load_swings(intervals: int, steps: int = 12) -> list[float]:
+    """A synthetic clock: the seconds each log interval of `steps` steps takes on a shared
+    machine whose load swings every few intervals (0.5 s/step, then 3.5 s/step, then 15)."""
+    per_step = [0.5, 0.5, 3.5, 0.5, 15.0, 0.5, 0.5, 3.5]
+    return [steps * per_step[i % len(per_step)] for i in range(intervals)]
+
+
+def test_the_time_left_is_steady_while_the_load_swings():
+    """One interval's rate would put the time left anywhere in a 30× range; the rate over a
+    10-minute window stays within ±25 % of the true mean, and is that mean, computed here."""
+    rate, now, step, lefts, one_interval = StepRate(window=600), 0.0, 0, [], []
+    rate.add(now, step)
+    for seconds in load_swings(160):
+        now, step = now + seconds, step + 12
+        rate.add(now, step)
+        lefts.append((2400 - step) * rate.sec_per_step if step < 2400 else None)
+        one_interval.append(seconds / 12)
+    true_mean = sum(load_swings(8)) / (8 * 12)  # one whole cycle of the swings
+    settled = [left / (2400 - 12 * (i + 1)) for i, left in enumerate(lefts[20:150], 20)]
+    assert max(one_interval) / min(one_interval) == 30
+    assert all(0.75 * true_mean <= r <= 1.25 * true_mean for r in settled)
+    # The window: the oldest point kept is the last one at least 600 s before the newest.
+    (t0, s0), (t1, s1) = rate.points[0], rate.points[-1]
+    assert t1 - t0 >= 600 and t1 - rate.points[1][0] < 600
+    assert rate.sec_per_step == pytest.approx((t1 - t0) / (s1 - s0))
+
+
+def test_the_rate_follows_a_lasting_change_within_one_window():
+    rate = StepRate(window=100)
+    rate.add(0.0, 0)
+    for k in range(1, 11):  # 1 s/step for 100 s
+        rate.add(10.0 * k, 10 * k)
+    assert rate.sec_per_step == 1.0
+    for k in range(1, 6):  # then 2 s/step: after 100 s, the window holds only the new rate
+        rate.add(100 + 20.0 * k, 100 + 10 * k)
+    assert rate.sec_per_step == 2.0
+    assert rate.describe() == "at 2 s/step (mean of the last 1m40s)"
 
 
 def test_a_log_line_lists_the_metrics():

@@ -132,9 +132,14 @@ class ContractDataset(Dataset):
 
 def test_defaults_are_the_paper_recipe(data_dir):
     args = train.parse_args(["--data-dir", data_dir, "--exp-name", "x"])
+    assert (args.enc_type, args.resolution, args.vae) == (None, None, None)  # the dataset's
+    imagenet = {"resolution": 256, "settings": {"vae": "ema"},
+                "modalities": {"features-dinov2-vit-b": {}, "features-mae-vit-l": {}}}  # fmt: skip
+    train.take_from_dataset(args, imagenet)
     assert (args.model, args.enc_type, args.encoder_mode) == (
         "SiTDown-XL/2", "dinov2-vit-b", "precomputed",
     )  # fmt: skip
+    assert (args.resolution, args.vae) == (256, "ema")
     assert (args.proj_coeff, args.manifold_coeff, args.manifold_mode) == (0.5, 3.0, "token")
     assert (args.lambda_schedule, args.projector_upsample, args.projector_kernel) == (
         "constant", "after", "bilinear",
@@ -176,7 +181,7 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it(cuda, bf16, expected, monke
         (["--model", "SiT-Q/2"], "unknown model 'SiT-Q/2'"),
         (["--enc-type", "clip-b"], "unknown encoder 'clip-b'"),
         (["--enc-type", "none"], "--enc-type none trains without alignment: it needs --proj-coe"),
-        (["--proj-coeff", "0"], "pass --enc-type none too"),
+        (["--enc-type", "dinov2-vit-b", "--proj-coeff", "0"], "pass --enc-type none too"),
         (["--batch-size", "10", "--gradient-accumulation-steps", "3"], "not divisible by"),
         (["--model-config", "[1]"], "expected a JSON object"),
         (["--model-config", '{"encoder_depth": 3}'], "encoder_depth (set by --encoder-depth)"),
