@@ -90,7 +90,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--batch-size", type=positive_int, default=64, help="images per process")
     d.add_argument("--seed", type=nonnegative_int, default=0,
                    help="sample selection and each image's latent and noise draws")
-    m = parser.add_argument_group("metrics")
+    add_metric_args(parser.add_argument_group("metrics"))
+    o = parser.add_argument_group("output")
+    o.add_argument("--output-dir", required=True, help="results.json and the plots go here")
+    add_debug_arg(o)
+    return parse_checked(parser, argv, validate_args)
+
+
+def add_metric_args(m: Any) -> None:
+    """Linear probing, CKNNA and the projector metrics."""
     m.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="linear probing (needs labels; the slow part on big sets)")
     m.add_argument("--probe-epochs", type=positive_int, default=90,
@@ -106,10 +114,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--manifold-mode", choices=MANIFOLD_MODES, default="token",
                    help="as train.py's; sample and batch compare each image with the others of "
                         "its batch, so they depend on --batch-size and the process count")
-    o = parser.add_argument_group("output")
-    o.add_argument("--output-dir", required=True, help="results.json and the plots go here")
-    add_debug_arg(o)
-    return parse_checked(parser, argv, validate_args)
 # fmt: on
 
 

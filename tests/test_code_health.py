@@ -110,12 +110,14 @@ def test_every_projector_option_is_a_flag_of_its_name():
     tiny = '{"hidden_size": 16, "depths": [1, 1, 1], "num_heads": 2, "projector_dim": 16}'
     args = train.parse_args([
         "--data-dir", "d", "--exp-name", "x", "--model", "SiTDown", "--model-config", tiny,
+        "--enc-type", "dinov2-vit-b", "--resolution", "64",
         "--projector-upsample", "within", "--projector-kernel", "nearest",
         "--align-resolution", "pool", "--time-aware-projector",
     ])  # fmt: skip
     assert set(train.PROJECTOR_FLAGS) == set(PROJECTOR_FIELDS) - {"projector_dim"}
+    manifest = {"modalities": {"moments": {"shape": [8, 8, 8]}}}  # SD-VAE latents, 64 px
     model = train.create_model(
-        args, SimpleNamespace(num_classes=4), {"moments": torch.empty(8, 8, 8)}
+        args, SimpleNamespace(num_classes=4, manifest=manifest), {"moments": torch.empty(8, 8, 8)}
     )
     for name in PROJECTOR_FIELDS:
         assert model.model_kwargs[name] == getattr(args, name, 16), name
