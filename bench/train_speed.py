@@ -194,8 +194,13 @@ def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> T
     """Model, EMA, AdamW, objective (and online encoders) as train.py builds them."""
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per configuration
     accelerator = train.create_accelerator(args, run_dir)
+    # What a dataset would decide (synthetic data: ImageNet's 256 px unless --resolution).
+    train.take_from_dataset(args, {"resolution": 256, "modalities": {}})
     latent = args.resolution // 8  # SD-VAE: 8× downsampling
-    dataset = SimpleNamespace(num_classes=num_classes)
+    moments = {"shape": [8, latent, latent]}  # SD-VAE latents' mean and std
+    dataset = SimpleNamespace(
+        num_classes=num_classes, manifest={"modalities": {"moments": moments}}
+    )
     model = train.create_model(args, dataset, {"moments": torch.empty(8, latent, latent)})
     plan = BatchPlan(
         max(IMAGENET_TRAIN, args.batch_size),
