@@ -212,7 +212,7 @@ def test_flag_errors_are_clear(extra, message, capsys):
 def test_dry_run_builds_everything_and_writes_nothing(data_dir, tmp_path, capsys):
     run(*argv(data_dir, tmp_path, "dry", "--dry-run", "--compile"))
     out = capsys.readouterr().out
-    assert "compile True, fused AdamW True, attention auto" in out
+    assert "compile True, fused AdamW True, compiled update False, attention auto" in out
     assert "update      whole on each process, EMA every 1 step(s)" in out
     assert "8 (global) = 1 processes × 1 accumulation steps × 8" in out
     assert "32 samples, 4 steps per epoch" in out
