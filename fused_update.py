@@ -26,6 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from utils import local_shard
+
 CLIP_EPS = 1e-6  # clip_grads_with_norm_'s: coefficient max_norm / (norm + 1e-6), at most 1
 
 
@@ -92,14 +94,8 @@ def adamw_state(optimizer: torch.optim.Optimizer, selected: list[bool]) -> dict[
         if state["step"].device != p.device:  # PyTorch's foreach AdamW keeps it on the CPU
             state["step"] = state["step"].to(p.device)
         for key in out:
-            out[key].append(local(state[key]))
+            out[key].append(local_shard(state[key]))
     return out
-
-
-def local(t: Tensor) -> Tensor:
-    """This process's shard of a sharded (DTensor) tensor, the tensor itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def hyperparameters(

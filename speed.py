@@ -38,12 +38,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.torch_version import TorchVersion
 
 from loss import SILoss
 from run_log import LOGGER_NAME
+from utils import local_shard
 
 COMPILE_SCOPES = ("blocks", "model")
 
@@ -197,9 +197,9 @@ def gradients_of(
     grads = []
     for _, p in named:
         if p.grad is None:  # a parameter the loss does not reach: its gradient is zero
-            grads.append(torch.zeros_like(local(p), dtype=torch.float32))
+            grads.append(torch.zeros_like(local_shard(p), dtype=torch.float32))
         else:
-            grads.append(local(p.grad).float())
+            grads.append(local_shard(p.grad).float())
         p.grad = None
     return grads
 
@@ -208,11 +208,6 @@ def squared_distances(grads: list[Tensor], reference: list[Tensor]) -> Tensor:
     """Σ (g - g_ref)² per parameter, in float64."""
     pairs = zip(grads, reference, strict=True)
     return torch.stack([(g.double() - r.double()).square().sum() for g, r in pairs])
-
-
-def local(t: Tensor) -> Tensor:
-    """This process's part of a tensor: the local shard of a sharded one."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @contextmanager
@@ -232,7 +227,7 @@ def zero_weights_filled(params: list[nn.Parameter], std: float = 0.02) -> Iterat
     """Within the context, the parameters that are all zero hold N(0, std²) noise; after it,
     zeros again (exactly what they held)."""
     with torch.no_grad():
-        filled = [local(p) for p in params if not local(p).any()]
+        filled = [local_shard(p) for p in params if not local_shard(p).any()]
         for i, tensor in enumerate(filled):
             generator = torch.Generator(tensor.device).manual_seed(i)
             tensor.normal_(0.0, std, generator=generator)

@@ -70,6 +70,7 @@ from run_log import (
 )
 from samplers import VelocityOnly, euler_sampler
 from speed import GradientCheck, check_compiled_gradients, compile_for_training
+from utils import local_shard
 
 if TYPE_CHECKING:  # periodic_eval imports this module
     from periodic_eval import PeriodicEvaluation
@@ -186,7 +187,7 @@ def create_trainer(
 def local_tensors(params: Iterable[Tensor]) -> list[Tensor]:
     """This process's part of each tensor: the local shard of a sharded one (a view of its
     storage), the tensor itself otherwise."""
-    return [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    return [local_shard(p) for p in params]
 
 
 #################################################################################

@@ -304,3 +304,10 @@ def broadcast_from_rank0(obj: Any) -> Any:
 def close_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the local shard of a sharded (DTensor) one (a view of
+    its storage), the tensor itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
