@@ -23,11 +23,11 @@ import os
 import sys
 from typing import Any, NamedTuple
 
-from cli import DefaultsHelpFormatter, run_main
-from periodic_eval import EVAL_FILE, EVAL_PRESETS
-from run_log import damaged_lines_note, read_jsonl
-from sampling import SAMPLING_DEFAULTS
-from utils import InputError
+from urepa.cli import DefaultsHelpFormatter, run_main
+from urepa.periodic_eval import EVAL_FILE, EVAL_PRESETS
+from urepa.run_log import damaged_lines_note, read_jsonl
+from urepa.sampling import SAMPLING_DEFAULTS
+from urepa.utils import InputError
 
 
 class PaperRow(NamedTuple):

@@ -1,5 +1,5 @@
 """The training set written by `preprocessing/prepare.py`: VAE moments, encoder features, labels
-and (optionally) pixels, read from memory-mapped shards (format: `shards.py`)."""
+and (optionally) pixels, read from memory-mapped shards (format: `urepa/shards.py`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
-from frozen import encoder_dim
-from shards import PREPARE, DatasetError, ShardReader, load_manifest
+from urepa.frozen import encoder_dim
+from urepa.shards import PREPARE, DatasetError, ShardReader, load_manifest
 
 
 def stored_encoders(manifest: dict[str, Any]) -> list[str]:

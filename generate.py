@@ -52,8 +52,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoints import load_model_for_sampling
-from cli import (
+from models.base import AlignedDiffusionTransformer
+from models.layers import sdpa_backend
+from urepa.checkpoints import load_model_for_sampling
+from urepa.cli import (
     DefaultsHelpFormatter,
     add_debug_arg,
     add_speed_args,
@@ -67,10 +69,8 @@ from cli import (
     run_main,
     unit_closed,
 )
-from frozen import LatentAutoencoder, load_vae, resolve_vae
-from models.base import AlignedDiffusionTransformer
-from models.layers import sdpa_backend
-from sampling import (
+from urepa.frozen import LatentAutoencoder, load_vae, resolve_vae
+from urepa.sampling import (
     PIXELS,
     PRESETS,
     SAMPLE_SEED,
@@ -81,8 +81,8 @@ from sampling import (
     to_uint8,
     trained_vae,
 )
-from speed import report_compile_times
-from utils import (
+from urepa.speed import report_compile_times
+from urepa.utils import (
     InputError,
     ReportedError,
     atomic_write,

@@ -3,7 +3,7 @@
     python quickstart.py          # 1,200 steps (minutes on an idle CPU); a GPU is used if present
     python quickstart.py --fast   # 6 steps: checks the plumbing only
 
-1. draws the toy dataset (`toy_shapes.py`: ten classes of coloured shapes, 3,000 images);
+1. draws the toy dataset (`urepa/toy_shapes.py`: ten classes of coloured shapes, 3,000 images);
 2. `preprocessing/prepare.py`: "latents" and representation-encoder features;
 3. `train.py`: a small SiT↓ with U-REPA (tap in the middle stage, manifold loss w = 3),
    checkpointed;
@@ -43,12 +43,12 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import generate
-import toy_shapes
 import train
-from cli import DefaultsHelpFormatter, add_debug_arg, run_main
-from frozen import ENCODER_STANDIN, VAE_PIXELS_2X, load_encoder, load_vae
 from preprocessing import prepare
-from utils import EXIT_STOPPED, InputError, ReportedError, RunStopped
+from urepa import toy_shapes
+from urepa.cli import DefaultsHelpFormatter, add_debug_arg, run_main
+from urepa.frozen import ENCODER_STANDIN, VAE_PIXELS_2X, load_encoder, load_vae
+from urepa.utils import EXIT_STOPPED, InputError, ReportedError, RunStopped
 
 EXP_NAME = "toy-sitdown-urepa"
 VAE_PRETRAINED, ENCODER_PRETRAINED = "ema", "dinov2-vit-s"

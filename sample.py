@@ -7,12 +7,12 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from checkpoints import load_model_for_sampling
-from cli import DefaultsHelpFormatter, positive_int, run_main
-from frozen import load_vae
 from samplers import VelocityOnly, euler_maruyama_sampler, euler_sampler
-from sampling import PRESETS, trained_vae
-from utils import InputError
+from urepa.checkpoints import load_model_for_sampling
+from urepa.cli import DefaultsHelpFormatter, positive_int, run_main
+from urepa.frozen import load_vae
+from urepa.sampling import PRESETS, trained_vae
+from urepa.utils import InputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -28,7 +28,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import Dataset
 
-from checkpoints import (
+from dataset import LatentDataset, stored_encoders
+from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
+from models import MODEL_CLASSES, MODELS, PROJECTOR_FIELDS, ProjectorConfig, build_model
+from models.base import AlignedDiffusionTransformer
+from models.layers import sdpa_backend
+from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
+from models.summary import count_macs
+from urepa.checkpoints import (
     TrainingError,
     check_resumable,
     load_checkpoint,
@@ -36,7 +43,7 @@ from checkpoints import (
     resume_checkpoint,
     write_missing_exports,
 )
-from cli import (
+from urepa.cli import (
     DEFAULT_ENCODER,
     DefaultsHelpFormatter,
     add_debug_arg,
@@ -57,10 +64,9 @@ from cli import (
     unit_closed,
     unit_interval,
 )
-from data_plan import BatchPlan, draws_mismatch
-from dataset import LatentDataset, stored_encoders
-from encoders import check_resolution
-from frozen import (
+from urepa.data_plan import BatchPlan, draws_mismatch
+from urepa.encoders import check_resolution
+from urepa.frozen import (
     SD_VAE_FACTOR,
     RepresentationEncoder,
     encoder_dim,
@@ -70,14 +76,8 @@ from frozen import (
     load_vae,
     resolve_vae,
 )
-from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
-from models import MODEL_CLASSES, MODELS, PROJECTOR_FIELDS, ProjectorConfig, build_model
-from models.base import AlignedDiffusionTransformer
-from models.layers import sdpa_backend
-from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
-from models.summary import count_macs
-from periodic_eval import EVAL_FILE, EVAL_PRESETS, check_eval_args, create_evaluation
-from run_log import (
+from urepa.periodic_eval import EVAL_FILE, EVAL_PRESETS, check_eval_args, create_evaluation
+from urepa.run_log import (
     add_log_file,
     close_logger,
     create_logger,
@@ -86,9 +86,9 @@ from run_log import (
     peak_flops,
     repair_jsonl,
 )
-from shards import DatasetError, load_manifest
-from trainer import Monitor, Previews, Trainer, create_trainer, restore, train
-from utils import EXIT_STOPPED, ReportedError, available_memory, exclusive_lock, require
+from urepa.shards import DatasetError, load_manifest
+from urepa.trainer import Monitor, Previews, Trainer, create_trainer, restore, train
+from urepa.utils import EXIT_STOPPED, ReportedError, available_memory, exclusive_lock, require
 
 CPU = torch.device("cpu")
 # Projector options that are flags of the same name (every field of ProjectorConfig but its
@@ -268,7 +268,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("evaluation during training (periodic_eval.py; off by default)")
+    g = parser.add_argument_group("evaluation during training (off by default)")
     g.add_argument("--eval-every", type=nonnegative_int, default=0,
                    help="evaluate the EMA model every this many steps, on every process (0: "
                         "never); results in RUN_DIR/eval.jsonl, the log and the tracker")

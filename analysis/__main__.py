@@ -26,8 +26,11 @@ from tqdm import tqdm
 from analysis.features import Extraction, Features, extract, rank_and_world
 from analysis.metrics import cknna, linear_probe, prepare_features
 from analysis.plots import write_plots
-from checkpoints import load_model_for_sampling
-from cli import (
+from dataset import LatentDataset, stored_encoders
+from loss import MANIFOLD_MODES, PATH_TYPES
+from models.base import AlignedDiffusionTransformer
+from urepa.checkpoints import load_model_for_sampling
+from urepa.cli import (
     DefaultsHelpFormatter,
     add_debug_arg,
     encoder_list,
@@ -40,12 +43,9 @@ from cli import (
     run_main,
     unit_closed,
 )
-from dataset import LatentDataset, stored_encoders
-from frozen import encoder_dim, load_encoder
-from loss import MANIFOLD_MODES, PATH_TYPES
-from models.base import AlignedDiffusionTransformer
-from shards import load_manifest
-from utils import InputError, close_distributed, init_distributed, write_json
+from urepa.frozen import encoder_dim, load_encoder
+from urepa.shards import load_manifest
+from urepa.utils import InputError, close_distributed, init_distributed, write_json
 
 
 # fmt: off

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from analysis.metrics import manifold_distance, token_similarity
 from dataset import LatentDataset
-from frozen import RepresentationEncoder, sample_latents
 from loss import interpolate
 from models.base import AlignedDiffusionTransformer
-from utils import hash_seed
+from urepa.frozen import RepresentationEncoder, sample_latents
+from urepa.utils import hash_seed
 
 Key = tuple[int, float]  # (block, t)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from encoders import STANDINS, RepresentationEncoder, build_vit, load_encoder
+from urepa.encoders import STANDINS, RepresentationEncoder, build_vit, load_encoder
 
 CUDA_ONLY = "n/a (CUDA only)"
 SYNC_WARNING = "synchronizing CUDA operation"  # the text of set_sync_debug_mode's warning

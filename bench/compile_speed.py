@@ -12,7 +12,9 @@ import time
 
 import torch
 
-from cli import (
+from models import build_model
+from models.base import AlignedDiffusionTransformer
+from urepa.cli import (
     DefaultsHelpFormatter,
     add_debug_arg,
     json_object,
@@ -20,9 +22,7 @@ from cli import (
     positive_int,
     run_main,
 )
-from models import build_model
-from models.base import AlignedDiffusionTransformer
-from speed import COMPILE_SCOPES, compile_model, report_compile_times
+from urepa.speed import COMPILE_SCOPES, compile_model, report_compile_times
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

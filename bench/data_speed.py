@@ -48,13 +48,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import shards
 import train
 from bench.common import report, write_json
-from cli import encoder_list, nonnegative_int, parse_checked, positive_float, positive_int, run_main
-from data_plan import SEED_STEP, BatchPlan, StepDraws, TrainingBatches, derive_seed
 from dataset import LatentDataset
-from trainer import training_loader
+from urepa import shards
+from urepa.cli import (
+    encoder_list,
+    nonnegative_int,
+    parse_checked,
+    positive_float,
+    positive_int,
+    run_main,
+)
+from urepa.data_plan import SEED_STEP, BatchPlan, StepDraws, TrainingBatches, derive_seed
+from urepa.trainer import training_loader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -71,7 +71,7 @@ from bench.time_model import (
     fsdp_copies,
     step_seconds,
 )
-from cli import positive_int, run_main
+from urepa.cli import positive_int, run_main
 
 SHARDS = 8
 ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
@@ -446,7 +446,7 @@ def training_ops(model: str, batch: int, train_argv: list[str], update: bool = T
     compiled update path's operations on the same tensors. `update=False`: the first step, the
     compiled update and the MACs are skipped (the step's FLOPs are the same, in half the time)."""
     from bench.train_speed import build_trainer, forward_macs, synthetic_batch, train_args
-    from trainer import to_device, train_step
+    from urepa.trainer import to_device, train_step
 
     args = train_args(["--model", model, "--batch-size", str(batch), *train_argv], [])
     # the fusion model stands in for compilation (also on a GPU machine); the compiled update
@@ -475,8 +475,8 @@ def fused_update_ops(trainer: Any) -> list[Op]:
     """The compiled update path (`--compile-update`) on the trainer's state: the gradient norm
     (a foreach pass, as today), then `fused_update`'s multi-tensor operations, which
     torch.compile fuses: marked fusable ("other"), in one compiled graph."""
-    from fused_update import fused_update
-    from trainer import apply_fused_update, full, gradient_norm
+    from urepa.fused_update import fused_update
+    from urepa.trainer import apply_fused_update, full, gradient_norm
 
     for p in trainer.raw.parameters():
         p.grad = torch.zeros_like(p)
@@ -497,9 +497,9 @@ def sampling_ops(
 ) -> tuple[list[Op], int]:
     """The operations of a 3-step SDE run (rows divide by 3), with or without guidance, and
     forward MACs. The weights are fake, the noise and time grid real (and small)."""
-    import sampling
     from bench.sample_speed import parse_args
     from models import build_model
+    from urepa import sampling
 
     bench, args = parse_args(["--model", model_name, "--per-proc-batch-size", str(batch),
                               "--num-steps", str(SAMPLER_STEPS), *extra])  # fmt: skip

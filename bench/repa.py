@@ -38,15 +38,15 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import Tensor
 
-from cli import json_object
-from utils import InputError
+from urepa.cli import json_object
+from urepa.utils import InputError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPA_MODULES = {"sit": "models/sit.py", "loss": "loss.py", "samplers": "samplers.py"}
 REPA_TRAIN_FUNCTIONS = ("update_ema", "sample_posterior")
 SD_VAE_SCALE = 0.18215  # REPA's latents_scale (latents_bias is 0)
 # Module names REPA shares with this repository: hidden while REPA's files run
-SHARED_NAMES = ("models", "loss", "samplers", "utils", "dataset", "train", "generate")
+SHARED_NAMES = ("models", "loss", "samplers", "dataset", "train", "generate")
 
 
 @dataclass

@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 import generate
-import sampling
 from bench.common import (
     CUDA_ONLY,
     count_syncs,
@@ -61,14 +60,15 @@ from bench.repa import (
     nonzero_velocity,
     repa_forward_macs,
 )
-from checkpoints import load_model_for_sampling
-from cli import json_object, model_name, positive_float, positive_int, run_main
 from models import build_model
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
 from models.summary import count_macs
-from run_log import peak_flops
-from utils import init_distributed
+from urepa import sampling
+from urepa.checkpoints import load_model_for_sampling
+from urepa.cli import json_object, model_name, positive_float, positive_int, run_main
+from urepa.run_log import peak_flops
+from urepa.utils import init_distributed
 
 DEFAULT_GENERATE_FLAGS = ["--preset", "paper-main", "--precision", "bf16",
                           "--per-proc-batch-size", "64", "--path-type", "linear"]  # fmt: skip

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from bench.common import fmt
-from cli import run_main
+from urepa.cli import run_main
 
 NOT_RUN = "not run (no --repa-src / REPA_SRC)"
 

@@ -73,13 +73,13 @@ from bench.repa import (
     repa_forward_macs,
     repa_train_step,
 )
-from cli import nonnegative_int, positive_int, run_main
-from data_plan import BatchPlan, StepDraws
-from frozen import encoder_dim, sample_latents
 from models.layers import sdpa_backend
 from models.summary import count_macs
-from run_log import create_logger, peak_flops
-from trainer import (
+from urepa.cli import nonnegative_int, positive_int, run_main
+from urepa.data_plan import BatchPlan, StepDraws
+from urepa.frozen import encoder_dim, sample_latents
+from urepa.run_log import create_logger, peak_flops
+from urepa.trainer import (
     Monitor,
     Trainer,
     compiled_gradient_check,
@@ -88,7 +88,7 @@ from trainer import (
     train_step,
     update_ema,
 )
-from utils import InputError
+from urepa.utils import InputError
 
 IMAGENET_TRAIN = 1_281_167  # dataset size for the data plan (only the epoch counter uses it)
 DEFAULT_TRAIN_FLAGS = ["--batch-size", "32", "--mixed-precision", "bf16"]

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from frozen import SD_VAE_FACTOR
-from frozen import encoder_grid as encoder_grid_at
 from models.layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 from models.projector import Projector, ProjectorConfig, pool_tokens, resample_scale
+from urepa.frozen import SD_VAE_FACTOR
+from urepa.frozen import encoder_grid as encoder_grid_at
 
 
 class _WeightAndBias(Protocol):

@@ -5,7 +5,7 @@
 
 Runs data-parallel (each process encodes a disjoint set of shards; `python preprocessing/
 prepare.py ...` is one process), decodes images in DataLoader workers and writes the format
-defined in `shards.py`. Re-running the same command resumes: completed shards are skipped, and
+defined in `urepa/shards.py`. Re-running the same command resumes: completed shards are skipped, and
 the manifest is written once every shard is complete. A full disk stops the run before (or while)
 a shard is written, saying how much it needs; free space and re-run to resume.
 
@@ -36,8 +36,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import shards
-from cli import (
+from preprocessing.sources import (
+    CroppedImages,
+    ImageSource,
+    collate_cropped,
+    exit_with_parent,
+)
+from urepa import shards
+from urepa.cli import (
     RawDescriptionDefaultsHelpFormatter,
     add_debug_arg,
     add_encoder_args,
@@ -49,7 +55,7 @@ from cli import (
     positive_int,
     run_main,
 )
-from frozen import (
+from urepa.frozen import (
     ENCODERS,
     VAE_IDS,
     VAE_SCALE,
@@ -60,13 +66,7 @@ from frozen import (
     load_encoder,
     load_vae,
 )
-from preprocessing.sources import (
-    CroppedImages,
-    ImageSource,
-    collate_cropped,
-    exit_with_parent,
-)
-from utils import (
+from urepa.utils import (
     InputError,
     barrier,
     close_distributed,

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from shards import encode_png
-from utils import InputError
+from urepa.shards import encode_png
+from urepa.utils import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cli import positive_float
 from models import build_model
 from models.summary import count_macs
+from urepa.cli import positive_float
 
 H100_PEAK = 989e12  # FLOP/s, dense BF16/FP16
 BATCH = 256

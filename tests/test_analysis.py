@@ -33,10 +33,10 @@ from analysis.metrics import (
     prepare_features,
     token_similarity,
 )
-from checkpoints import checkpoint_state, load_model_for_sampling, save_checkpoint
 from dataset import LatentDataset
-from frozen import ENCODER_STANDIN, sample_latents
 from models import build_model
+from urepa.checkpoints import checkpoint_state, load_model_for_sampling, save_checkpoint
+from urepa.frozen import ENCODER_STANDIN, sample_latents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 
 from bench import data_speed, op_count, repa, sample_speed, time_model, train_speed
-from frozen import ENCODER_STANDIN
-from run_log import gpu_peak_tflops
-from utils import InputError
+from urepa.frozen import ENCODER_STANDIN
+from urepa.run_log import gpu_peak_tflops
+from urepa.utils import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

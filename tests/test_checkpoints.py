@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-from checkpoints import (
+from models import build_model
+from urepa import checkpoints
+from urepa.checkpoints import (
     checkpoint_state,
     export_ema_safetensors,
     infer_repa_config,
@@ -22,7 +23,6 @@ from checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from models import build_model
 
 TINY_KWARGS = dict(input_size=8, hidden_size=32, depths=(1, 1, 1), num_heads=2, num_classes=4,
                    z_dims=[16], projector_dim=16)  # fmt: skip

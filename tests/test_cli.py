@@ -1,4 +1,4 @@
-"""cli.py: the typed flag validators and the flags that several entry points share, checked
+"""urepa/cli.py: the typed flag validators and the flags that several entry points share, checked
 through every entry point that takes them."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import signal
 
 import pytest
 
-import cli
 import generate
 import quickstart
 import train
 from preprocessing import prepare
-from utils import (
+from urepa import cli
+from urepa.utils import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_STOPPED,

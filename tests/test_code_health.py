@@ -16,9 +16,7 @@ MAX_FUNCTION_LINES = 60
 SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare", "curves"}
 # Components: what the entry points are built from.
 COMPONENTS = [
-    "checkpoints.py", "cli.py", "data_plan.py", "dataset.py", "encoders.py", "frozen.py", "loss.py",
-    "periodic_eval.py", "run_log.py", "samplers.py", "sampling.py", "shards.py", "speed.py",
-    "toy_shapes.py", "trainer.py", "utils.py", "models", "preprocessing/sources.py",
+    "urepa", "models", "loss.py", "samplers.py", "dataset.py", "preprocessing/sources.py",
 ]  # fmt: skip
 
 

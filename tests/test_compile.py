@@ -4,7 +4,7 @@ projector's MLP, no upsampling, the time-aware projector), the loss's compiled p
 sampling, in float64 within 1e-9, and under bf16 autocast within what bf16 explains (the
 start-up check's own criterion). Also: no graph breaks or recompilations, the start-up check
 catching a wrong backward, bf16 weights cast once for sampling, the --compile default
-(speed.py). The tests of what dynamo traces and guards use the cheaper "eager" / "aot_eager"
+(urepa/speed.py). The tests of what dynamo traces and guards use the cheaper "eager" / "aot_eager"
 backends, which trace the same graphs."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch._dynamo as dynamo
 from torch._dynamo.testing import CompileCounter
 
 import generate
-import speed
 import train
 from loss import SILoss
 from models import build_model
 from samplers import VelocityOnly, euler_sampler
-from speed import (
+from urepa import speed
+from urepa.speed import (
     check_compiled_gradients,
     compile_model,
     prepare_model_for_sampling,

@@ -1,4 +1,4 @@
-"""dataset.py and the reading side of shards.py: exact round trips and clear errors.
+"""dataset.py and the reading side of urepa/shards.py: exact round trips and clear errors.
 
 Datasets are written here through `shards.ShardWriter` with known random values (no networks),
 including an excluded file, so that reads can be compared with what was written.
@@ -17,11 +17,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import shards
-from data_plan import BatchPlan, StepDraws, TrainingBatches
 from dataset import LatentDataset, batch_buffer
-from frozen import ENCODER_STANDIN
-from utils import write_json
+from urepa import shards
+from urepa.data_plan import BatchPlan, StepDraws, TrainingBatches
+from urepa.frozen import ENCODER_STANDIN
+from urepa.utils import write_json
 
 RES = 32
 COUNTS = [5, 3, 4]  # files per shard; one file of shard 1 is excluded -> 11 samples

@@ -1,4 +1,4 @@
-"""The per-step draws of data_plan.py: a counter-based generator (SplitMix64 on int64 tensors).
+"""The per-step draws of urepa/data_plan.py: a counter-based generator (SplitMix64, int64 tensors).
 
 Checked against a pure-Python SplitMix64 and its published outputs, for slices that equal the
 slice of the whole global batch bit for bit, and for their statistics: moments, distribution
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from data_plan import (
+from urepa.data_plan import (
     DRAWS_VERSION,
     GAMMA,
     StepDraws,

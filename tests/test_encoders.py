@@ -21,9 +21,11 @@ from accelerate.state import AcceleratorState
 from conftest import RES, prepare_flags
 
 import train
-from checkpoints import load_checkpoint
 from dataset import LatentDataset
-from encoders import (
+from preprocessing.prepare import main as prepare_main
+from preprocessing.prepare import parse_args as prepare_args
+from urepa.checkpoints import load_checkpoint
+from urepa.encoders import (
     ENCODERS,
     STANDINS,
     WeightsUnavailable,
@@ -34,9 +36,7 @@ from encoders import (
     mocov3_state_dict,
     parse_encoder_list,
 )
-from preprocessing.prepare import main as prepare_main
-from preprocessing.prepare import parse_args as prepare_args
-from utils import InputError
+from urepa.utils import InputError
 
 D, DEPTH, HEADS = 32, 2, 2  # the stand-ins' width, depth and heads
 TINY_MODEL = '{"hidden_size": 32, "depths": [1, 2, 1], "num_heads": 2, "projector_dim": 32}'

@@ -18,13 +18,13 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 
 import quickstart
-import toy_shapes
 import train
-from checkpoints import load_checkpoint, load_model_for_sampling
 from dataset import LatentDataset
 from evaluations import evaluator, make_reference
-from frozen import VAE_SCALE
-from utils import EXIT_STOPPED, ReportedError, RunStopped
+from urepa import toy_shapes
+from urepa.checkpoints import load_checkpoint, load_model_for_sampling
+from urepa.frozen import VAE_SCALE
+from urepa.utils import EXIT_STOPPED, ReportedError, RunStopped
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = quickstart.FAST

@@ -1,4 +1,4 @@
-"""Evaluation during training (periodic_eval.py), FD-DINOv2 and the curves command, on a CPU.
+"""Evaluation during training (urepa/periodic_eval.py), FD-DINOv2 and the curves command, on a CPU.
 
 A tiny SiT↓ trains on the toy dataset (conftest.py) and is evaluated every 2 steps against a
 reference that evaluations/make_reference.py builds from the toy images, with the tiny stand-in
@@ -38,22 +38,22 @@ from test_train import (
 import curves
 import generate
 import train
-from checkpoints import TrainingError
 from evaluations.dinov2 import build_dinov2, dinov2_statistics
 from evaluations.evaluator import evaluate
 from evaluations.inception import TinyInceptionForTests
 from evaluations.inputs import load_reference_statistics
 from evaluations.make_reference import make_reference
 from evaluations.metrics import frechet_distance
-from periodic_eval import (
+from samplers import euler_maruyama_sampler, euler_sampler
+from urepa.checkpoints import TrainingError
+from urepa.periodic_eval import (
     EVAL_FILE,
     forward_images_per_sample,
     gather_rows,
     read_done_steps,
     sampler_settings,
 )
-from samplers import euler_maruyama_sampler, euler_sampler
-from utils import InputError
+from urepa.utils import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -36,12 +36,11 @@ from test_train import (
 )
 
 import generate
-import shards
-import utils
-from checkpoints import TrainingError, load_checkpoint
 from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
-from utils import ReportedError, is_temporary
+from urepa import shards, utils
+from urepa.checkpoints import TrainingError, load_checkpoint
+from urepa.utils import ReportedError, is_temporary
 
 TIMINGS = {"images_per_sec": 0, "sec_per_step": 0}  # wall-clock figures differ by run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

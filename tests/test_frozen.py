@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from frozen import (
+from urepa.frozen import (
     ENCODER_STANDIN,
     VAE_SCALE,
     encoder_dim,

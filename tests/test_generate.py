@@ -16,18 +16,18 @@ import torch
 from PIL import Image
 
 import generate
-import sampling
-from checkpoints import (
+from generate import main, parse_args
+from models import build_model
+from urepa import sampling
+from urepa.checkpoints import (
     checkpoint_state,
     export_ema_safetensors,
     load_model_for_sampling,
     save_checkpoint,
 )
-from frozen import WeightsUnavailable
-from generate import main, parse_args
-from models import build_model
-from sampling import balanced_labels
-from utils import InputError, ReportedError, hash_seed
+from urepa.frozen import WeightsUnavailable
+from urepa.sampling import balanced_labels
+from urepa.utils import InputError, ReportedError, hash_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_KWARGS = dict(input_size=8, hidden_size=32, depths=(1, 1, 1), num_heads=2, num_classes=4,

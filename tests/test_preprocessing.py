@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 import preprocessing.prepare as prepare_module
-import shards
 from dataset import LatentDataset
-from frozen import ENCODER_STANDIN, load_encoder, load_vae
 from preprocessing.prepare import main, parse_args
 from preprocessing.sources import ImageSource, SourceError, center_crop_arr, load_image
-from utils import ReportedError
+from urepa import shards
+from urepa.frozen import ENCODER_STANDIN, load_encoder, load_vae
+from urepa.utils import ReportedError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32

@@ -21,9 +21,9 @@ import sample
 import train
 from analysis.__main__ import parse_args as analysis_args
 from bench import compile_speed, data_speed, op_count, sample_speed, train_speed
-from encoders import encoder_spec
 from evaluations import evaluator, make_reference
 from preprocessing import prepare
+from urepa.encoders import encoder_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/*.md"))]

@@ -1,4 +1,4 @@
-"""run_log.py: durations, the time remaining, and the log line of one interval."""
+"""urepa/run_log.py: durations, the time remaining, and the log line of one interval."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import termios
 
 import pytest
 
-from run_log import StepRate, format_duration, format_metrics, time_remaining
+from urepa.run_log import StepRate, format_duration, format_metrics, time_remaining
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

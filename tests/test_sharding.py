@@ -25,7 +25,7 @@ from test_train import (  # noqa: F401 (fresh_accelerate_state: an autouse fixtu
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import trainer
+from urepa import trainer
 
 
 def checkpoint_file(out, exp: str, step: int) -> str:

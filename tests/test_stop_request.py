@@ -9,7 +9,7 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer import StopRequest
+from urepa.trainer import StopRequest
 
 
 def free_port() -> int:

@@ -17,11 +17,11 @@ from conftest import prepare_flags
 
 import generate
 import train
-from checkpoints import TrainingError, checkpoint_state, load_checkpoint, save_checkpoint
 from models import build_model
 from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
-from utils import InputError, ReportedError
+from urepa.checkpoints import TrainingError, checkpoint_state, load_checkpoint, save_checkpoint
+from urepa.utils import InputError, ReportedError
 
 # The docs' small CPU run: a bare class sized by --model-config, nothing about the data.
 SMALL = json.dumps({"hidden_size": 32, "depths": [1, 1, 1], "num_heads": 2, "projector_dim": 32})

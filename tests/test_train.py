@@ -26,17 +26,15 @@ from conftest import RES
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-import checkpoints
-import shards
 import train
-import trainer
-from checkpoints import TrainingError, load_checkpoint, load_model_for_sampling
-from data_plan import DRAWS_VERSION, BatchPlan, StepDraws, TrainingBatches
-from frozen import ENCODER_STANDIN
 from models import build_model
-from run_log import create_logger
-from trainer import update_ema
-from utils import EXIT_STOPPED, write_json
+from urepa import checkpoints, shards, trainer
+from urepa.checkpoints import TrainingError, load_checkpoint, load_model_for_sampling
+from urepa.data_plan import DRAWS_VERSION, BatchPlan, StepDraws, TrainingBatches
+from urepa.frozen import ENCODER_STANDIN
+from urepa.run_log import create_logger
+from urepa.trainer import update_ema
+from urepa.utils import EXIT_STOPPED, write_json
 
 TIMINGS = {"images_per_sec": 0, "sec_per_step": 0}  # wall-clock figures differ by run
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""The compiled update path (fused_update.py) against today's: clipping, AdamW, EMA.
+"""The compiled update path (urepa/fused_update.py) against today's: clipping, AdamW, EMA.
 
 `fused_update` must leave the weights, the EMA and AdamW's state where clip_grads_with_norm_,
 torch.optim.AdamW and trainer.update_ema leave them, within fp32 rounding, over several steps
@@ -14,10 +14,10 @@ from accelerate.state import AcceleratorState
 from test_train import argv
 
 import train
-import trainer
-from fused_update import adamw_state, compile_update, fused_update, hyperparameters
-from run_log import create_logger
-from trainer import update_ema
+from urepa import trainer
+from urepa.fused_update import adamw_state, compile_update, fused_update, hyperparameters
+from urepa.run_log import create_logger
+from urepa.trainer import update_ema
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, max_norm=0.5,
              ema_decay=0.8)  # fmt: skip

@@ -1,4 +1,4 @@
-"""utils.py: atomic writes leave the permissions a plain open() would give."""
+"""urepa/utils.py: atomic writes leave the permissions a plain open() would give."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from utils import atomic_write, write_json
+from urepa.utils import atomic_write, write_json
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from utils import local_shard
+from urepa.utils import local_shard
 
 CLIP_EPS = 1e-6  # clip_grads_with_norm_'s: coefficient max_norm / (norm + 1e-6), at most 1
 

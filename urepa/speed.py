@@ -42,8 +42,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.torch_version import TorchVersion
 
 from loss import SILoss
-from run_log import LOGGER_NAME
-from utils import local_shard
+from urepa.run_log import LOGGER_NAME
+from urepa.utils import local_shard
 
 COMPILE_SCOPES = ("blocks", "model")
 

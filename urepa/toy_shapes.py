@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from utils import atomic_write
+from urepa.utils import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 PALETTE: dict[str, tuple[int, int, int]] = {

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from frozen import sample_latents
 from loss import time_from
-from utils import hash_seed
+from urepa.frozen import sample_latents
+from urepa.utils import hash_seed
 
 # Purposes of derived seeds, so that no two streams of random numbers ever coincide.
 SEED_EPOCH, SEED_STEP, SEED_PREVIEW = 0, 1, 2

@@ -67,10 +67,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 
-import utils
 from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
-from utils import InputError, ReportedError, atomic_write, dict_differences, file_sha256
+from urepa import utils
+from urepa.utils import InputError, ReportedError, atomic_write, dict_differences, file_sha256
 
 CHECKPOINT_FORMAT = "u-repa/2"
 READABLE_FORMATS = ("u-repa/1", CHECKPOINT_FORMAT)

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 
-from checkpoints import TrainingError, rng_state, set_rng_state
 from evaluations.arrays import open_image_array
 from evaluations.commands import ReportedError as EvaluationError
 from evaluations.dinov2 import DinoV2Features, build_dinov2
@@ -51,11 +50,12 @@ from evaluations.inputs import ReferenceStatistics, load_dinov2_statistics
 from evaluations.inputs import load_reference_statistics as load_reference
 from evaluations.metrics import GaussianAccumulator, frechet_distance
 from models.summary import count_macs
-from run_log import read_jsonl
 from samplers import guidance_active
-from sampling import PRESETS, SAMPLING_DEFAULTS, balanced_labels, generate_latents, to_uint8
-from trainer import Trainer
-from utils import atomic_write, available_memory, require
+from urepa.checkpoints import TrainingError, rng_state, set_rng_state
+from urepa.run_log import read_jsonl
+from urepa.sampling import PRESETS, SAMPLING_DEFAULTS, balanced_labels, generate_latents, to_uint8
+from urepa.trainer import Trainer
+from urepa.utils import atomic_write, available_memory, require
 
 EVAL_FILE = "eval.jsonl"
 EVAL_SEED = 0  # generate.py's default --global-seed

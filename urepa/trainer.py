@@ -35,7 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from checkpoints import (
+from loss import SILoss
+from models.base import AlignedDiffusionTransformer
+from samplers import VelocityOnly, euler_sampler
+from urepa.checkpoints import (
     TrainingError,
     checkpoint_state,
     export_due,
@@ -46,7 +49,7 @@ from checkpoints import (
     save_run_checkpoint,
     set_rng_state,
 )
-from data_plan import (
+from urepa.data_plan import (
     DRAWS_VERSION,
     SEED_PREVIEW,
     BatchPlan,
@@ -54,11 +57,9 @@ from data_plan import (
     TrainingBatches,
     derive_seed,
 )
-from frozen import RepresentationEncoder
-from fused_update import UpdateFn, adamw_state, compile_update, hyperparameters
-from loss import SILoss
-from models.base import AlignedDiffusionTransformer
-from run_log import (
+from urepa.frozen import RepresentationEncoder
+from urepa.fused_update import UpdateFn, adamw_state, compile_update, hyperparameters
+from urepa.run_log import (
     LOGGER_NAME,
     MetricMeans,
     StepRate,
@@ -68,12 +69,11 @@ from run_log import (
     time_remaining,
     track_image,
 )
-from samplers import VelocityOnly, euler_sampler
-from speed import GradientCheck, check_compiled_gradients, compile_for_training
-from utils import local_shard
+from urepa.speed import GradientCheck, check_compiled_gradients, compile_for_training
+from urepa.utils import local_shard
 
 if TYPE_CHECKING:  # periodic_eval imports this module
-    from periodic_eval import PeriodicEvaluation
+    from urepa.periodic_eval import PeriodicEvaluation
 
 PREVIEW_SAMPLING_STEPS = 50  # Euler steps of the preview sampler (REPA's)
 PREVIEW_CFG_SCALE = 4.0  # classifier-free guidance of the previews (REPA's)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from utils import ReportedError, atomic_write, file_sha256, readable_size, write_json
+from urepa.utils import ReportedError, atomic_write, file_sha256, readable_size, write_json
 
 FORMAT_NAME = "u-repa-shards"
 FORMAT_VERSION = 1

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # The representation encoders live in encoders.py; their names are re-exported here.
-from encoders import (  # noqa: F401
+from urepa.encoders import (  # noqa: F401
     ENCODER_STANDIN,
     ENCODERS,
     IMAGENET_MEAN,
@@ -43,7 +43,7 @@ from encoders import (  # noqa: F401
     offline_hint,
     parse_encoder_list,
 )
-from utils import InputError
+from urepa.utils import InputError
 
 # SD-VAE latent normalisation (LDM/DiT/REPA): z = 0.18215 · (mean + std · ε), bias 0.
 VAE_SCALE = 0.18215

@@ -19,7 +19,6 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from frozen import PIXEL_VAES, latent_geometry
 from models.base import AlignedDiffusionTransformer
 from samplers import (
     AlignedModel,
@@ -28,8 +27,9 @@ from samplers import (
     euler_maruyama_sampler,
     euler_sampler,
 )
-from speed import prepare_model_for_sampling
-from utils import InputError, hash_seed
+from urepa.frozen import PIXEL_VAES, latent_geometry
+from urepa.speed import prepare_model_for_sampling
+from urepa.utils import InputError, hash_seed
 
 # Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
 # SDE Euler-Maruyama with 250 steps, no guidance).

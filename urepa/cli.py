@@ -21,12 +21,12 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from encoders import ENCODER_STANDIN, check_resolution, parse_encoder_list
-from frozen import VAE_IDS, VAE_PIXELS, VAE_PIXELS_2X, VAE_STANDIN
 from models import canonical_name
 from models.layers import SDPA_BACKENDS
-from speed import resolve_compile
-from utils import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, ReportedError
+from urepa.encoders import ENCODER_STANDIN, check_resolution, parse_encoder_list
+from urepa.frozen import VAE_IDS, VAE_PIXELS, VAE_PIXELS_2X, VAE_STANDIN
+from urepa.speed import resolve_compile
+from urepa.utils import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, ReportedError
 
 FlagGroup = argparse._ActionsContainer  # a parser, or one of its argument groups
 

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from utils import atomic_write
+from urepa.utils import atomic_write
 
 LOGGER_NAME = "u-repa.train"
 
