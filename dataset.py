@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
-from urepa.frozen import encoder_dim
+from urepa.encoders import encoder_dim
 from urepa.shards import PREPARE, DatasetError, ShardReader, load_manifest
 
 

@@ -69,7 +69,6 @@ from urepa.cli import (
     run_main,
     unit_closed,
 )
-from urepa.frozen import LatentAutoencoder, load_vae, resolve_vae
 from urepa.sampling import (
     PIXELS,
     PRESETS,
@@ -96,6 +95,7 @@ from urepa.utils import (
     require,
     write_json,
 )
+from urepa.vae import LatentAutoencoder, load_vae, resolve_vae
 
 SETTINGS_FILE = "settings.json"
 # Recorded in the settings for the reader, but not compared: moving a checkpoint keeps its folder.

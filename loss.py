@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-PATH_TYPES = ("linear", "cosine")
+from urepa.interpolant import PATH_TYPES, interpolate
+
 WEIGHTINGS = ("uniform", "lognormal", "lognormal-edm")
 MANIFOLD_MODES = ("token", "sample", "batch")
 
@@ -40,34 +41,8 @@ def mean_flat(x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Interpolant and time sampling
+# Time sampling
 # --------------------------------------------------------------------------------------------
-
-
-def interpolant(t: Tensor, path_type: str = "linear") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(alpha_t, sigma_t, d alpha_t / dt, d sigma_t / dt) for `x_t = alpha_t x + sigma_t eps`.
-
-    linear: alpha = 1 - t, sigma = t (SiT/REPA default). cosine: alpha = cos(pi t / 2),
-    sigma = sin(pi t / 2). All four outputs have the shape of t.
-    """
-    if path_type == "linear":
-        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path_type == "cosine":
-        half_pi = math.pi / 2
-        cos, sin = torch.cos(half_pi * t), torch.sin(half_pi * t)
-        return cos, sin, -half_pi * sin, half_pi * cos
-    raise ValueError(f"path_type must be one of {PATH_TYPES}, got {path_type!r}")
-
-
-def interpolate(x: Tensor, noise: Tensor, t: Tensor, path_type: str) -> tuple[Tensor, Tensor]:
-    """The model input x_t = alpha_t x + sigma_t eps and its target d x_t / dt (REPA Eq. 4).
-
-    x, noise: (N, ...); t: (N,). Returns two tensors shaped like x.
-    """
-    alpha, sigma, d_alpha, d_sigma = (
-        c.view(x.shape[0], *[1] * (x.ndim - 1)) for c in interpolant(t, path_type)
-    )
-    return alpha * x + sigma * noise, d_alpha * x + d_sigma * noise
 
 
 # (mean, std) of log(sigma_t / alpha_t) for each log-normal weighting. "lognormal" is REPA's: its

@@ -47,8 +47,9 @@ import train
 from preprocessing import prepare
 from urepa import toy_shapes
 from urepa.cli import DefaultsHelpFormatter, add_debug_arg, run_main
-from urepa.frozen import ENCODER_STANDIN, VAE_PIXELS_2X, load_encoder, load_vae
+from urepa.encoders import ENCODER_STANDIN, load_encoder
 from urepa.utils import EXIT_STOPPED, InputError, ReportedError, RunStopped
+from urepa.vae import VAE_PIXELS_2X, load_vae
 
 EXP_NAME = "toy-sitdown-urepa"
 VAE_PRETRAINED, ENCODER_PRETRAINED = "ema", "dinov2-vit-s"

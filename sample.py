@@ -10,9 +10,9 @@ from torchvision.utils import save_image
 from samplers import VelocityOnly, euler_maruyama_sampler, euler_sampler
 from urepa.checkpoints import load_model_for_sampling
 from urepa.cli import DefaultsHelpFormatter, positive_int, run_main
-from urepa.frozen import load_vae
 from urepa.sampling import PRESETS, trained_vae
 from urepa.utils import InputError
+from urepa.vae import load_vae
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

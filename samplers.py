@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from loss import interpolant
+from urepa.interpolant import interpolant
 
 
 class VelocityModel(Protocol):

@@ -65,16 +65,12 @@ from urepa.cli import (
     unit_interval,
 )
 from urepa.data_plan import BatchPlan, draws_mismatch
-from urepa.encoders import check_resolution
-from urepa.frozen import (
-    SD_VAE_FACTOR,
+from urepa.encoders import (
     RepresentationEncoder,
+    check_resolution,
     encoder_dim,
     encoder_grid,
-    latent_geometry,
     load_encoder,
-    load_vae,
-    resolve_vae,
 )
 from urepa.periodic_eval import EVAL_FILE, EVAL_PRESETS, check_eval_args, create_evaluation
 from urepa.run_log import (
@@ -89,6 +85,7 @@ from urepa.run_log import (
 from urepa.shards import DatasetError, load_manifest
 from urepa.trainer import Monitor, Previews, Trainer, create_trainer, restore, train
 from urepa.utils import EXIT_STOPPED, ReportedError, available_memory, exclusive_lock, require
+from urepa.vae import SD_VAE_FACTOR, latent_geometry, load_vae, resolve_vae
 
 CPU = torch.device("cpu")
 # Projector options that are flags of the same name (every field of ProjectorConfig but its

@@ -43,7 +43,7 @@ from urepa.cli import (
     run_main,
     unit_closed,
 )
-from urepa.frozen import encoder_dim, load_encoder
+from urepa.encoders import encoder_dim, load_encoder
 from urepa.shards import load_manifest
 from urepa.utils import InputError, close_distributed, init_distributed, write_json
 

@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from analysis.metrics import manifold_distance, token_similarity
 from dataset import LatentDataset
-from loss import interpolate
 from models.base import AlignedDiffusionTransformer
-from urepa.frozen import RepresentationEncoder, sample_latents
+from urepa.encoders import RepresentationEncoder
+from urepa.interpolant import interpolate
 from urepa.utils import hash_seed
+from urepa.vae import sample_latents
 
 Key = tuple[int, float]  # (block, t)
 

@@ -77,7 +77,7 @@ from models.layers import sdpa_backend
 from models.summary import count_macs
 from urepa.cli import nonnegative_int, positive_int, run_main
 from urepa.data_plan import BatchPlan, StepDraws
-from urepa.frozen import encoder_dim, sample_latents
+from urepa.encoders import encoder_dim
 from urepa.run_log import create_logger, peak_flops
 from urepa.trainer import (
     Monitor,
@@ -89,6 +89,7 @@ from urepa.trainer import (
     update_ema,
 )
 from urepa.utils import InputError
+from urepa.vae import sample_latents
 
 IMAGENET_TRAIN = 1_281_167  # dataset size for the data plan (only the epoch counter uses it)
 DEFAULT_TRAIN_FLAGS = ["--batch-size", "32", "--mixed-precision", "bf16"]

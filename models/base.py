@@ -16,8 +16,16 @@ from torch import Tensor
 
 from models.layers import FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, unpatchify
 from models.projector import Projector, ProjectorConfig, pool_tokens, resample_scale
-from urepa.frozen import SD_VAE_FACTOR
-from urepa.frozen import encoder_grid as encoder_grid_at
+
+# The encoders' tokens are 16 image pixels apart (encoders.TOKEN_STRIDE) and an SD-VAE latent
+# pixel covers 8 (vae.SD_VAE_FACTOR): the encoder grid is half the latent side. Stated here, not
+# imported, so that the models stand alone; tests/test_frozen_networks.py checks that the two agree.
+LATENT_SIDES_PER_ENCODER_TOKEN = 2
+
+
+def default_encoder_grid(latent_side: int) -> int:
+    """Side of the encoder's token grid on the image that SD-VAE latents of this side decode to."""
+    return latent_side // LATENT_SIDES_PER_ENCODER_TOKEN
 
 
 class _WeightAndBias(Protocol):
@@ -97,7 +105,7 @@ class AlignedDiffusionTransformer(nn.Module):
         # (16×16 at 256 px). Patch-4/8 models therefore project their coarser grid up to it
         # (REPA's keep their own grid: encoder_grid=input_size // patch_size does that).
         latent_side = self.x_embedder.grid_size * self.patch_size
-        self.encoder_grid = encoder_grid or encoder_grid_at(SD_VAE_FACTOR * latent_side)
+        self.encoder_grid = encoder_grid or default_encoder_grid(latent_side)
         self.tap_grid_size = self.tap_grid(encoder_depth)
         scale = resample_scale(self.tap_grid_size, self.encoder_grid)
         head_scale = 1 if projector.align_resolution == "pool" else scale

@@ -55,17 +55,7 @@ from urepa.cli import (
     positive_int,
     run_main,
 )
-from urepa.frozen import (
-    ENCODERS,
-    VAE_IDS,
-    VAE_SCALE,
-    encoder_dim,
-    encoder_grid,
-    encoder_input_size,
-    latent_geometry,
-    load_encoder,
-    load_vae,
-)
+from urepa.encoders import ENCODERS, encoder_dim, encoder_grid, encoder_input_size, load_encoder
 from urepa.utils import (
     InputError,
     barrier,
@@ -75,6 +65,7 @@ from urepa.utils import (
     remove_temporaries,
     write_json,
 )
+from urepa.vae import VAE_IDS, VAE_SCALE, latent_geometry, load_vae
 
 logger = logging.getLogger("prepare")
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
-from urepa.frozen import ENCODER_STANDIN
+from urepa.encoders import ENCODER_STANDIN
 
 RES = 64  # 8×8 latents; SiT↓'s middle stage runs on 4×4 tokens, DINOv2's grid is 4×4
 NUM_IMAGES = 32

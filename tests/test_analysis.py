@@ -36,7 +36,8 @@ from analysis.metrics import (
 from dataset import LatentDataset
 from models import build_model
 from urepa.checkpoints import checkpoint_state, load_model_for_sampling, save_checkpoint
-from urepa.frozen import ENCODER_STANDIN, sample_latents
+from urepa.encoders import ENCODER_STANDIN
+from urepa.vae import sample_latents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

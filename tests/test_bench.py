@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from accelerate.state import AcceleratorState
 
 from bench import data_speed, op_count, repa, sample_speed, time_model, train_speed
-from urepa.frozen import ENCODER_STANDIN
+from urepa.encoders import ENCODER_STANDIN
 from urepa.run_log import gpu_peak_tflops
 from urepa.utils import InputError
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from dataset import LatentDataset, batch_buffer
 from urepa import shards
 from urepa.data_plan import BatchPlan, StepDraws, TrainingBatches
-from urepa.frozen import ENCODER_STANDIN
+from urepa.encoders import ENCODER_STANDIN
 from urepa.utils import write_json
 
 RES = 32

@@ -23,8 +23,8 @@ from dataset import LatentDataset
 from evaluations import evaluator, make_reference
 from urepa import toy_shapes
 from urepa.checkpoints import load_checkpoint, load_model_for_sampling
-from urepa.frozen import VAE_SCALE
 from urepa.utils import EXIT_STOPPED, ReportedError, RunStopped
+from urepa.vae import VAE_SCALE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = quickstart.FAST

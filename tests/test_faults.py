@@ -493,7 +493,7 @@ def test_a_ctrl_c_while_exiting_is_one_line_and_exit_code_130(tmp_path):
     script.write_text(
         "import atexit, sys, time\n"
         f"sys.path.insert(0, {REPO!r})\n"
-        "from cli import run_main\n"
+        "from urepa.cli import run_main\n"
         "def teardown():\n"
         "    print('tearing down', flush=True)\n"
         "    time.sleep(60)\n"

@@ -25,7 +25,7 @@ from urepa.checkpoints import (
     load_model_for_sampling,
     save_checkpoint,
 )
-from urepa.frozen import WeightsUnavailable
+from urepa.encoders import WeightsUnavailable
 from urepa.sampling import balanced_labels
 from urepa.utils import InputError, ReportedError, hash_seed
 

@@ -13,13 +13,13 @@ from loss import (
     LAMBDA_SCHEDULES,
     MANIFOLD_MODES,
     SILoss,
-    interpolant,
     manifold_loss,
     manifold_loss_per_sample,
     repa_loss,
     repa_loss_per_sample,
     sample_time,
 )
+from urepa.interpolant import interpolant
 
 SHAPES = [(2, 3, 4), (3, 5, 2), (1, 4, 6), (4, 1, 3)]  # (N, T, D), including N = 1 and T = 1
 

@@ -29,8 +29,9 @@ from dataset import LatentDataset
 from preprocessing.prepare import main, parse_args
 from preprocessing.sources import ImageSource, SourceError, center_crop_arr, load_image
 from urepa import shards
-from urepa.frozen import ENCODER_STANDIN, load_encoder, load_vae
+from urepa.encoders import ENCODER_STANDIN, load_encoder
 from urepa.utils import ReportedError
+from urepa.vae import load_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32

@@ -12,7 +12,14 @@ import termios
 
 import pytest
 
-from urepa.run_log import StepRate, format_duration, format_metrics, time_remaining
+from urepa.run_log import (
+    StepRate,
+    append_jsonl,
+    format_duration,
+    format_metrics,
+    read_jsonl,
+    time_remaining,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,7 +90,7 @@ def test_a_log_line_lists_the_metrics():
 def test_a_terminal_shows_a_progress_bar_and_a_pipe_does_not(tmp_path):
     """tqdm draws only when stderr is a terminal (here a pseudo-terminal)."""
     code = (
-        "import types, trainer\n"
+        "import types\nfrom urepa import trainer\n"
         "args = types.SimpleNamespace(max_train_steps=5)\n"
         "main = types.SimpleNamespace(is_main_process=True)\n"
         "state = types.SimpleNamespace(args=args, step=2, accelerator=main)\n"
@@ -112,3 +119,17 @@ def read_or_eof(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # a pseudo-terminal whose other end is closed reads EIO at the end
         return b""
+
+
+def test_a_row_after_one_cut_short_by_a_kill_starts_its_own_line(tmp_path):
+    """metrics.jsonl and eval.jsonl: the row a kill cut stays one damaged line, the next row
+    reads back whole."""
+    path = str(tmp_path / "eval.jsonl")
+    append_jsonl(path, {"step": 1, "fid": 9.5})
+    with open(path, "a") as f:
+        f.write('{"step": 2, "fi')  # killed mid-write
+    append_jsonl(path, {"step": 3, "fid": 7.25})
+    rows, damaged = read_jsonl(path)
+    assert rows == [{"step": 1, "fid": 9.5}, {"step": 3, "fid": 7.25}] and damaged == [2]
+    with open(path) as f:
+        assert f.read().count("\n") == 3

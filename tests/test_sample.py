@@ -16,8 +16,8 @@ import sample
 from models import build_model
 from samplers import VelocityOnly, euler_sampler
 from urepa.checkpoints import checkpoint_state, save_checkpoint
-from urepa.frozen import load_vae
 from urepa.utils import InputError
+from urepa.vae import load_vae
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KWARGS = dict(input_size=8, hidden_size=32, depths=(1, 1, 1), num_heads=2, num_classes=4,

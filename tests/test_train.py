@@ -31,7 +31,7 @@ from models import build_model
 from urepa import checkpoints, shards, trainer
 from urepa.checkpoints import TrainingError, load_checkpoint, load_model_for_sampling
 from urepa.data_plan import DRAWS_VERSION, BatchPlan, StepDraws, TrainingBatches
-from urepa.frozen import ENCODER_STANDIN
+from urepa.encoders import ENCODER_STANDIN
 from urepa.run_log import create_logger
 from urepa.trainer import update_ema
 from urepa.utils import EXIT_STOPPED, write_json

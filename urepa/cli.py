@@ -24,9 +24,9 @@ from typing import Any, NoReturn
 from models import canonical_name
 from models.layers import SDPA_BACKENDS
 from urepa.encoders import ENCODER_STANDIN, check_resolution, parse_encoder_list
-from urepa.frozen import VAE_IDS, VAE_PIXELS, VAE_PIXELS_2X, VAE_STANDIN
 from urepa.speed import resolve_compile
 from urepa.utils import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_STOPPED, ReportedError
+from urepa.vae import VAE_IDS, VAE_PIXELS, VAE_PIXELS_2X, VAE_STANDIN
 
 FlagGroup = argparse._ActionsContainer  # a parser, or one of its argument groups
 
@@ -177,7 +177,7 @@ def exit_now_on_ctrl_c(program: str) -> None:
 #                         Flags that several scripts take                       #
 #################################################################################
 
-# What --vae accepts, as `frozen.load_vae` reads it.
+# What --vae accepts, as `vae.load_vae` reads it.
 VAE_CHOICES = (
     ", ".join(f"{name} ({repo})" for name, repo in VAE_IDS.items())
     + f", a local diffusers folder, {VAE_PIXELS} (identity: pixel space), {VAE_PIXELS_2X} "

@@ -28,8 +28,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from loss import time_from
-from urepa.frozen import sample_latents
 from urepa.utils import hash_seed
+from urepa.vae import sample_latents
 
 # Purposes of derived seeds, so that no two streams of random numbers ever coincide.
 SEED_EPOCH, SEED_STEP, SEED_PREVIEW = 0, 1, 2

@@ -23,7 +23,6 @@ every --eval-every steps, on every process, written to `eval.jsonl` in the run d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -52,10 +51,10 @@ from evaluations.metrics import GaussianAccumulator, frechet_distance
 from models.summary import count_macs
 from samplers import guidance_active
 from urepa.checkpoints import TrainingError, rng_state, set_rng_state
-from urepa.run_log import read_jsonl
+from urepa.run_log import append_jsonl, read_jsonl
 from urepa.sampling import PRESETS, SAMPLING_DEFAULTS, balanced_labels, generate_latents, to_uint8
 from urepa.trainer import Trainer
-from urepa.utils import atomic_write, available_memory, require
+from urepa.utils import available_memory, require
 
 EVAL_FILE = "eval.jsonl"
 EVAL_SEED = 0  # generate.py's default --global-seed
@@ -131,21 +130,6 @@ def read_done_steps(run_dir: str, settings: dict[str, Any]) -> set[int]:
     their steps are evaluated again with these)."""
     rows = read_jsonl(os.path.join(run_dir, EVAL_FILE))[0]  # damaged lines: see train.py
     return {row["step"] for row in rows if all(row.get(k) == v for k, v in settings.items())}
-
-
-def append_row(path: str, row: dict[str, Any]) -> None:
-    """Add a row to a small JSONL file by rewriting it atomically: a kill leaves the old file
-    or the new one, never half a row."""
-    old = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(old + json.dumps(row) + "\n")
-
-    atomic_write(path, write)
 
 
 @contextmanager
@@ -458,7 +442,7 @@ class PeriodicEvaluation:
             "eval_seconds": round(seconds, 2),
             "processes": acc.num_processes,
         }
-        append_row(os.path.join(self.run_dir, EVAL_FILE), row)
+        append_jsonl(os.path.join(self.run_dir, EVAL_FILE), row)
         acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         name = fid_name(args.eval_samples)
         dino = f", FD-DINOv2 {metrics['fd_dinov2']:.4g}" if "fd_dinov2" in metrics else ""

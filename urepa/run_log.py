@@ -50,8 +50,16 @@ def close_logger(logger: logging.Logger) -> None:
 
 
 def append_jsonl(path: str, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Add one row to a JSON-lines log (metrics.jsonl, eval.jsonl) in a single write. A row cut
+    short by a kill stays one damaged line, which readers skip and a resume repairs: the next
+    row starts a line of its own instead of continuing it."""
+    line = json.dumps(record) + "\n"
+    with open(path, "a+b") as f:  # (appends always go to the end, whatever the read position)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode())
 
 
 def keep_metrics_until(path: str, step: int) -> int:

@@ -27,9 +27,9 @@ from samplers import (
     euler_maruyama_sampler,
     euler_sampler,
 )
-from urepa.frozen import PIXEL_VAES, latent_geometry
 from urepa.speed import prepare_model_for_sampling
 from urepa.utils import InputError, hash_seed
+from urepa.vae import PIXEL_VAES, latent_geometry
 
 # Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
 # SDE Euler-Maruyama with 250 steps, no guidance).

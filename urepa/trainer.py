@@ -57,7 +57,7 @@ from urepa.data_plan import (
     TrainingBatches,
     derive_seed,
 )
-from urepa.frozen import RepresentationEncoder
+from urepa.encoders import RepresentationEncoder
 from urepa.fused_update import UpdateFn, adamw_state, compile_update, hyperparameters
 from urepa.run_log import (
     LOGGER_NAME,

@@ -10,18 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from urepa.frozen import (
+from urepa.encoders import (
     ENCODER_STANDIN,
-    VAE_SCALE,
     encoder_dim,
     encoder_grid,
     encoder_input_size,
-    latent_geometry,
     load_encoder,
-    load_vae,
     parse_encoder_list,
-    sample_latents,
 )
+from urepa.vae import VAE_SCALE, latent_geometry, load_vae, sample_latents
 
 
 def images(n=2, size=32, seed=0):
@@ -124,7 +121,7 @@ def test_unknown_names_are_clear_errors():
 )
 def test_offline_pretrained_load_says_how_to_provide_weights(call, flag, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = f"from frozen import load_vae, load_encoder\n{call}"
+    code = f"from urepa.vae import load_vae\nfrom urepa.encoders import load_encoder\n{call}"
     result = subprocess.run(
         [sys.executable, "-c", code],
         env=env,
@@ -151,3 +148,13 @@ def test_half_resolution_pixel_space_pools_and_repeats():
     torch.testing.assert_close(mean * VAE_SCALE, blocks.float() / 127.5 - 1)
     decoded = vae.decode(sample_latents(moments))
     torch.testing.assert_close(decoded, images.float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("latent_side", [4, 8, 16, 32, 64])
+def test_the_models_default_encoder_grid_is_the_encoders_grid_on_the_decoded_image(latent_side):
+    """models/ states the geometry itself (it imports neither the VAE nor the encoders): the
+    encoder's token grid on the image that SD-VAE latents of this side decode to."""
+    from models.base import default_encoder_grid
+    from urepa.vae import SD_VAE_FACTOR
+
+    assert default_encoder_grid(latent_side) == encoder_grid(SD_VAE_FACTOR * latent_side)

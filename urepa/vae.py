@@ -1,18 +1,17 @@
-"""The frozen networks: the SD-VAE (latent space) and the representation encoders (encoders.py).
+"""The autoencoder of the latent space: the SD-VAE, its pixel-space stand-ins, and sampling
+latents from the stored moments. (The representation encoders are in encoders.py.)
 
-Used by `preprocessing/` (encoding), `train.py` (online-encoder mode, preview decoding) and
-`generate.py` (decoding). Pretrained weights load through the libraries' normal mechanisms —
-diffusers `from_pretrained` for the VAE, timm (weights on the Hugging Face hub) for the
-encoders — or from a local path. Without network access and without a local copy, loading fails
-with a message that says how to provide the weights.
+Used by `preprocessing/` (encoding), `train.py` (preview decoding) and `generate.py` (decoding).
+Pretrained weights load through diffusers' `from_pretrained` or from a local folder. Without
+network access and without a local copy, loading fails with a message that says how to provide
+the weights.
 
-Tests never download: `load_vae("tiny-random")` and `load_encoder("dinov2-vit-tiny-random")` build
-tiny, randomly initialised networks of the same classes through the same wrappers. They are
-selected by name, explicitly; nothing falls back to them silently. `load_vae("pixels")` is the
-identity "autoencoder" (pixel space, 3 channels, factor 1), and `load_vae("pixels-2x")` the same
-at half the resolution (factor 2: 2×2 average pooling, decoded by repeating each pixel), which the
-quickstart uses when the SD-VAE cannot be fetched: decoded samples are real images, not
-random-decoder noise.
+Tests never download: `load_vae("tiny-random")` builds a tiny, randomly initialised AutoencoderKL
+through the same wrapper, selected by name, explicitly; nothing falls back to it silently.
+`load_vae("pixels")` is the identity "autoencoder" (pixel space, 3 channels, factor 1), and
+`load_vae("pixels-2x")` the same at half the resolution (factor 2: 2×2 average pooling, decoded
+by repeating each pixel), which the quickstart uses when the SD-VAE cannot be fetched: decoded
+samples are real images, not random-decoder noise.
 """
 
 from __future__ import annotations
@@ -26,23 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-# The representation encoders live in encoders.py; their names are re-exported here.
-from urepa.encoders import (  # noqa: F401
-    ENCODER_STANDIN,
-    ENCODERS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    STANDINS,
-    EncoderSpec,
-    RepresentationEncoder,
-    WeightsUnavailable,
-    encoder_dim,
-    encoder_grid,
-    encoder_input_size,
-    load_encoder,
-    offline_hint,
-    parse_encoder_list,
-)
+from urepa.encoders import WeightsUnavailable, offline_hint
 from urepa.utils import InputError
 
 # SD-VAE latent normalisation (LDM/DiT/REPA): z = 0.18215 · (mean + std · ε), bias 0.
