@@ -119,3 +119,19 @@ def test_every_projector_option_is_a_flag_of_its_name():
     )
     for name in PROJECTOR_FIELDS:
         assert model.model_kwargs[name] == getattr(args, name, 16), name
+
+
+def test_the_tool_configuration_lists_no_modules_by_hand():
+    """mypy checks every tracked module outside tests/ and ruff finds our modules itself: a new
+    module needs no entry in pyproject.toml (hand-kept lists drift)."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        config = tomllib.load(f)
+    assert "known-first-party" not in config["tool"]["ruff"]["lint"].get("isort", {})
+    mypy = config["tool"]["mypy"]
+    excluded = [re.compile(pattern) for pattern in mypy["exclude"]]
+    checked = {p for p in python_files() if not any(e.search(p) for e in excluded)}
+    outside_tests = {p for p in python_files() if not p.startswith("tests/")}
+    assert mypy["files"] == ["."] and checked == outside_tests
