@@ -17,8 +17,7 @@ from urepa.utils import InputError
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint, export or checkpoint folder, a "
-                   "release or a Hub repository ORG/NAME (docs/sharing.md)")  # fmt: skip
+    p.add_argument("--ckpt", required=True, help="a checkpoint or a name (docs/sharing.md)")
     p.add_argument("--classes", type=int, nargs="+", default=[0], help="labels: a row each")
     p.add_argument("--per-class", type=positive_int, default=4, help="images per class")
     p.add_argument("--preset", choices=sorted(PRESETS), default="ablation", help="the sampler")

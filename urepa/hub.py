@@ -24,6 +24,8 @@ import argparse
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
@@ -79,12 +81,25 @@ def resolve_checkpoint(name: str, revision: str | None = None) -> str:
     if name in RELEASES:
         return fetch_release(name)
     found = hub_name(name)
-    if found is None:
-        releases = ", ".join(RELEASES)
-        raise InputError(f"no checkpoint {name!r}: not a file or folder here, not a release "
-                         f"({releases}), not a Hub repository id ORG/NAME")  # fmt: skip
+    if found is None:  # most likely a path with a typo
+        raise FileNotFoundError(
+            f"checkpoint {name!r} does not exist (nor is it a release: "
+            f"{', '.join(RELEASES)}, or a Hub repository ORG/NAME)"
+        )
     repo, named_revision = found
-    return download(repo, "model", revision or named_revision, MODEL_FILES)
+    with not_here_either(name):
+        return download(repo, "model", revision or named_revision, MODEL_FILES)
+
+
+@contextmanager
+def not_here_either(name: str) -> Iterator[None]:
+    """A name that could be a local path as well as a repository: its error says both."""
+    try:
+        yield
+    except InputError as err:
+        if name.startswith(HUB_PREFIX):
+            raise
+        raise InputError(f"no file or folder {name} here, and {err}") from err
 
 
 def download(repo: str, repo_type: str, revision: str | None, files: list[str] | None) -> str:
@@ -246,7 +261,8 @@ def local_dataset(data_dir: str) -> str:
     found = hub_name(data_dir)
     if found is None:
         return data_dir  # a missing folder: the dataset's own error says what to run
-    folder = download(found[0], "dataset", found[1], None)
+    with not_here_either(data_dir):
+        folder = download(found[0], "dataset", found[1], None)
     try:
         manifest = load_manifest(folder)
     except ReportedError as err:
