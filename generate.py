@@ -54,7 +54,6 @@ from tqdm import tqdm
 
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
-from urepa.checkpoints import load_model_for_sampling
 from urepa.cli import (
     DefaultsHelpFormatter,
     add_debug_arg,
@@ -69,6 +68,7 @@ from urepa.cli import (
     run_main,
     unit_closed,
 )
+from urepa.hub import load_pretrained
 from urepa.sampling import (
     PIXELS,
     PRESETS,
@@ -113,7 +113,9 @@ PNG_NAME = re.compile(r"^(\d{6,})\.png$")
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--ckpt", type=str, required=True,
-                       help="our .pt checkpoint, our .safetensors export, or REPA's SiT .pt")
+                       help="our .pt checkpoint, .safetensors export or checkpoint folder, "
+                            "REPA's SiT .pt, a release (repa-sit-xl-2) or a Hub repository "
+                            "ORG/NAME[@REVISION] (a local path wins; docs/sharing.md)")
     group.add_argument("--model", type=model_name, default=None,
                        help="only for a REPA checkpoint whose SiT variant cannot be inferred; "
                             "a checkpoint that records its model refuses any other name")
@@ -220,7 +222,7 @@ def sampling_settings(
     """Everything the images depend on (not the batch size or the number of processes), and the
     checkpoint's path (UNCOMPARED_SETTINGS)."""
     settings = {
-        "ckpt": os.path.abspath(args.ckpt),
+        "ckpt": os.path.abspath(args.ckpt) if os.path.exists(args.ckpt) else args.ckpt,
         "weights_sha256": weights_sha256(model),
         "model_name": model.model_name,
         "model_kwargs": model.model_kwargs,
@@ -418,7 +420,7 @@ def main(args: argparse.Namespace) -> None:
     if args.compile and rank == 0:
         report_compile_times(print)
 
-    model = load_model_for_sampling(args.ckpt, device, args.model)
+    model = load_pretrained(args.ckpt, device, args.model)
     if args.path_type is None:
         args.path_type = model.checkpoint_args.get("path_type", "linear")
     args.vae = resolve_vae(args.vae, trained_vae(model), f"{args.ckpt} was trained")

@@ -8,8 +8,8 @@ import torch
 from torchvision.utils import save_image
 
 from samplers import VelocityOnly, euler_maruyama_sampler, euler_sampler
-from urepa.checkpoints import load_model_for_sampling
 from urepa.cli import DefaultsHelpFormatter, positive_int, run_main
+from urepa.hub import load_pretrained
 from urepa.sampling import PRESETS, trained_vae
 from urepa.utils import InputError
 from urepa.vae import load_vae
@@ -17,7 +17,7 @@ from urepa.vae import load_vae
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a checkpoint .pt or its EMA .safetensors")
+    p.add_argument("--ckpt", required=True, help="a checkpoint or a name (docs/sharing.md)")
     p.add_argument("--classes", type=int, nargs="+", default=[0], help="labels: a row each")
     p.add_argument("--per-class", type=positive_int, default=4, help="images per class")
     p.add_argument("--preset", choices=sorted(PRESETS), default="ablation", help="the sampler")
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @torch.no_grad()
 def main(args: argparse.Namespace) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model_for_sampling(args.ckpt, device)  # rebuilt from the checkpoint alone
+    model = load_pretrained(args.ckpt, device)  # rebuilt from the checkpoint alone
     if not all(0 <= c < model.num_classes for c in args.classes):
         raise InputError(f"--classes must lie in [0, {model.num_classes}), got {args.classes}")
     torch.manual_seed(args.seed)

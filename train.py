@@ -72,6 +72,7 @@ from urepa.encoders import (
     encoder_grid,
     load_encoder,
 )
+from urepa.hub import local_dataset
 from urepa.periodic_eval import EVAL_FILE, EVAL_PRESETS, check_eval_args, create_evaluation
 from urepa.run_log import (
     add_log_file,
@@ -164,7 +165,9 @@ def add_alignment_args(parser: argparse.ArgumentParser) -> None:
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-dir", required=True,
-                   help="a dataset written by preprocessing/prepare.py")
+                   help="a dataset written by preprocessing/prepare.py, or a Hub dataset "
+                        "repository ORG/NAME[@REVISION] of one (a local path wins; "
+                        "docs/sharing.md)")
     g.add_argument("--resolution", type=positive_int, default=None,
                    help="image resolution; default: the dataset's, which it must match")
     g.add_argument("--num-workers", type=nonnegative_int, default=4,
@@ -808,6 +811,8 @@ def train_into(
     # Checked against its SHA-256 by the main process (a damaged latest one passed over with
     # --resume auto), before anything is written; every process resumes the one it chose.
     resume = decided_by_main(accelerator, lambda: resume_checkpoint(run_dir, args.resume))
+    if not args.dry_run:  # a dataset repository: downloaded and checked once, by the main process
+        args.data_dir = decided_by_main(accelerator, lambda: local_dataset(args.data_dir))
     try:
         if args.dry_run and not os.path.isdir(args.data_dir):
             error = FileNotFoundError(f"no folder {args.data_dir} (--data-dir)")

@@ -29,7 +29,6 @@ from analysis.plots import write_plots
 from dataset import LatentDataset, stored_encoders
 from loss import MANIFOLD_MODES, PATH_TYPES
 from models.base import AlignedDiffusionTransformer
-from urepa.checkpoints import load_model_for_sampling
 from urepa.cli import (
     DefaultsHelpFormatter,
     add_debug_arg,
@@ -44,6 +43,7 @@ from urepa.cli import (
     unit_closed,
 )
 from urepa.encoders import encoder_dim, load_encoder
+from urepa.hub import load_pretrained
 from urepa.shards import load_manifest
 from urepa.utils import InputError, close_distributed, init_distributed, write_json
 
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Linear probing, CKNNA and projector alignment of diffusion checkpoints.")
     g = parser.add_argument_group("model")
     g.add_argument("--ckpt", nargs="+", required=True,
-                   help="checkpoint(s): our .pt or .safetensors export, or REPA's SiT .pt; "
+                   help="checkpoint(s): our .pt, .safetensors export or checkpoint folder, "
+                        "REPA's SiT .pt, a release or a Hub repository ORG/NAME[@REVISION]; "
                         "several (e.g. a run's checkpoints/*.pt) plot the metrics over training")
     g.add_argument("--model", type=model_name, default=None,
                    help="only for a REPA checkpoint whose SiT variant cannot be inferred")
@@ -304,7 +305,7 @@ def analyse_checkpoint(
     args: argparse.Namespace, path: str, position: int, sets: Sets, online: dict, device: Any
 ) -> list[Record]:
     """Every metric of one checkpoint, as flat records (see docs/analysis.md)."""
-    model = load_model_for_sampling(path, device, args.model)
+    model = load_pretrained(path, device, args.model)
     heads = projector_heads(model, args.encoders)
     name = os.path.basename(path)
     ex = extraction(args, model, sets.val, online, heads)
@@ -348,7 +349,7 @@ def cknna_note(records: list[Record], num_samples: int) -> str | None:
 
 def main(args: argparse.Namespace) -> None:
     rank, world, device = init_distributed()
-    first = load_model_for_sampling(args.ckpt[0], "cpu", args.model)
+    first = load_pretrained(args.ckpt[0], "cpu", args.model)
     args.encoders = encoder_names(args, first)
     args.num_classes = first.num_classes
     del first

@@ -151,7 +151,18 @@ def model_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
     return name, dict(kwargs)
 
 
+def from_pretrained(
+    name: str, revision: str | None = None, device: Any = "cpu"
+) -> AlignedDiffusionTransformer:
+    """The EMA model of a checkpoint, ready to sample (eval mode, no gradients): a local `.pt`,
+    `-ema.safetensors` export or checkpoint folder, a release's short name (`repa-sit-xl-2`), or
+    a Hugging Face Hub repository `ORG/NAME[@REVISION]` (a local path wins; docs/sharing.md)."""
+    from urepa.hub import load_pretrained  # the loaders build models: imported when called
+
+    return load_pretrained(name, device, revision=revision)
+
+
 __all__ = [
     "MODELS", "MODEL_CLASSES", "MODEL_NAMES", "PROJECTOR_FIELDS", "ProjectorConfig", "SiT",
-    "SiTDown", "build_model", "canonical_name", "model_config",
+    "SiTDown", "build_model", "canonical_name", "from_pretrained", "model_config",
 ]  # fmt: skip

@@ -128,7 +128,17 @@ def known_flags() -> set[str]:
                 parse(["--help"])
     finally:
         argparse.ArgumentParser.parse_known_args = original  # type: ignore[method-assign]
-    return {flag for parser in parsers for flag in parser._option_string_actions}
+    return {flag for parser in with_subcommands(parsers) for flag in parser._option_string_actions}
+
+
+def with_subcommands(parsers: list[argparse.ArgumentParser]) -> list[argparse.ArgumentParser]:
+    """The parsers and those of their subcommands (`python -m urepa.hub push ...`)."""
+    found = list(parsers)
+    for parser in found:  # grows as subcommands are found
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [sub for sub in action.choices.values() if sub not in found]
+    return found
 
 
 @pytest.mark.parametrize("path", PAGES)

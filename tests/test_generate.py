@@ -310,7 +310,7 @@ def test_model_flag_that_disagrees_with_the_checkpoint_is_refused(ckpt, tmp_path
     "loader, error, extra",
     [
         ("load_vae", WeightsUnavailable("offline: could not load the SD-VAE"), []),
-        ("load_model_for_sampling", InputError("corrupt checkpoint"), []),
+        ("load_pretrained", InputError("corrupt checkpoint"), []),
         (None, None, ["--vae", "no-such-vae"]),  # the real load_vae refuses the name
     ],
     ids=["vae-offline", "model-unreadable", "unknown-vae"],

@@ -512,7 +512,10 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
 def read_sampling_weights(
     path: str, model_name: str | None = None
 ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any], dict[str, Any]]:
-    """(EMA state dict, model_name, model_kwargs, training args) from any supported file."""
+    """(EMA state dict, model_name, model_kwargs, training args) from any supported file, or a
+    checkpoint folder in the Hub's layout."""
+    if os.path.isdir(path):
+        return read_model_folder(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     checked = verify_checksum(path)  # REPA's files have none
@@ -533,6 +536,43 @@ def read_sampling_weights(
         args = upgrade_args(obj["args"], obj["format"])
         return _strip_prefixes(obj["ema"]), obj["model_name"], obj["model_kwargs"], args
     return _read_repa_checkpoint(obj, path, model_name)
+
+
+# A checkpoint folder in the Hugging Face Hub's layout (`python -m urepa.hub export` writes it,
+# urepa/model_card.py): the EMA weights, and a config.json that rebuilds the model and records
+# the weights' SHA-256, so that weights from another download or revision are refused.
+HUB_FORMAT = "u-repa-hub/1"
+HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"
+
+
+def read_model_folder(
+    folder: str,
+) -> tuple[dict[str, torch.Tensor], str, dict[str, Any], dict[str, Any]]:
+    """(EMA state dict, model_name, model_kwargs, training args) of a checkpoint folder."""
+    config_path, weights = os.path.join(folder, HUB_CONFIG), os.path.join(folder, HUB_WEIGHTS)
+    if not (os.path.isfile(config_path) and os.path.isfile(weights)):
+        raise InputError(
+            f"{folder!r} is not a checkpoint folder: it needs {HUB_CONFIG} and {HUB_WEIGHTS} "
+            "(python -m urepa.hub export writes them from a run)"
+        )
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise InputError(f"could not read {config_path} as JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != HUB_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise InputError(f"{config_path} is not a {HUB_FORMAT} config (format: {found!r}): "
+                         "not a checkpoint folder of this code")  # fmt: skip
+    digest = file_sha256(weights)
+    if digest != config["weights_sha256"]:
+        raise DamagedCheckpoint(
+            f"{weights} has SHA-256 {digest[:16]}..., {config_path} records "
+            f"{config['weights_sha256'][:16]}... (a partial or mixed download, or a changed "
+            "file): download the folder again"
+        )
+    state_dict, args = _read_safetensors(weights)[0], config["training_args"]
+    return state_dict, config["model_name"], config["model_kwargs"], args
 
 
 def _read_repa_checkpoint(
@@ -585,6 +625,11 @@ def load_model_for_sampling(
     kept as `model.checkpoint_args`, e.g. for the path type the model was trained with.
     """
     state_dict, name, kwargs, args = read_sampling_weights(path, model_name)
+    try:
+        canonical_name(name)
+    except KeyError as err:
+        raise InputError(f"{path!r} holds a model this code does not know: {err.args[0]} "
+                         "(update the code to the version that wrote it)") from err  # fmt: skip
     if model_name is not None and canonical_name(model_name) != canonical_name(name):
         raise InputError(f"{path!r} holds a {name}, not a {model_name}")
     with torch.device(device):
