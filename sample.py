@@ -11,7 +11,8 @@ from samplers import VelocityOnly, euler_maruyama_sampler, euler_sampler
 from urepa.checkpoints import load_model_for_sampling
 from urepa.cli import DefaultsHelpFormatter, positive_int, run_main
 from urepa.frozen import load_vae
-from urepa.sampling import PRESETS, trained_vae
+from urepa.sampling import trained_vae
+from urepa.settings import PRESETS
 from urepa.utils import InputError
 
 

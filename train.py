@@ -76,7 +76,7 @@ from urepa.frozen import (
     load_vae,
     resolve_vae,
 )
-from urepa.periodic_eval import EVAL_FILE, EVAL_PRESETS, check_eval_args, create_evaluation
+from urepa.periodic_eval import PeriodicEvaluation, check_eval_settings, create_evaluation
 from urepa.run_log import (
     add_log_file,
     close_logger,
@@ -86,6 +86,7 @@ from urepa.run_log import (
     peak_flops,
     repair_jsonl,
 )
+from urepa.settings import EVAL_FILE, EVAL_PRESETS, EvalSettings, TrainSettings
 from urepa.shards import DatasetError, load_manifest
 from urepa.trainer import Monitor, Previews, Trainer, create_trainer, restore, train
 from urepa.utils import EXIT_STOPPED, ReportedError, available_memory, exclusive_lock, require
@@ -369,7 +370,7 @@ def validate_args(args: argparse.Namespace) -> None:
             + ", ".join(f"{k} (set by {FLAG_OF_MODEL_KWARG[k]})" for k in clashes)
         )
     check_model_config(args.model, args.model_config)
-    check_eval_args(args)
+    check_eval_settings(EvalSettings.from_flags(vars(args)), args.cfg_prob)
 
 
 def check_encoder_args(args: argparse.Namespace) -> None:
@@ -648,15 +649,16 @@ def setup(
         if (other_draws := draws_mismatch(ckpt["data"])) is not None:
             raise TrainingError(other_draws)
     encoders = load_encoders(args, accelerator.device)
-    trainer = create_trainer(args, accelerator, model, plan, encoders, dataset_id)
+    settings = TrainSettings.from_flags(vars(args))
+    trainer = create_trainer(settings, accelerator, model, plan, encoders, dataset_id)
     if ckpt is not None:
         restore(trainer, ckpt, logger)
     return trainer, dataset
 
 
-def describe(trainer: Trainer, macs: int, resume: str | None) -> str:
+def describe(args: argparse.Namespace, trainer: Trainer, macs: int, resume: str | None) -> str:
     """The plan of the run, for the log and --dry-run."""
-    args, acc, plan, model = trainer.args, trainer.accelerator, trainer.plan, trainer.raw
+    acc, plan, model = trainer.accelerator, trainer.plan, trainer.raw
     epochs = args.max_train_steps / plan.steps_per_epoch
     inactive = args.mixed_precision != "no" and not acc.native_amp
     amp_note = f" (no autocast on {acc.device.type}: fp32)" if inactive else ""
@@ -792,6 +794,15 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
     return result
 
 
+def evaluation_of(
+    args: argparse.Namespace, trainer: Trainer, vae: Any, run_dir: str, logger: Any
+) -> PeriodicEvaluation | None:
+    """--eval-every's evaluation of the trainer's EMA model (None when off)."""
+    settings = EvalSettings.from_flags(vars(args))
+    acc, ema = trainer.accelerator, trainer.ema
+    return create_evaluation(settings, acc, ema, trainer.step, vae, run_dir, logger)
+
+
 def main(args: argparse.Namespace, stop_hint: str | None = "continue with --resume auto") -> int:
     """Train; returns the exit code: 0, or EXIT_STOPPED when a signal stopped the run after its
     checkpoint, which the log says, followed by `stop_hint` (how to continue; None: the caller
@@ -821,19 +832,19 @@ def train_into(
         model = trainer.raw  # forward MACs per image, projector included, for MFU
         macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
         if args.dry_run:
-            logger.info(describe(trainer, macs, resume))
+            logger.info(describe(args, trainer, macs, resume))
             return 0
         # Every process samples for the evaluation; otherwise the main one decodes previews.
         wants_vae = accelerator.is_main_process or args.eval_every > 0
         vae = load_vae(args.vae, accelerator.device) if wants_vae else None
-        evaluation = create_evaluation(trainer, vae, run_dir, logger)  # before anything is written
+        evaluation = evaluation_of(args, trainer, vae, run_dir, logger)  # before any write
         if accelerator.is_main_process:
             start_run_directory(args, accelerator, logger)
             repair_run_directory(args, trainer.step, logger)
         accelerator.wait_for_everyone()
-        logger.info(describe(trainer, macs, resume))
+        logger.info(describe(args, trainer, macs, resume))
         if evaluation is not None:
-            evaluation.catch_up()  # the resumed step's evaluation, if a kill interrupted it
+            evaluation.catch_up(trainer.step)  # the resumed step's, if a kill interrupted it
         if trainer.step >= args.max_train_steps:
             logger.info(
                 f"nothing to do: the run is at step {trainer.step} of {args.max_train_steps}"
@@ -844,7 +855,8 @@ def train_into(
         )
         monitor = Monitor(trainer, run_dir, logger, 6.0 * macs, peak)
         with sdpa_backend(args.sdpa_backend):
-            stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor, evaluation)
+            evaluate = evaluation.maybe_run if evaluation is not None else None
+            stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor, evaluate)
         if stopped:
             if stop_hint is not None:
                 logger.info(f"stopped by a signal after step {trainer.step}, checkpoint saved: "
