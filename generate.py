@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
-from urepa.checkpoints import load_model_for_sampling
+from urepa.checkpoints import load_model_for_sampling, trained_vae
 from urepa.cli import (
     DefaultsHelpFormatter,
     add_debug_arg,
@@ -78,7 +78,6 @@ from urepa.sampling import (
     sampling_model,
     set_precision,
     to_uint8,
-    trained_vae,
 )
 from urepa.settings import PRESETS, SAMPLING_DEFAULTS, SamplerSettings, SamplingSpeed
 from urepa.speed import report_compile_times

@@ -8,10 +8,9 @@ import torch
 from torchvision.utils import save_image
 
 from samplers import VelocityOnly, euler_maruyama_sampler, euler_sampler
-from urepa.checkpoints import load_model_for_sampling
+from urepa.checkpoints import load_model_for_sampling, trained_vae
 from urepa.cli import DefaultsHelpFormatter, positive_int, run_main
 from urepa.frozen import load_vae
-from urepa.sampling import trained_vae
 from urepa.settings import PRESETS
 from urepa.utils import InputError
 

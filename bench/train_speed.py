@@ -15,9 +15,9 @@
 
 Flags other than this script's own go to train.py's parser, so every training flag applies;
 `--batch-size` is then the per-device batch (one process). What runs is train.py's: the model,
-EMA, AdamW and objective come from `train.create_model` / `trainer.create_trainer`, each step
-is `trainer.train_step` after `trainer.to_device` (the loop's copy from pinned memory), and the
-metric bookkeeping is the loop's `trainer.Monitor` (one read per log interval, here one per
+EMA, AdamW and objective come from `model_setup.create_model` / `trainer.create_trainer`, each
+step is `trainer.train_step` after `trainer.to_device` (the loop's copy from pinned memory), and
+the metric bookkeeping is the loop's `trainer.Monitor` (one read per log interval, here one per
 round of --steps).
 The batch is synthetic (random latents, labels, features or pixels), made once: no dataset is
 read. Online encoders get random weights of the real architecture (nothing is downloaded).
@@ -78,12 +78,14 @@ from models.summary import count_macs
 from urepa.cli import nonnegative_int, positive_int, run_main
 from urepa.data_plan import BatchPlan, StepDraws
 from urepa.frozen import encoder_dim, sample_latents
+from urepa.model_setup import create_model
 from urepa.run_log import create_logger, peak_flops
-from urepa.settings import TrainSettings
+from urepa.settings import ModelSettings, TrainSettings
 from urepa.trainer import (
     Monitor,
     Trainer,
     compiled_gradient_check,
+    create_accelerator,
     create_trainer,
     to_device,
     train_step,
@@ -194,7 +196,7 @@ def train_args(train_argv: list[str], extra: list[str]) -> argparse.Namespace:
 def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> Trainer:
     """Model, EMA, AdamW, objective (and online encoders) as train.py builds them."""
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per configuration
-    accelerator = train.create_accelerator(args, run_dir)
+    accelerator = create_accelerator(args.mixed_precision, args.report_to, args.allow_tf32, run_dir)
     # What a dataset would decide (synthetic data: ImageNet's 256 px unless --resolution).
     train.take_from_dataset(args, {"resolution": 256, "modalities": {}})
     latent = args.resolution // 8  # SD-VAE: 8× downsampling
@@ -202,7 +204,8 @@ def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> T
     dataset = SimpleNamespace(
         num_classes=num_classes, manifest={"modalities": {"moments": moments}}
     )
-    model = train.create_model(args, dataset, {"moments": torch.empty(8, latent, latent)})
+    settings = ModelSettings.from_flags(vars(args))
+    model = create_model(settings, dataset, {"moments": torch.empty(8, latent, latent)})
     plan = BatchPlan(
         max(IMAGENET_TRAIN, args.batch_size),
         args.batch_size,

@@ -70,6 +70,7 @@ from torch.distributed.fsdp import FSDPModule
 from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
 from urepa import utils
+from urepa.frozen import PIXEL_VAES, latent_geometry
 from urepa.utils import InputError, ReportedError, atomic_write, dict_differences, file_sha256
 
 CHECKPOINT_FORMAT = "u-repa/2"
@@ -533,6 +534,19 @@ def read_sampling_weights(
         args = upgrade_args(obj["args"], obj["format"])
         return _strip_prefixes(obj["ema"]), obj["model_name"], obj["model_kwargs"], args
     return _read_repa_checkpoint(obj, path, model_name)
+
+
+def trained_vae(model: AlignedDiffusionTransformer) -> str | None:
+    """The --vae whose latents the checkpoint's model was trained on, as its training args
+    record it, or None where they do not (REPA's checkpoints); a pixel space where the model
+    has 3 channels but the record says otherwise (train.py once took --vae for its previews
+    only, without reading the dataset's)."""
+    args = model.checkpoint_args
+    recorded = args.get("vae")
+    if model.in_channels == 3 and latent_geometry(recorded or "ema")[0] != 3:
+        side = model.latent_shape[-1]
+        return PIXEL_VAES.get(args.get("resolution", side) // side, recorded)
+    return recorded
 
 
 def _read_repa_checkpoint(

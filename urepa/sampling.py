@@ -26,7 +26,6 @@ from samplers import (
     euler_maruyama_sampler,
     euler_sampler,
 )
-from urepa.frozen import PIXEL_VAES, latent_geometry
 from urepa.settings import SamplerSettings, SamplingSpeed
 from urepa.speed import prepare_model_for_sampling
 from urepa.utils import InputError, hash_seed
@@ -43,19 +42,6 @@ def set_precision(precision: str) -> None:
     allow_tf32 = precision != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
-
-
-def trained_vae(model: AlignedDiffusionTransformer) -> str | None:
-    """The --vae whose latents the checkpoint's model was trained on, as its training args
-    record it, or None where they do not (REPA's checkpoints); a pixel space where the model
-    has 3 channels but the record says otherwise (train.py once took --vae for its previews
-    only, without reading the dataset's)."""
-    args = model.checkpoint_args
-    recorded = args.get("vae")
-    if model.in_channels == 3 and latent_geometry(recorded or "ema")[0] != 3:
-        side = model.latent_shape[-1]
-        return PIXEL_VAES.get(args.get("resolution", side) // side, recorded)
-    return recorded
 
 
 def balanced_labels(num_samples: int, num_classes: int, global_seed: int) -> torch.Tensor:

@@ -113,6 +113,28 @@ class Trainer:
         self.ema_params: list[Tensor] = local_tensors(self.ema.parameters())
 
 
+def create_accelerator(
+    mixed_precision: str, report_to: str, allow_tf32: bool, run_dir: str
+) -> Accelerator:
+    """accelerate's Accelerator (--mixed-precision, the tracker of --report-to), refused where it
+    does not see the processes that were launched; TF32 on or off (--allow-tf32)."""
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_dir=run_dir,
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainingError(
+            f"{launched} processes were launched but accelerate sees "
+            f"{accelerator.num_processes}; without GPUs, set ACCELERATE_USE_CPU=1 (or use "
+            "`accelerate launch --cpu`) so that the processes train together"
+        )
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    return accelerator
+
+
 def create_optimizer(settings: OptimizerSettings, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW (REPA's protocol); --fused-optimizer picks PyTorch's fused kernel (CUDA and CPU),
     --no-fused-optimizer PyTorch's default (foreach on CUDA; `fused=False` would force its
