@@ -252,32 +252,35 @@ def fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         model.set_reshard_after_backward(True)
 
 
+def autocast_scopes(trainer: Trainer) -> tuple[AbstractContextManager[Any], Callable[[], Any]]:
+    """(around the whole step, around each forward pass): where autocast is entered. Autocast
+    keeps its low-precision copy of each weight until its outermost context exits, so one
+    context around the step casts each weight once, not once per micro-batch (compiled blocks
+    cast inside their graphs anyway). Sharded (FSDP2), each forward pass has its own: with the
+    copy shared across micro-batches, FSDP2's gradients differed from DDP's (bf16, 2
+    micro-batches: the gradient norm by 0.6 %)."""
+    if trainer.sharded:
+        return nullcontext(), trainer.accelerator.autocast
+    return trainer.accelerator.autocast(), nullcontext
+
+
 def accumulate_gradients(
     trainer: Trainer, micro_batches: list[dict[str, Any]]
 ) -> dict[str, Tensor]:
-    """Forward and backward of every micro-batch; the loss terms averaged over them.
-
-    Autocast caches its low-precision copy of each weight until the outermost context exits.
-    One context spans the micro-batches, so each weight is cast once per step (the weights
-    change only at the optimiser step), not once per micro-batch; the backward passes run with
-    autocast off, as PyTorch recommends (a nested context keeps the cache). Compiled regions
-    (`speed.compile_model`'s blocks) bypass the cache and cast inside their graphs, at every
-    call. Sharded (FSDP2), each micro-batch keeps its own context: with the cache shared across
-    micro-batches, FSDP2's gradients differed from DDP's (bf16, 2 micro-batches: the gradient
-    norm by 0.6 %)."""
-    acc, accumulation = trainer.accelerator, len(micro_batches)
-    shared = not trainer.sharded
+    """Forward and backward of every micro-batch; the loss terms averaged over them."""
+    acc, count = trainer.accelerator, len(micro_batches)
+    around_step, around_forward = autocast_scopes(trainer)
     means: dict[str, Tensor] = {}
-    with acc.autocast() if shared else nullcontext():
+    with around_step:
         for i, batch in enumerate(micro_batches):
             # Gradients are reduced once per step, in the last micro-batch's backward pass.
-            with gradient_sync(trainer, i == accumulation - 1):
-                with nullcontext() if shared else acc.autocast():
+            with gradient_sync(trainer, i == count - 1):
+                with around_forward():
                     losses = micro_batch_losses(trainer, batch)
-                with torch.autocast(acc.device.type, enabled=False):
-                    acc.backward(losses["total"] / accumulation)
+                with torch.autocast(acc.device.type, enabled=False):  # backward in full precision
+                    acc.backward(losses["total"] / count)
             for name, value in losses.items():
-                share = value.detach() / accumulation
+                share = value.detach() / count
                 means[name] = means[name] + share if name in means else share
     return means
 
@@ -373,31 +376,16 @@ def apply_fused_update(trainer: Trainer, grad_norm: Tensor, with_ema: bool) -> N
 def train_step(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> dict[str, Tensor]:
     """One optimiser step on this process's micro-batches of the global batch: forward and
     backward with gradient accumulation, gradient clipping, AdamW, EMA (every --ema-every
-    steps).
-
-    Returns 0-dim device tensors, never read here (no host sync): the loss terms of Eq. 5
-    averaged over the micro-batches, `cos_sim`, `grad_norm`, and `nonfinite` (1 if the loss was
-    not finite) and `skipped` (1 if the update was skipped).
-    """
-    acc, settings = trainer.accelerator, trainer.settings.optimizer
+    steps). Returns 0-dim device tensors, never read here (no host sync): the loss terms of
+    Eq. 5 averaged over the micro-batches, `cos_sim`, `grad_norm`, `nonfinite` (1: the loss was
+    not finite) and `skipped` (1: the weights were not updated)."""
     losses = accumulate_gradients(trainer, micro_batches)
     fused = trainer.update_fn is not None  # never with fp16 (validate_args)
     grad_norm = full(gradient_norm(trainer)) if fused else clip_gradients(trainer)
-    # --on-nonfinite skip reads the global gradient norm (equal on every process) to decide;
-    # with fp16, the loss scaler skips steps with non-finite gradients by itself.
-    skip = settings.on_nonfinite == "skip" and acc.scaler is None and not torch.isfinite(grad_norm)
-    skipped = torch.full_like(grad_norm, float(skip), dtype=torch.float32)
-    ema_due = (trainer.step + 1) % settings.ema_every == 0  # this step is step trainer.step + 1
-    decay = settings.ema_decay**settings.ema_every  # k steps of the EMA with θ held fixed
-    if not skip and fused:
-        apply_fused_update(trainer, grad_norm, ema_due)
-    elif not skip:
-        scale = loss_scale(acc) if acc.scaler is not None else None
-        trainer.optimizer.step()
-        if ema_due:
-            update_ema(trainer.ema_params, trainer.model_params, decay)
-        if scale is not None:  # fp16: the scaler lowers its scale when it skips a step
-            skipped = (loss_scale(acc) < scale).float()
+    if skips_nonfinite(trainer) and not torch.isfinite(grad_norm):  # (reads the norm: a sync)
+        skipped = torch.ones_like(grad_norm, dtype=torch.float32)
+    else:
+        skipped = update_weights(trainer, grad_norm)
     trainer.optimizer.zero_grad(set_to_none=True)
     return {
         **losses,
@@ -405,6 +393,32 @@ def train_step(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> dict[st
         "nonfinite": (~torch.isfinite(losses["total"])).float(),
         "skipped": skipped,
     }
+
+
+def skips_nonfinite(trainer: Trainer) -> bool:
+    """Whether this step checks the global gradient norm (equal on every process) and skips the
+    update if it is not finite: --on-nonfinite skip, but not with fp16, whose loss scaler skips
+    such steps by itself (`update_weights`)."""
+    on_nonfinite = trainer.settings.optimizer.on_nonfinite
+    return on_nonfinite == "skip" and trainer.accelerator.scaler is None
+
+
+def update_weights(trainer: Trainer, grad_norm: Tensor) -> Tensor:
+    """AdamW, and the EMA when due, on the clipped gradients. Returns whether the update was
+    skipped, a 0-dim device tensor: 1 where fp16's loss scaler skipped it (a non-finite
+    gradient: the scaler then lowers its scale), else 0."""
+    settings, acc = trainer.settings.optimizer, trainer.accelerator
+    ema_due = (trainer.step + 1) % settings.ema_every == 0  # this step is step trainer.step + 1
+    if trainer.update_fn is not None:
+        apply_fused_update(trainer, grad_norm, ema_due)
+        return torch.zeros_like(grad_norm, dtype=torch.float32)
+    scale_before = loss_scale(acc) if acc.scaler is not None else None
+    trainer.optimizer.step()
+    if ema_due:  # k steps of the EMA with θ held fixed
+        update_ema(trainer.ema_params, trainer.model_params, settings.ema_decay**settings.ema_every)
+    if scale_before is None:
+        return torch.zeros_like(grad_norm, dtype=torch.float32)
+    return (loss_scale(acc) < scale_before).float()
 
 
 def loss_scale(acc: Accelerator) -> Tensor:
