@@ -24,9 +24,8 @@ import sys
 from typing import Any, NamedTuple
 
 from urepa.cli import DefaultsHelpFormatter, run_main
-from urepa.periodic_eval import EVAL_FILE, EVAL_PRESETS
 from urepa.run_log import damaged_lines_note, read_jsonl
-from urepa.sampling import SAMPLING_DEFAULTS
+from urepa.settings import EVAL_FILE, EVAL_PRESETS, SAMPLING_DEFAULTS
 from urepa.utils import InputError
 
 

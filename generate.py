@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
+from urepa.checkpoints import trained_vae
 from urepa.cli import (
     DefaultsHelpFormatter,
     add_debug_arg,
@@ -71,15 +72,14 @@ from urepa.cli import (
 from urepa.hub import load_pretrained
 from urepa.sampling import (
     PIXELS,
-    PRESETS,
     SAMPLE_SEED,
     balanced_labels,
     generate_latents,
-    resolve_sampling_args,
     sampling_model,
+    set_precision,
     to_uint8,
-    trained_vae,
 )
+from urepa.settings import PRESETS, SAMPLING_DEFAULTS, SamplerSettings, SamplingSpeed
 from urepa.speed import report_compile_times
 from urepa.utils import (
     InputError,
@@ -179,6 +179,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         add(parser)
     add_debug_arg(parser)
     return parse_checked(parser, argv, validate_args)
+
+
+def resolve_sampling_args(args: argparse.Namespace) -> None:
+    """Fill unset sampler flags from the preset, then from SAMPLING_DEFAULTS."""
+    preset = PRESETS[args.preset] if args.preset else {}
+    for key, default in SAMPLING_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, default))
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -344,12 +352,6 @@ def write_npz(sample_dir: str, num_samples: int, npz_path: str) -> tuple[int, ..
 #################################################################################
 
 
-def set_precision(precision: str) -> None:
-    allow_tf32 = precision != "fp32"  # bf16 runs its fp32 leftovers in TF32 too
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
-
-
 def check_model(
     model: AlignedDiffusionTransformer, vae: LatentAutoencoder, args: argparse.Namespace
 ) -> None:
@@ -396,10 +398,16 @@ def generate_samples(
 ) -> None:
     """Sample `todo` (this rank's indices) in batches and write their PNGs."""
     progress = tqdm(total=len(todo), unit="img", desc="Sampling (rank 0)", disable=rank != 0)
+    sampler, speed = SamplerSettings.from_flags(vars(args)), SamplingSpeed.from_flags(vars(args))
     try:
         with sdpa_backend(args.sdpa_backend):
             for indices, latents in generate_latents(
-                sampling_model(model, args), model.latent_shape, todo, args, labels, device
+                sampling_model(model, args.precision, speed),
+                model.latent_shape,
+                todo,
+                sampler,
+                labels,
+                device,
             ):
                 images = to_uint8(vae.decode(latents.float()))[: len(indices)]
                 for index, image in zip(indices, images, strict=True):

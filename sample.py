@@ -1,5 +1,4 @@
-"""Sample images of chosen classes from a checkpoint with a sampler preset into a grid PNG, one
-row per class: a first look, where generate.py writes 50K samples for FID."""
+"""A grid PNG of chosen classes, a row each, from a checkpoint with a sampler preset."""
 
 import argparse
 import os
@@ -8,9 +7,10 @@ import torch
 from torchvision.utils import save_image
 
 from samplers import VelocityOnly, euler_maruyama_sampler, euler_sampler
+from urepa.checkpoints import trained_vae
 from urepa.cli import DefaultsHelpFormatter, positive_int, run_main
 from urepa.hub import load_pretrained
-from urepa.sampling import PRESETS, trained_vae
+from urepa.settings import PRESETS
 from urepa.utils import InputError
 from urepa.vae import load_vae
 

@@ -12,13 +12,9 @@ same command with `--resume auto` continues a run exactly where its last checkpo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
-import math
 import os
-import types
-import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -30,8 +26,7 @@ from torch.utils.data import Dataset
 
 from dataset import LatentDataset, stored_encoders
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
-from models import MODEL_CLASSES, MODELS, PROJECTOR_FIELDS, ProjectorConfig, build_model
-from models.base import AlignedDiffusionTransformer
+from models import build_model, check_model_config
 from models.layers import sdpa_backend
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
@@ -68,12 +63,11 @@ from urepa.data_plan import BatchPlan, draws_mismatch
 from urepa.encoders import (
     RepresentationEncoder,
     check_resolution,
-    encoder_dim,
-    encoder_grid,
     load_encoder,
 )
 from urepa.hub import local_dataset
-from urepa.periodic_eval import EVAL_FILE, EVAL_PRESETS, check_eval_args, create_evaluation
+from urepa.model_setup import PROJECTOR_FLAGS, create_model, model_arguments
+from urepa.periodic_eval import PeriodicEvaluation, check_eval_settings, create_evaluation
 from urepa.run_log import (
     add_log_file,
     close_logger,
@@ -83,15 +77,20 @@ from urepa.run_log import (
     peak_flops,
     repair_jsonl,
 )
-from urepa.shards import DatasetError, load_manifest
-from urepa.trainer import Monitor, Previews, Trainer, create_trainer, restore, train
-from urepa.utils import EXIT_STOPPED, ReportedError, available_memory, exclusive_lock, require
-from urepa.vae import SD_VAE_FACTOR, latent_geometry, load_vae, resolve_vae
+from urepa.settings import EVAL_FILE, EVAL_PRESETS, EvalSettings, ModelSettings, TrainSettings
+from urepa.shards import DatasetError, dataset_identity, load_manifest
+from urepa.trainer import (
+    Monitor,
+    Previews,
+    Trainer,
+    create_accelerator,
+    create_trainer,
+    restore,
+    train,
+)
+from urepa.utils import EXIT_STOPPED, ReportedError, exclusive_lock
+from urepa.vae import latent_geometry, load_vae, resolve_vae
 
-CPU = torch.device("cpu")
-# Projector options that are flags of the same name (every field of ProjectorConfig but its
-# width); --model-config may not set them too.
-PROJECTOR_FLAGS = tuple(name for name in PROJECTOR_FIELDS if name != "projector_dim")
 # Constructor arguments that flags (or the dataset) set; --model-config may not set them too.
 FLAG_OF_MODEL_KWARG = {
     "input_size": "--resolution (from the dataset)",
@@ -369,7 +368,7 @@ def validate_args(args: argparse.Namespace) -> None:
             + ", ".join(f"{k} (set by {FLAG_OF_MODEL_KWARG[k]})" for k in clashes)
         )
     check_model_config(args.model, args.model_config)
-    check_eval_args(args)
+    check_eval_settings(EvalSettings.from_flags(vars(args)), args.cfg_prob)
 
 
 def check_encoder_args(args: argparse.Namespace) -> None:
@@ -390,51 +389,6 @@ def check_encoder_args(args: argparse.Namespace) -> None:
         raise ValueError("--encoder-mode online needs an encoder (--enc-type)")
 
 
-def constructor_types(name: str) -> dict[str, Any]:
-    """{argument: annotation} of the constructor that builds model `name`, projector options
-    included (a registry name's factory is annotated with the class it returns)."""
-    factory = MODEL_CLASSES.get(name) or MODELS[name]
-    cls = factory if isinstance(factory, type) else typing.get_type_hints(factory)["return"]
-    hints = typing.get_type_hints(vars(cls)["__init__"])
-    for gathered in ("return", "projector"):  # build_model makes `projector` from the fields
-        hints.pop(gathered, None)
-    return {**hints, **typing.get_type_hints(ProjectorConfig)}
-
-
-def fits(value: Any, hint: Any) -> bool:
-    """Whether a JSON value can be passed as an argument annotated `hint`."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(fits(value, option) for option in typing.get_args(hint))
-    if typing.get_origin(hint) in (list, tuple):
-        items = [item for item in typing.get_args(hint) if item is not Ellipsis]
-        return isinstance(value, list) and all(any(fits(v, i) for i in items) for v in value)
-    if hint in (int, float) and isinstance(value, bool):
-        return False  # JSON's true is not a number here, although Python's bool is an int
-    if hint is float:
-        return isinstance(value, int | float)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True  # Any, or an annotation no JSON value is checked against
-
-
-def check_model_config(name: str, config: dict[str, Any]) -> None:
-    """Refuse --model-config keys the model does not take and values of the wrong type, naming
-    the key: a wrong type would otherwise fail deep inside the model with an unrelated message."""
-    types_ = constructor_types(name)
-    for key, value in config.items():
-        if key not in types_:
-            raise ValueError(
-                f"--model-config: {name} takes no argument {key!r} (it takes: "
-                f"{', '.join(sorted(types_))})"
-            )
-        hint = types_[key]
-        if not fits(value, hint):
-            wanted = hint.__name__ if isinstance(hint, type) else str(hint)
-            raise ValueError(
-                f"--model-config: {key} must be {wanted}, got {value!r} ({type(value).__name__})"
-            )
-
-
 def resolve_precision(mixed_precision: str) -> str:
     """--mixed-precision auto: bf16 where the GPU supports it, fp16 on older GPUs, no on CPUs."""
     if mixed_precision != "auto":
@@ -447,24 +401,6 @@ def resolve_precision(mixed_precision: str) -> str:
 #################################################################################
 #                            Building the pieces                                #
 #################################################################################
-
-
-def create_accelerator(args: argparse.Namespace, run_dir: str) -> Accelerator:
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=run_dir,
-    )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise TrainingError(
-            f"{launched} processes were launched but accelerate sees "
-            f"{accelerator.num_processes}; without GPUs, set ACCELERATE_USE_CPU=1 (or use "
-            "`accelerate launch --cpu`) so that the processes train together"
-        )
-    torch.backends.cuda.matmul.allow_tf32 = args.allow_tf32
-    torch.backends.cudnn.allow_tf32 = args.allow_tf32
-    return accelerator
 
 
 def take_from_dataset(args: argparse.Namespace, manifest: dict[str, Any]) -> None:
@@ -509,101 +445,6 @@ def open_dataset(args: argparse.Namespace) -> LatentDataset:
     return dataset
 
 
-# The manifest entries that describe the data itself, not where it came from or was written
-# (`source`, `command` and `excluded` hold paths): a dataset moved or copied keeps its identity.
-DATASET_CONTENT = (
-    "format", "format_version", "resolution", "num_samples", "num_classes", "classes",
-    "modalities", "shards",
-)  # fmt: skip
-
-
-def dataset_identity(manifest: dict[str, Any]) -> str:
-    """SHA-256 of the manifest's content entries: the size and SHA-256 of every shard file, what
-    each modality stores, the classes. Recorded in checkpoints, compared on resume."""
-    content = {key: manifest.get(key) for key in DATASET_CONTENT}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def data_geometry(args: argparse.Namespace, dataset: LatentDataset) -> dict[str, int]:
-    """The constructor arguments the data decides besides its latent size and classes: the
-    latent channels (4 for SD-VAE, 3 in pixel space), the encoder's token grid (the stored
-    features', or at --resolution online) and, for a bare class (--model SiT or SiTDown)
-    whose --model-config sets no patch_size, the patch that gives one token per encoder patch
-    (2 for SD-VAE latents, 8 for pixels-2x). --model-config may repeat the first two, never
-    contradict them. Each is given only where it differs from the constructor's default (4
-    channels, SD-VAE's grid, patch 2), so that checkpoints of SD-VAE data record what they
-    always did."""
-    moments = dataset.manifest["modalities"]["moments"]["shape"]  # (2·C, h, w)
-    tokens = dataset.manifest["modalities"].get(f"features-{(args.encoders or [''])[0]}")
-    grid = math.isqrt(tokens["shape"][0]) if tokens else encoder_grid(args.resolution)
-    found = {"in_channels": moments[0] // 2, "encoder_grid": grid}
-    for key, value in found.items():
-        given = args.model_config.get(key, value)
-        if given != value:
-            raise TrainingError(
-                f"--model-config {key} {given} contradicts {args.data_dir}, whose data gives "
-                f"{value}: leave {key} out of --model-config"
-            )
-    if args.model in MODEL_CLASSES and "patch_size" not in args.model_config:
-        found["patch_size"] = max(1, moments[-1] // grid)
-    defaults = {"in_channels": 4, "encoder_grid": encoder_grid(SD_VAE_FACTOR * moments[-1]),
-                "patch_size": 2}  # fmt: skip
-    return {key: value for key, value in found.items() if value != defaults[key]}
-
-
-def model_arguments(args: argparse.Namespace, input_size: int, num_classes: int) -> dict[str, Any]:
-    """The model's constructor arguments: the data's latent size and classes, the flags that
-    set model arguments (FLAG_OF_MODEL_KWARG), then --model-config."""
-    kwargs: dict[str, Any] = dict(
-        input_size=input_size,
-        num_classes=num_classes,
-        z_dims=[encoder_dim(name) for name in args.encoders],
-        class_dropout_prob=args.cfg_prob,
-        **{name: getattr(args, name) for name in PROJECTOR_FLAGS},
-    )
-    if args.encoder_depth is not None:
-        kwargs["encoder_depth"] = args.encoder_depth
-    return {**kwargs, **args.model_config}
-
-
-def create_model(
-    args: argparse.Namespace,
-    dataset: Any,
-    sample: dict[str, Any],
-    device: torch.device = CPU,
-    processes: int = 1,
-) -> AlignedDiffusionTransformer:
-    """Build the model from the flags, the dataset (classes, latent size) and --model-config.
-    Initialised from --seed, so every process and every run with that seed starts alike.
-    Refused first if it cannot fit `device` (trained by `processes`)."""
-    kwargs = model_arguments(args, sample["moments"].shape[-1], dataset.num_classes)
-    kwargs = {**data_geometry(args, dataset), **kwargs}
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(args.seed)  # the model is built on the CPU
-        try:
-            with torch.device("meta"):  # its size first: no memory, no initialisation
-                parameters = build_model(args.model, **kwargs).num_parameters()
-            check_model_memory(args, parameters, device, processes)
-            model = build_model(args.model, **kwargs)
-        except (TypeError, ValueError) as err:
-            raise TrainingError(f"cannot build {args.model}: {err}") from err
-    return model
-
-
-def check_model_memory(
-    args: argparse.Namespace, parameters: int, device: torch.device, processes: int
-) -> None:
-    """Refuse a model the memory cannot hold before it is allocated: each process builds it and
-    its EMA on the CPU (fp32), then holds weights, EMA, gradients and AdamW's two moments on its
-    device (sharded: a 1/N share of them)."""
-    what = f"{args.model} with {parameters / 1e6:.4g} M parameters"
-    advice = "choose a smaller --model or --model-config"
-    require(what, 8 * parameters, available_memory(CPU), "host memory (model and EMA)", advice)
-    if device.type != "cpu":
-        share = 16 * parameters // processes
-        require(what, share, available_memory(device), f"{device} memory", advice)
-
-
 def load_encoders(args: argparse.Namespace, device: torch.device) -> list[RepresentationEncoder]:
     """Online mode: the frozen encoders, run on the stored pixels in the loop."""
     if args.encoder_mode != "online":
@@ -636,7 +477,9 @@ def setup(
         )
     except ValueError as err:  # the global batch does not split, or exceeds the dataset
         raise TrainingError(str(err)) from None
-    model = create_model(args, dataset, dataset[0], accelerator.device, accelerator.num_processes)
+    model_settings = ModelSettings.from_flags(vars(args))
+    device, processes = accelerator.device, accelerator.num_processes
+    model = create_model(model_settings, dataset, dataset[0], device, processes)
     dataset_id = dataset_identity(dataset.manifest)
     ckpt = load_checkpoint(resume, verify=False) if resume else None  # verified by main
     if ckpt is not None:  # refuse before any state is touched
@@ -648,15 +491,16 @@ def setup(
         if (other_draws := draws_mismatch(ckpt["data"])) is not None:
             raise TrainingError(other_draws)
     encoders = load_encoders(args, accelerator.device)
-    trainer = create_trainer(args, accelerator, model, plan, encoders, dataset_id)
+    settings = TrainSettings.from_flags(vars(args))
+    trainer = create_trainer(settings, accelerator, model, plan, encoders, dataset_id)
     if ckpt is not None:
         restore(trainer, ckpt, logger)
     return trainer, dataset
 
 
-def describe(trainer: Trainer, macs: int, resume: str | None) -> str:
+def describe(args: argparse.Namespace, trainer: Trainer, macs: int, resume: str | None) -> str:
     """The plan of the run, for the log and --dry-run."""
-    args, acc, plan, model = trainer.args, trainer.accelerator, trainer.plan, trainer.raw
+    acc, plan, model = trainer.accelerator, trainer.plan, trainer.raw
     epochs = args.max_train_steps / plan.steps_per_epoch
     inactive = args.mixed_precision != "no" and not acc.native_amp
     amp_note = f" (no autocast on {acc.device.type}: fp32)" if inactive else ""
@@ -699,7 +543,8 @@ def plan_without_data(args: argparse.Namespace, accelerator: Accelerator, error:
     """--dry-run when the dataset cannot be opened: the model and the batch from the flags
     alone (ImageNet's 1000 classes assumed), and what is missing."""
     channels, factor = latent_geometry(args.vae or "ema")
-    kwargs = {"in_channels": channels, **model_arguments(args, args.resolution // factor, 1000)}
+    size, settings = args.resolution // factor, ModelSettings.from_flags(vars(args))
+    kwargs = {"in_channels": channels, **model_arguments(settings, size, 1000)}
     with torch.device("meta"):
         model = build_model(args.model, **kwargs)
     macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
@@ -792,12 +637,21 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
     return result
 
 
+def evaluation_of(
+    args: argparse.Namespace, trainer: Trainer, vae: Any, run_dir: str, logger: Any
+) -> PeriodicEvaluation | None:
+    """--eval-every's evaluation of the trainer's EMA model (None when off)."""
+    settings = EvalSettings.from_flags(vars(args))
+    acc, ema = trainer.accelerator, trainer.ema
+    return create_evaluation(settings, acc, ema, trainer.step, vae, run_dir, logger)
+
+
 def main(args: argparse.Namespace, stop_hint: str | None = "continue with --resume auto") -> int:
     """Train; returns the exit code: 0, or EXIT_STOPPED when a signal stopped the run after its
     checkpoint, which the log says, followed by `stop_hint` (how to continue; None: the caller
     reports the stop itself)."""
     run_dir = os.path.join(args.output_dir, args.exp_name)
-    accelerator = create_accelerator(args, run_dir)
+    accelerator = create_accelerator(args.mixed_precision, args.report_to, args.allow_tf32, run_dir)
     with run_directory_lock(run_dir, accelerator, args.dry_run):
         return train_into(args, accelerator, run_dir, stop_hint)
 
@@ -823,19 +677,19 @@ def train_into(
         model = trainer.raw  # forward MACs per image, projector included, for MFU
         macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
         if args.dry_run:
-            logger.info(describe(trainer, macs, resume))
+            logger.info(describe(args, trainer, macs, resume))
             return 0
         # Every process samples for the evaluation; otherwise the main one decodes previews.
         wants_vae = accelerator.is_main_process or args.eval_every > 0
         vae = load_vae(args.vae, accelerator.device) if wants_vae else None
-        evaluation = create_evaluation(trainer, vae, run_dir, logger)  # before anything is written
+        evaluation = evaluation_of(args, trainer, vae, run_dir, logger)  # before any write
         if accelerator.is_main_process:
             start_run_directory(args, accelerator, logger)
             repair_run_directory(args, trainer.step, logger)
         accelerator.wait_for_everyone()
-        logger.info(describe(trainer, macs, resume))
+        logger.info(describe(args, trainer, macs, resume))
         if evaluation is not None:
-            evaluation.catch_up()  # the resumed step's evaluation, if a kill interrupted it
+            evaluation.catch_up(trainer.step)  # the resumed step's, if a kill interrupted it
         if trainer.step >= args.max_train_steps:
             logger.info(
                 f"nothing to do: the run is at step {trainer.step} of {args.max_train_steps}"
@@ -846,7 +700,8 @@ def train_into(
         )
         monitor = Monitor(trainer, run_dir, logger, 6.0 * macs, peak)
         with sdpa_backend(args.sdpa_backend):
-            stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor, evaluation)
+            evaluate = evaluation.maybe_run if evaluation is not None else None
+            stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor, evaluate)
         if stopped:
             if stop_hint is not None:
                 logger.info(f"stopped by a signal after step {trainer.step}, checkpoint saved: "

@@ -61,6 +61,7 @@ from urepa.cli import (
     run_main,
 )
 from urepa.data_plan import SEED_STEP, BatchPlan, StepDraws, TrainingBatches, derive_seed
+from urepa.settings import TrainSettings
 from urepa.trainer import training_loader
 
 
@@ -196,7 +197,8 @@ def training_batches_rate(
         "--enc-type", ",".join(encoders) or "none", *([] if encoders else ["--proj-coeff", "0"]),
     ])  # fmt: skip
     plan = BatchPlan(len(dataset), bench.global_batch, 1, bench.processes, 0, args.seed)
-    loader = iter(training_loader(args, dataset, plan, 0, pin_memory=False))
+    settings = TrainSettings.from_flags(vars(args))
+    loader = iter(training_loader(settings, dataset, plan, 0, pin_memory=False))
     warmup = 5
     for _ in range(warmup):
         next(loader)

@@ -500,6 +500,7 @@ def sampling_ops(
     from bench.sample_speed import parse_args
     from models import build_model
     from urepa import sampling
+    from urepa.settings import SamplerSettings, SamplingSpeed
 
     bench, args = parse_args(["--model", model_name, "--per-proc-batch-size", str(batch),
                               "--num-steps", str(SAMPLER_STEPS), *extra])  # fmt: skip
@@ -512,15 +513,17 @@ def sampling_ops(
         # sampling.sampling_model prepares it, compilation aside (the fusion model stands in)
         model.eval().requires_grad_(False)
         args.compile = False  # the fusion model stands in for compilation
-        sampler = sampling.sampling_model(model, args)
+        speed = SamplingSpeed.from_flags(vars(args))
+        sampler = sampling.sampling_model(model, args.precision, speed)
     graphs = CompiledGraphs()  # compiled per block (--no-cuda-graphs), or whole (CUDA graphs)
     module = cast(nn.Module, sampler)
     graphs.track_modules("blocks", module.get_submodule("blocks").children())
     graphs.track_modules("model", [module])
-    inputs = sampling.draw_inputs(list(range(batch)), args, None, model.num_classes,
+    settings = SamplerSettings.from_flags(vars(args))
+    inputs = sampling.draw_inputs(list(range(batch)), settings, None, model.num_classes,
                                   model.latent_shape, pin=False)  # fmt: skip
     with gpu_roads():  # the sampler's own time grid stays real: it reads it on the host
-        ops = count(lambda: sampling.sample_batch(sampler, inputs, args, device), graphs)
+        ops = count(lambda: sampling.sample_batch(sampler, inputs, settings, device), graphs)
     from models.summary import count_macs
 
     return ops, count_macs(model, model.latent_shape[-1])

@@ -68,6 +68,7 @@ from urepa import sampling
 from urepa.checkpoints import load_model_for_sampling
 from urepa.cli import json_object, model_name, positive_float, positive_int, run_main
 from urepa.run_log import peak_flops
+from urepa.settings import SamplerSettings, SamplingSpeed
 from urepa.utils import init_distributed
 
 DEFAULT_GENERATE_FLAGS = ["--preset", "paper-main", "--precision", "bf16",
@@ -170,17 +171,29 @@ def benchmark_model(bench: argparse.Namespace, device: torch.device) -> AlignedD
     return model.to(device).eval()
 
 
+def sampler_of(args: argparse.Namespace) -> SamplerSettings:
+    """generate.py's sampler settings from its flags."""
+    return SamplerSettings.from_flags(vars(args))
+
+
+def speed_of(args: argparse.Namespace) -> SamplingSpeed:
+    """generate.py's sampling speed settings from its flags."""
+    return SamplingSpeed.from_flags(vars(args))
+
+
 def time_batches(
     model: AlignedDiffusionTransformer, args: argparse.Namespace, device: torch.device, n: int
 ) -> dict[str, Any]:
     """Sample n + 1 batches; time and count the last n."""
-    counting = CountingModel(sampling.sampling_model(model, args))
+    counting = CountingModel(sampling.sampling_model(model, args.precision, speed_of(args)))
     size = args.per_proc_batch_size
     todo = list(range((n + 1) * size))
     seconds: list[float] = []
     images = calls = 0
     with sdpa_backend(args.sdpa_backend):
-        batches = sampling.generate_latents(counting, model.latent_shape, todo, args, None, device)
+        batches = sampling.generate_latents(
+            counting, model.latent_shape, todo, sampler_of(args), None, device
+        )
         next(batches)  # untimed: compilation, first noise draw
         synchronize(device)
         reset_peak_memory(device)
@@ -204,11 +217,11 @@ def count_step_syncs(model: AlignedDiffusionTransformer, args: argparse.Namespac
     short = copy.copy(args)
     short.num_steps = min(args.num_steps, 10)
     todo = list(range(args.per_proc_batch_size))
-    inputs = sampling.draw_inputs(todo, short, None, model.num_classes, model.latent_shape,
-                                  pin=device.type == "cuda")  # fmt: skip
+    inputs = sampling.draw_inputs(todo, sampler_of(short), None, model.num_classes,
+                                  model.latent_shape, pin=device.type == "cuda")  # fmt: skip
     synchronize(device)
     with sdpa_backend(args.sdpa_backend), count_syncs(device) as syncs:
-        sampling.sample_batch(model, inputs, short, device)
+        sampling.sample_batch(model, inputs, sampler_of(short), device)
     return None if syncs.value is None else syncs.value / short.num_steps
 
 
@@ -220,13 +233,13 @@ def compare_precisions(
     for precision in ("fp32", "tf32", "bf16"):
         run = copy.copy(args)
         run.precision, run.per_proc_batch_size = precision, n
-        generate.set_precision(precision)
+        sampling.set_precision(precision)
         with sdpa_backend(args.sdpa_backend):
             _, latents = next(sampling.generate_latents(
-                model, model.latent_shape, list(range(n)), run, None, device
+                model, model.latent_shape, list(range(n)), sampler_of(run), None, device
             ))  # fmt: skip
         outputs[precision] = latents.double().cpu()
-    generate.set_precision(args.precision)
+    sampling.set_precision(args.precision)
     ref = outputs["fp32"]
     out: dict[str, float] = {"fp32_rms": ref.square().mean().sqrt().item()}
     for precision in ("tf32", "bf16"):
@@ -254,7 +267,7 @@ def time_repa_sampler(
     sampler = code.samplers.euler_maruyama_sampler if args.mode == "sde" else partial(
         code.samplers.euler_sampler, heun=args.heun)  # fmt: skip
     n, size = args.per_proc_batch_size, model.x_embedder.img_size[0]
-    generate.set_precision("tf32")
+    sampling.set_precision("tf32")
     seconds, images = [], 0
     for k in range(bench.batches + 1):  # the first is untimed
         synchronize(device)
@@ -269,7 +282,7 @@ def time_repa_sampler(
         if k:
             seconds.append(time.perf_counter() - start)
             images += counting.images - before
-    generate.set_precision(args.precision)
+    sampling.set_precision(args.precision)
     peak = peak_flops(device, "no", True, bench.peak_tflops)
     batch_s = median_spread(seconds)[0]
     return {"source": code.path, "precision": "tf32", "fused_attn": bench.repa_fused_attn,
@@ -281,7 +294,7 @@ def time_repa_sampler(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     bench, args = parse_args(argv)
     rank, world, device = init_distributed()
-    generate.set_precision(args.precision)
+    sampling.set_precision(args.precision)
     env = environment(device)
     report("environment", {k: str(v) for k, v in env.items()})
     model = benchmark_model(bench, device)

@@ -15,9 +15,9 @@
 
 Flags other than this script's own go to train.py's parser, so every training flag applies;
 `--batch-size` is then the per-device batch (one process). What runs is train.py's: the model,
-EMA, AdamW and objective come from `train.create_model` / `trainer.create_trainer`, each step
-is `trainer.train_step` after `trainer.to_device` (the loop's copy from pinned memory), and the
-metric bookkeeping is the loop's `trainer.Monitor` (one read per log interval, here one per
+EMA, AdamW and objective come from `model_setup.create_model` / `trainer.create_trainer`, each
+step is `trainer.train_step` after `trainer.to_device` (the loop's copy from pinned memory), and
+the metric bookkeeping is the loop's `trainer.Monitor` (one read per log interval, here one per
 round of --steps).
 The batch is synthetic (random latents, labels, features or pixels), made once: no dataset is
 read. Online encoders get random weights of the real architecture (nothing is downloaded).
@@ -78,11 +78,14 @@ from models.summary import count_macs
 from urepa.cli import nonnegative_int, positive_int, run_main
 from urepa.data_plan import BatchPlan, StepDraws
 from urepa.encoders import encoder_dim
+from urepa.model_setup import create_model
 from urepa.run_log import create_logger, peak_flops
+from urepa.settings import ModelSettings, TrainSettings
 from urepa.trainer import (
     Monitor,
     Trainer,
     compiled_gradient_check,
+    create_accelerator,
     create_trainer,
     to_device,
     train_step,
@@ -194,7 +197,7 @@ def train_args(train_argv: list[str], extra: list[str]) -> argparse.Namespace:
 def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> Trainer:
     """Model, EMA, AdamW, objective (and online encoders) as train.py builds them."""
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per configuration
-    accelerator = train.create_accelerator(args, run_dir)
+    accelerator = create_accelerator(args.mixed_precision, args.report_to, args.allow_tf32, run_dir)
     # What a dataset would decide (synthetic data: ImageNet's 256 px unless --resolution).
     train.take_from_dataset(args, {"resolution": 256, "modalities": {}})
     latent = args.resolution // 8  # SD-VAE: 8× downsampling
@@ -202,7 +205,8 @@ def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> T
     dataset = SimpleNamespace(
         num_classes=num_classes, manifest={"modalities": {"moments": moments}}
     )
-    model = train.create_model(args, dataset, {"moments": torch.empty(8, latent, latent)})
+    settings = ModelSettings.from_flags(vars(args))
+    model = create_model(settings, dataset, {"moments": torch.empty(8, latent, latent)})
     plan = BatchPlan(
         max(IMAGENET_TRAIN, args.batch_size),
         args.batch_size,
@@ -214,15 +218,18 @@ def build_trainer(args: argparse.Namespace, num_classes: int, run_dir: str) -> T
     encoders = []
     if args.encoder_mode == "online":
         encoders = [random_encoder(e, args.resolution, accelerator.device) for e in args.encoders]
-    return create_trainer(args, accelerator, model, plan, encoders)
+    return create_trainer(TrainSettings.from_flags(vars(args)), accelerator, model, plan, encoders)
 
 
 def synthetic_batch(trainer: Trainer, num_classes: int) -> dict[str, Any]:
     """One micro-batch as the data loader yields it (CPU, pinned on a GPU machine)."""
-    args, model, n = trainer.args, trainer.raw, trainer.plan.micro_batch
+    args, model, n = trainer.settings.flags, trainer.raw, trainer.plan.micro_batch
     shape = model.latent_shape
     g = torch.Generator().manual_seed(0)
-    draws = StepDraws(args.weighting, args.path_type, args.cfg_prob).draw(args.seed, 0, n, shape)
+    objective = trainer.settings.objective
+    draws = StepDraws(objective.weighting, objective.path_type, objective.cfg_prob).draw(
+        trainer.settings.schedule.seed, 0, n, shape
+    )
     mean = torch.randn(n, *shape, generator=g)
     std = 0.1 + 0.5 * torch.rand(n, *shape, generator=g)
     batch: dict[str, Any] = {
@@ -235,12 +242,12 @@ def synthetic_batch(trainer: Trainer, num_classes: int) -> dict[str, Any]:
         "step": 0,
     }
     if trainer.encoders:
-        side = args.resolution
+        side = args["resolution"]
         batch["pixels"] = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
     else:
         tokens = model.encoder_grid**2
         batch["features"] = [
-            torch.randn(n, tokens, encoder_dim(e), generator=g).half() for e in args.encoders
+            torch.randn(n, tokens, encoder_dim(e), generator=g).half() for e in args["encoders"]
         ]
     return pinned(batch, trainer.accelerator.device)
 
@@ -273,7 +280,8 @@ def time_updates(trainer: Trainer, repeats: int, compare: bool) -> dict[str, flo
         p.grad = torch.randn_like(p) * 1e-3
     # AdamW itself, without accelerate's wrapper and its loss scaler
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    decay, max_norm = trainer.args.ema_decay, trainer.args.max_grad_norm
+    settings = trainer.settings.optimizer
+    decay, max_norm = settings.ema_decay, settings.max_grad_norm
 
     def ms(fn: Callable[[], Any]) -> float:
         return 1e3 * time_calls(fn, device, repeats)
@@ -284,8 +292,8 @@ def time_updates(trainer: Trainer, repeats: int, compare: bool) -> dict[str, flo
         "clip_grad_ms": ms(lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)),
     }
     if compare:
-        other = not trainer.args.fused_optimizer
-        optimizer = torch.optim.AdamW(params, lr=trainer.args.learning_rate, fused=other or None)
+        other = not settings.fused_optimizer
+        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, fused=other or None)
         # not fused: PyTorch's default, foreach on a GPU and a loop over the tensors on a CPU
         out["adamw_fused_step_ms" if other else "adamw_default_step_ms"] = ms(optimizer.step)
         out["ema_per_tensor_loop_ms"] = ms(lambda: repa_ema_loop(trainer.ema_params, params, decay))
@@ -394,7 +402,7 @@ def measure(name: str, bench: argparse.Namespace, train_argv: list[str]) -> dict
 def compile_check(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> str:
     """The verdict of the start-up check that compiled and eager gradients agree, run here as
     train.py runs it before its first step; "not compiled" or "not available" otherwise."""
-    if not trainer.args.compile:
+    if not trainer.settings.speed.compile:
         return "not compiled"
     try:
         return compiled_gradient_check(trainer, micro_batches[0]).line()

@@ -10,6 +10,8 @@ each family. SiT↓ names are also reachable with the arrow, e.g. `SiT↓-B/2`; 
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -151,18 +153,57 @@ def model_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
     return name, dict(kwargs)
 
 
-def from_pretrained(
-    name: str, revision: str | None = None, device: Any = "cpu"
-) -> AlignedDiffusionTransformer:
-    """The EMA model of a checkpoint, ready to sample (eval mode, no gradients): a local `.pt`,
-    `-ema.safetensors` export or checkpoint folder, a release's short name (`repa-sit-xl-2`), or
-    a Hugging Face Hub repository `ORG/NAME[@REVISION]` (a local path wins; docs/sharing.md)."""
-    from urepa.hub import load_pretrained  # the loaders build models: imported when called
+#################################################################################
+#             Checking constructor arguments given as JSON (--model-config)      #
+#################################################################################
 
-    return load_pretrained(name, device, revision=revision)
+
+def constructor_types(name: str) -> dict[str, Any]:
+    """{argument: annotation} of the constructor that builds model `name`, projector options
+    included (a registry name's factory is annotated with the class it returns)."""
+    factory = MODEL_CLASSES.get(name) or MODELS[name]
+    cls = factory if isinstance(factory, type) else typing.get_type_hints(factory)["return"]
+    hints = typing.get_type_hints(vars(cls)["__init__"])
+    for gathered in ("return", "projector"):  # build_model makes `projector` from the fields
+        hints.pop(gathered, None)
+    return {**hints, **typing.get_type_hints(ProjectorConfig)}
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can be passed as an argument annotated `hint`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        items = [item for item in typing.get_args(hint) if item is not Ellipsis]
+        return isinstance(value, list) and all(any(fits(v, i) for i in items) for v in value)
+    if hint in (int, float) and isinstance(value, bool):
+        return False  # JSON's true is not a number here, although Python's bool is an int
+    if hint is float:
+        return isinstance(value, int | float)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # Any, or an annotation no JSON value is checked against
+
+
+def check_model_config(name: str, config: dict[str, Any]) -> None:
+    """Refuse --model-config keys the model does not take and values of the wrong type, naming
+    the key: a wrong type would otherwise fail deep inside the model with an unrelated message."""
+    types_ = constructor_types(name)
+    for key, value in config.items():
+        if key not in types_:
+            raise ValueError(
+                f"--model-config: {name} takes no argument {key!r} (it takes: "
+                f"{', '.join(sorted(types_))})"
+            )
+        hint = types_[key]
+        if not fits(value, hint):
+            wanted = hint.__name__ if isinstance(hint, type) else str(hint)
+            raise ValueError(
+                f"--model-config: {key} must be {wanted}, got {value!r} ({type(value).__name__})"
+            )
 
 
 __all__ = [
     "MODELS", "MODEL_CLASSES", "MODEL_NAMES", "PROJECTOR_FIELDS", "ProjectorConfig", "SiT",
-    "SiTDown", "build_model", "canonical_name", "from_pretrained", "model_config",
+    "SiTDown", "build_model", "canonical_name", "check_model_config", "model_config",
 ]  # fmt: skip

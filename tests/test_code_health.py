@@ -104,6 +104,8 @@ def test_every_projector_option_is_a_flag_of_its_name():
 
     import train
     from models import PROJECTOR_FIELDS
+    from urepa.model_setup import PROJECTOR_FLAGS, create_model
+    from urepa.settings import ModelSettings
 
     tiny = '{"hidden_size": 16, "depths": [1, 1, 1], "num_heads": 2, "projector_dim": 16}'
     args = train.parse_args([
@@ -112,11 +114,12 @@ def test_every_projector_option_is_a_flag_of_its_name():
         "--projector-upsample", "within", "--projector-kernel", "nearest",
         "--align-resolution", "pool", "--time-aware-projector",
     ])  # fmt: skip
-    assert set(train.PROJECTOR_FLAGS) == set(PROJECTOR_FIELDS) - {"projector_dim"}
+    assert set(PROJECTOR_FLAGS) == set(PROJECTOR_FIELDS) - {"projector_dim"}
     manifest = {"modalities": {"moments": {"shape": [8, 8, 8]}}}  # SD-VAE latents, 64 px
-    model = train.create_model(
-        args, SimpleNamespace(num_classes=4, manifest=manifest), {"moments": torch.empty(8, 8, 8)}
-    )
+    args.encoders = ["dinov2-vit-b"]  # as train.py's checks set it
+    data = SimpleNamespace(num_classes=4, manifest=manifest)
+    settings = ModelSettings.from_flags(vars(args))
+    model = create_model(settings, data, {"moments": torch.empty(8, 8, 8)})
     for name in PROJECTOR_FIELDS:
         assert model.model_kwargs[name] == getattr(args, name, 16), name
 
@@ -135,3 +138,136 @@ def test_the_tool_configuration_lists_no_modules_by_hand():
     checked = {p for p in python_files() if not any(e.search(p) for e in excluded)}
     outside_tests = {p for p in python_files() if not p.startswith("tests/")}
     assert mypy["files"] == ["."] and checked == outside_tests
+
+
+#################################################################################
+#                                The import graph                               #
+#################################################################################
+
+# Where our modules live: the root's, and these packages'.
+PACKAGES = ("urepa", "models", "preprocessing", "analysis", "bench", "evaluations")
+
+
+def module_name(path: str) -> str:
+    """urepa/trainer.py -> urepa.trainer; models/__init__.py -> models."""
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def our_modules() -> dict[str, str]:
+    """{module name: path} of every module of the repository but the tests and scripts."""
+    return {
+        module_name(path): path
+        for path in python_files()
+        if "/" not in path or path.split("/")[0] in PACKAGES
+    }
+
+
+def imports_of(path: str, modules: dict[str, str]) -> set[str]:
+    """The modules of ours that `path` imports anywhere: at the top, under TYPE_CHECKING, in a
+    function. `from package import name` counts as `package.name` where that is a module."""
+    found = set()
+    name = module_name(path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from . import x, from .x import y
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return {ours for name in found if (ours := owning_module(name, modules)) is not None}
+
+
+def owning_module(name: str, modules: dict[str, str]) -> str | None:
+    """The longest prefix of the dotted `name` that is one of our modules (None: not ours)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        if (prefix := ".".join(parts[:end])) in modules:
+            return prefix
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = our_modules()
+    return {name: imports_of(path, modules) - {name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of `graph` as [a, b, ..., a], or None: depth-first search, a module on the
+    current path reached again closes a cycle."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        if node in path:
+            return path[path.index(node) :] + [node]
+        if node in done:
+            return None
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if (cycle := visit(target)) is not None:
+                return cycle
+        path.pop()
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        if (cycle := visit(start)) is not None:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle():
+    """No module imports itself through others: type-only and function-level imports count."""
+    graph = import_graph()
+    assert {"train", "urepa.trainer", "urepa.periodic_eval", "models"} <= set(graph)
+    assert "urepa.checkpoints" in graph["urepa.trainer"]  # the imports are read
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_only_the_cli_helpers_parse_flags():
+    """The library takes settings (urepa/settings.py), never a flag namespace: no module of
+    urepa/ but the CLI helpers imports argparse. checkpoints.py reads REPA's checkpoints, which
+    pickle their args as an argparse.Namespace: it names that class and nothing else."""
+    for path in (p for p in python_files() if p.startswith("urepa/")):
+        tree = parse(path)
+        if path == "urepa/cli.py" or "argparse" not in imported_modules(tree):
+            continue
+        used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name) and node.value.id == "argparse"}  # fmt: skip
+        assert path == "urepa/checkpoints.py" and used == {"Namespace"}, f"{path} uses argparse"
+
+
+# What bench/ may take from an entry point: its flags, which the benchmarks pass through to run
+# what train.py (generate.py) would run with them; nothing else.
+ENTRY_POINT_FLAGS = {"train": {"parse_args", "take_from_dataset"}, "generate": {"parse_args"}}
+
+
+@pytest.mark.parametrize("package", ["urepa", "bench"])
+def test_the_library_and_the_benchmarks_import_no_entry_point(package):
+    entry_points = {"train", "generate", "quickstart", "curves", "sample"}
+    for path in (p for p in python_files() if p.startswith(package + "/")):
+        for node in ast.walk(parse(path)):
+            if isinstance(node, ast.Import):
+                found = {alias.name for alias in node.names} & entry_points
+                allowed = package == "bench" and found <= set(ENTRY_POINT_FLAGS)
+                assert not found or allowed, f"{path} imports {found}"
+            elif isinstance(node, ast.ImportFrom) and node.module in entry_points:
+                names = {alias.name for alias in node.names}
+                allowed = package == "bench" and names <= ENTRY_POINT_FLAGS.get(node.module, set())
+                assert allowed, f"{path} imports {names} from {node.module}"
+        if package == "bench":
+            for module, names in ENTRY_POINT_FLAGS.items():
+                used = {node.attr for node in ast.walk(parse(path))
+                        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                        and node.value.id == module}  # fmt: skip
+                assert used <= names, f"{path} uses {module}.{used - names}"

@@ -132,7 +132,7 @@ def known_flags() -> set[str]:
 
 
 def with_subcommands(parsers: list[argparse.ArgumentParser]) -> list[argparse.ArgumentParser]:
-    """The parsers and those of their subcommands (`python -m urepa.hub push ...`)."""
+    """The parsers and those of their subcommands (`python share.py push ...`)."""
     found = list(parsers)
     for parser in found:  # grows as subcommands are found
         for action in parser._actions:

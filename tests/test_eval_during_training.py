@@ -9,6 +9,7 @@ processes; a run killed during an evaluation and resumed; FD-DINOv2 by eigendeco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,13 +47,8 @@ from evaluations.make_reference import make_reference
 from evaluations.metrics import frechet_distance
 from samplers import euler_maruyama_sampler, euler_sampler
 from urepa.checkpoints import TrainingError
-from urepa.periodic_eval import (
-    EVAL_FILE,
-    forward_images_per_sample,
-    gather_rows,
-    read_done_steps,
-    sampler_settings,
-)
+from urepa.periodic_eval import forward_images_per_sample, gather_rows, read_done_steps
+from urepa.settings import EVAL_FILE, eval_sampler
 from urepa.utils import InputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,12 +270,9 @@ def test_forward_count_of_the_cost_line_is_the_samplers(preset, heun):
             seen.append(len(x))
             return torch.zeros_like(x), []
 
-    args = sampler_settings(
-        argparse_namespace(
-            eval_preset=preset, eval_num_steps=None, eval_batch_size=1, mixed_precision="no"
-        )  # fmt: skip
-    )
-    args.heun = heun and args.mode == "ode"
+    args = eval_sampler(dict(eval_preset=preset, eval_num_steps=None, eval_batch_size=1,
+                             mixed_precision="no", path_type="linear"))  # fmt: skip
+    args = dataclasses.replace(args, heun=heun and args.mode == "ode")
     x, y = torch.zeros(1, 2, 2, 2), torch.zeros(1, dtype=torch.long)
     kwargs = dict(cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
                   guidance_high=args.guidance_high)  # fmt: skip
@@ -288,12 +281,6 @@ def test_forward_count_of_the_cost_line_is_the_samplers(preset, heun):
     else:
         euler_maruyama_sampler(Counting(), x, y, args.num_steps, **kwargs)
     assert forward_images_per_sample(args) == sum(seen)
-
-
-def argparse_namespace(**kwargs):
-    import argparse
-
-    return argparse.Namespace(path_type="linear", **kwargs)
 
 
 def test_curves_plot_every_run_against_steps_images_and_gpu_hours(evaluated, tmp_path):

@@ -25,15 +25,16 @@ from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 
 import generate
+import share
 import train
 from dataset import LatentDataset
-from models import from_pretrained
 from samplers import VelocityOnly, euler_sampler
 from urepa import hub, releases
 from urepa.checkpoints import DamagedCheckpoint, load_model_for_sampling
 from urepa.encoders import ENCODER_STANDIN
+from urepa.hub import from_pretrained
 from urepa.model_card import build_model_folder
-from urepa.periodic_eval import EVAL_FILE
+from urepa.settings import EVAL_FILE
 from urepa.utils import InputError, ReportedError, file_sha256
 
 TINY = json.dumps({"hidden_size": 32, "depths": [1, 1, 1], "num_heads": 2, "projector_dim": 16})
@@ -318,11 +319,11 @@ def recorded_api(monkeypatch):
 
 
 def test_push_uploads_the_folder_and_no_optimiser_state(run_dir, folder, recorded_api, capsys):
-    hub.main(hub.parse_args(["push", run_dir, "--repo", "org/tiny", "--dry-run"]))
+    share.main(share.parse_args(["push", run_dir, "--repo", "org/tiny", "--dry-run"]))
     listing = capsys.readouterr().out
     assert "would upload to org/tiny" in listing and "model.safetensors" in listing
     assert ".pt" not in listing and recorded_api == []
-    hub.main(hub.parse_args(["push", run_dir, "--repo", "org/tiny", "--private"]))
+    share.main(share.parse_args(["push", run_dir, "--repo", "org/tiny", "--private"]))
     (_, repo, created), (_, _, committed) = recorded_api
     assert repo == "org/tiny" and created["private"] and created["exist_ok"]
     weights = file_sha256(os.path.join(folder, "model.safetensors"))
@@ -335,7 +336,7 @@ def test_push_uploads_the_folder_and_no_optimiser_state(run_dir, folder, recorde
 
 
 def test_push_data_lists_the_dataset_and_uploads_it(data_dir, recorded_api, capsys):
-    hub.main(hub.parse_args(["push-data", data_dir, "--repo", "org/toy-data", "--dry-run"]))
+    share.main(share.parse_args(["push-data", data_dir, "--repo", "org/toy-data", "--dry-run"]))
     listing = capsys.readouterr().out
     assert "manifest.json" in listing and "shards/moments-00000.npy" in listing
     assert recorded_api == []

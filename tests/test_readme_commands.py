@@ -18,12 +18,12 @@ import curves
 import generate
 import quickstart
 import sample
+import share
 import train
 from analysis.__main__ import parse_args as analysis_args
 from bench import compile_speed, data_speed, op_count, sample_speed, train_speed
 from evaluations import evaluator, make_reference
 from preprocessing import prepare
-from urepa import hub
 from urepa.encoders import encoder_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,13 +37,13 @@ PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "quickstart.py": quickstart.parse_args,
     "sample.py": sample.parse_args,
     "curves.py": curves.parse_args,
+    "share.py": share.parse_args,
     "bench.compile_speed": compile_speed.parse_args,
     "bench.op_count": op_count.parse_args,
     "bench.train_speed": train_speed.parse_args,
     "bench.sample_speed": sample_speed.parse_args,
     "bench.data_speed": data_speed.parse_args,
     "analysis": analysis_args,
-    "urepa.hub": hub.parse_args,
 }
 TABLE2_ROWS = ("prepare", "vanilla", "mae-l", "dino-b", "mocov3-l", "jepa-h", "clip-l", "siglip-l",
                "dinov2-s", "dinov2-b", "dinov2-l", "dinov2-g", "depth12")  # fmt: skip

@@ -135,7 +135,7 @@ def step_with_autocast_per_micro_batch(tr, micro_batches) -> torch.Tensor:
                                 noise=batch["noise"],
                                 model_kwargs={"force_drop_ids": batch["drop"]})  # fmt: skip
         acc.backward(losses["total"] / len(micro_batches))
-    norm = acc.clip_grad_norm_(tr.model.parameters(), tr.args.max_grad_norm)
+    norm = acc.clip_grad_norm_(tr.model.parameters(), tr.settings.optimizer.max_grad_norm)
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
     return norm

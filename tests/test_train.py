@@ -33,7 +33,7 @@ from urepa.checkpoints import TrainingError, load_checkpoint, load_model_for_sam
 from urepa.data_plan import DRAWS_VERSION, BatchPlan, StepDraws, TrainingBatches
 from urepa.encoders import ENCODER_STANDIN
 from urepa.run_log import create_logger
-from urepa.trainer import update_ema
+from urepa.trainer import create_accelerator, update_ema
 from urepa.utils import EXIT_STOPPED, write_json
 
 TIMINGS = {"images_per_sec": 0, "sec_per_step": 0}  # wall-clock figures differ by run
@@ -313,7 +313,9 @@ def test_step_draws_leave_the_global_generator_alone():
 
 def build_trainer(data_dir, tmp_path, *extra):
     args = train.parse_args(argv(data_dir, tmp_path, "direct", *extra))
-    accelerator = train.create_accelerator(args, str(tmp_path / "direct"))
+    accelerator = create_accelerator(
+        args.mixed_precision, args.report_to, args.allow_tf32, str(tmp_path / "direct")
+    )
     tr, dataset = train.setup(args, accelerator, None, create_logger(True))
     draws = StepDraws(args.weighting, args.path_type, args.cfg_prob)
     return tr, args, TrainingBatches(dataset, tr.plan, draws)
@@ -405,7 +407,9 @@ def test_fp16_overflow_is_skipped_and_reported_without_a_host_read(data_dir, tmp
 
     args = train.parse_args(argv(data_dir, tmp_path, "fp16", "--fused-optimizer" if fused
                                  else "--no-fused-optimizer"))  # fmt: skip
-    acc = train.create_accelerator(args, str(tmp_path / "fp16"))
+    acc = create_accelerator(
+        args.mixed_precision, args.report_to, args.allow_tf32, str(tmp_path / "fp16")
+    )
     tr, dataset = train.setup(args, acc, None, create_logger(False))
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     tr.optimizer = AcceleratedOptimizer(tr.optimizer.optimizer, scaler=acc.scaler)
@@ -437,7 +441,7 @@ def test_exact_resume_is_bitwise(data_dir, tmp_path):
     assert_states_equal(a["ema"], b["ema"])
     for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
         assert torch.equal(x, y)
-    dataset_id = train.dataset_identity(shards.load_manifest(data_dir))
+    dataset_id = shards.dataset_identity(shards.load_manifest(data_dir))
     assert a["data"] == b["data"] == {"step": 6, "epoch": 1, "batch_in_epoch": 2,
                                       "dataset_size": 32, "dataset_id": dataset_id,
                                       "global_batch": 8, "seed": 0,

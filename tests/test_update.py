@@ -17,7 +17,7 @@ import train
 from urepa import trainer
 from urepa.fused_update import adamw_state, compile_update, fused_update, hyperparameters
 from urepa.run_log import create_logger
-from urepa.trainer import update_ema
+from urepa.trainer import create_accelerator, update_ema
 
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, max_norm=0.5,
              ema_decay=0.8)  # fmt: skip
@@ -118,7 +118,9 @@ def test_train_step_with_the_fused_update_equals_todays_step_and_resumes_on_it(d
     for name in ("today", "fused"):
         AcceleratorState._reset_state(reset_partial_state=True)
         args = train.parse_args(argv(data_dir, tmp_path, name, *extra))
-        accelerator = train.create_accelerator(args, str(tmp_path / name))
+        accelerator = create_accelerator(
+            args.mixed_precision, args.report_to, args.allow_tf32, str(tmp_path / name)
+        )
         tr, dataset = train.setup(args, accelerator, None, create_logger(True))
         tr.update_fn = fused_update if name == "fused" else None
         batches = trainer.TrainingBatches(dataset, tr.plan, trainer.StepDraws(

@@ -71,6 +71,7 @@ from models import SiT_models, build_model, canonical_name, model_config
 from models.base import AlignedDiffusionTransformer
 from urepa import utils
 from urepa.utils import InputError, ReportedError, atomic_write, dict_differences, file_sha256
+from urepa.vae import PIXEL_VAES, latent_geometry
 
 CHECKPOINT_FORMAT = "u-repa/2"
 READABLE_FORMATS = ("u-repa/1", CHECKPOINT_FORMAT)
@@ -538,7 +539,7 @@ def read_sampling_weights(
     return _read_repa_checkpoint(obj, path, model_name)
 
 
-# A checkpoint folder in the Hugging Face Hub's layout (`python -m urepa.hub export` writes it,
+# A checkpoint folder in the Hugging Face Hub's layout (`python share.py export` writes it,
 # urepa/model_card.py): the EMA weights, and a config.json that rebuilds the model and records
 # the weights' SHA-256, so that weights from another download or revision are refused.
 HUB_FORMAT = "u-repa-hub/1"
@@ -553,7 +554,7 @@ def read_model_folder(
     if not (os.path.isfile(config_path) and os.path.isfile(weights)):
         raise InputError(
             f"{folder!r} is not a checkpoint folder: it needs {HUB_CONFIG} and {HUB_WEIGHTS} "
-            "(python -m urepa.hub export writes them from a run)"
+            "(python share.py export writes them from a run)"
         )
     try:
         with open(config_path) as f:
@@ -573,6 +574,19 @@ def read_model_folder(
         )
     state_dict, args = _read_safetensors(weights)[0], config["training_args"]
     return state_dict, config["model_name"], config["model_kwargs"], args
+
+
+def trained_vae(model: AlignedDiffusionTransformer) -> str | None:
+    """The --vae whose latents the checkpoint's model was trained on, as its training args
+    record it, or None where they do not (REPA's checkpoints); a pixel space where the model
+    has 3 channels but the record says otherwise (train.py once took --vae for its previews
+    only, without reading the dataset's)."""
+    args = model.checkpoint_args
+    recorded = args.get("vae")
+    if model.in_channels == 3 and latent_geometry(recorded or "ema")[0] != 3:
+        side = model.latent_shape[-1]
+        return PIXEL_VAES.get(args.get("resolution", side) // side, recorded)
+    return recorded
 
 
 def _read_repa_checkpoint(

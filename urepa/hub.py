@@ -1,11 +1,11 @@
 """Sharing through the Hugging Face Hub: checkpoints and prepared datasets, by name.
 
-    python -m urepa.hub export exps/RUN --out shared/RUN            # the checkpoint folder
-    python -m urepa.hub push exps/RUN --repo ORG/NAME [--step N]    # to a model repository
-    python -m urepa.hub push-data data/imagenet256 --repo ORG/DATA  # to a dataset repository
+    python share.py export exps/RUN --out shared/RUN            # the checkpoint folder
+    python share.py push exps/RUN --repo ORG/NAME [--step N]    # to a model repository
+    python share.py push-data data/imagenet256 --repo ORG/DATA  # to a dataset repository
 
-What `--ckpt` (generate.py, sample.py, python -m analysis) and `from models import
-from_pretrained` accept, tried in this order (`resolve_checkpoint`):
+What `--ckpt` (generate.py, sample.py, python -m analysis) and `from_pretrained` here
+accept, tried in this order (`resolve_checkpoint`):
 
 1. a path that exists: a `.pt`, a `-ema.safetensors` export or a checkpoint folder. A local path
    always wins, so `exps/run` names the folder even if a repository `exps/run` exists;
@@ -20,7 +20,6 @@ checked against the manifest's sizes and SHA-256 digests before training starts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -43,7 +42,6 @@ from huggingface_hub.utils import validate_repo_id
 
 from models.base import AlignedDiffusionTransformer
 from urepa.checkpoints import HUB_CONFIG, HUB_WEIGHTS, checksum_path, load_model_for_sampling
-from urepa.cli import DefaultsHelpFormatter, add_debug_arg, nonnegative_int, run_main
 from urepa.model_card import CARD, build_model_folder, exported_step
 from urepa.releases import RELEASES, fetch_release
 from urepa.shards import MANIFEST, SETTINGS, load_manifest
@@ -148,6 +146,16 @@ def load_pretrained(
     """The EMA model that `name` stands for (`resolve_checkpoint`), in eval mode on `device`,
     loaded strictly; `model_name` only for a REPA checkpoint whose variant its shapes hide."""
     return load_model_for_sampling(resolve_checkpoint(name, revision), device, model_name)
+
+
+def from_pretrained(
+    name: str, revision: str | None = None, device: Any = "cpu"
+) -> AlignedDiffusionTransformer:
+    """The EMA model of a checkpoint, ready to sample (eval mode, no gradients): a local `.pt`,
+    `-ema.safetensors` export or checkpoint folder, a release's short name (`repa-sit-xl-2`), or
+    a Hugging Face Hub repository `ORG/NAME[@REVISION]` (a local path wins; docs/sharing.md).
+    (Here rather than in models/: loading builds models, and models/ imports nothing of ours.)"""
+    return load_pretrained(name, device, revision=revision)
 
 
 #################################################################################
@@ -329,57 +337,3 @@ def stamp_matches(stamp: str, folder: str, manifest: dict[str, Any]) -> bool:
             return json.load(f) == file_stats(folder, manifest)
     except (OSError, ValueError):
         return False
-
-
-#################################################################################
-#                                 Command line                                  #
-#################################################################################
-
-
-# fmt: off
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m urepa.hub", formatter_class=DefaultsHelpFormatter,
-        description="Share checkpoints and prepared datasets through the Hugging Face Hub.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help="write a run's export as a checkpoint folder")
-    push = commands.add_parser("push", help="publish a run's export to a model repository")
-    for sub in (export, push):
-        sub.add_argument("run_dir", help="the run directory (exps/NAME)")
-        sub.add_argument("--step", type=nonnegative_int, default=None,
-                         help="the exported step to share (default: the latest)")
-        add_debug_arg(sub)
-    export.add_argument("--out", required=True, help="a new folder for the checkpoint folder")
-    push.add_argument("--training-state", action="store_true",
-                      help="also upload the step's training checkpoint (optimiser state "
-                           "included), under training_state/")
-    data = commands.add_parser("push-data", help="publish a prepared dataset")
-    data.add_argument("data_dir", help="a dataset written by preprocessing/prepare.py")
-    add_debug_arg(data)
-    fetch = commands.add_parser("download", help="fetch a checkpoint by name into the cache")
-    fetch.add_argument("name", help="a release short name or ORG/NAME[@REVISION]")
-    add_debug_arg(fetch)
-    for sub in (push, data):
-        sub.add_argument("--repo", required=True, help="the repository, ORG/NAME")
-        sub.add_argument("--private", action="store_true", help="create it private")
-        sub.add_argument("--dry-run", action="store_true",
-                         help="list what would be uploaded, upload nothing")
-    return parser.parse_args(argv)
-# fmt: on
-
-
-def main(args: argparse.Namespace) -> None:
-    if args.command == "export":
-        for path in build_model_folder(args.run_dir, args.out, args.step):
-            print(path)
-    elif args.command == "push":
-        push_model(args.run_dir, args.repo, args.step, args.private, args.training_state,
-                   args.dry_run)  # fmt: skip
-    elif args.command == "push-data":
-        push_dataset(args.data_dir, args.repo, args.private, args.dry_run)
-    else:
-        print(resolve_checkpoint(args.name))
-
-
-if __name__ == "__main__":
-    run_main(lambda: main(parse_args()))

@@ -31,9 +31,8 @@ from urepa.checkpoints import (
     list_checkpoints,
     load_checkpoint,
 )
-from urepa.periodic_eval import EVAL_FILE, EVAL_PRESETS
 from urepa.run_log import read_jsonl
-from urepa.sampling import SAMPLING_DEFAULTS
+from urepa.settings import EVAL_FILE, EVAL_PRESETS, SAMPLING_DEFAULTS
 from urepa.utils import InputError, file_sha256, write_json
 
 CARD = "README.md"
@@ -247,7 +246,7 @@ and the identity of the training data (`dataset_id`: a SHA-256 of its manifest's
 python generate.py --ckpt {source} --sample-dir samples/{name.split("/")[-1]} --preset paper-main
 ```
 
-or, in Python, `from models import from_pretrained; model = from_pretrained("{source}")`.
+or, in Python, `from urepa.hub import from_pretrained; model = from_pretrained("{source}")`.
 
 ## Evaluations of this step
 

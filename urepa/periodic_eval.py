@@ -22,7 +22,6 @@ every --eval-every steps, on every process, written to `eval.jsonl` in the run d
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from collections.abc import Iterator
@@ -48,47 +47,22 @@ from evaluations.inception import (
 from evaluations.inputs import ReferenceStatistics, load_dinov2_statistics
 from evaluations.inputs import load_reference_statistics as load_reference
 from evaluations.metrics import GaussianAccumulator, frechet_distance
+from models.base import AlignedDiffusionTransformer
 from models.summary import count_macs
 from samplers import guidance_active
 from urepa.checkpoints import TrainingError, rng_state, set_rng_state
 from urepa.run_log import append_jsonl, read_jsonl
-from urepa.sampling import PRESETS, SAMPLING_DEFAULTS, balanced_labels, generate_latents, to_uint8
-from urepa.trainer import Trainer
+from urepa.sampling import balanced_labels, generate_latents, to_uint8
+from urepa.settings import EVAL_FILE, EVAL_PRESETS, EVAL_SEED, EvalSettings, SamplerSettings
 from urepa.utils import available_memory, require
 
-EVAL_FILE = "eval.jsonl"
-EVAL_SEED = 0  # generate.py's default --global-seed
-# The sampler of each --eval-preset (generate.py's presets; no-guidance: generate.py's defaults,
-# REPA's protocol without guidance, SDE 250 steps, as U-REPA's Table 3).
-EVAL_PRESETS: dict[str, dict[str, Any]] = {**PRESETS, "no-guidance": {}}
 # Forward MACs per image of the feature networks, for the cost estimate (counted with
 # torch.utils.flop_counter on the real layouts: Inception at 299 px, DINOv2 ViT-L/14 at 224 px).
 INCEPTION_MACS = 5.71e9
 DINOV2_MACS = 77.8e9
 
 
-def sampler_settings(args: argparse.Namespace) -> argparse.Namespace:
-    """The settings `sampling.py` reads, for --eval-preset (and --eval-num-steps); bf16 autocast
-    if training uses it."""
-    preset = EVAL_PRESETS[args.eval_preset]
-    settings = {key: preset.get(key, default) for key, default in SAMPLING_DEFAULTS.items()}
-    if args.eval_num_steps is not None:
-        settings["num_steps"] = args.eval_num_steps
-    return argparse.Namespace(
-        **settings,
-        path_type=args.path_type,
-        global_seed=EVAL_SEED,
-        per_proc_batch_size=args.eval_batch_size,
-        label_sampling="balanced",
-        predraw_noise=True,
-        # the EMA itself, eagerly, under autocast (`sampling.sampling_model` is not called: its
-        # bf16 copy or compiled copy would be made again at every evaluation); autocast rounds
-        # the weights to bf16 at each call as generate.py's --bf16-weights does once
-        precision="bf16" if args.mixed_precision == "bf16" else "tf32",
-    )
-
-
-def forward_images_per_sample(sampler: argparse.Namespace) -> int:
+def forward_images_per_sample(sampler: SamplerSettings) -> int:
     """Images the denoiser sees per sample: one per evaluation, two where guidance is active
     (as `samplers.py` steps: ODE on linspace(1, 0, n + 1) without its last point, plus Heun's
     corrector; SDE on linspace(1, 0.04, n))."""
@@ -102,26 +76,28 @@ def forward_images_per_sample(sampler: argparse.Namespace) -> int:
     return sum(per_step) + heun
 
 
-def check_eval_args(args: argparse.Namespace) -> None:
+def check_eval_settings(settings: EvalSettings, cfg_prob: float) -> None:
     """train.py's checks between the --eval-* flags (the files are checked before training
     starts, by `create_evaluation`)."""
-    if not args.eval_every:
+    if not settings.eval_every:
         return
-    if args.eval_ref is None:
+    if settings.eval_ref is None:
         raise ValueError("--eval-every needs --eval-ref REF.npz (ADM's reference batch, or one "
                          "built with evaluations/make_reference.py)")  # fmt: skip
-    if EVAL_PRESETS[args.eval_preset].get("cfg_scale", 1.0) != 1.0 and args.cfg_prob == 0:
-        raise ValueError(f"--eval-preset {args.eval_preset} guides, but --cfg-prob 0 trains no "
+    preset = settings.eval_preset
+    if EVAL_PRESETS[preset].get("cfg_scale", 1.0) != 1.0 and cfg_prob == 0:
+        raise ValueError(f"--eval-preset {preset} guides, but --cfg-prob 0 trains no "
                          "null class: use --eval-preset no-guidance")  # fmt: skip
 
 
-def eval_settings(args: argparse.Namespace) -> dict[str, Any]:
+def row_settings(settings: EvalSettings) -> dict[str, Any]:
     """What an evaluation's numbers depend on besides the weights; recorded in each row."""
+    assert settings.eval_ref is not None  # (check_eval_settings)
     return {
-        "preset": args.eval_preset,
-        "sampler_steps": sampler_settings(args).num_steps,
-        "num_samples": args.eval_samples,
-        "eval_ref": os.path.abspath(args.eval_ref),
+        "preset": settings.eval_preset,
+        "sampler_steps": settings.sampler.num_steps,
+        "num_samples": settings.eval_samples,
+        "eval_ref": os.path.abspath(settings.eval_ref),
     }
 
 
@@ -198,14 +174,17 @@ class FeatureNets:
         return [f.float() for f in out]
 
 
-def load_feature_nets(args: argparse.Namespace, device: torch.device) -> FeatureNets:
+def load_feature_nets(settings: EvalSettings, device: torch.device) -> FeatureNets:
     """Inception (and DINOv2 with --eval-fd-dinov2); their tiny stand-ins with the test flag."""
-    tests = args.eval_standins_for_tests
+    tests = settings.eval_standins_for_tests
     try:
-        inception = TinyInceptionForTests() if tests else build_inception(args.inception_weights)
+        inception = (
+            TinyInceptionForTests() if tests else build_inception(settings.inception_weights)
+        )
         dinov2 = None
-        if args.eval_fd_dinov2:
-            dinov2 = build_dinov2(args.dinov2_weights, random_weights_for_tests=tests).to(device)
+        if settings.eval_fd_dinov2:
+            weights = settings.dinov2_weights
+            dinov2 = build_dinov2(weights, random_weights_for_tests=tests).to(device)
     except EvaluationError as err:  # weights missing offline: one line, before training starts
         raise TrainingError(f"--eval-every: {err}") from err
     return FeatureNets(inception.to(device), dinov2)
@@ -305,46 +284,52 @@ def training_gpu_hours(run_dir: str, step: int, processes: int) -> float:
 
 @dataclass
 class PeriodicEvaluation:
-    """What train.py's loop calls: `maybe_run(step)` after each step, `catch_up()` at the start."""
+    """What the training loop calls: `maybe_run(step)` after each step, `catch_up(step)` at the
+    start. It samples from the EMA model, which the loop updates in place."""
 
-    trainer: Trainer
+    settings: EvalSettings
+    accelerator: Any  # accelerate's Accelerator
+    ema: AlignedDiffusionTransformer  # eval mode, never wrapped
+    start_step: int  # the step training starts (or resumes) from
     vae: Any  # LatentAutoencoder, on every process
     run_dir: str
     logger: Any
     nets: FeatureNets
     reference: Reference
     denoiser_macs: int  # forward MACs per image, projector heads left out (sampling skips them)
-    sampler: argparse.Namespace = field(init=False)
     labels: torch.Tensor = field(init=False)
     done: set[int] = field(init=False)
     seconds_per_mac: float | None = None  # measured by the last evaluation
     clock: tuple[float, int] = field(init=False)  # (time, step) since which training ran alone
 
     def __post_init__(self) -> None:
-        args, acc = self.trainer.args, self.trainer.accelerator
-        num_classes = self.trainer.raw.num_classes
-        if args.eval_samples % num_classes:
-            raise TrainingError(f"--eval-samples {args.eval_samples} is not a multiple of the "
+        samples, num_classes = self.settings.eval_samples, self.ema.num_classes
+        if samples % num_classes:
+            raise TrainingError(f"--eval-samples {samples} is not a multiple of the "
                                 f"{num_classes} classes (the labels are balanced)")  # fmt: skip
         # the features of every sample are gathered on the main process (float32, at least)
         per_sample = 4 * sum(self.nets.dims) + 16
-        require(f"--eval-samples {args.eval_samples}", args.eval_samples * per_sample,
+        require(f"--eval-samples {samples}", samples * per_sample,
                 available_memory(torch.device("cpu")), "memory for the features of every "
                 "sample", "lower --eval-samples (10000: FID-10K)")  # fmt: skip
-        self.sampler = sampler_settings(args)
-        self.labels = balanced_labels(args.eval_samples, num_classes, EVAL_SEED)
-        settings = eval_settings(args)
-        done = [read_done_steps(self.run_dir, settings) if acc.is_main_process else None]
+        self.labels = balanced_labels(samples, num_classes, EVAL_SEED)
+        row = row_settings(self.settings)
+        main = self.accelerator.is_main_process
+        done = [read_done_steps(self.run_dir, row) if main else None]
         broadcast_object_list(done)  # every process must agree on which steps to evaluate
         self.done = set(done[0] or ())
-        self.clock = (time.perf_counter(), self.trainer.step)
+        self.clock = (time.perf_counter(), self.start_step)
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        return self.settings.sampler
 
     def due(self, step: int) -> bool:
-        return step > 0 and step % self.trainer.args.eval_every == 0 and step not in self.done
+        return step > 0 and step % self.settings.eval_every == 0 and step not in self.done
 
-    def catch_up(self) -> None:
-        """The evaluation of the resumed step, if a kill interrupted it."""
-        self.maybe_run(self.trainer.step)
+    def catch_up(self, step: int) -> None:
+        """The evaluation of the resumed `step`, if a kill interrupted it."""
+        self.maybe_run(step)
 
     def maybe_run(self, step: int) -> float:
         """Evaluate at `step` if it is due; returns the seconds spent (0 if not due)."""
@@ -355,10 +340,10 @@ class PeriodicEvaluation:
         with training_state_kept():
             metrics = self.evaluate()
         seconds = time.perf_counter() - start
-        if self.trainer.accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             assert metrics is not None
             self.record(step, metrics, seconds)
-        self.trainer.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         self.done.add(step)
         self.seconds_per_mac = seconds / self.total_macs()
         self.clock = (time.perf_counter(), step)
@@ -366,15 +351,15 @@ class PeriodicEvaluation:
 
     def total_macs(self) -> float:
         """Forward MACs of one evaluation: denoiser, then the feature networks."""
-        k = self.trainer.args.eval_samples
+        k = self.settings.eval_samples
         return k * (forward_images_per_sample(self.sampler) * self.denoiser_macs + self.nets.macs)
 
     def cost(self, step: int) -> str:
         """The log line announcing an evaluation: its forward passes × MACs and expected time."""
-        args = self.trainer.args
-        k, per_sample = args.eval_samples, forward_images_per_sample(self.sampler)
+        settings = self.settings
+        k, per_sample = settings.eval_samples, forward_images_per_sample(self.sampler)
         line = (
-            f"evaluation at step {step}: {k} samples ({args.eval_preset}) × {per_sample} "
+            f"evaluation at step {step}: {k} samples ({settings.eval_preset}) × {per_sample} "
             f"denoiser forward images × {self.denoiser_macs / 1e9:.4g} G MACs + {k} VAE decodes "
             f"+ {k} Inception{' + DINOv2' if self.nets.dinov2 is not None else ''} passes = "
             f"{self.total_macs() / 1e15:.4g} PMACs (VAE left out)"
@@ -384,8 +369,8 @@ class PeriodicEvaluation:
             return f"{line}; expected {minutes:.1f} min (the last evaluation's rate)"
         since, since_step = self.clock
         if step > since_step:  # training MACs per second: 3 forwards per image
-            mac_rate = (step - since_step) * args.batch_size * 3 * self.denoiser_macs
-            mac_rate /= time.perf_counter() - since
+            macs = (step - since_step) * settings.batch_size * 3 * self.denoiser_macs
+            mac_rate = macs / (time.perf_counter() - since)
             minutes = self.total_macs() / mac_rate / 60
             return f"{line}; expected about {minutes:.1f} min (at the training rate)"
         return f"{line}; expected time unknown until an evaluation or training has been timed"
@@ -394,9 +379,9 @@ class PeriodicEvaluation:
     def sample_features(self) -> tuple[FeatureRows, list[int]]:
         """This process's share of the samples (every W-th index), sampled, decoded and
         featurised batch by batch; no image is kept."""
-        acc, args, ema = self.trainer.accelerator, self.trainer.args, self.trainer.ema
+        acc, ema = self.accelerator, self.ema
         assert not ema.training, "the EMA model is kept in eval mode"
-        todo = list(range(acc.process_index, args.eval_samples, acc.num_processes))
+        todo = list(range(acc.process_index, self.settings.eval_samples, acc.num_processes))
         rows = FeatureRows(self.nets)
         try:
             for indices, latents in generate_latents(
@@ -405,7 +390,8 @@ class PeriodicEvaluation:
                 rows.add(self.nets(to_uint8(self.vae.decode(latents.float()))[: len(indices)]))
         except torch.cuda.OutOfMemoryError as err:
             raise TrainingError(
-                f"--eval-batch-size {args.eval_batch_size} does not fit in GPU memory beside "
+                f"--eval-batch-size {self.settings.eval_batch_size} does not fit in GPU memory "
+                "beside "
                 "training (guidance doubles the batch, the VAE decodes it): lower it and resume "
                 "with --resume auto; the metrics stay the same up to float rounding"
             ) from err
@@ -413,10 +399,10 @@ class PeriodicEvaluation:
 
     def evaluate(self) -> dict[str, float] | None:
         """The metrics, on the main process (None elsewhere)."""
-        acc, args = self.trainer.accelerator, self.trainer.args
-        self.reference.complete(self.nets, args.eval_batch_size, acc)
+        acc, settings = self.accelerator, self.settings
+        self.reference.complete(self.nets, settings.eval_batch_size, acc)
         rows, todo = self.sample_features()
-        columns = [gather_rows(c, todo, args.eval_samples, acc) for c in rows.columns()]
+        columns = [gather_rows(c, todo, settings.eval_samples, acc) for c in rows.columns()]
         if not acc.is_main_process:
             return None
         pool, spatial = columns[0], columns[1]
@@ -432,45 +418,53 @@ class PeriodicEvaluation:
 
     def record(self, step: int, metrics: dict[str, float], seconds: float) -> None:
         """eval.jsonl's row, the trackers and the log line (main process)."""
-        args, acc = self.trainer.args, self.trainer.accelerator
+        settings, acc = self.settings, self.accelerator
         row = {
             "step": step,
-            "images_seen": step * args.batch_size,
+            "images_seen": step * settings.batch_size,
             "gpu_hours": round(training_gpu_hours(self.run_dir, step, acc.num_processes), 6),
             **metrics,
-            **eval_settings(args),
+            **row_settings(settings),
             "eval_seconds": round(seconds, 2),
             "processes": acc.num_processes,
         }
         append_jsonl(os.path.join(self.run_dir, EVAL_FILE), row)
         acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        name = fid_name(args.eval_samples)
+        name = fid_name(settings.eval_samples)
         dino = f", FD-DINOv2 {metrics['fd_dinov2']:.4g}" if "fd_dinov2" in metrics else ""
         note = ""
-        if args.eval_samples != 50_000:
+        if settings.eval_samples != 50_000:
             note = f" {name} is not comparable with papers' FID-50K: fewer samples bias FID up."
         self.logger.info(
             f"evaluation at step {step}: {name} {metrics['fid']:.4g}, sFID {metrics['sfid']:.4g}, "
             f"IS {metrics['inception_score']:.4g}, precision {metrics['precision']:.4g}, recall "
-            f"{metrics['recall']:.4g}{dino} ({args.eval_preset}, {seconds / 60:.2f} min).{note}"
+            f"{metrics['recall']:.4g}{dino} ({settings.eval_preset}, {seconds / 60:.2f} min).{note}"
         )
 
 
 def create_evaluation(
-    trainer: Trainer, vae: Any, run_dir: str, logger: Any
+    settings: EvalSettings,
+    accelerator: Any,
+    ema: AlignedDiffusionTransformer,
+    start_step: int,
+    vae: Any,
+    run_dir: str,
+    logger: Any,
 ) -> PeriodicEvaluation | None:
-    """The evaluation of --eval-every (None when off): networks and reference loaded and
-    checked now, so that a missing file stops the run before training."""
-    args = trainer.args
-    if not args.eval_every:
+    """The evaluation of --eval-every (None when off) of the EMA model `ema`, training starting
+    at `start_step`: networks and reference loaded and checked now, so that a missing file stops
+    the run before training."""
+    if not settings.eval_every:
         return None
-    files = {"--eval-ref": args.eval_ref, "--inception-weights": args.inception_weights,
-             "--dinov2-weights": args.dinov2_weights}  # fmt: skip
+    assert settings.eval_ref is not None  # (check_eval_settings)
+    files = {"--eval-ref": settings.eval_ref, "--inception-weights": settings.inception_weights,
+             "--dinov2-weights": settings.dinov2_weights}  # fmt: skip
     for flag, path in files.items():
         if path is not None and not os.path.isfile(path):
             raise TrainingError(f"{flag}: no file {path!r}")
-    check_reference_size(args.eval_ref, args.resolution)
-    nets = load_feature_nets(args, trainer.accelerator.device)
-    reference = Reference.load(args.eval_ref, nets)
-    macs = count_macs(trainer.ema, trainer.ema.latent_shape[-1], include_projectors=False)
-    return PeriodicEvaluation(trainer, vae, run_dir, logger, nets, reference, macs)
+    check_reference_size(settings.eval_ref, settings.resolution)
+    nets = load_feature_nets(settings, accelerator.device)
+    reference = Reference.load(settings.eval_ref, nets)
+    macs = count_macs(ema, ema.latent_shape[-1], include_projectors=False)
+    return PeriodicEvaluation(settings, accelerator, ema, start_step, vae, run_dir, logger,
+                              nets, reference, macs)  # fmt: skip

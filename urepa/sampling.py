@@ -9,7 +9,6 @@ it lands in or its place there (see `generate.py`'s docstring for the full contr
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,49 +26,22 @@ from samplers import (
     euler_maruyama_sampler,
     euler_sampler,
 )
+from urepa.settings import SamplerSettings, SamplingSpeed
 from urepa.speed import prepare_model_for_sampling
 from urepa.utils import InputError, hash_seed
-from urepa.vae import PIXEL_VAES, latent_geometry
 
-# Explicit flags override a preset; a preset overrides these defaults (REPA's paper protocol:
-# SDE Euler-Maruyama with 250 steps, no guidance).
-SAMPLING_DEFAULTS: dict[str, Any] = {
-    "mode": "sde", "num_steps": 250, "heun": False,
-    "cfg_scale": 1.0, "guidance_low": 0.0, "guidance_high": 1.0,
-}  # fmt: skip
-PRESETS: dict[str, dict[str, Any]] = {
-    # U-REPA Table 4 (and REPA's convention): SDE, 250 steps, cfg 1.65 on t in [0, 0.7].
-    "paper-main": {"mode": "sde", "num_steps": 250, "cfg_scale": 1.65, "guidance_high": 0.7},
-    # U-REPA Tables 5-10: "the default setting of the official REPA codebase": Euler ODE with
-    # 50 steps, cfg 1.8 on t in [0, 0.7].
-    "ablation": {"mode": "ode", "num_steps": 50, "heun": False, "cfg_scale": 1.8,
-                 "guidance_high": 0.7},
-}  # fmt: skip
 PIXELS = "trunc(clamp(255*(x+1)/2, 0, 255))"
 # How sample i's generator is seeded; recorded in the settings, so that a folder sampled under
 # another seeding rule is refused rather than mixed.
 SAMPLE_SEED = "hash_seed(global_seed, index)"
 
 
-def resolve_sampling_args(args: argparse.Namespace) -> None:
-    """Fill unset sampler flags from the preset, then from SAMPLING_DEFAULTS."""
-    preset = PRESETS[args.preset] if args.preset else {}
-    for key, default in SAMPLING_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, preset.get(key, default))
-
-
-def trained_vae(model: AlignedDiffusionTransformer) -> str | None:
-    """The --vae whose latents the checkpoint's model was trained on, as its training args
-    record it, or None where they do not (REPA's checkpoints); a pixel space where the model
-    has 3 channels but the record says otherwise (train.py once took --vae for its previews
-    only, without reading the dataset's)."""
-    args = model.checkpoint_args
-    recorded = args.get("vae")
-    if model.in_channels == 3 and latent_geometry(recorded or "ema")[0] != 3:
-        side = model.latent_shape[-1]
-        return PIXEL_VAES.get(args.get("resolution", side) // side, recorded)
-    return recorded
+def set_precision(precision: str) -> None:
+    """--precision's matmul settings: TF32 on but for fp32 (bf16 runs its fp32 leftovers in TF32
+    too)."""
+    allow_tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
 
 
 def balanced_labels(num_samples: int, num_classes: int, global_seed: int) -> torch.Tensor:
@@ -101,7 +73,7 @@ class BatchInputs:
 
 def draw_inputs(
     indices: list[int],
-    args: argparse.Namespace,
+    settings: SamplerSettings,
     labels: torch.Tensor | None,
     num_classes: int,
     shape: tuple[int, int, int],
@@ -114,8 +86,8 @@ def draw_inputs(
     one shape, so the kernels (which libraries choose per shape, and which round differently)
     are the same for every image, whichever process, batch or resumed run draws it.
     """
-    seeds = [hash_seed(args.global_seed, i) for i in indices]
-    seeds += [0] * (args.per_proc_batch_size - len(indices))  # padding rows
+    seeds = [hash_seed(settings.global_seed, i) for i in indices]
+    seeds += [0] * (settings.per_proc_batch_size - len(indices))  # padding rows
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     # Every sample draws a random label first, balanced or not, so that its noise stream is the
     # same in both modes.
@@ -124,10 +96,10 @@ def draw_inputs(
         y[: len(indices)] = labels[indices]
     z = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (B, C, h, w)
     noises: torch.Tensor | list[torch.Generator] | None = None
-    if args.mode == "sde":
+    if settings.mode == "sde":
         noises = (
-            draw_noise_stream(generators, args.num_steps - 1, shape)  # (K, B, C, h, w)
-            if args.predraw_noise
+            draw_noise_stream(generators, settings.num_steps - 1, shape)  # (K, B, C, h, w)
+            if settings.predraw_noise
             else generators
         )
     if pin:  # page-locked, so that the copies to the GPU do not wait for it
@@ -138,35 +110,38 @@ def draw_inputs(
 
 @torch.no_grad()
 def sample_batch(
-    model: AlignedModel, inputs: BatchInputs, args: argparse.Namespace, device: torch.device
+    model: AlignedModel, inputs: BatchInputs, settings: SamplerSettings, device: torch.device
 ) -> torch.Tensor:
     """(B, C, h, w) float64 latents of one batch (padding rows included)."""
     noises = inputs.noises
     if isinstance(noises, torch.Tensor):
         noises = noises.to(device, non_blocking=True)
-    sampler_kwargs = {
+    sampler_kwargs: dict[str, Any] = {
         "model": VelocityOnly(model),  # the projector heads are not needed to sample
         "latents": inputs.z.to(device, non_blocking=True),
         "y": inputs.y.to(device, non_blocking=True),
-        "num_steps": args.num_steps,
-        "cfg_scale": args.cfg_scale,
-        "guidance_low": args.guidance_low,
-        "guidance_high": args.guidance_high,
-        "path_type": args.path_type,
+        "num_steps": settings.num_steps,
+        "cfg_scale": settings.cfg_scale,
+        "guidance_low": settings.guidance_low,
+        "guidance_high": settings.guidance_high,
+        "path_type": settings.path_type,
     }
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-        if args.mode == "sde":
+    bf16 = settings.precision == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        if settings.mode == "sde":
             return euler_maruyama_sampler(**sampler_kwargs, noises=noises)
-        return euler_sampler(**sampler_kwargs, heun=args.heun)
+        return euler_sampler(**sampler_kwargs, heun=settings.heun)
 
 
-def sampling_model(model: AlignedDiffusionTransformer, args: argparse.Namespace) -> AlignedModel:
+def sampling_model(
+    model: AlignedDiffusionTransformer, precision: str, speed: SamplingSpeed
+) -> AlignedModel:
     """The model as sampling calls it (`speed.prepare_model_for_sampling`): bf16 weights cast
     once (--precision bf16 --bf16-weights), compiled (--compile), CUDA graphs (--cuda-graphs,
     on a GPU); guided and unguided steps have two batch shapes, hence two static graphs."""
     on_gpu = next(model.parameters()).device.type == "cuda"
     prepared = prepare_model_for_sampling(
-        model, args.precision, args.compile, args.cuda_graphs and on_gpu, args.bf16_weights
+        model, precision, speed.compile, speed.cuda_graphs and on_gpu, speed.bf16_weights
     )
     return cast(AlignedModel, prepared)
 
@@ -175,17 +150,17 @@ def generate_latents(
     model: AlignedModel,
     latent_shape: tuple[int, int, int],
     todo: list[int],
-    args: argparse.Namespace,
+    settings: SamplerSettings,
     labels: torch.Tensor | None,
     device: torch.device,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(indices, float64 latents) of `todo` in batches of --per-proc-batch-size. A background
     thread draws each batch's inputs while the previous batch samples."""
-    size = args.per_proc_batch_size
+    size = settings.per_proc_batch_size
     batches = [todo[start : start + size] for start in range(0, len(todo), size)]
     draw = partial(
         draw_inputs,
-        args=args,
+        settings=settings,
         labels=labels,
         num_classes=model.num_classes,
         shape=latent_shape,
@@ -197,4 +172,4 @@ def generate_latents(
             inputs = pending.pop().result()
             if k + 1 < len(batches):
                 pending.append(pool.submit(draw, batches[k + 1]))
-            yield indices, sample_batch(model, inputs, args, device)
+            yield indices, sample_batch(model, inputs, settings, device)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -410,6 +411,21 @@ def load_manifest(root: str) -> dict[str, Any]:
         f"no dataset in {root!r} (no {MANIFEST}). Build one with: {PREPARE} "
         f"--source imagenet/train --dest {root} (see README, 'Preparing ImageNet')"
     )
+
+
+# The manifest entries that describe the data itself, not where it came from or was written
+# (`source`, `command` and `excluded` hold paths): a dataset moved or copied keeps its identity.
+DATASET_CONTENT = (
+    "format", "format_version", "resolution", "num_samples", "num_classes", "classes",
+    "modalities", "shards",
+)  # fmt: skip
+
+
+def dataset_identity(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's content entries: the size and SHA-256 of every shard file, what
+    each modality stores, the classes. Recorded in checkpoints, compared on resume."""
+    content = {key: manifest.get(key) for key in DATASET_CONTENT}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 class ShardReader:

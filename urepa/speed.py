@@ -25,7 +25,6 @@ weights cast to bf16 once for bf16 sampling, and CUDA graphs for the sampler's s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
@@ -94,11 +93,11 @@ def compile_model(
 
 
 def compile_for_training(
-    model: nn.Module, loss_fn: SILoss, args: argparse.Namespace
+    model: nn.Module, loss_fn: SILoss, compile: bool
 ) -> tuple[nn.Module, SILoss]:
-    """With --compile: the model's blocks compiled and the loss's element-wise part too, each
-    compilation's time in the log; without: both as they are."""
-    if not args.compile:
+    """With `compile` (--compile): the model's blocks compiled and the loss's element-wise part
+    too, each compilation's time in the log; without: both as they are."""
+    if not compile:
         return model, loss_fn
     report_compile_times(logging.getLogger(LOGGER_NAME).info)
     return compile_model(model), dataclasses.replace(loss_fn, compile=True)

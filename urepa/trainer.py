@@ -8,18 +8,17 @@ its logs, checkpoints, previews and stop signals.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,11 +68,13 @@ from urepa.run_log import (
     time_remaining,
     track_image,
 )
+from urepa.settings import OptimizerSettings, SpeedSettings, TrainSettings
 from urepa.speed import GradientCheck, check_compiled_gradients, compile_for_training
 from urepa.utils import local_shard
 
-if TYPE_CHECKING:  # periodic_eval imports this module
-    from urepa.periodic_eval import PeriodicEvaluation
+# What the loop calls after each step (`periodic_eval.PeriodicEvaluation.maybe_run`): evaluate
+# at that step if due; returns the seconds spent, which do not count as training time.
+Evaluation = Callable[[int], float]
 
 PREVIEW_SAMPLING_STEPS = 50  # Euler steps of the preview sampler (REPA's)
 PREVIEW_CFG_SCALE = 4.0  # classifier-free guidance of the previews (REPA's)
@@ -83,7 +84,7 @@ PREVIEW_CFG_SCALE = 4.0  # classifier-free guidance of the previews (REPA's)
 class Trainer:
     """What a training step, a checkpoint and a preview need."""
 
-    args: argparse.Namespace
+    settings: TrainSettings
     accelerator: Accelerator
     model: nn.Module  # as prepared: possibly compiled and DDP-wrapped
     ema: AlignedDiffusionTransformer  # eval mode, no gradients, never wrapped
@@ -112,28 +113,50 @@ class Trainer:
         self.ema_params: list[Tensor] = local_tensors(self.ema.parameters())
 
 
-def create_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+def create_accelerator(
+    mixed_precision: str, report_to: str, allow_tf32: bool, run_dir: str
+) -> Accelerator:
+    """accelerate's Accelerator (--mixed-precision, the tracker of --report-to), refused where it
+    does not see the processes that were launched; TF32 on or off (--allow-tf32)."""
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_dir=run_dir,
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainingError(
+            f"{launched} processes were launched but accelerate sees "
+            f"{accelerator.num_processes}; without GPUs, set ACCELERATE_USE_CPU=1 (or use "
+            "`accelerate launch --cpu`) so that the processes train together"
+        )
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    return accelerator
+
+
+def create_optimizer(settings: OptimizerSettings, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW (REPA's protocol); --fused-optimizer picks PyTorch's fused kernel (CUDA and CPU),
     --no-fused-optimizer PyTorch's default (foreach on CUDA; `fused=False` would force its
     per-tensor loop)."""
     return torch.optim.AdamW(
         model.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-        fused=args.fused_optimizer or None,
+        lr=settings.learning_rate,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        weight_decay=settings.adam_weight_decay,
+        eps=settings.adam_epsilon,
+        fused=settings.fused_optimizer or None,
     )
 
 
-def use_fsdp(args: argparse.Namespace, accelerator: Accelerator) -> bool:
+def use_fsdp(speed: SpeedSettings, accelerator: Accelerator) -> bool:
     """--fsdp: `on` shards whenever several processes train; `auto` when several CUDA processes
     train without fp16 (whose loss scaler does not know shards); `off` never."""
-    if accelerator.num_processes == 1 or args.fsdp == "off":
+    if accelerator.num_processes == 1 or speed.fsdp == "off":
         return False
-    if args.fsdp == "on":
+    if speed.fsdp == "on":
         return True
-    return accelerator.device.type == "cuda" and args.mixed_precision != "fp16"
+    return accelerator.device.type == "cuda" and speed.mixed_precision != "fp16"
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool) -> None:
@@ -147,7 +170,7 @@ def shard(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool) -> No
 
 
 def create_trainer(
-    args: argparse.Namespace,
+    settings: TrainSettings,
     accelerator: Accelerator,
     model: AlignedDiffusionTransformer,
     plan: BatchPlan,
@@ -159,28 +182,29 @@ def create_trainer(
     `encoders`: the frozen encoders run in the loop (online mode), else []; `dataset_id`: the
     identity of the training data, recorded in checkpoints."""
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # starts equal to the model
-    sharded = use_fsdp(args, accelerator)
+    sharded = use_fsdp(settings.speed, accelerator)
     if sharded:  # the weights stay whole between the forward and the backward pass (no re-gather)
         mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
         shard(model.to(accelerator.device), mesh, reshard_after_forward=False)
         shard(ema.to(accelerator.device), mesh, reshard_after_forward=True)
-    optimizer = create_optimizer(args, model)  # after sharding: on this process's shards
+    optimizer = create_optimizer(settings.optimizer, model)  # after sharding: on its shards
+    objective = settings.objective
     loss_fn = SILoss(
-        path_type=args.path_type,
-        weighting=args.weighting,
-        proj_coeff=args.proj_coeff,
-        manifold_coeff=args.manifold_coeff,
-        manifold_mode=args.manifold_mode,
-        lambda_schedule=args.lambda_schedule,
+        path_type=objective.path_type,
+        weighting=objective.weighting,
+        proj_coeff=objective.proj_coeff,
+        manifold_coeff=objective.manifold_coeff,
+        manifold_mode=objective.manifold_mode,
+        lambda_schedule=objective.lambda_schedule,
     )
-    prepared, loss_fn = compile_for_training(model, loss_fn, args)
+    prepared, loss_fn = compile_for_training(model, loss_fn, settings.speed.compile)
     if sharded:  # accelerate would wrap the model in DDP: only the optimiser goes through it
         optimizer = accelerator.prepare(optimizer)
     else:
         prepared, optimizer = accelerator.prepare(prepared, optimizer)
         ema.to(accelerator.device)
-    update_fn = compile_update() if args.compile_update else None
-    return Trainer(args, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan,
+    update_fn = compile_update() if settings.optimizer.compile_update else None
+    return Trainer(settings, accelerator, prepared, ema, optimizer, loss_fn, encoders, plan,
                    dataset_id=dataset_id, update_fn=update_fn)  # fmt: skip
 
 
@@ -228,32 +252,35 @@ def fsdp_no_sync(model: nn.Module) -> Iterator[None]:
         model.set_reshard_after_backward(True)
 
 
+def autocast_scopes(trainer: Trainer) -> tuple[AbstractContextManager[Any], Callable[[], Any]]:
+    """(around the whole step, around each forward pass): where autocast is entered. Autocast
+    keeps its low-precision copy of each weight until its outermost context exits, so one
+    context around the step casts each weight once, not once per micro-batch (compiled blocks
+    cast inside their graphs anyway). Sharded (FSDP2), each forward pass has its own: with the
+    copy shared across micro-batches, FSDP2's gradients differed from DDP's (bf16, 2
+    micro-batches: the gradient norm by 0.6 %)."""
+    if trainer.sharded:
+        return nullcontext(), trainer.accelerator.autocast
+    return trainer.accelerator.autocast(), nullcontext
+
+
 def accumulate_gradients(
     trainer: Trainer, micro_batches: list[dict[str, Any]]
 ) -> dict[str, Tensor]:
-    """Forward and backward of every micro-batch; the loss terms averaged over them.
-
-    Autocast caches its low-precision copy of each weight until the outermost context exits.
-    One context spans the micro-batches, so each weight is cast once per step (the weights
-    change only at the optimiser step), not once per micro-batch; the backward passes run with
-    autocast off, as PyTorch recommends (a nested context keeps the cache). Compiled regions
-    (`speed.compile_model`'s blocks) bypass the cache and cast inside their graphs, at every
-    call. Sharded (FSDP2), each micro-batch keeps its own context: with the cache shared across
-    micro-batches, FSDP2's gradients differed from DDP's (bf16, 2 micro-batches: the gradient
-    norm by 0.6 %)."""
-    acc, accumulation = trainer.accelerator, len(micro_batches)
-    shared = not trainer.sharded
+    """Forward and backward of every micro-batch; the loss terms averaged over them."""
+    acc, count = trainer.accelerator, len(micro_batches)
+    around_step, around_forward = autocast_scopes(trainer)
     means: dict[str, Tensor] = {}
-    with acc.autocast() if shared else nullcontext():
+    with around_step:
         for i, batch in enumerate(micro_batches):
             # Gradients are reduced once per step, in the last micro-batch's backward pass.
-            with gradient_sync(trainer, i == accumulation - 1):
-                with nullcontext() if shared else acc.autocast():
+            with gradient_sync(trainer, i == count - 1):
+                with around_forward():
                     losses = micro_batch_losses(trainer, batch)
-                with torch.autocast(acc.device.type, enabled=False):
-                    acc.backward(losses["total"] / accumulation)
+                with torch.autocast(acc.device.type, enabled=False):  # backward in full precision
+                    acc.backward(losses["total"] / count)
             for name, value in losses.items():
-                share = value.detach() / accumulation
+                share = value.detach() / count
                 means[name] = means[name] + share if name in means else share
     return means
 
@@ -318,7 +345,8 @@ def clip_gradients(trainer: Trainer) -> Tensor:
     clipping, a 0-dim tensor equal on every process."""
     norm = gradient_norm(trainer)
     params = list(trainer.raw.parameters())
-    torch.nn.utils.clip_grads_with_norm_(params, trainer.args.max_grad_norm, norm, foreach=True)
+    max_norm = trainer.settings.optimizer.max_grad_norm
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     return full(norm)
 
 
@@ -327,16 +355,16 @@ def apply_fused_update(trainer: Trainer, grad_norm: Tensor, with_ema: bool) -> N
     this process's shards, with AdamW's own state and hyperparameters. As AdamW, it leaves the
     parameters without a gradient alone; the EMA averages them too, as `update_ema` does."""
     assert trainer.update_fn is not None
-    args, optimizer = trainer.args, trainer.optimizer
+    settings, optimizer = trainer.settings.optimizer, trainer.optimizer
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds AdamW
-    decay = args.ema_decay**args.ema_every
+    decay = settings.ema_decay**settings.ema_every
     # (a shard's local view has no .grad: the gradients are read from the parameters)
     has_grad = [p.grad is not None for p in trainer.raw.parameters()]
     grads = local_tensors(p.grad for p in trainer.raw.parameters() if p.grad is not None)
     params = [p for p, g in zip(trainer.model_params, has_grad, strict=True) if g]
     ema = [e for e, g in zip(trainer.ema_params, has_grad, strict=True) if g]
     state = adamw_state(inner, has_grad)
-    hyper = hyperparameters(inner, args.max_grad_norm, decay)
+    hyper = hyperparameters(inner, settings.max_grad_norm, decay)
     trainer.update_fn(params, grads, state["exp_avg"], state["exp_avg_sq"], state["step"],
                       ema if with_ema else [], grad_norm, hyper)  # fmt: skip
     if with_ema and not all(has_grad):
@@ -348,31 +376,16 @@ def apply_fused_update(trainer: Trainer, grad_norm: Tensor, with_ema: bool) -> N
 def train_step(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> dict[str, Tensor]:
     """One optimiser step on this process's micro-batches of the global batch: forward and
     backward with gradient accumulation, gradient clipping, AdamW, EMA (every --ema-every
-    steps).
-
-    Returns 0-dim device tensors, never read here (no host sync): the loss terms of Eq. 5
-    averaged over the micro-batches, `cos_sim`, `grad_norm`, and `nonfinite` (1 if the loss was
-    not finite) and `skipped` (1 if the update was skipped).
-    """
-    acc, args = trainer.accelerator, trainer.args
+    steps). Returns 0-dim device tensors, never read here (no host sync): the loss terms of
+    Eq. 5 averaged over the micro-batches, `cos_sim`, `grad_norm`, `nonfinite` (1: the loss was
+    not finite) and `skipped` (1: the weights were not updated)."""
     losses = accumulate_gradients(trainer, micro_batches)
     fused = trainer.update_fn is not None  # never with fp16 (validate_args)
     grad_norm = full(gradient_norm(trainer)) if fused else clip_gradients(trainer)
-    # --on-nonfinite skip reads the global gradient norm (equal on every process) to decide;
-    # with fp16, the loss scaler skips steps with non-finite gradients by itself.
-    skip = args.on_nonfinite == "skip" and acc.scaler is None and not torch.isfinite(grad_norm)
-    skipped = torch.full_like(grad_norm, float(skip), dtype=torch.float32)
-    ema_due = (trainer.step + 1) % args.ema_every == 0  # this step is step trainer.step + 1
-    decay = args.ema_decay**args.ema_every  # k steps of the EMA with θ held fixed
-    if not skip and fused:
-        apply_fused_update(trainer, grad_norm, ema_due)
-    elif not skip:
-        scale = loss_scale(acc) if acc.scaler is not None else None
-        trainer.optimizer.step()
-        if ema_due:
-            update_ema(trainer.ema_params, trainer.model_params, decay)
-        if scale is not None:  # fp16: the scaler lowers its scale when it skips a step
-            skipped = (loss_scale(acc) < scale).float()
+    if skips_nonfinite(trainer) and not torch.isfinite(grad_norm):  # (reads the norm: a sync)
+        skipped = torch.ones_like(grad_norm, dtype=torch.float32)
+    else:
+        skipped = update_weights(trainer, grad_norm)
     trainer.optimizer.zero_grad(set_to_none=True)
     return {
         **losses,
@@ -380,6 +393,32 @@ def train_step(trainer: Trainer, micro_batches: list[dict[str, Any]]) -> dict[st
         "nonfinite": (~torch.isfinite(losses["total"])).float(),
         "skipped": skipped,
     }
+
+
+def skips_nonfinite(trainer: Trainer) -> bool:
+    """Whether this step checks the global gradient norm (equal on every process) and skips the
+    update if it is not finite: --on-nonfinite skip, but not with fp16, whose loss scaler skips
+    such steps by itself (`update_weights`)."""
+    on_nonfinite = trainer.settings.optimizer.on_nonfinite
+    return on_nonfinite == "skip" and trainer.accelerator.scaler is None
+
+
+def update_weights(trainer: Trainer, grad_norm: Tensor) -> Tensor:
+    """AdamW, and the EMA when due, on the clipped gradients. Returns whether the update was
+    skipped, a 0-dim device tensor: 1 where fp16's loss scaler skipped it (a non-finite
+    gradient: the scaler then lowers its scale), else 0."""
+    settings, acc = trainer.settings.optimizer, trainer.accelerator
+    ema_due = (trainer.step + 1) % settings.ema_every == 0  # this step is step trainer.step + 1
+    if trainer.update_fn is not None:
+        apply_fused_update(trainer, grad_norm, ema_due)
+        return torch.zeros_like(grad_norm, dtype=torch.float32)
+    scale_before = loss_scale(acc) if acc.scaler is not None else None
+    trainer.optimizer.step()
+    if ema_due:  # k steps of the EMA with θ held fixed
+        update_ema(trainer.ema_params, trainer.model_params, settings.ema_decay**settings.ema_every)
+    if scale_before is None:
+        return torch.zeros_like(grad_norm, dtype=torch.float32)
+    return (loss_scale(acc) < scale_before).float()
 
 
 def loss_scale(acc: Accelerator) -> Tensor:
@@ -406,19 +445,20 @@ def update_ema(ema_params: list[Tensor], model_params: list[Tensor], decay: floa
 
 
 def training_loader(
-    args: argparse.Namespace, dataset: Dataset, plan: BatchPlan, start_step: int, pin_memory: bool
+    settings: TrainSettings, dataset: Dataset, plan: BatchPlan, start_step: int, pin_memory: bool
 ) -> DataLoader:
     """This process's micro-batches from step `start_step` on, as CPU dicts (TrainingBatches);
     --num-workers processes load the samples and make the draws ahead of the loop. With
     `pin_memory`, batches arrive in pinned memory: read into it directly without workers, copied
     into it by DataLoader's pinning thread from the workers' shared memory."""
-    draws = StepDraws(args.weighting, args.path_type, args.cfg_prob)
-    accumulation = args.gradient_accumulation_steps
+    objective, schedule = settings.objective, settings.schedule
+    draws = StepDraws(objective.weighting, objective.path_type, objective.cfg_prob)
+    accumulation = schedule.gradient_accumulation_steps
     return DataLoader(
         TrainingBatches(dataset, plan, draws, pin_memory),
         batch_size=None,
-        sampler=range(start_step * accumulation, args.max_train_steps * accumulation),
-        num_workers=args.num_workers,
+        sampler=range(start_step * accumulation, schedule.max_train_steps * accumulation),
+        num_workers=schedule.num_workers,
         pin_memory=pin_memory,
         worker_init_fn=StopRequest.ignore_in_worker,
     )
@@ -428,7 +468,7 @@ def batches_from(trainer: Trainer, dataset: Dataset, start_step: int) -> Iterato
     """This process's micro-batches from step `start_step` on, on the device."""
     device = trainer.accelerator.device
     pin = device.type == "cuda"
-    for batch in training_loader(trainer.args, dataset, trainer.plan, start_step, pin):
+    for batch in training_loader(trainer.settings, dataset, trainer.plan, start_step, pin):
         yield to_device(batch, device)
 
 
@@ -468,19 +508,19 @@ def data_position(trainer: Trainer) -> dict[str, Any]:
 def save_training_checkpoint(trainer: Trainer, run_dir: str, logger: Any) -> str:
     """Write checkpoints/{step:07d}.pt on the main process (see `checkpoints.save_run_checkpoint`),
     with the RNG states gathered from every process. A failed write raises on every process."""
-    acc, args, step = trainer.accelerator, trainer.args, trainer.step
+    acc, schedule, step = trainer.accelerator, trainer.settings.schedule, trainer.step
     rng = gather_object([rng_state()])  # one entry per process, in rank order
     outcome: list[tuple[str, str | None]] = [("", None)]  # (path, error message)
     # Every process: sharded states are gathered whole onto the main process (a collective).
     state = checkpoint_state(
-        trainer.raw, trainer.ema, step, args=vars(args), opt=trainer.optimizer,
+        trainer.raw, trainer.ema, step, args=trainer.settings.flags, opt=trainer.optimizer,
         scaler=acc.scaler, rng={"processes": rng}, data=data_position(trainer),
     )  # fmt: skip
     if acc.is_main_process:
-        export = export_due(step, args.milestone_every, args.max_train_steps)
+        export = export_due(step, schedule.milestone_every, schedule.max_train_steps)
         try:
             path, removed = save_run_checkpoint(
-                run_dir, state, export, args.keep_last, args.milestone_every
+                run_dir, state, export, schedule.keep_last, schedule.milestone_every
             )
         except TrainingError as err:
             outcome = [("", str(err))]
@@ -540,7 +580,8 @@ class Monitor:
 
     def check_finite(self, last_good: str | None) -> None:
         """Stop (on every process) if any process saw a non-finite loss (stop mode)."""
-        if self.first_nonfinite is None or self.trainer.args.on_nonfinite != "stop":
+        stops = self.trainer.settings.optimizer.on_nonfinite == "stop"
+        if self.first_nonfinite is None or not stops:
             return
         acc = self.trainer.accelerator
         first = int(acc.gather(self.first_nonfinite.view(1)).min())
@@ -553,11 +594,11 @@ class Monitor:
             )
 
     def log(self, step: int) -> dict[str, Any]:
-        acc, args = self.trainer.accelerator, self.trainer.args
+        acc, schedule = self.trainer.accelerator, self.trainer.settings.schedule
         means = self.meter.pop(lambda x: acc.reduce(x, "mean"))  # the interval's one host sync
         now = time.perf_counter()
         sec_per_step = (now - self.last_time) / max(1, step - self.last_step)
-        images_per_sec = args.batch_size / sec_per_step
+        images_per_sec = schedule.batch_size / sec_per_step
         if not self.rate.points:  # where this process started training
             self.rate.add(self.train_seconds, self.last_step)
         self.train_seconds += now - self.last_time
@@ -578,7 +619,7 @@ class Monitor:
             append_jsonl(os.path.join(self.run_dir, "metrics.jsonl"), record)
             line = format_metrics(step, {k: v for k, v in record.items() if k != "step"})
             rate = self.rate.sec_per_step  # steadier than this interval's sec_per_step
-            eta = time_remaining(step, rate, args.max_train_steps, args.checkpointing_steps)
+            eta = time_remaining(step, rate, schedule.max_train_steps, schedule.checkpointing_steps)
             self.logger.info(f"{line} | {eta} {self.rate.describe()}")
         acc.log({k: v for k, v in record.items() if k != "step"}, step=step)
         return record
@@ -595,10 +636,11 @@ class Previews:
     labels: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        args, model = self.trainer.args, self.trainer.raw
-        generator = torch.Generator().manual_seed(derive_seed(args.seed, SEED_PREVIEW))
-        noise = torch.randn(args.preview_images, *model.latent_shape, generator=generator)
-        labels = torch.randint(model.num_classes, (args.preview_images,), generator=generator)
+        schedule, model = self.trainer.settings.schedule, self.trainer.raw
+        count = schedule.preview_images
+        generator = torch.Generator().manual_seed(derive_seed(schedule.seed, SEED_PREVIEW))
+        noise = torch.randn(count, *model.latent_shape, generator=generator)
+        labels = torch.randint(model.num_classes, (count,), generator=generator)
         device = self.trainer.accelerator.device
         self.noise, self.labels = noise.to(device), labels.to(device)
 
@@ -608,7 +650,7 @@ class Previews:
         forward pass gathers its shards); the main process alone decodes and saves (None
         elsewhere)."""
         trainer = self.trainer
-        cfg = PREVIEW_CFG_SCALE if trainer.args.cfg_prob > 0 else 1.0
+        cfg = PREVIEW_CFG_SCALE if trainer.settings.objective.cfg_prob > 0 else 1.0
         model = VelocityOnly(trainer.ema)  # the projector heads are not needed to sample
         with trainer.accelerator.autocast():
             latents = euler_sampler(
@@ -690,11 +732,11 @@ def progress_bar(trainer: Trainer) -> Iterator[tqdm]:
     """On a terminal (main process): a bar of steps with the rate and the time remaining; the
     log lines go above it. Elsewhere it is off and the log lines carry s/step and the ETA.
     The bar reads the clock only: no host sync."""
-    args, acc = trainer.args, trainer.accelerator
+    acc, total = trainer.accelerator, trainer.settings.schedule.max_train_steps
     interactive = acc.is_main_process and sys.stderr.isatty()
     # smoothing 0.01: the rate (and time left) is a mean over about 100 updates, not over the
     # last few, which swing with the load of a shared machine
-    with tqdm(total=args.max_train_steps, initial=trainer.step, unit="step", desc="training",
+    with tqdm(total=total, initial=trainer.step, unit="step", desc="training",
               disable=not interactive, dynamic_ncols=True, smoothing=0.01) as bar:  # fmt: skip
         if not interactive:
             yield bar
@@ -709,21 +751,22 @@ def train(
     run_dir: str,
     previews: Previews,
     monitor: Monitor,
-    evaluation: PeriodicEvaluation | None = None,
+    evaluation: Evaluation | None = None,
 ) -> bool:
     """The loop: a step, then on schedule logs, checkpoints, previews and evaluations
-    (`periodic_eval.PeriodicEvaluation`, or None); a signal stops it after the current step,
-    with a checkpoint. Returns whether a signal stopped it."""
-    args, acc, logger = trainer.args, trainer.accelerator, monitor.logger
+    (`evaluation(step)`, or None); a signal stops it after the current step, with a checkpoint.
+    Returns whether a signal stopped it."""
+    schedule, speed = trainer.settings.schedule, trainer.settings.speed
+    acc, logger = trainer.accelerator, monitor.logger
     last_good = latest_checkpoint(run_dir)
     start_step = trainer.step
     micro_batches = batches_from(trainer, dataset, start_step)
     monitor.last_step, monitor.last_time = trainer.step, time.perf_counter()
     trainer.model.train()
     with StopRequest() as stop, progress_bar(trainer) as progress:
-        while trainer.step < args.max_train_steps:
-            batch = [next(micro_batches) for _ in range(args.gradient_accumulation_steps)]
-            if args.compile and args.compile_check and trainer.step == start_step:
+        while trainer.step < schedule.max_train_steps:
+            batch = [next(micro_batches) for _ in range(schedule.gradient_accumulation_steps)]
+            if speed.compile and speed.compile_check and trainer.step == start_step:
                 check_compilation(trainer, batch[0], logger)
             stats = train_step(trainer, batch)
             trainer.step += 1  # steps count from 1: step s ends with checkpoint s
@@ -731,21 +774,21 @@ def train(
             step = trainer.step
             monitor.add(stats, step)
             stopping = stop(step)
-            last = step == args.max_train_steps or stopping
-            if step % args.log_every == 0 or last:
+            last = step == schedule.max_train_steps or stopping
+            if step % schedule.log_every == 0 or last:
                 monitor.check_finite(last_good)
                 monitor.log(step)
-            if step % args.checkpointing_steps == 0 or last:
+            if step % schedule.checkpointing_steps == 0 or last:
                 monitor.check_finite(last_good)
                 last_good = save_training_checkpoint(trainer, run_dir, logger)
-            if args.sampling_steps and step % args.sampling_steps == 0:
+            if schedule.sampling_steps and step % schedule.sampling_steps == 0:
                 if acc.is_main_process or trainer.sharded:
                     grid = previews.save(os.path.join(run_dir, "samples", f"{step:07d}.png"))
                     if acc.is_main_process:
                         track_image(acc, grid, step)
                 acc.wait_for_everyone()
             if evaluation is not None and not stopping:  # a stopped run evaluates on resume
-                monitor.last_time += evaluation.maybe_run(step)  # not counted as training time
+                monitor.last_time += evaluation(step)  # not counted as training time
             if stopping:  # the caller says so, with the command that continues
                 return True
     return False
