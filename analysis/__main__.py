@@ -7,7 +7,9 @@
 For each checkpoint (ours or REPA's SiT), block and time t: the linear-probing top-1 of the
 pooled hidden states and their CKNNA to each encoder's pooled features; for each t, the mean
 token cosine similarity of the projector output to the encoder features and the manifold
-distance. Writes `results.json` and the plots (`analysis.plots`) to --output-dir.
+distance. Writes `results.json` and the plots (`analysis.plots`) to --output-dir. With
+--pca-maps K, also REPA Fig. 38's feature maps of K images (`analysis.pca`), the checkpoints side
+by side; --no-metrics draws only those.
 Also runs as `python -m analysis ...` in one process (CPU or one GPU). docs/analysis.md has it all.
 """
 
@@ -23,8 +25,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from analysis.features import Extraction, Features, extract, rank_and_world
+from analysis.features import Extraction, Features, draw_noise, extract, rank_and_world
 from analysis.metrics import cknna, linear_probe, prepare_features
+from analysis.pca import Maps, feature_maps, write_pca_figures
 from analysis.plots import write_plots
 from dataset import LatentDataset, stored_encoders
 from loss import MANIFOLD_MODES, PATH_TYPES
@@ -46,6 +49,7 @@ from urepa.encoders import encoder_dim, load_encoder
 from urepa.hub import load_pretrained
 from urepa.shards import load_manifest
 from urepa.utils import InputError, close_distributed, init_distributed, write_json
+from urepa.vae import sample_latents
 
 
 # fmt: off
@@ -92,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--seed", type=nonnegative_int, default=0,
                    help="sample selection and each image's latent and noise draws")
     add_metric_args(parser.add_argument_group("metrics"))
+    p = parser.add_argument_group("feature-map PCA (REPA Fig. 38)")
+    p.add_argument("--pca-maps", type=nonnegative_int, default=0, metavar="K",
+                   help="for the first K evaluation images: each block's (--layers) first three "
+                        "principal components as RGB on its token grid, per t and checkpoint, "
+                        "one figure per image (pca_maps-<i>.png, arrays in pca_maps.npz)")
     o = parser.add_argument_group("output")
     o.add_argument("--output-dir", required=True, help="results.json and the plots go here")
     add_debug_arg(o)
@@ -100,6 +109,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def add_metric_args(m: Any) -> None:
     """Linear probing, CKNNA and the projector metrics."""
+    m.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="probing, CKNNA and the projector metrics; --no-metrics with --pca-maps "
+                        "draws only the feature maps")
     m.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="linear probing (needs labels; the slow part on big sets)")
     m.add_argument("--probe-epochs", type=positive_int, default=90,
@@ -129,7 +141,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--layers must be 'tap', 'all' or block numbers, got {args.layers!r}")
     if args.enc_type is not None:
         encoder_weights(args.enc_weights, encoder_list(args.enc_type))
-    if not 2 <= args.topk < args.num_samples:
+    if not args.metrics and not args.pca_maps:
+        raise ValueError("--no-metrics leaves nothing to do: add --pca-maps K")
+    if args.pca_maps > args.num_samples:
+        raise ValueError(f"--pca-maps {args.pca_maps} exceeds --num-samples {args.num_samples}")
+    if args.metrics and not 2 <= args.topk < args.num_samples:
         raise ValueError(
             f"--topk must be >= 2 and below --num-samples ({args.num_samples}): CKNNA keeps "
             "each sample's k nearest neighbours among the others"
@@ -347,10 +363,37 @@ def cknna_note(records: list[Record], num_samples: int) -> str | None:
     )
 
 
+def checkpoint_labels(paths: list[str]) -> list[str]:
+    """A short name per checkpoint for the figures: its file name, unless two share it (two
+    runs' 0400000.pt), then its path."""
+    names = [os.path.basename(p) for p in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def pca_of_checkpoints(args: argparse.Namespace, sets: Sets, device: Any) -> dict[str, Maps]:
+    """The PCA maps of the first --pca-maps evaluation images for every checkpoint, from the
+    same latents and noise (the per-image draws of the metrics)."""
+    indices = sets.val_idx[: args.pca_maps]
+    batch = [sets.val[int(i)] for i in indices]
+    moments = torch.stack([s["moments"] for s in batch])  # (K, 2C, h, w)
+    eps, noise = draw_noise(indices, (moments.shape[1] // 2, *moments.shape[2:]), args.seed)
+    x, noise = sample_latents(moments, noise=eps).to(device), noise.to(device)
+    maps = {}
+    for label, path in zip(checkpoint_labels(args.ckpt), args.ckpt, strict=True):
+        model = load_pretrained(path, device, args.model)
+        labels = torch.stack([s["label"] for s in batch]).to(device)
+        y = model.null_labels(len(batch), device) if args.condition == "null" else labels
+        path_type = args.path_type or model.checkpoint_args.get("path_type", "linear")
+        blocks = blocks_of(model, args.layers)
+        maps[label] = feature_maps(model, x, noise, y, args.timesteps, blocks, path_type)
+        del model
+    return maps
+
+
 def main(args: argparse.Namespace) -> None:
     rank, world, device = init_distributed()
     first = load_pretrained(args.ckpt[0], "cpu", args.model)
-    args.encoders = encoder_names(args, first)
+    args.encoders = encoder_names(args, first) if args.metrics else []
     args.num_classes = first.num_classes
     del first
     sets = open_sets(args, args.encoders)
@@ -363,8 +406,9 @@ def main(args: argparse.Namespace) -> None:
         if name not in sets.val.encoders or name not in sets.train.encoders
     }
     records: list[Record] = []
-    for position, path in enumerate(args.ckpt):
+    for position, path in enumerate(args.ckpt if args.metrics else []):
         records += analyse_checkpoint(args, path, position, sets, online, device)
+    maps = pca_of_checkpoints(args, sets, device) if args.pca_maps and rank == 0 else {}
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
         settings = {k: v for k, v in vars(args).items() if k != "debug"}
@@ -374,7 +418,11 @@ def main(args: argparse.Namespace) -> None:
         write_json(os.path.join(args.output_dir, "results.json"),
                    {"settings": settings, "records": records})  # fmt: skip
         print(f"drawing the plots in {args.output_dir}", flush=True)
-        for written in write_plots(records, args.output_dir):
+        figures = write_plots(records, args.output_dir) if records else []
+        if maps:
+            blocks = sorted({k for m in maps.values() for (_, k) in m})
+            figures += write_pca_figures(maps, blocks, args.timesteps, args.output_dir)
+        for written in figures:
             print(f"wrote {written}", flush=True)
         print(f"wrote {os.path.join(args.output_dir, 'results.json')}")
         if note:

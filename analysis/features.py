@@ -11,7 +11,7 @@ process.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -48,15 +48,18 @@ class Features:
 
 
 @contextmanager
-def pooled_block_outputs(
-    model: AlignedDiffusionTransformer, blocks: list[int], store: dict[int, Tensor]
+def block_outputs(
+    model: AlignedDiffusionTransformer,
+    blocks: list[int],
+    store: dict[int, Tensor],
+    keep: Callable[[Tensor], Tensor],
 ) -> Iterator[None]:
-    """While active, every forward writes the token mean of block k's output (1-indexed) to
-    store[k]: (N, C) float32. Forward hooks: the model's code is untouched."""
+    """While active, every forward writes keep(block k's output) to store[k] (k 1-indexed).
+    Forward hooks: the model's code is untouched."""
 
     def hook(k: int) -> Callable[[nn.Module, object, Tensor], None]:
         def save(module: nn.Module, inputs: object, output: Tensor) -> None:
-            store[k] = output.float().mean(dim=1)  # (N, T, C) -> (N, C)
+            store[k] = keep(output)
 
         return save
 
@@ -67,6 +70,13 @@ def pooled_block_outputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def pooled_block_outputs(
+    model: AlignedDiffusionTransformer, blocks: list[int], store: dict[int, Tensor]
+) -> AbstractContextManager[None]:
+    """`block_outputs` keeping the token mean, (N, T, C) -> (N, C) float32."""
+    return block_outputs(model, blocks, store, lambda output: output.float().mean(dim=1))
 
 
 def draw_noise(indices: Tensor, shape: tuple[int, ...], seed: int) -> tuple[Tensor, Tensor]:

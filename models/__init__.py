@@ -5,7 +5,9 @@
 `build_model` takes flat keyword arguments (`input_size`, `num_classes`, `z_dims`, `encoder_depth`,
 the projector options of `ProjectorConfig`, ...) and records them; defaults give the baseline of
 each family. SiT↓ names are also reachable with the arrow, e.g. `SiT↓-B/2`; the classes `SiT` and
-`SiTDown` by their names, sized entirely by the arguments.
+`SiTDown` by their names, sized entirely by the arguments. The text-to-image MMDiT
+(`MMDiT-d24/2`, or the class `MMDiT` sized by `depth`) takes caption features where the others
+take a label: `build_model("MMDiT-d24/2", input_size=32, z_dims=[768])(x, t, context)`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch.nn as nn
 
 from models.base import AlignedDiffusionTransformer
+from models.mmdit import MMDiT
 from models.projector import ProjectorConfig
 from models.sit import SiT
 from models.sit_down import SiTDown
@@ -84,6 +87,10 @@ def SiTDown_B_2(**kwargs: Any) -> SiTDown:
     return SiTDown(depths=(5, 5, 5), hidden_size=768, patch_size=2, num_heads=12, **kwargs)
 
 
+def MMDiT_d24_2(**kwargs: Any) -> MMDiT:
+    return MMDiT(depth=24, patch_size=2, **kwargs)  # REPA's Table 12 model: hidden 768, 24 heads
+
+
 SiT_models: dict[str, Callable[..., SiT]] = {
     "SiT-XL/2": SiT_XL_2, "SiT-XL/4": SiT_XL_4, "SiT-XL/8": SiT_XL_8,
     "SiT-L/2": SiT_L_2, "SiT-L/4": SiT_L_4, "SiT-L/8": SiT_L_8,
@@ -110,6 +117,12 @@ MODEL_CLASSES: dict[str, Callable[..., AlignedDiffusionTransformer]] = {
     "SiT": SiT,
     "SiTDown": SiTDown,
 }
+# Text-to-image models, conditioned on caption features instead of a label:
+# `model(x, t, context)`. The class name `MMDiT` is sized by `depth` (hidden 32·depth).
+TEXT_TO_IMAGE_MODELS: dict[str, Callable[..., AlignedDiffusionTransformer]] = {
+    "MMDiT-d24/2": MMDiT_d24_2,
+    "MMDiT": MMDiT,
+}
 PROJECTOR_FIELDS = tuple(field.name for field in fields(ProjectorConfig))
 
 
@@ -117,10 +130,12 @@ def canonical_name(name: str) -> str:
     """`SiT↓-B/2` -> `SiTDown-B/2`; a class name (`SiT`, `SiTDown`) is its own canonical name.
     Raises a KeyError listing the valid names otherwise."""
     canonical = name.replace("SiT↓", "SiTDown")
-    if canonical not in MODEL_NAMES and canonical not in MODEL_CLASSES:
+    known = (*MODEL_NAMES, *MODEL_CLASSES, *TEXT_TO_IMAGE_MODELS)
+    if canonical not in known:
         raise KeyError(
             f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)} "
-            f"(or a class, {' or '.join(MODEL_CLASSES)}, sized by its arguments)"
+            f"(or a class, {' or '.join(MODEL_CLASSES)}, sized by its arguments; "
+            f"text-to-image: {', '.join(TEXT_TO_IMAGE_MODELS)})"
         )
     return canonical
 
@@ -136,7 +151,7 @@ def build_model(name: str, **kwargs: Any) -> AlignedDiffusionTransformer:
     name = canonical_name(name)
     projector = ProjectorConfig(**{k: v for k, v in kwargs.items() if k in PROJECTOR_FIELDS})
     rest = {k: v for k, v in kwargs.items() if k not in PROJECTOR_FIELDS}
-    factory = MODEL_CLASSES.get(name) or MODELS[name]
+    factory = MODEL_CLASSES.get(name) or TEXT_TO_IMAGE_MODELS.get(name) or MODELS[name]
     model = factory(projector=projector, **rest)
     model.model_name = name
     model.model_kwargs = dict(kwargs)
@@ -204,6 +219,7 @@ def check_model_config(name: str, config: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "MODELS", "MODEL_CLASSES", "MODEL_NAMES", "PROJECTOR_FIELDS", "ProjectorConfig", "SiT",
-    "SiTDown", "build_model", "canonical_name", "check_model_config", "model_config",
+    "MODELS", "MODEL_CLASSES", "MODEL_NAMES", "MMDiT", "PROJECTOR_FIELDS", "ProjectorConfig",
+    "SiT", "SiTDown", "TEXT_TO_IMAGE_MODELS", "build_model", "canonical_name", "check_model_config",
+    "model_config",
 ]  # fmt: skip

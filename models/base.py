@@ -70,18 +70,20 @@ class AlignedDiffusionTransformer(nn.Module):
         patch_size: int,
         in_channels: int,
         hidden_size: int,
-        num_classes: int,
-        class_dropout_prob: float,
+        num_classes: int | None,
+        class_dropout_prob: float = 0.0,
     ) -> None:
-        """The embedders every model has before its trunk: patches, timestep, label."""
+        """The embedders before the trunk: patches, timestep, and the label unless `num_classes`
+        is None (a text-to-image model is conditioned by its context tokens instead)."""
         self.in_channels = in_channels
         self.out_channels = in_channels  # velocity only, no learned sigma
         self.patch_size = patch_size
         self.hidden_size = hidden_size
-        self.num_classes = num_classes
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if num_classes is not None:
+            self.num_classes = num_classes
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
 
     def build_heads(
         self,
@@ -186,6 +188,13 @@ class AlignedDiffusionTransformer(nn.Module):
         t_emb = self.t_embedder(t)  # (N, C)
         c = t_emb + self.y_embedder(y, self.training, force_drop_ids)  # (N, C)
         tokens, tapped = self.forward_trunk(tokens, c)
+        return self.forward_heads(tokens, tapped, c, t_emb, return_zs)
+
+    def forward_heads(
+        self, tokens: Tensor, tapped: Tensor, c: Tensor, t_emb: Tensor, return_zs: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """After the trunk: the projections of the tapped tokens (unless `return_zs` is False)
+        and the velocity from the final tokens, conditioned on c (N, C)."""
         zs = (
             [projector(tapped, self.tap_grid_size, t_emb) for projector in self.projectors]
             if return_zs

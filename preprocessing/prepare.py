@@ -15,6 +15,14 @@ the later classes keep theirs: it is reported when the run starts and listed und
 `empty_classes` in manifest.json. Links to files and folders are followed; a folder is entered
 once per class folder (a link loop is skipped with a warning), and a file reached by two paths
 is two samples, as in torchvision's ImageFolder.
+
+MS-COCO for text-to-image (REPA appendix K, U-ViT's protocol): --captions names the split's
+captions file, --source its image folder, and each image also stores the CLIP ViT-L/14 text
+features of every one of its captions (--text-encoder; 77 tokens × 768 each):
+
+    torchrun --nproc_per_node=8 preprocessing/prepare.py --source coco/train2014 \\
+        --captions coco/annotations/captions_train2014.json --dest data/coco256 \\
+        --vae ema --enc-type dinov2-vit-b
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -37,6 +46,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from preprocessing.sources import (
+    CaptionSource,
     CroppedImages,
     ImageSource,
     collate_cropped,
@@ -56,11 +66,21 @@ from urepa.cli import (
     run_main,
 )
 from urepa.encoders import ENCODERS, encoder_dim, encoder_grid, encoder_input_size, load_encoder
+from urepa.text_encoders import (
+    CONTEXT_LENGTH,
+    DEFAULT_TEXT_ENCODER,
+    TextEncoder,
+    check_text_encoder,
+    load_text_encoder,
+    text_encoder_dim,
+)
 from urepa.utils import (
     InputError,
+    atomic_write,
     barrier,
     close_distributed,
     dict_differences,
+    file_sha256,
     init_distributed,
     remove_temporaries,
     write_json,
@@ -69,6 +89,7 @@ from urepa.vae import VAE_IDS, VAE_SCALE, latent_geometry, load_vae
 
 logger = logging.getLogger("prepare")
 
+EMPTY_CAPTION = "empty-caption"  # file name stem of the empty caption's features
 # One barrier waits for the slowest rank to finish all its shards: allow a long wait.
 BARRIER_TIMEOUT = timedelta(hours=48)
 
@@ -100,6 +121,10 @@ def add_source_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--labels", default=None,
                        help="labels file instead of class folders: JSON {relative path: label} "
                             "or text lines 'relative/path label'; unlisted images are excluded")
+    group.add_argument("--captions", default=None, metavar="FILE",
+                       help="MS-COCO captions file (annotations/captions_train2014.json) of the "
+                            "--source folder: the images it names, each with the text features "
+                            "of all its captions (text-to-image); labels are then all 0")
 
 
 def add_encoding_args(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +135,10 @@ def add_encoding_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moments-dtype", choices=["float32", "float16"], default="float32",
                        help="storage dtype of the VAE posterior [mean, std]")
     add_encoder_args(group, none_means="stores no features")
+    group.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER,
+                       help="with --captions: the caption encoder, clip-vit-l14 (U-ViT's CLIP "
+                            "ViT-L/14 text transformer via transformers, 77 tokens × 768), a "
+                            "local folder of it, or clip-text-tiny-random (test stand-in)")
     group.add_argument("--save-pixels", action=argparse.BooleanOptionalAction, default=False,
                        help="also store the cropped pixels (online-encoder mode, previews)")
     group.add_argument("--pixel-format", choices=["png", "npy"], default="png",
@@ -140,7 +169,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for add in (add_source_args, add_encoding_args, add_run_args):
         add(parser)
     add_debug_arg(parser)
-    return parse_checked(parser, argv, parse_encoder_args)
+    return parse_checked(parser, argv, check_args)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The checks between flags (ValueError, reported in one line)."""
+    parse_encoder_args(args)
+    if args.captions and args.labels:
+        raise ValueError("--captions and --labels exclude each other: captioned images have no "
+                         "class labels")  # fmt: skip
+    if args.captions:
+        check_text_encoder(args.text_encoder)
 
 
 #################################################################################
@@ -178,6 +217,31 @@ def build_modalities(args: argparse.Namespace) -> list[shards.Modality]:
     return modalities
 
 
+def caption_modalities(args: argparse.Namespace, source: ImageSource) -> list[shards.Modality]:
+    """With --captions: per image, the text features of each of its captions (zero rows after
+    its last one, up to the source's most captions per image) and how many it has."""
+    if not isinstance(source, CaptionSource):
+        return []
+    shape = (source.max_captions, CONTEXT_LENGTH, text_encoder_dim(args.text_encoder))
+    info = (("text_encoder", args.text_encoder), ("layout", "captions × tokens × width"))
+    return [
+        shards.Modality(f"text-{text_name(args)}", "float16", shape, info=info),
+        shards.Modality("caption_counts", "int64", ()),
+    ]
+
+
+def text_name(args: argparse.Namespace) -> str:
+    """The text encoder as it appears in file and modality names (a folder: its base name)."""
+    return os.path.basename(os.path.normpath(args.text_encoder))
+
+
+def open_source(args: argparse.Namespace) -> ImageSource:
+    """The images, with their captions when --captions is given."""
+    if args.captions:
+        return CaptionSource(args.source, args.captions)
+    return ImageSource(args.source, args.labels)
+
+
 def build_settings(args: argparse.Namespace, source: ImageSource) -> dict[str, Any]:
     """Everything that decides the bytes written. A re-run must match it exactly."""
     return {
@@ -190,7 +254,12 @@ def build_settings(args: argparse.Namespace, source: ImageSource) -> dict[str, A
         "features_dtype": "float16",
         "pixels": args.pixel_format if args.save_pixels else None,
         "shard_size": args.shard_size,
-        "labels": "labels-file" if args.labels else "class-folders",
+        "labels": "captions"
+        if args.captions
+        else "labels-file"
+        if args.labels
+        else "class-folders",
+        "text_encoder": args.text_encoder if args.captions else None,
         "num_files": len(source),
         "files_sha256": source.fingerprint(),
         "source_identity": source.identity(),
@@ -217,6 +286,8 @@ def command_line(args: argparse.Namespace) -> str:
     ]
     if args.labels:
         flags += ["--labels", args.labels]
+    if args.captions:
+        flags += ["--captions", args.captions, "--text-encoder", args.text_encoder]
     if args.save_pixels:
         flags += ["--save-pixels", "--pixel-format", args.pixel_format]
     return " ".join([shards.PREPARE, *map(shlex.quote, flags)])
@@ -265,7 +336,10 @@ def shard_ranges(num_files: int, shard_size: int) -> list[range]:
 #################################################################################
 
 
-def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, list[Any]]:
+Models = tuple[Any, list[Any], TextEncoder | None]  # SD-VAE, encoders, text encoder
+
+
+def load_models(args: argparse.Namespace, device: torch.device) -> Models:
     vae = load_vae(args.vae, device=device)
     channels, factor = latent_geometry(args.vae)
     if (vae.latent_channels, vae.downsample_factor) != (channels, factor):
@@ -284,19 +358,22 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[Any, li
                 f"{enc.name} gives a {enc.grid_size}² token grid at "
                 f"{args.resolution} px, expected {grid}²"
             )
-    return vae, encoders
+    text_encoder = load_text_encoder(args.text_encoder, device) if args.captions else None
+    return vae, encoders, text_encoder
 
 
 @torch.no_grad()
 def encode_batch(
     batch: dict[str, Any],
     labels: np.ndarray,
-    vae: Any,
-    encoders: list[Any],
+    models: Models,
     args: argparse.Namespace,
     device: torch.device,
+    captions: CaptionBatch | None = None,
 ) -> dict[str, Any]:
-    """One decoded batch -> the rows of every modality (NumPy, storage dtypes)."""
+    """One decoded batch -> the rows of every modality (NumPy, storage dtypes); `captions`
+    holds the images' captions when the models include a text encoder."""
+    vae, encoders, text_encoder = models
     x = batch["pixels"].to(device, non_blocking=True)  # (B, 3, R, R) uint8
     rows: dict[str, Any] = {
         "labels": labels[batch["index"]],
@@ -306,7 +383,31 @@ def encode_batch(
         rows[f"features-{enc.name}"] = enc(x).half().cpu().numpy()  # (B, T, D)
     if args.save_pixels:
         rows["pixels"] = batch["png"] if args.pixel_format == "png" else batch["pixels"].numpy()
+    if text_encoder is not None and captions is not None:
+        rows.update(caption_rows(captions, text_encoder, args))
     return rows
+
+
+@dataclass(frozen=True)
+class CaptionBatch:
+    texts: list[list[str]]  # each image's captions
+    slots: int  # caption rows per image in the shards (the source's most captions per image)
+
+
+def caption_rows(
+    captions: CaptionBatch, text_encoder: TextEncoder, args: argparse.Namespace
+) -> dict[str, np.ndarray]:
+    """Every caption of a batch's images through the text encoder at once, placed at
+    (image, caption index); rows past an image's last caption stay zero."""
+    per_image = [len(texts) for texts in captions.texts]
+    width = text_encoder_dim(args.text_encoder)
+    features = np.zeros((len(per_image), captions.slots, CONTEXT_LENGTH, width), np.float16)
+    image = np.repeat(np.arange(len(per_image)), per_image)
+    slot = np.concatenate([np.arange(n) for n in per_image])
+    encoded = text_encoder([text for texts in captions.texts for text in texts])  # (n, 77, D)
+    features[image, slot] = encoded.half().cpu().numpy()
+    counts = np.asarray(per_image, dtype=np.int64)
+    return {f"text-{text_name(args)}": features, "caption_counts": counts}
 
 
 def encode_shards(
@@ -314,13 +415,12 @@ def encode_shards(
     source: ImageSource,
     todo: list[int],
     modalities: list[shards.Modality],
-    models: tuple[Any, list[Any]],
+    models: Models,
     device: torch.device,
     show_progress: bool,
 ) -> None:
     """Encode and publish the shards `todo`, one after another, through one DataLoader."""
     ranges = shard_ranges(len(source), args.shard_size)
-    vae, encoders = models
     # batches never straddle shards, so each shard is a run of consecutive batches
     batches = [
         list(ranges[shard][start : start + args.batch_size])
@@ -352,8 +452,10 @@ def encode_shards(
                 logger.warning("excluded %s: %s", source.path(i), reason)
                 writer.exclude(source.path(i), reason)
             if batch["index"]:
-                rows = encode_batch(batch, source.labels, vae, encoders, args, device)
-                writer.add(rows, [source.path(i) for i in batch["index"]])
+                captions = batch_captions(source, batch["index"])
+                rows = encode_batch(batch, source.labels, models, args, device, captions)
+                texts = captions.texts if captions else None
+                writer.add(rows, [source.path(i) for i in batch["index"]], texts)
             bar.update(len(batch["index"]) + len(batch["failed"]))
             if writer.seen == writer.capacity:
                 writer.publish()
@@ -362,6 +464,13 @@ def encode_shards(
         if writer is not None:  # interrupted: leave no temporary files behind if we can
             writer.abort()
         bar.close()
+
+
+def batch_captions(source: ImageSource, index: list[int]) -> CaptionBatch | None:
+    """The captions of the images `index`, or None for a source without captions."""
+    if not isinstance(source, CaptionSource):
+        return None
+    return CaptionBatch([source.captions[i] for i in index], source.max_captions)
 
 
 #################################################################################
@@ -375,11 +484,11 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     # on the GPU of its local rank when there is one.
     rank, world, device = init_distributed(backend="gloo", timeout=BARRIER_TIMEOUT)
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s")
-    source = ImageSource(args.source, args.labels)  # a SourceError is reported in one line
+    source = open_source(args)  # a SourceError is reported in one line
     if source.empty_classes and rank == 0:
         logger.warning(empty_classes_note(source))
     settings = build_settings(args, source)
-    modalities = build_modalities(args)
+    modalities = build_modalities(args) + caption_modalities(args, source)
     ranges = shard_ranges(len(source), args.shard_size)
     resuming = check_destination(args.dest, settings, args.force)
     pending = [
@@ -422,7 +531,8 @@ def main(args: argparse.Namespace) -> dict[str, Any] | None:
     if rank == 0:
         manifest = finished_manifest(args.dest, pending)
         if manifest is None:
-            manifest = finalize(args, source, settings, modalities, len(ranges))
+            header = caption_header(args, source, models, device)
+            manifest = finalize(args, source, settings, modalities, len(ranges), header)
     close_distributed()
     return manifest
 
@@ -457,7 +567,9 @@ def remove_dataset(dest: str) -> None:
     """--force: delete what this script writes into `dest` (its shard folder, settings and
     manifest, their temporary files), nothing else."""
     shutil.rmtree(os.path.join(dest, shards.SHARD_DIR), ignore_errors=True)
-    for name in (shards.MANIFEST, shards.SETTINGS):
+    names = os.listdir(dest) if os.path.isdir(dest) else []
+    empty_captions = [n for n in names if n.startswith(EMPTY_CAPTION)]
+    for name in (shards.MANIFEST, shards.SETTINGS, *empty_captions):
         if os.path.exists(os.path.join(dest, name)):
             os.remove(os.path.join(dest, name))
     if os.path.isdir(dest):
@@ -470,9 +582,12 @@ def finalize(
     settings: dict[str, Any],
     modalities: list[shards.Modality],
     num_shards: int,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Gather the shard sidecars into the manifest (rank 0, after every rank has finished)."""
+    """Gather the shard sidecars into the manifest (rank 0, after every rank has finished);
+    `extra` adds dataset-level entries (a captioned dataset's)."""
     header = {
+        **(extra or {}),
         "source": args.source,
         "command": command_line(args),
         "settings": settings,
@@ -489,6 +604,36 @@ def finalize(
         len(manifest["excluded"]),
     )
     return manifest
+
+
+def caption_header(
+    args: argparse.Namespace, source: ImageSource, models: Models | None, device: torch.device
+) -> dict[str, Any]:
+    """A captioned dataset's manifest entries, after writing the empty caption's features:
+    the null condition of classifier-free guidance (U-ViT's `empty_context.npy`)."""
+    if not isinstance(source, CaptionSource):
+        return {}
+    text_encoder = models[2] if models is not None else None
+    if text_encoder is None:  # this rank had no shard to encode
+        text_encoder = load_text_encoder(args.text_encoder, device)
+    empty = text_encoder([""])[0].half().cpu().numpy()  # (77, D)
+    name = f"{EMPTY_CAPTION}-{text_name(args)}.npy"
+    path = os.path.join(args.dest, name)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a path would gain ".npy"
+            np.save(f, empty)
+
+    atomic_write(path, write)
+    return {
+        "captions": {
+            "text_encoder": args.text_encoder,
+            "modality": f"text-{text_name(args)}",
+            "max_per_image": source.max_captions,
+            "total": sum(len(c) for c in source.captions),
+            "empty_caption": {"file": name, "sha256": file_sha256(path)},
+        }
+    }
 
 
 def empty_classes_note(source: ImageSource) -> str:

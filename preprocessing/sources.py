@@ -107,17 +107,7 @@ class ImageSource:
     """
 
     def __init__(self, source: str, labels_file: str | None = None):
-        if not os.path.exists(source):
-            raise SourceError(
-                f"--source {source!r} does not exist; pass an ImageFolder directory "
-                "(one sub-folder per class) or a .zip of one"
-            )
-        self.source = source
-        self.is_zip = os.path.isfile(source)
-        if self.is_zip and not zipfile.is_zipfile(source):
-            raise SourceError(f"--source {source!r} is a file but not a zip archive")
-        self._zip: tuple[int, zipfile.ZipFile] | None = None
-        self.prefix = ""  # zips made of a top folder (`zip -r train.zip train/`) keep it in names
+        self._open(source, "an ImageFolder directory (one sub-folder per class) or a .zip of one")
         names, folders = self._list_images()
         if labels_file is None:
             files, labels, self.classes = _folder_labels(names, folders, source)
@@ -132,6 +122,17 @@ class ImageSource:
         self.files = np.asarray([f.encode() for f in files])  # (N,) bytes, sorted
         self.labels = np.asarray(labels, dtype=np.int64)  # (N,)
         self.num_classes = len(self.classes) or int(self.labels.max()) + 1
+
+    def _open(self, source: str, expected: str) -> None:
+        """Check that --source exists (`expected` says what it should be) and note its kind."""
+        if not os.path.exists(source):
+            raise SourceError(f"--source {source!r} does not exist; pass {expected}")
+        self.source = source
+        self.is_zip = os.path.isfile(source)
+        if self.is_zip and not zipfile.is_zipfile(source):
+            raise SourceError(f"--source {source!r} is a file but not a zip archive")
+        self._zip: tuple[int, zipfile.ZipFile] | None = None
+        self.prefix = ""  # zips made of a top folder (`zip -r train.zip train/`) keep it in names
 
     def __len__(self) -> int:
         return len(self.files)
@@ -443,3 +444,62 @@ def collate_cropped(items: list[tuple[Any, ...]]) -> dict[str, Any]:
         "png": [item[2] for item in ok],
         "failed": [(item[0], item[3]) for item in items if item[3] is not None],
     }
+
+
+#################################################################################
+#                        Captioned images (MS-COCO)                             #
+#################################################################################
+
+
+class CaptionSource(ImageSource):
+    """The images of a COCO split (`train2014/`, `val2014/`, or a zip of one) that its captions
+    file (`annotations/captions_train2014.json`) describes, sorted by path, with their captions.
+
+    An image is matched to the captions file by its file name (`file_name`), wherever it sits
+    under --source; images without a caption are left out and listed as such. Each image keeps
+    every caption, in the order of the annotation ids (COCO has 5 to 7 per image). Labels are
+    all 0: the captions condition these images, not a class.
+    """
+
+    def __init__(self, source: str, captions_file: str):
+        self._open(source, "COCO's image folder (train2014/ or val2014/) or a .zip of it")
+        names = self._list_zip()[0] if self.is_zip else _list_folder(source)[0]
+        by_name = read_coco_captions(captions_file)
+        files = sorted(n for n in names if n.rsplit("/", 1)[-1] in by_name)
+        if not files:
+            raise SourceError(
+                f"no image of --source {source!r} is named in --captions {captions_file!r}; "
+                "pass the images of the split the captions file describes"
+            )
+        self.unlabelled = sorted(set(names) - set(files))
+        self.classes, self.empty_classes = [], []
+        self.files = np.asarray([f.encode() for f in files])  # (N,) bytes, sorted
+        self.labels = np.zeros(len(files), dtype=np.int64)
+        self.num_classes = 1
+        self.captions = [by_name[f.rsplit("/", 1)[-1]] for f in files]
+        self.max_captions = max(len(c) for c in self.captions)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the (path, captions) list: what decides the content of every shard."""
+        digest = hashlib.sha256()
+        for path, captions in zip(self.files, self.captions, strict=True):
+            digest.update(path + b"\t" + json.dumps(captions).encode() + b"\n")
+        return digest.hexdigest()
+
+
+def read_coco_captions(captions_file: str) -> dict[str, list[str]]:
+    """COCO's captions JSON -> {image file name: [captions in annotation-id order]}."""
+    try:
+        with open(captions_file) as f:
+            coco = json.load(f)
+        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        annotations = sorted(coco["annotations"], key=lambda a: a["id"])
+        by_name: dict[str, list[str]] = {}
+        for annotation in annotations:
+            by_name.setdefault(names[annotation["image_id"]], []).append(annotation["caption"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise SourceError(
+            f"--captions {captions_file!r} is not a COCO captions file ({type(err).__name__}: "
+            f"{err}); pass annotations/captions_train2014.json or captions_val2014.json"
+        ) from None
+    return by_name

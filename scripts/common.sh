@@ -5,7 +5,8 @@
 #
 # trains $EXPS/EXP to STEPS (re-running resumes, and a run trained further serves every
 # earlier milestone: --resume auto), samples 50K images from the checkpoint of step STEPS with
-# SAMPLER (nocfg: SDE 250 steps, cfg 1; or a generate.py preset: paper-main, ablation), and
+# SAMPLER (nocfg: SDE 250 steps, cfg 1; cfgW: the same with cfg W at every step, e.g. cfg1.35;
+# or a generate.py preset: paper-main, ablation), and
 # evaluates them against $REF. With DRY_RUN=1 the commands are printed, not run.
 
 EXPS=${EXPS:-exps}
@@ -31,9 +32,11 @@ train_generate_evaluate() {
     if [[ "$NPROC" -gt 1 ]]; then
         multi=(--multi_gpu)
     fi
-    if [[ "$sampler" != nocfg ]]; then
-        preset=(--preset "$sampler")
-    fi
+    case "$sampler" in
+        nocfg) ;;
+        cfg*) preset=(--cfg-scale "${sampler#cfg}") ;;  # SDE 250 steps, guidance at every step
+        *) preset=(--preset "$sampler") ;;
+    esac
     run accelerate launch "${multi[@]}" --num_processes "$NPROC" train.py --data-dir "$DATA" \
         --output-dir "$EXPS" --exp-name "$exp" --max-train-steps "$steps" --resume auto "$@"
     run torchrun --nproc_per_node="$NPROC" generate.py \

@@ -30,20 +30,25 @@ BATCH = 256
 NUM_SAMPLES = 50_000
 IMAGENET = 1_281_167
 
-# (table, setting, model, training steps, sampler); sampler = (mode, steps, cfg, guidance_high)
+# (table, setting, model, training steps, sampler, latent side); sampler = (mode, steps, cfg,
+# guidance_high); "R11" is REPA's Table 11 (ImageNet 512: 64×64 latents)
 TABLE3 = (None, 250, 1.0, 1.0)  # SDE 250, no guidance
 PAPER_MAIN = ("sde", 250, 1.65, 0.7)
 ABLATION = ("ode", 50, 1.8, 0.7)
+REPA_CFG = ("sde", 250, 1.35, 1.0)  # REPA's Table 11: cfg 1.35 at every step
 ROWS = [
-    ("3", "SiT-B/2 + REPA", "SiT-B/2", 400_000, TABLE3),
-    ("3", "SiT↓-B/2 + U-REPA", "SiTDown-B/2", 400_000, TABLE3),
-    ("3", "SiT-L/2 + REPA", "SiT-L/2", 700_000, TABLE3),
-    ("3", "SiT↓-L/2 + U-REPA", "SiTDown-L/2", 400_000, TABLE3),
-    ("3", "SiT-XL/2 + REPA", "SiT-XL/2", 4_000_000, TABLE3),
-    ("3", "SiT↓-XL/2 + U-REPA", "SiTDown-XL/2", 400_000, TABLE3),
-    ("4", "SiT↓-XL/2 + U-REPA, 200 epochs", "SiTDown-XL/2", 1_000_800, PAPER_MAIN),
-    ("4", "SiT↓-XL/2 + U-REPA, 400 epochs", "SiTDown-XL/2", 2_001_600, PAPER_MAIN),
-    ("5-10", "one 100K-step ablation run", "SiTDown-XL/2", 100_000, ABLATION),
+    ("3", "SiT-B/2 + REPA", "SiT-B/2", 400_000, TABLE3, 32),
+    ("3", "SiT↓-B/2 + U-REPA", "SiTDown-B/2", 400_000, TABLE3, 32),
+    ("3", "SiT-L/2 + REPA", "SiT-L/2", 700_000, TABLE3, 32),
+    ("3", "SiT↓-L/2 + U-REPA", "SiTDown-L/2", 400_000, TABLE3, 32),
+    ("3", "SiT-XL/2 + REPA", "SiT-XL/2", 4_000_000, TABLE3, 32),
+    ("3", "SiT↓-XL/2 + U-REPA", "SiTDown-XL/2", 400_000, TABLE3, 32),
+    ("4", "SiT↓-XL/2 + U-REPA, 200 epochs", "SiTDown-XL/2", 1_000_800, PAPER_MAIN, 32),
+    ("4", "SiT↓-XL/2 + U-REPA, 400 epochs", "SiTDown-XL/2", 2_001_600, PAPER_MAIN, 32),
+    ("5-10", "one 100K-step ablation run", "SiTDown-XL/2", 100_000, ABLATION, 32),
+    ("R11", "SiT-XL/2 + REPA, 512 px, 80 ep.", "SiT-XL/2", 400_320, REPA_CFG, 64),
+    ("R11", "SiT-XL/2 + REPA, 512 px, 100 ep.", "SiT-XL/2", 500_400, REPA_CFG, 64),
+    ("R11", "SiT-XL/2 + REPA, 512 px, 200 ep.", "SiT-XL/2", 1_000_800, REPA_CFG, 64),
 ]
 
 
@@ -66,11 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     flops_per_second = H100_PEAK * args.mfu
     print(f"{'table':<6}{'setting':<34}{'steps':>10}{'epochs':>8}{'train h':>10}{'sample h':>10}")
-    for table, setting, name, steps, sampler in ROWS:
+    for table, setting, name, steps, sampler, latent in ROWS:
         with torch.device("meta"):
-            model = build_model(name, input_size=32, z_dims=[768])
-        train_macs = count_macs(model, 32, include_projectors=True)
-        sample_macs = count_macs(model, 32)
+            model = build_model(name, input_size=latent, z_dims=[768])
+        train_macs = count_macs(model, latent, include_projectors=True)
+        sample_macs = count_macs(model, latent)
         train_h = 3 * 2 * train_macs * BATCH * steps / flops_per_second / 3600
         evaluations = model_evaluations(*sampler)
         sample_h = 2 * sample_macs * evaluations * NUM_SAMPLES / flops_per_second / 3600

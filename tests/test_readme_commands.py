@@ -61,6 +61,7 @@ SCRIPTS = {
     "scripts/table8.sh": [["0"], ["2"], ["3"], ["4"]],
     "scripts/table9.sh": [["ordinary"], ["time-aware"]],
     "scripts/table10.sh": [["constant"], ["rise"], ["fall"], ["dip"]],
+    "scripts/imagenet512.sh": [["prepare"], ["80"], ["100"], ["200"]],
 }
 # Variables the docs leave to the reader's environment.
 SHELL_VALUES = {"NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1"}

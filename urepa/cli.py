@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
-from models import canonical_name
+from models import TEXT_TO_IMAGE_MODELS, canonical_name
 from models.layers import SDPA_BACKENDS
 from urepa.encoders import ENCODER_STANDIN, check_resolution, parse_encoder_list
 from urepa.speed import resolve_compile
@@ -65,11 +65,18 @@ unit_closed = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 def model_name(text: str) -> str:
     """A registry name (SiTDown-XL/2, alias SiT↓-XL/2) in its canonical spelling, or a bare
-    class name (SiT, SiTDown) that --model-config sizes."""
+    class name (SiT, SiTDown) that --model-config sizes. The entry points train and sample
+    class-conditional models: a text-to-image name is refused here, before any work."""
     try:
-        return canonical_name(text)
+        name = canonical_name(text)
     except KeyError as err:
         raise argparse.ArgumentTypeError(err.args[0]) from None
+    if name in TEXT_TO_IMAGE_MODELS:
+        raise argparse.ArgumentTypeError(
+            f"{name} is a text-to-image model (conditioned on caption features); this command "
+            "takes the class-conditional SiT and SiT↓ models"
+        )
+    return name
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -11,7 +11,11 @@ image):
     shards/pixels-00000.npy           uint8 (n, 3, H, W)                       (pixels, "npy")
     shards/pixels-00000.png.bin       concatenated PNG files                   (pixels, "png")
     shards/pixels-00000.offsets.npy   int64 (n + 1,): byte offsets into the .bin
+    shards/text-<enc>-00000.npy       float16 (n, K, 77, D): K captions' text features (--captions)
+    shards/caption_counts-00000.npy   int64 (n,): how many of the K caption rows are real
     shards/shard-00000.json           sidecar: written last, so its presence means "shard complete"
+                                      (with --captions it also holds each sample's caption texts)
+    empty-caption-<enc>.npy           float16 (77, D): the empty caption's features (--captions)
     manifest.json                     written after every shard is complete: what train.py reads
                                       (classes, class_counts, empty_classes, excluded files, ...)
 
@@ -176,6 +180,7 @@ class ShardWriter:
             os.remove(sidecar_path(root, shard))
         self.count = 0
         self.sources: list[str] = []
+        self.captions: list[list[str]] = []
         self.excluded: list[dict[str, str]] = []
         self._arrays: dict[str, np.memmap] = {}
         self._blobs: dict[str, Any] = {}
@@ -228,9 +233,12 @@ class ShardWriter:
         """Source files handled so far (stored or excluded)."""
         return self.count + len(self.excluded)
 
-    def add(self, rows: dict[str, Any], sources: list[str]) -> None:
+    def add(
+        self, rows: dict[str, Any], sources: list[str], captions: list[list[str]] | None = None
+    ) -> None:
         """Append len(sources) samples: `rows[name]` is an array (k, *shape), or for PNG
-        modalities a list of k PNG byte strings."""
+        modalities a list of k PNG byte strings; `captions`, each sample's caption texts, go
+        to the sidecar (a captioned dataset)."""
         added = len(sources)
         if self.seen + added > self.capacity:
             raise ValueError(f"shard {self.shard}: more than {self.capacity} samples")
@@ -247,6 +255,7 @@ class ShardWriter:
                     self._arrays[modality.name][rows_now] = rows[modality.name]
         self.count += added
         self.sources.extend(sources)
+        self.captions.extend(captions or [])
 
     def exclude(self, source: str, reason: str) -> None:
         self.excluded.append({"path": source, "reason": reason})
@@ -289,6 +298,7 @@ class ShardWriter:
                 "files": files,
                 "excluded": self.excluded,
                 "sources": self.sources,
+                **({"captions": self.captions} if self.captions else {}),
             }
             write_json(sidecar_path(self.root, self.shard), sidecar)
         return sidecar
