@@ -105,8 +105,8 @@ def test_models_and_datasets_are_matched(toy_coco, data_dir, tmp_path):
     with pytest.raises(InputError, match="captioned"):
         run(*t2i_argv(data_dir, tmp_path, "mmdit-on-labels", "--resolution", "64"))
     with pytest.raises(InputError, match=r"captioned \(text-to-image\) dataset"):
-        run(*t2i_argv(toy_coco[2], tmp_path, "sit-on-captions", "--model", "SiT",
-                      "--model-config", '{"hidden_size": 32, "depth": 1, "num_heads": 2}'))  # fmt: skip
+        sit = '{"hidden_size": 32, "depth": 1, "num_heads": 2}'
+        run(*t2i_argv(toy_coco[2], tmp_path, "sit", "--model", "SiT", "--model-config", sit))
 
 
 def test_mmdit_trains_and_resumes_bitwise(toy_coco, tmp_path):
