@@ -12,7 +12,21 @@ import torch
 from accelerate.state import AcceleratorState
 from test_train import TIMINGS, assert_states_equal, checkpoint, metrics, optimizer_tensors, run
 
+import generate
 from dataset import LatentDataset
+from evaluations.clip_score import (
+    CLIP_STANDIN,
+    clip_cosines,
+    clip_pixels,
+    clip_scores,
+    standin_clip,
+)
+from evaluations.clip_score import main as clip_main
+from evaluations.clip_score import parse_args as clip_args
+from evaluations.evaluator import evaluate
+from evaluations.inception import TinyInceptionForTests
+from evaluations.inputs import load_reference_statistics
+from evaluations.make_reference import make_reference
 from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
 from urepa import shards
@@ -142,3 +156,58 @@ def test_samples_take_images_then_their_next_captions_in_a_fixed_order():
     assert images.tolist() == [0, 1, 2] * 3
     assert captions.tolist() == [0, 0, 0, 1, 0, 1, 0, 0, 2]
     assert np.array_equal(caption_of_sample(torch.tensor([7]), counts)[1], [0])
+
+
+def test_clip_score_is_the_cosine_of_each_pair_scaled():
+    """Batched scores against one pair at a time through CLIP's own feature functions, and a
+    caption that does not fit its image scores differently."""
+    model, tokenizer = standin_clip()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    captions = ["a red circle", "a blue square", "green ring on grey"]
+    batched = clip_cosines(model, tokenizer, images, captions)
+    assert np.array_equal(clip_scores(model, tokenizer, images, captions), 100 * batched.clip(0))
+    for k in range(3):
+        pixels = clip_pixels(images[k : k + 1], 32, torch.device("cpu"))
+        tokens = tokenizer([captions[k]], return_tensors="pt")
+        with torch.no_grad():  # CLIPModel's own forward: normalised image and text embeddings
+            out = model(input_ids=tokens["input_ids"], pixel_values=pixels)
+        expected = float((out.image_embeds * out.text_embeds).sum())
+        assert batched[k] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert not np.allclose(batched, clip_cosines(model, tokenizer, images, captions[::-1]))
+
+
+def test_caption_set_end_to_end_generate_from_captions_and_evaluate(toy_coco, tmp_path):
+    """prepare (fixture) -> train 2 steps -> resume to 4 -> generate 6 images from the set's
+    captions with guidance by the empty caption -> FID against the set's reference and CLIP
+    score; the samples follow the captions' fixed order, whatever the batch size."""
+    run(*t2i_argv(toy_coco[2], tmp_path, "t2i", "--max-train-steps", "2"))
+    run(*t2i_argv(toy_coco[2], tmp_path, "t2i", "--resume", "auto", "--sampling-steps", "4",
+                  "--preview-images", "4"))  # fmt: skip
+    assert (tmp_path / "t2i" / "samples" / "0000004.png").exists()  # previews by caption
+    ckpt = str(tmp_path / "t2i" / "checkpoints" / "0000004.pt")
+
+    def sample(name: str, batch: int) -> str:
+        generate.main(generate.parse_args([
+            "--ckpt", ckpt, "--sample-dir", str(tmp_path / name), "--captions-from", toy_coco[2],
+            "--mode", "ode", "--num-steps", "3", "--cfg-scale", "2.0", "--guidance-high", "0.7",
+            "--num-fid-samples", "6", "--per-proc-batch-size", str(batch),
+        ]))  # fmt: skip
+        return str(tmp_path / f"{name}.npz")
+
+    npz = sample("coco", 4)
+    assert np.array_equal(np.load(npz)["arr_0"], np.load(sample("other-batch", 6))["arr_0"])
+    captions = json.loads((tmp_path / "coco.captions.json").read_text())
+    assert captions == [texts[0] for texts in LatentDataset(toy_coco[2]).caption_texts()[:6]]
+    ref = str(tmp_path / "ref.npz")
+    make_reference(toy_coco[0], ref, TinyInceptionForTests(), resolution=RES)
+    net = TinyInceptionForTests()
+    with pytest.warns(UserWarning, match="fewer than 50000"):
+        metrics_ = evaluate(load_reference_statistics(ref, net.pool_dim, net.spatial_dim), ref,
+                            npz, net)  # fmt: skip
+    assert np.isfinite(metrics_["fid"]) and metrics_["fid"] > 0
+    score = clip_main(clip_args([npz, "--clip", CLIP_STANDIN]))
+    assert 0 <= score <= 100
+    with pytest.raises(InputError, match="--captions-from"):
+        generate.main(generate.parse_args(["--ckpt", ckpt, "--sample-dir", str(tmp_path / "x"),
+                                           "--num-fid-samples", "2"]))  # fmt: skip
