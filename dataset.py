@@ -1,9 +1,11 @@
 """The training set written by `preprocessing/prepare.py`: VAE moments, encoder features, labels
-and (optionally) pixels, read from memory-mapped shards (format: `urepa/shards.py`)."""
+and (optionally) pixels, read from memory-mapped shards (format: `urepa/shards.py`); a captioned
+set (`--captions`, MS-COCO) also gives each image's caption features and the empty caption's."""
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -12,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
 from urepa.encoders import encoder_dim
-from urepa.shards import PREPARE, DatasetError, ShardReader, load_manifest
+from urepa.shards import PREPARE, DatasetError, ShardReader, load_manifest, read_json, sidecar_path
+from urepa.utils import file_sha256
 
 
 def stored_encoders(manifest: dict[str, Any]) -> list[str]:
@@ -48,6 +51,11 @@ class LatentDataset(Dataset):
         self.num_classes: int = self.manifest["num_classes"]
         self._check_request(stored, resolution)
         names = ["labels", "moments", *(f"features-{e}" for e in self.encoders)]
+        captions = self.manifest.get("captions")
+        self.captioned = captions is not None
+        if captions is not None:
+            names += ["caption_counts", captions["modality"]]
+            self.empty_context = self._empty_context(captions["empty_caption"])  # (L, D) fp16
         self._reader = ShardReader(data_dir, self.manifest, names + (["pixels"] if pixels else []))
         self._reader.check()
         self._reader.check_labels(self.num_classes)
@@ -77,6 +85,38 @@ class LatentDataset(Dataset):
                 f"{self.data_dir} stores no pixels (needed by the online-encoder mode); prepare a "
                 f"dataset with {PREPARE} --save-pixels {built_with}"
             )
+
+    def _empty_context(self, entry: dict[str, str]) -> Tensor:
+        """The empty caption's features, checked against the manifest's checksum."""
+        path = os.path.join(self.data_dir, entry["file"])
+        if not os.path.exists(path) or file_sha256(path) != entry["sha256"]:
+            raise DatasetError(
+                f"{path} is missing or differs from the checksum in the manifest; prepare the "
+                f"dataset again into a new --dest ({self.manifest.get('command', PREPARE)})"
+            )
+        return torch.from_numpy(np.load(path))
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the caption features (a captioned dataset)."""
+        return int(self.empty_context.shape[-1])
+
+    def caption_counts(self, indices: Tensor) -> Tensor:
+        """(b,) int64: how many captions each of samples `indices` has (>= 1)."""
+        counts = np.empty(len(indices), dtype=np.int64)
+        self._reader.read_rows("caption_counts", indices.numpy().astype(np.int64), counts)
+        return torch.from_numpy(counts)
+
+    def read_contexts(self, indices: Tensor, choice: Tensor) -> Tensor:
+        """(b, L, D) float16: caption `choice[k]` of sample `indices[k]` (only that one is read)."""
+        name = self.manifest["captions"]["modality"]
+        rows = indices.numpy().astype(np.int64)
+        return torch.from_numpy(self._reader.read_items(name, rows, choice.numpy()))
+
+    def caption_texts(self) -> list[list[str]]:
+        """Every sample's caption texts, from the shards' sidecars (a captioned dataset)."""
+        shards = range(len(self.manifest["shards"]))
+        return [c for s in shards for c in read_json(sidecar_path(self.data_dir, s))["captions"]]
 
     def __len__(self) -> int:
         return len(self._reader)

@@ -52,8 +52,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dataset import LatentDataset
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
+from urepa.captions import dataset_captions, dataset_contexts, is_text_to_image
 from urepa.checkpoints import trained_vae
 from urepa.cli import (
     DefaultsHelpFormatter,
@@ -73,6 +75,7 @@ from urepa.hub import load_pretrained
 from urepa.sampling import (
     PIXELS,
     SAMPLE_SEED,
+    CaptionFeatures,
     balanced_labels,
     generate_latents,
     sampling_model,
@@ -80,6 +83,7 @@ from urepa.sampling import (
     to_uint8,
 )
 from urepa.settings import PRESETS, SAMPLING_DEFAULTS, SamplerSettings, SamplingSpeed
+from urepa.shards import DatasetError, dataset_identity
 from urepa.speed import report_compile_times
 from urepa.utils import (
     InputError,
@@ -154,6 +158,13 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
                        help="with the index, decides each sample's label and noise")
     group.add_argument("--label-sampling", choices=["random", "balanced"], default="random",
                        help="random: uniform labels; balanced: exactly N/num_classes per class")
+    group.add_argument("--captions-from", default=None, metavar="DATA_DIR",
+                       help="text-to-image checkpoints: the captioned set whose captions condition "
+                            "the samples (COCO val2014 prepared with preprocessing/prepare.py "
+                            "--captions); sample i takes image i mod N's caption (i div N) mod "
+                            "its count, an order fixed by the data alone; the captions are "
+                            "written beside the .npz for CLIP score. U-ViT's and REPA's FID uses "
+                            "--num-fid-samples 30000")
     group.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="tf32",
                        help="model precision on GPU: fp32 (TF32 off), tf32 (REPA's default), "
                             "bf16 autocast; the sampler state is float64 and the VAE fp32")
@@ -355,13 +366,64 @@ def write_npz(sample_dir: str, num_samples: int, npz_path: str) -> tuple[int, ..
 def check_model(
     model: AlignedDiffusionTransformer, vae: LatentAutoencoder, args: argparse.Namespace
 ) -> None:
-    has_null_class = model.y_embedder.embedding_table.num_embeddings > model.num_classes
+    if is_text_to_image(model):
+        check_text_to_image(model, args)
+        has_null_class = model.checkpoint_args.get("cfg_prob", 0.1) > 0  # the empty caption
+    else:
+        has_null_class = model.y_embedder.embedding_table.num_embeddings > model.num_classes
     if args.cfg_scale != 1.0 and not has_null_class:
         raise InputError("the model has no null class (trained without label dropout), so it "
                          "cannot be guided: use --cfg-scale 1")  # fmt: skip
     if vae.latent_channels != model.in_channels:
         raise InputError(f"the VAE has {vae.latent_channels} latent channels, the model "
                          f"{model.in_channels}")  # fmt: skip
+
+
+def check_text_to_image(model: AlignedDiffusionTransformer, args: argparse.Namespace) -> None:
+    """A text-to-image checkpoint samples from --captions-from, a class-conditional one not."""
+    if args.captions_from is None:
+        raise InputError(f"{args.ckpt} is a text-to-image model: pass --captions-from, a "
+                         "captioned dataset (preprocessing/prepare.py --captions)")  # fmt: skip
+    if args.label_sampling != "random":
+        raise InputError("--label-sampling applies to class-conditional models only")
+
+
+def open_captions(
+    args: argparse.Namespace, model: AlignedDiffusionTransformer
+) -> LatentDataset | None:
+    """--captions-from's dataset, checked against the model (None for a class-conditional model,
+    which refuses the flag)."""
+    if not is_text_to_image(model):
+        if args.captions_from is not None:
+            raise InputError(f"--captions-from is for text-to-image models; {args.ckpt} is "
+                             "class-conditional")  # fmt: skip
+        return None
+    try:
+        dataset = LatentDataset(args.captions_from, encoders=[])
+    except DatasetError as err:
+        raise InputError(str(err)) from err
+    if not dataset.captioned or dataset.context_dim != model.context_dim:
+        raise InputError(
+            f"--captions-from {args.captions_from} must be a captioned dataset with "
+            f"{model.context_dim}-wide caption features (the model's); prepare it with "
+            "preprocessing/prepare.py --captions and the text encoder the model was trained with"
+        )
+    return dataset
+
+
+def caption_features(dataset: LatentDataset) -> CaptionFeatures:
+    """Sample indices -> their captions' features and the empty caption's."""
+    return lambda indices: (
+        dataset_contexts(dataset, torch.tensor(indices, dtype=torch.int64)),
+        dataset.empty_context,
+    )
+
+
+def write_captions(dataset: LatentDataset, num_samples: int, npz_path: str) -> str:
+    """The caption of every sample, in order, beside the .npz (for CLIP score)."""
+    path = npz_path[: -len(".npz")] + ".captions.json"
+    write_json(path, dataset_captions(dataset, torch.arange(num_samples)))
+    return path
 
 
 # Host memory per sample before the first image: its balanced label (a permutation and its
@@ -395,6 +457,7 @@ def generate_samples(
     labels: torch.Tensor | None,
     device: torch.device,
     rank: int,
+    captions: CaptionFeatures | None = None,
 ) -> None:
     """Sample `todo` (this rank's indices) in batches and write their PNGs."""
     progress = tqdm(total=len(todo), unit="img", desc="Sampling (rank 0)", disable=rank != 0)
@@ -408,6 +471,7 @@ def generate_samples(
                 sampler,
                 labels,
                 device,
+                captions,
             ):
                 images = to_uint8(vae.decode(latents.float()))[: len(indices)]
                 for index, image in zip(indices, images, strict=True):
@@ -435,12 +499,15 @@ def main(args: argparse.Namespace) -> None:
     vae = load_vae(args.vae, device)
     check_model(model, vae, args)
     check_room(args, model, vae)
+    dataset = open_captions(args, model)
     labels = None
-    if args.label_sampling == "balanced":
+    if args.label_sampling == "balanced" and dataset is None:
         labels = balanced_labels(args.num_fid_samples, model.num_classes, args.global_seed)
 
     # Rank 0 hashes the weights (every rank loaded the same file): one pass, not one per rank.
     settings = broadcast_from_rank0(sampling_settings(args, model) if rank == 0 else None)
+    if dataset is not None:  # the captions decide the images as much as the seed does
+        settings["captions"] = dataset_identity(dataset.manifest)
     check_sample_dir(args.sample_dir, settings)  # on every rank, so that all stop together
     barrier()
     if rank == 0:
@@ -457,13 +524,16 @@ def main(args: argparse.Namespace) -> None:
             f"{args.sample_dir}: {done} of {args.num_fid_samples} images present, sampling "
             f"{len(missing)} on {world_size} process(es); settings: {json.dumps(settings)}"
         )
-    generate_samples(model, vae, missing[rank::world_size], args, labels, device, rank)
+    captions = caption_features(dataset) if dataset is not None else None
+    generate_samples(model, vae, missing[rank::world_size], args, labels, device, rank, captions)
 
     barrier()  # every PNG is written
     if rank == 0:
         npz_path = npz_path_of(args.sample_dir)
         shape = write_npz(args.sample_dir, args.num_fid_samples, npz_path)
         print(f"Saved {npz_path} [arr_0: uint8, shape {shape}].")
+        if dataset is not None:
+            print(f"Saved {write_captions(dataset, args.num_fid_samples, npz_path)}.")
     close_distributed()
 
 

@@ -22,14 +22,17 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from dataset import LatentDataset, stored_encoders
 from loss import LAMBDA_SCHEDULES, MANIFOLD_MODES, PATH_TYPES, WEIGHTINGS
-from models import build_model, check_model_config
+from models import TEXT_TO_IMAGE_MODELS, build_model, check_model_config
 from models.layers import sdpa_backend
+from models.mmdit import CLIP_TEXT_DIM
 from models.projector import ALIGN_RESOLUTIONS, UPSAMPLE_KERNELS, UPSAMPLE_ORDERS
 from models.summary import count_macs
+from urepa.captions import check_model_matches_data, dataset_contexts
 from urepa.checkpoints import (
     TrainingError,
     check_resumable,
@@ -45,10 +48,10 @@ from urepa.cli import (
     add_encoder_args,
     add_speed_args,
     add_vae_args,
+    any_model_name,
     encoder_list,
     encoder_weights,
     json_object,
-    model_name,
     nonnegative_float,
     nonnegative_int,
     parse_checked,
@@ -66,7 +69,12 @@ from urepa.encoders import (
     load_encoder,
 )
 from urepa.hub import local_dataset
-from urepa.model_setup import PROJECTOR_FLAGS, create_model, model_arguments
+from urepa.model_setup import (
+    PROJECTOR_FLAGS,
+    create_model,
+    model_arguments,
+    text_to_image_arguments,
+)
 from urepa.periodic_eval import PeriodicEvaluation, check_eval_settings, create_evaluation
 from urepa.run_log import (
     add_log_file,
@@ -111,9 +119,11 @@ FLAG_OF_MODEL_KWARG = {
 # fmt: off
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model (U-REPA §3.2-3.3, Tables 5-7, 9)")
-    g.add_argument("--model", type=model_name, default="SiTDown-XL/2",
+    g.add_argument("--model", type=any_model_name, default="SiTDown-XL/2",
                    help="registry name: SiT-{S,B,L,XL}/{2,4,8}, SiTDown-{B,L,XL}/2 (alias SiT↓-); "
-                        "or a class, SiT or SiTDown, sized by --model-config (small experiments)")
+                        "or a class, SiT or SiTDown, sized by --model-config (small experiments); "
+                        "text-to-image on a captioned dataset (--captions in prepare.py): "
+                        "MMDiT-d24/2 (REPA's Table 12), or MMDiT sized by --model-config")
     g.add_argument("--encoder-depth", type=positive_int, default=None,
                    help="align the output of this block (1-indexed through all stages); default: "
                         "the model's: SiT 8, SiT↓ its middle block, 8/16/18 for B/L/XL (Table 5)")
@@ -466,6 +476,12 @@ def setup(
 ) -> tuple[Trainer, Dataset]:
     """Data, encoders, model, EMA, optimiser, objective; then the checkpoint to resume, if any."""
     dataset = open_dataset(args)
+    check_model_matches_data(args.model, dataset.captioned, args.data_dir)
+    if dataset.captioned and args.eval_every > 0:
+        raise TrainingError(
+            "--eval-every evaluates class-conditional runs only; evaluate a text-to-image run's "
+            "checkpoints with generate.py --captions-from and evaluations/evaluator.py"
+        )
     try:
         plan = BatchPlan(
             len(dataset),
@@ -545,6 +561,8 @@ def plan_without_data(args: argparse.Namespace, accelerator: Accelerator, error:
     channels, factor = latent_geometry(args.vae or "ema")
     size, settings = args.resolution // factor, ModelSettings.from_flags(vars(args))
     kwargs = {"in_channels": channels, **model_arguments(settings, size, 1000)}
+    if args.model in TEXT_TO_IMAGE_MODELS:  # CLIP ViT-L/14's captions, U-ViT's protocol
+        kwargs = text_to_image_arguments(kwargs, CLIP_TEXT_DIM)
     with torch.device("meta"):
         model = build_model(args.model, **kwargs)
     macs = count_macs(model, model.latent_shape[-1], include_projectors=True)
@@ -637,6 +655,15 @@ def decided_by_main(accelerator: Accelerator, decide: Callable[[], Any]) -> Any:
     return result
 
 
+def preview_captions(args: argparse.Namespace, dataset: Any) -> tuple[Tensor, Tensor] | None:
+    """A text-to-image run's preview captions (the first caption of the first images) and the
+    empty caption's features; None for a class-conditional run."""
+    if not dataset.captioned:
+        return None
+    count = min(args.preview_images, len(dataset))
+    return dataset_contexts(dataset, torch.arange(count)), dataset.empty_context
+
+
 def evaluation_of(
     args: argparse.Namespace, trainer: Trainer, vae: Any, run_dir: str, logger: Any
 ) -> PeriodicEvaluation | None:
@@ -701,7 +728,8 @@ def train_into(
         monitor = Monitor(trainer, run_dir, logger, 6.0 * macs, peak)
         with sdpa_backend(args.sdpa_backend):
             evaluate = evaluation.maybe_run if evaluation is not None else None
-            stopped = train(trainer, dataset, run_dir, Previews(trainer, vae), monitor, evaluate)
+            previews = Previews(trainer, vae, preview_captions(args, dataset))
+            stopped = train(trainer, dataset, run_dir, previews, monitor, evaluate)
         if stopped:
             if stop_hint is not None:
                 logger.info(f"stopped by a signal after step {trainer.step}, checkpoint saved: "

@@ -176,7 +176,7 @@ def model_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
 def constructor_types(name: str) -> dict[str, Any]:
     """{argument: annotation} of the constructor that builds model `name`, projector options
     included (a registry name's factory is annotated with the class it returns)."""
-    factory = MODEL_CLASSES.get(name) or MODELS[name]
+    factory = MODEL_CLASSES.get(name) or TEXT_TO_IMAGE_MODELS.get(name) or MODELS[name]
     cls = factory if isinstance(factory, type) else typing.get_type_hints(factory)["return"]
     hints = typing.get_type_hints(vars(cls)["__init__"])
     for gathered in ("return", "projector"):  # build_model makes `projector` from the fields

@@ -44,6 +44,9 @@ def count_macs(
     x = torch.zeros(1, model.in_channels, input_size, input_size, device=device)
     t = torch.zeros(1, device=device)
     y = torch.zeros(1, dtype=torch.long, device=device)
+    context_dim = getattr(model, "context_dim", None)
+    if context_dim is not None:  # text-to-image: 77 caption tokens (CLIP's length) for the label
+        y = torch.zeros(1, 77, context_dim, device=device)
     projectors = model.projectors
     if not include_projectors:
         model.projectors = torch.nn.ModuleList()

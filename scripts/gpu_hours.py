@@ -29,13 +29,16 @@ H100_PEAK = 989e12  # FLOP/s, dense BF16/FP16
 BATCH = 256
 NUM_SAMPLES = 50_000
 IMAGENET = 1_281_167
+COCO_SAMPLES = 30_000  # U-ViT's and REPA's text-to-image FID
 
 # (table, setting, model, training steps, sampler, latent side); sampler = (mode, steps, cfg,
-# guidance_high); "R11" is REPA's Table 11 (ImageNet 512: 64×64 latents)
+# guidance_high); "R11" is REPA's Table 11 (ImageNet 512: 64×64 latents), "R12" its Table 12
+# (MS-COCO text-to-image, 30K samples; its "epochs" are ImageNet's)
 TABLE3 = (None, 250, 1.0, 1.0)  # SDE 250, no guidance
 PAPER_MAIN = ("sde", 250, 1.65, 0.7)
 ABLATION = ("ode", 50, 1.8, 0.7)
 REPA_CFG = ("sde", 250, 1.35, 1.0)  # REPA's Table 11: cfg 1.35 at every step
+T2I_ODE, T2I_SDE = ("ode", 50, 2.0, 1.0), ("sde", 250, 2.0, 1.0)  # REPA's Table 12: cfg 2.0
 ROWS = [
     ("3", "SiT-B/2 + REPA", "SiT-B/2", 400_000, TABLE3, 32),
     ("3", "SiT↓-B/2 + U-REPA", "SiTDown-B/2", 400_000, TABLE3, 32),
@@ -49,6 +52,8 @@ ROWS = [
     ("R11", "SiT-XL/2 + REPA, 512 px, 80 ep.", "SiT-XL/2", 400_320, REPA_CFG, 64),
     ("R11", "SiT-XL/2 + REPA, 512 px, 100 ep.", "SiT-XL/2", 500_400, REPA_CFG, 64),
     ("R11", "SiT-XL/2 + REPA, 512 px, 200 ep.", "SiT-XL/2", 1_000_800, REPA_CFG, 64),
+    ("R12", "MMDiT + REPA, COCO, ODE 50", "MMDiT-d24/2", 150_000, T2I_ODE, 32),
+    ("R12", "MMDiT + REPA, COCO, SDE 250", "MMDiT-d24/2", 150_000, T2I_SDE, 32),
 ]
 
 
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         sample_macs = count_macs(model, latent)
         train_h = 3 * 2 * train_macs * BATCH * steps / flops_per_second / 3600
         evaluations = model_evaluations(*sampler)
-        sample_h = 2 * sample_macs * evaluations * NUM_SAMPLES / flops_per_second / 3600
+        samples = COCO_SAMPLES if table == "R12" else NUM_SAMPLES
+        sample_h = 2 * sample_macs * evaluations * samples / flops_per_second / 3600
         epochs = steps * BATCH / IMAGENET
         print(f"{table:<6}{setting:<34}{steps:>10}{epochs:>8.0f}{train_h:>10.0f}{sample_h:>10.1f}")
     print(f"\nH100 GPU-hours at {args.mfu:.0%} MFU of {H100_PEAK / 1e12:.0f} TFLOP/s (estimates)")

@@ -62,6 +62,7 @@ SCRIPTS = {
     "scripts/table9.sh": [["ordinary"], ["time-aware"]],
     "scripts/table10.sh": [["constant"], ["rise"], ["fall"], ["dip"]],
     "scripts/imagenet512.sh": [["prepare"], ["80"], ["100"], ["200"]],
+    "scripts/table12.sh": [["prepare"], ["mmdit"], ["mmdit-repa"]],
 }
 # Variables the docs leave to the reader's environment.
 SHELL_VALUES = {"NODE_RANK": "0", "MASTER_ADDR": "10.0.0.1"}

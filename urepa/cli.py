@@ -63,14 +63,19 @@ unit_interval = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 unit_closed = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
-def model_name(text: str) -> str:
-    """A registry name (SiTDown-XL/2, alias SiT↓-XL/2) in its canonical spelling, or a bare
-    class name (SiT, SiTDown) that --model-config sizes. The entry points train and sample
-    class-conditional models: a text-to-image name is refused here, before any work."""
+def any_model_name(text: str) -> str:
+    """A registry name (SiTDown-XL/2, alias SiT↓-XL/2; MMDiT-d24/2 for text-to-image) in its
+    canonical spelling, or a bare class name (SiT, SiTDown, MMDiT) that --model-config sizes."""
     try:
-        name = canonical_name(text)
+        return canonical_name(text)
     except KeyError as err:
         raise argparse.ArgumentTypeError(err.args[0]) from None
+
+
+def model_name(text: str) -> str:
+    """`any_model_name` of a class-conditional model: the commands that take only those
+    refuse a text-to-image name here, before any work."""
+    name = any_model_name(text)
     if name in TEXT_TO_IMAGE_MODELS:
         raise argparse.ArgumentTypeError(
             f"{name} is a text-to-image model (conditioned on caption features); this command "

@@ -5,7 +5,8 @@ is a function of (seed, s) alone:
 
 * data order: epoch e is a permutation of the dataset seeded by (seed, e); step s takes the next
   `global_batch` indices of it (the incomplete tail of an epoch is dropped);
-* per-step draws (training times t, interpolation noise, the VAE posterior sample, label dropout):
+* per-step draws (training times t, interpolation noise, the VAE posterior sample, label dropout,
+  and on a captioned dataset which of its captions each image is shown with):
   counter-based. Every number is a pure function of (seed, step, purpose, position of the sample
   in the global batch, element), so each process computes only its own slice, and the slice of
   positions [a, b) is bit for bit rows [a, b) of the whole global batch's draws (`StepDraws`).
@@ -118,7 +119,7 @@ MIX_MULTIPLIERS = (_int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB))
 UNIT_24 = 2.0**-24  # float32 uniforms are multiples of 2^-24 in [0, 1), as torch.rand's on CPU
 
 # Purposes of the per-step streams (non-zero: SeedSequence ignores trailing zeros of its input).
-DRAW_TIME, DRAW_NOISE, DRAW_POSTERIOR, DRAW_DROP = 1, 2, 3, 4
+DRAW_TIME, DRAW_NOISE, DRAW_POSTERIOR, DRAW_DROP, DRAW_CAPTION = 1, 2, 3, 4, 5
 
 
 def _shift_right(z: Tensor, bits: int) -> Tensor:
@@ -193,6 +194,26 @@ class StepDraws:
         }
 
 
+def caption_choice(seed: int, step: int, positions: Tensor, counts: Tensor) -> Tensor:
+    """(n,) int64: which of its `counts` (n,) captions each image at `positions` of step `step`'s
+    global batch is shown with, uniformly, from its own DRAW_CAPTION stream: floor(u · count)."""
+    u = uniforms(random_words(stream_key(seed, step, DRAW_CAPTION), positions, 1)[:, 0])
+    return torch.minimum((u.double() * counts).long(), counts - 1)
+
+
+def caption_contexts(
+    dataset: Any, seed: int, step: int, indices: Tensor, start: int, drop: Tensor
+) -> Tensor:
+    """(b, L, D) float16 text features of dataset samples `indices` at positions [start, start +
+    b) of step `step`: one caption drawn per image (`caption_choice`); where `drop` (the step's
+    label-dropout draws), the empty caption's features instead, the null condition of
+    classifier-free guidance (U-ViT's and REPA's caption dropout)."""
+    positions = torch.arange(start, start + len(indices))
+    choice = caption_choice(seed, step, positions, dataset.caption_counts(indices))
+    contexts = dataset.read_contexts(indices, choice)  # (b, L, D)
+    return torch.where(drop[:, None, None], dataset.empty_context, contexts)
+
+
 def draws_mismatch(saved: dict[str, Any]) -> str | None:
     """Why a checkpoint whose data position is `saved` cannot continue its run exactly with
     this code's draws (None: it can)."""
@@ -228,6 +249,7 @@ class TrainingBatches(Dataset):
     """Item k is this process's micro-batch k % A of step k // A, as a dict:
 
     x (b, C, h, w) latents, y (b,) labels, t (b,), noise (b, C, h, w), drop (b,) bool,
+    context (b, L, D) fp16 caption features after dropout (a captioned dataset only),
     features [(b, T, D) fp16 per encoder], pixels (b, 3, H, W) uint8 (online-encoder mode),
     indices (b,) dataset indices, step (int).
 
@@ -275,4 +297,8 @@ class TrainingBatches(Dataset):
         }
         if "pixels" in samples:
             batch["pixels"] = samples["pixels"]
+        if getattr(self.dataset, "captioned", False):
+            batch["context"] = caption_contexts(
+                self.dataset, self.plan.seed, step, indices, local.start, draws["drop"]
+            )
         return batch

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from models import MODEL_CLASSES, PROJECTOR_FIELDS, build_model
+from models import MODEL_CLASSES, PROJECTOR_FIELDS, TEXT_TO_IMAGE_MODELS, build_model
 from models.base import AlignedDiffusionTransformer
 from urepa.checkpoints import TrainingError
 from urepa.encoders import encoder_dim, encoder_grid
@@ -66,6 +66,14 @@ def model_arguments(settings: ModelSettings, input_size: int, num_classes: int) 
     return {**kwargs, **settings.model_config}
 
 
+def text_to_image_arguments(kwargs: dict[str, Any], context_dim: int) -> dict[str, Any]:
+    """A text-to-image model's arguments from `model_arguments`'s: the caption features' width
+    (given only where it differs from CLIP ViT-L/14's 768) in place of the label's classes and
+    dropout (caption dropout is the data's: `data_plan.caption_contexts`)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "class_dropout_prob")}
+    return {**kwargs, **({"context_dim": context_dim} if context_dim != 768 else {})}
+
+
 def create_model(
     settings: ModelSettings,
     dataset: Any,
@@ -77,6 +85,8 @@ def create_model(
     Initialised from --seed, so every process and every run with that seed starts alike.
     Refused first if it cannot fit `device` (trained by `processes`)."""
     kwargs = model_arguments(settings, sample["moments"].shape[-1], dataset.num_classes)
+    if settings.model in TEXT_TO_IMAGE_MODELS:
+        kwargs = text_to_image_arguments(kwargs, dataset.context_dim)
     kwargs = {**data_geometry(settings, dataset.manifest), **kwargs}
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(settings.seed)  # the model is built on the CPU

@@ -9,7 +9,7 @@ it lands in or its place there (see `generate.py`'s docstring for the full contr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -26,6 +26,7 @@ from samplers import (
     euler_maruyama_sampler,
     euler_sampler,
 )
+from urepa.captions import ContextTable
 from urepa.settings import SamplerSettings, SamplingSpeed
 from urepa.speed import prepare_model_for_sampling
 from urepa.utils import InputError, hash_seed
@@ -146,6 +147,24 @@ def sampling_model(
     return cast(AlignedModel, prepared)
 
 
+# A text-to-image run's conditioning: sample indices -> (their caption features (n, L, D), the
+# empty caption's (L, D)).
+CaptionFeatures = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def captioned_batch(
+    model: AlignedModel, inputs: BatchInputs, captions: CaptionFeatures, device: torch.device
+) -> tuple[AlignedModel, BatchInputs]:
+    """The model and inputs of a text-to-image batch: row k is conditioned on sample k's
+    caption (padding rows on the empty one), guided by the empty caption (`ContextTable`)."""
+    contexts, empty = captions(inputs.indices)
+    padding = len(inputs.z) - len(contexts)
+    contexts = torch.cat([contexts, empty.expand(padding, *empty.shape).to(contexts)])
+    table = ContextTable(model, contexts.to(device, torch.float32), empty.to(device))
+    y = torch.arange(len(inputs.z))
+    return cast(AlignedModel, table), BatchInputs(inputs.indices, y, inputs.z, inputs.noises)
+
+
 def generate_latents(
     model: AlignedModel,
     latent_shape: tuple[int, int, int],
@@ -153,16 +172,18 @@ def generate_latents(
     settings: SamplerSettings,
     labels: torch.Tensor | None,
     device: torch.device,
+    captions: CaptionFeatures | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(indices, float64 latents) of `todo` in batches of --per-proc-batch-size. A background
-    thread draws each batch's inputs while the previous batch samples."""
+    thread draws each batch's inputs while the previous batch samples. With `captions`, the
+    model is conditioned on each sample's caption instead of a label."""
     size = settings.per_proc_batch_size
     batches = [todo[start : start + size] for start in range(0, len(todo), size)]
     draw = partial(
         draw_inputs,
         settings=settings,
         labels=labels,
-        num_classes=model.num_classes,
+        num_classes=1 if captions is not None else model.num_classes,
         shape=latent_shape,
         pin=device.type == "cuda",
     )
@@ -172,4 +193,8 @@ def generate_latents(
             inputs = pending.pop().result()
             if k + 1 < len(batches):
                 pending.append(pool.submit(draw, batches[k + 1]))
-            yield indices, sample_batch(model, inputs, settings, device)
+            if captions is None:
+                yield indices, sample_batch(model, inputs, settings, device)
+            else:
+                batch_model, inputs = captioned_batch(model, inputs, captions, device)
+                yield indices, sample_batch(batch_model, inputs, settings, device)

@@ -594,6 +594,18 @@ class ShardReader:
             else:
                 out[group] = self._map(modality, shard)[rows]
 
+    def read_items(self, name: str, indices: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Item `items[k]` of sample `indices[k]` of modality `name`, (len(indices), *shape[1:]):
+        one entry of a per-sample list (a caption's features) without reading the others."""
+        modality = self._by_name[name]
+        out = np.empty((len(indices), *modality.shape[1:]), dtype=modality.dtype)
+        shard_of = np.searchsorted(self.starts, indices, side="right") - 1
+        for shard in np.unique(shard_of):
+            group = np.flatnonzero(shard_of == shard)
+            rows = indices[group] - self.starts[shard]
+            out[group] = self._map(modality, int(shard))[rows, items[group]]
+        return out
+
     def read_all(self, name: str) -> np.ndarray:
         """A whole modality, concatenated over shards (for small ones such as labels)."""
         modality = self._by_name[name]

@@ -24,7 +24,9 @@ measures the generator, not the measurement.
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,6 +144,46 @@ def write_dataset(root: str, per_class: int, size: int = 64, seed: int = 0) -> i
                 image = Image.fromarray(draw(label, index, size, seed))
                 atomic_write(path, functools.partial(image.save, format="PNG"), durable=False)
     return NUM_CLASSES * per_class
+
+
+def toy_captions(label: int, index: int) -> list[str]:
+    """Captions of image `index` of class `label`: one to three phrasings of its colour and
+    shape, as COCO gives several per image (their number varies)."""
+    shape, colour = CLASSES[label]
+    phrasings = [f"a {colour} {shape}", f"A {shape} that is {colour}.", f"{colour} {shape} on grey"]
+    return phrasings[: 1 + (label + index) % 3]
+
+
+def write_caption_dataset(
+    root: str, per_class: int, size: int = 64, seed: int = 0
+) -> tuple[str, str]:
+    """The toy shapes in MS-COCO's layout, for the text-to-image path: `root/images/` holding
+    `{label}_{index:05d}.png` and `root/captions.json` (COCO's captions format, `toy_captions`).
+    Returns (image folder, captions file), the `--source` and `--captions` of prepare.py."""
+    images_dir = os.path.join(root, "images")
+    entries: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    os.makedirs(images_dir, exist_ok=True)
+    for label in range(NUM_CLASSES):
+        for index in range(per_class):
+            name, image_id = f"{label}_{index:05d}.png", len(entries)
+            path = os.path.join(images_dir, name)
+            if not os.path.exists(path):
+                image = Image.fromarray(draw(label, index, size, seed))
+                atomic_write(path, functools.partial(image.save, format="PNG"), durable=False)
+            entries.append({"id": image_id, "file_name": name})
+            for caption in toy_captions(label, index):
+                annotations.append(
+                    {"id": len(annotations), "image_id": image_id, "caption": caption}
+                )
+    captions_file = os.path.join(root, "captions.json")
+    coco = json.dumps({"images": entries, "annotations": annotations})
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(coco)
+
+    atomic_write(captions_file, write, durable=False)
+    return images_dir, captions_file
 
 
 # --------------------------------------------------------------------------------------------

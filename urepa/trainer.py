@@ -37,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from loss import SILoss
 from models.base import AlignedDiffusionTransformer
 from samplers import VelocityOnly, euler_sampler
+from urepa.captions import ContextTable
 from urepa.checkpoints import (
     TrainingError,
     checkpoint_state,
@@ -287,6 +288,11 @@ def accumulate_gradients(
 
 def micro_batch_losses(trainer: Trainer, batch: dict[str, Any]) -> dict[str, Tensor]:
     """The loss terms of Eq. 5 on one micro-batch, with the step's draws (t, noise, dropout)."""
+    if "context" in batch:  # text-to-image: caption features, dropout already applied
+        return trainer.loss_fn(
+            trainer.model, batch["x"], batch["context"].float(), alignment_targets(trainer, batch),
+            t=batch["t"], noise=batch["noise"],
+        )  # fmt: skip
     return trainer.loss_fn(
         trainer.model,
         batch["x"],
@@ -632,6 +638,8 @@ class Previews:
 
     trainer: Trainer
     vae: Any  # LatentAutoencoder, on the main process only
+    # A text-to-image run's (captions (n, L, D), empty caption (L, D)): image k shows caption k.
+    captions: tuple[Tensor, Tensor] | None = None
     noise: Tensor = field(init=False)
     labels: Tensor = field(init=False)
 
@@ -640,9 +648,20 @@ class Previews:
         count = schedule.preview_images
         generator = torch.Generator().manual_seed(derive_seed(schedule.seed, SEED_PREVIEW))
         noise = torch.randn(count, *model.latent_shape, generator=generator)
-        labels = torch.randint(model.num_classes, (count,), generator=generator)
+        if self.captions is None:
+            labels = torch.randint(model.num_classes, (count,), generator=generator)
+        else:
+            labels = torch.arange(count) % len(self.captions[0])
         device = self.trainer.accelerator.device
         self.noise, self.labels = noise.to(device), labels.to(device)
+
+    def conditioned_ema(self) -> Any:
+        """The EMA model as the sampler calls it: by label, or by caption (`ContextTable`)."""
+        if self.captions is None:
+            return self.trainer.ema
+        device = self.trainer.accelerator.device
+        contexts, empty = (c.to(device, torch.float32) for c in self.captions)
+        return ContextTable(self.trainer.ema, contexts, empty)
 
     def save(self, path: str) -> Any:
         """Sample (50 Euler steps, CFG 4 if the model has a null class), decode, save a PNG
@@ -651,7 +670,7 @@ class Previews:
         elsewhere)."""
         trainer = self.trainer
         cfg = PREVIEW_CFG_SCALE if trainer.settings.objective.cfg_prob > 0 else 1.0
-        model = VelocityOnly(trainer.ema)  # the projector heads are not needed to sample
+        model = VelocityOnly(self.conditioned_ema())  # the projector heads are not needed
         with trainer.accelerator.autocast():
             latents = euler_sampler(
                 model, self.noise, self.labels, PREVIEW_SAMPLING_STEPS, cfg_scale=cfg

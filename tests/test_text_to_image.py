@@ -1,0 +1,213 @@
+"""Text-to-image on a toy caption set (the toy shapes in MS-COCO's layout, "a red circle"):
+caption draws and dropout, MMDiT training with exact resume, sampling from captions with
+guidance by the empty caption, FID and CLIP score."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from test_train import TIMINGS, assert_states_equal, checkpoint, metrics, optimizer_tensors, run
+
+import generate
+from dataset import LatentDataset
+from evaluations.clip_score import (
+    CLIP_STANDIN,
+    clip_cosines,
+    clip_pixels,
+    clip_scores,
+    standin_clip,
+)
+from evaluations.clip_score import main as clip_main
+from evaluations.clip_score import parse_args as clip_args
+from evaluations.evaluator import evaluate
+from evaluations.inception import TinyInceptionForTests
+from evaluations.inputs import load_reference_statistics
+from evaluations.make_reference import make_reference
+from preprocessing.prepare import main as prepare_main
+from preprocessing.prepare import parse_args as prepare_args
+from urepa import shards
+from urepa.captions import ContextTable, caption_of_sample
+from urepa.data_plan import BatchPlan, StepDraws, TrainingBatches, caption_choice
+from urepa.encoders import ENCODER_STANDIN
+from urepa.text_encoders import TEXT_ENCODER_STANDIN
+from urepa.toy_shapes import NUM_CLASSES, toy_captions, write_caption_dataset
+from urepa.utils import InputError
+
+RES = 32  # 4×4 latents, 2×2 MMDiT tokens at patch 2
+PER_CLASS = 2
+TINY_MMDIT = json.dumps({"depth": 2, "projector_dim": 32})
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def toy_coco(tmp_path_factory) -> tuple[str, str, str]:
+    """The toy caption set, prepared: (image folder, captions file, dataset)."""
+    root = tmp_path_factory.mktemp("toy-coco")
+    images, captions = write_caption_dataset(str(root / "raw"), PER_CLASS, size=RES)
+    dest = str(root / "data")
+    flags = f"--vae tiny-random --enc-type {ENCODER_STANDIN} --resolution {RES} --batch-size 8"
+    flags += f" --num-workers 0 --text-encoder {TEXT_ENCODER_STANDIN}"
+    argv = ["--source", images, "--captions", captions, "--dest", dest, *flags.split()]
+    prepare_main(prepare_args(argv))
+    return images, captions, dest
+
+
+def t2i_argv(data_dir: str, out, exp: str, *extra: str) -> list[str]:
+    """A tiny MMDiT run: 8 images per step, 4 steps, checkpoints every 2."""
+    return [
+        "--data-dir", data_dir, "--output-dir", str(out), "--exp-name", exp,
+        "--model", "MMDiT", "--model-config", TINY_MMDIT, "--encoder-depth", "1",
+        "--enc-type", ENCODER_STANDIN,
+        "--vae", "tiny-random", "--batch-size", "8", "--max-train-steps", "4",
+        "--log-every", "2", "--checkpointing-steps", "2", "--sampling-steps", "0",
+        "--num-workers", "0", "--mixed-precision", "no", *extra,
+    ]  # fmt: skip
+
+
+def test_toy_captions_name_each_image_colour_and_shape(toy_coco):
+    dataset = LatentDataset(toy_coco[2])
+    texts = dataset.caption_texts()
+    assert len(texts) == NUM_CLASSES * PER_CLASS
+    expected = sorted(
+        (f"{label}_{index:05d}.png", toy_captions(label, index))
+        for label in range(NUM_CLASSES)
+        for index in range(PER_CLASS)
+    )
+    assert texts == [captions for _, captions in expected]
+    assert "a red circle" in texts[0]
+
+
+def test_each_image_gets_one_drawn_caption_or_the_empty_one(toy_coco):
+    """The context rows of a micro-batch, against an independent read of every caption's
+    features: caption floor(u · count) of its image, or the empty caption where dropped; the
+    same rows whichever process and micro-batch hold them."""
+    dataset = LatentDataset(toy_coco[2])
+    manifest = dataset.manifest
+    reader = shards.ShardReader(toy_coco[2], manifest, [manifest["captions"]["modality"]])
+    every = torch.from_numpy(reader.read_all(manifest["captions"]["modality"]))  # (N, K, L, D)
+    counts = dataset.caption_counts(torch.arange(len(dataset)))
+    draws = StepDraws(cfg_prob=0.3)
+    whole = TrainingBatches(dataset, BatchPlan(len(dataset), 8, seed=3), draws)
+    halves = [
+        TrainingBatches(dataset, BatchPlan(len(dataset), 8, 1, 2, r, 3), draws) for r in (0, 1)
+    ]
+    chosen = torch.zeros_like(every[:, :, 0, 0], dtype=torch.bool)
+    for step in range(40):
+        batch = whole[step]
+        idx, drop = batch["indices"], batch["drop"]
+        choice = caption_choice(3, step, torch.arange(8), counts[idx])
+        assert bool((choice < counts[idx]).all()) and bool((choice >= 0).all())
+        expected = torch.where(drop[:, None, None], dataset.empty_context, every[idx, choice])
+        assert torch.equal(batch["context"], expected)
+        split = torch.cat([h[step]["context"] for h in halves])
+        assert torch.equal(split, batch["context"])
+        chosen[idx, choice] = True
+    assert bool(chosen.sum(1).eq(counts).all())  # every caption of every image was drawn
+
+
+def test_models_and_datasets_are_matched(toy_coco, data_dir, tmp_path):
+    with pytest.raises(InputError, match="captioned"):
+        run(*t2i_argv(data_dir, tmp_path, "mmdit-on-labels", "--resolution", "64"))
+    with pytest.raises(InputError, match=r"captioned \(text-to-image\) dataset"):
+        sit = '{"hidden_size": 32, "depth": 1, "num_heads": 2}'
+        run(*t2i_argv(toy_coco[2], tmp_path, "sit", "--model", "SiT", "--model-config", sit))
+
+
+def test_mmdit_trains_and_resumes_bitwise(toy_coco, tmp_path):
+    data = toy_coco[2]
+    run(*t2i_argv(data, tmp_path, "straight"))
+    run(*t2i_argv(data, tmp_path, "resumed", "--max-train-steps", "2"))
+    run(*t2i_argv(data, tmp_path, "resumed", "--resume", "auto"))
+    a, b = checkpoint(tmp_path, "straight", 4), checkpoint(tmp_path, "resumed", 4)
+    assert_states_equal(a["model"], b["model"])
+    assert_states_equal(a["ema"], b["ema"])
+    for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
+        assert torch.equal(x, y)
+    # the losses of steps 3-4 (after the resume) are the straight run's: same captions, same draws
+    assert metrics(tmp_path, "straight")[1] | TIMINGS == metrics(tmp_path, "resumed")[1] | TIMINGS
+    before = checkpoint(tmp_path, "straight", 2)["model"]["context_embedder.weight"]
+    assert not torch.equal(a["model"]["context_embedder.weight"], before)  # captions are read
+
+
+def test_context_table_guides_by_the_empty_caption():
+    """Label k < n is caption k, label n the empty caption."""
+    seen = []
+    model = lambda x, t, context, **kw: seen.append(context) or (x, [])  # noqa: E731
+    contexts, empty = torch.randn(3, 5, 4), torch.randn(5, 4)
+    table = ContextTable(model, contexts, empty)
+    assert table.num_classes == 3
+    table(torch.zeros(4, 1), torch.zeros(4), torch.tensor([2, 0, 3, 3]))
+    assert torch.equal(seen[0], torch.stack([contexts[2], contexts[0], empty, empty]))
+
+
+def test_samples_take_images_then_their_next_captions_in_a_fixed_order():
+    counts = torch.tensor([2, 1, 3])
+    images, captions = caption_of_sample(torch.arange(9), counts)
+    assert images.tolist() == [0, 1, 2] * 3
+    assert captions.tolist() == [0, 0, 0, 1, 0, 1, 0, 0, 2]
+    assert np.array_equal(caption_of_sample(torch.tensor([7]), counts)[1], [0])
+
+
+def test_clip_score_is_the_cosine_of_each_pair_scaled():
+    """Batched scores against one pair at a time through CLIP's own feature functions, and a
+    caption that does not fit its image scores differently."""
+    model, tokenizer = standin_clip()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    captions = ["a red circle", "a blue square", "green ring on grey"]
+    batched = clip_cosines(model, tokenizer, images, captions)
+    assert np.array_equal(clip_scores(model, tokenizer, images, captions), 100 * batched.clip(0))
+    for k in range(3):
+        pixels = clip_pixels(images[k : k + 1], 32, torch.device("cpu"))
+        tokens = tokenizer([captions[k]], return_tensors="pt")
+        with torch.no_grad():  # CLIPModel's own forward: normalised image and text embeddings
+            out = model(input_ids=tokens["input_ids"], pixel_values=pixels)
+        expected = float((out.image_embeds * out.text_embeds).sum())
+        assert batched[k] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert not np.allclose(batched, clip_cosines(model, tokenizer, images, captions[::-1]))
+
+
+def test_caption_set_end_to_end_generate_from_captions_and_evaluate(toy_coco, tmp_path):
+    """prepare (fixture) -> train 2 steps -> resume to 4 -> generate 6 images from the set's
+    captions with guidance by the empty caption -> FID against the set's reference and CLIP
+    score; the samples follow the captions' fixed order, whatever the batch size."""
+    run(*t2i_argv(toy_coco[2], tmp_path, "t2i", "--max-train-steps", "2"))
+    run(*t2i_argv(toy_coco[2], tmp_path, "t2i", "--resume", "auto", "--sampling-steps", "4",
+                  "--preview-images", "4"))  # fmt: skip
+    assert (tmp_path / "t2i" / "samples" / "0000004.png").exists()  # previews by caption
+    ckpt = str(tmp_path / "t2i" / "checkpoints" / "0000004.pt")
+
+    def sample(name: str, batch: int) -> str:
+        generate.main(generate.parse_args([
+            "--ckpt", ckpt, "--sample-dir", str(tmp_path / name), "--captions-from", toy_coco[2],
+            "--mode", "ode", "--num-steps", "3", "--cfg-scale", "2.0", "--guidance-high", "0.7",
+            "--num-fid-samples", "6", "--per-proc-batch-size", str(batch),
+        ]))  # fmt: skip
+        return str(tmp_path / f"{name}.npz")
+
+    npz = sample("coco", 4)
+    assert np.array_equal(np.load(npz)["arr_0"], np.load(sample("other-batch", 6))["arr_0"])
+    captions = json.loads((tmp_path / "coco.captions.json").read_text())
+    assert captions == [texts[0] for texts in LatentDataset(toy_coco[2]).caption_texts()[:6]]
+    ref = str(tmp_path / "ref.npz")
+    make_reference(toy_coco[0], ref, TinyInceptionForTests(), resolution=RES)
+    net = TinyInceptionForTests()
+    with pytest.warns(UserWarning, match="fewer than 50000"):
+        metrics_ = evaluate(load_reference_statistics(ref, net.pool_dim, net.spatial_dim), ref,
+                            npz, net)  # fmt: skip
+    assert np.isfinite(metrics_["fid"]) and metrics_["fid"] > 0
+    score = clip_main(clip_args([npz, "--clip", CLIP_STANDIN]))
+    assert 0 <= score <= 100
+    with pytest.raises(InputError, match="--captions-from"):
+        generate.main(generate.parse_args(["--ckpt", ckpt, "--sample-dir", str(tmp_path / "x"),
+                                           "--num-fid-samples", "2"]))  # fmt: skip
