@@ -91,9 +91,10 @@ def test_a_terminal_shows_a_progress_bar_and_a_pipe_does_not(tmp_path):
     """tqdm draws only when stderr is a terminal (here a pseudo-terminal)."""
     code = (
         "import types\nfrom urepa import trainer\n"
-        "args = types.SimpleNamespace(max_train_steps=5)\n"
+        "schedule = types.SimpleNamespace(max_train_steps=5)\n"
+        "settings = types.SimpleNamespace(schedule=schedule)\n"
         "main = types.SimpleNamespace(is_main_process=True)\n"
-        "state = types.SimpleNamespace(args=args, step=2, accelerator=main)\n"
+        "state = types.SimpleNamespace(settings=settings, step=2, accelerator=main)\n"
         "with trainer.progress_bar(state) as bar:\n"
         "    bar.update()\n"
         "    print('disabled' if bar.disable else 'shown')\n"
