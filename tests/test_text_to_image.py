@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ from urepa import shards
 from urepa.captions import ContextTable, caption_of_sample
 from urepa.data_plan import BatchPlan, StepDraws, TrainingBatches, caption_choice
 from urepa.encoders import ENCODER_STANDIN
+from urepa.prompts import recorded_text_encoder
 from urepa.text_encoders import TEXT_ENCODER_STANDIN
 from urepa.toy_shapes import NUM_CLASSES, toy_captions, write_caption_dataset
 from urepa.utils import InputError
@@ -170,6 +172,16 @@ def test_mmdit_killed_then_resumed_equals_a_straight_run_bitwise(
     assert metrics(out, "straight")[1] | TIMINGS == metrics(tmp_path, "killed")[1] | TIMINGS
     before = checkpoint(out, "straight", 2)["model"]["context_embedder.weight"]
     assert not torch.equal(a["model"]["context_embedder.weight"], before)  # captions are read
+
+
+def test_the_text_encoder_of_the_captions_is_found_for_sample_py(toy_coco, straight):
+    """train.py records it in the run's flags; a checkpoint without it: its --data-dir's
+    manifest; neither: a one-line refusal."""
+    assert straight[1]["args"]["text_encoder"] == TEXT_ENCODER_STANDIN
+    older = SimpleNamespace(checkpoint_args={"data_dir": toy_coco[2]})
+    assert recorded_text_encoder(older) == TEXT_ENCODER_STANDIN
+    with pytest.raises(InputError, match="names no text encoder and its dataset"):
+        recorded_text_encoder(SimpleNamespace(checkpoint_args={"data_dir": "/nonexistent"}))
 
 
 def test_context_table_guides_by_the_empty_caption():
