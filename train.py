@@ -477,6 +477,8 @@ def setup(
     """Data, encoders, model, EMA, optimiser, objective; then the checkpoint to resume, if any."""
     dataset = open_dataset(args)
     check_model_matches_data(args.model, dataset.captioned, args.data_dir)
+    if dataset.captioned:  # in the checkpoints' flags: sample.py --prompts encodes with it
+        args.text_encoder = dataset.manifest["captions"]["text_encoder"]
     if dataset.captioned and args.eval_every > 0:
         raise TrainingError(
             "--eval-every evaluates class-conditional runs only; evaluate a text-to-image run's "

@@ -22,7 +22,7 @@ import share
 import train
 from analysis.__main__ import parse_args as analysis_args
 from bench import compile_speed, data_speed, op_count, sample_speed, train_speed
-from evaluations import evaluator, make_reference
+from evaluations import clip_score, evaluator, make_reference
 from preprocessing import prepare
 from urepa.encoders import encoder_spec
 
@@ -34,6 +34,7 @@ PARSERS: dict[str, Callable[[list[str]], Any]] = {
     "preprocessing/prepare.py": prepare.parse_args,
     "evaluations/evaluator.py": evaluator.parse_args,
     "evaluations/make_reference.py": make_reference.parse_args,
+    "evaluations/clip_score.py": clip_score.parse_args,
     "quickstart.py": quickstart.parse_args,
     "sample.py": sample.parse_args,
     "curves.py": curves.parse_args,

@@ -5,11 +5,15 @@ guidance by the empty caption, FID and CLIP score."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from test_faults import kill_when, start
 from test_train import TIMINGS, assert_states_equal, checkpoint, metrics, optimizer_tensors, run
 
 import generate
@@ -33,6 +37,7 @@ from urepa import shards
 from urepa.captions import ContextTable, caption_of_sample
 from urepa.data_plan import BatchPlan, StepDraws, TrainingBatches, caption_choice
 from urepa.encoders import ENCODER_STANDIN
+from urepa.prompts import recorded_text_encoder
 from urepa.text_encoders import TEXT_ENCODER_STANDIN
 from urepa.toy_shapes import NUM_CLASSES, toy_captions, write_caption_dataset
 from urepa.utils import InputError
@@ -47,6 +52,16 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: on a busy machine, extra threads only wait on each other (a run takes
+    several times longer with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +87,18 @@ def t2i_argv(data_dir: str, out, exp: str, *extra: str) -> list[str]:
         "--log-every", "2", "--checkpointing-steps", "2", "--sampling-steps", "0",
         "--num-workers", "0", "--mixed-precision", "no", *extra,
     ]  # fmt: skip
+
+
+# With --resume auto, the same command starts a run and continues it; previews at step 4.
+PREVIEWS = ("--resume", "auto", "--sampling-steps", "4", "--preview-images", "4")
+
+
+@pytest.fixture(scope="module")
+def straight(toy_coco, tmp_path_factory) -> tuple[str, dict]:
+    """An uninterrupted 4-step MMDiT run: (output dir, its checkpoint of step 4)."""
+    out = tmp_path_factory.mktemp("t2i-runs")
+    run(*t2i_argv(toy_coco[2], out, "straight", *PREVIEWS))
+    return str(out), checkpoint(out, "straight", 4)
 
 
 def test_toy_captions_name_each_image_colour_and_shape(toy_coco):
@@ -123,20 +150,38 @@ def test_models_and_datasets_are_matched(toy_coco, data_dir, tmp_path):
         run(*t2i_argv(toy_coco[2], tmp_path, "sit", "--model", "SiT", "--model-config", sit))
 
 
-def test_mmdit_trains_and_resumes_bitwise(toy_coco, tmp_path):
-    data = toy_coco[2]
-    run(*t2i_argv(data, tmp_path, "straight"))
-    run(*t2i_argv(data, tmp_path, "resumed", "--max-train-steps", "2"))
-    run(*t2i_argv(data, tmp_path, "resumed", "--resume", "auto"))
-    a, b = checkpoint(tmp_path, "straight", 4), checkpoint(tmp_path, "resumed", 4)
+def test_mmdit_killed_then_resumed_equals_a_straight_run_bitwise(
+    toy_coco, straight, tmp_path, monkeypatch
+):
+    """train.py killed (SIGKILL, its whole process group) once checkpoint 2 is written, then the
+    same command with --resume auto: model, EMA, optimiser and the losses after the resume are
+    the straight run's (same captions, same draws)."""
+    out, a = straight
+    cmd = [sys.executable, "train.py", *t2i_argv(toy_coco[2], tmp_path, "killed", *PREVIEWS)]
+    folder = tmp_path / "killed" / "checkpoints"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as this process (see `one_thread`)
+    kill_when(start(cmd), lambda: os.path.exists(folder / "0000002.pt"))
+    assert not os.path.exists(folder / "0000004.pt")  # interrupted between the checkpoints
+    run(*t2i_argv(toy_coco[2], tmp_path, "killed", *PREVIEWS))  # the same command, resumed
+    b = checkpoint(tmp_path, "killed", 4)
     assert_states_equal(a["model"], b["model"])
     assert_states_equal(a["ema"], b["ema"])
     for x, y in zip(optimizer_tensors(a), optimizer_tensors(b), strict=True):
         assert torch.equal(x, y)
-    # the losses of steps 3-4 (after the resume) are the straight run's: same captions, same draws
-    assert metrics(tmp_path, "straight")[1] | TIMINGS == metrics(tmp_path, "resumed")[1] | TIMINGS
-    before = checkpoint(tmp_path, "straight", 2)["model"]["context_embedder.weight"]
+    assert [row["step"] for row in metrics(tmp_path, "killed")] == [2, 4]
+    assert metrics(out, "straight")[1] | TIMINGS == metrics(tmp_path, "killed")[1] | TIMINGS
+    before = checkpoint(out, "straight", 2)["model"]["context_embedder.weight"]
     assert not torch.equal(a["model"]["context_embedder.weight"], before)  # captions are read
+
+
+def test_the_text_encoder_of_the_captions_is_found_for_sample_py(toy_coco, straight):
+    """train.py records it in the run's flags; a checkpoint without it: its --data-dir's
+    manifest; neither: a one-line refusal."""
+    assert straight[1]["args"]["text_encoder"] == TEXT_ENCODER_STANDIN
+    older = SimpleNamespace(checkpoint_args={"data_dir": toy_coco[2]})
+    assert recorded_text_encoder(older) == TEXT_ENCODER_STANDIN
+    with pytest.raises(InputError, match="names no text encoder and its dataset"):
+        recorded_text_encoder(SimpleNamespace(checkpoint_args={"data_dir": "/nonexistent"}))
 
 
 def test_context_table_guides_by_the_empty_caption():
@@ -177,15 +222,14 @@ def test_clip_score_is_the_cosine_of_each_pair_scaled():
     assert not np.allclose(batched, clip_cosines(model, tokenizer, images, captions[::-1]))
 
 
-def test_caption_set_end_to_end_generate_from_captions_and_evaluate(toy_coco, tmp_path):
-    """prepare (fixture) -> train 2 steps -> resume to 4 -> generate 6 images from the set's
-    captions with guidance by the empty caption -> FID against the set's reference and CLIP
-    score; the samples follow the captions' fixed order, whatever the batch size."""
-    run(*t2i_argv(toy_coco[2], tmp_path, "t2i", "--max-train-steps", "2"))
-    run(*t2i_argv(toy_coco[2], tmp_path, "t2i", "--resume", "auto", "--sampling-steps", "4",
-                  "--preview-images", "4"))  # fmt: skip
-    assert (tmp_path / "t2i" / "samples" / "0000004.png").exists()  # previews by caption
-    ckpt = str(tmp_path / "t2i" / "checkpoints" / "0000004.pt")
+def test_caption_set_end_to_end_generate_from_captions_and_evaluate(toy_coco, straight, tmp_path):
+    """prepare, train 4 steps (fixtures; killed and resumed: the test above) -> generate 6 images
+    from the set's captions with guidance by the empty caption -> FID against the set's
+    reference and CLIP score; the samples follow the captions' fixed order, whatever the batch
+    size."""
+    run_dir = os.path.join(straight[0], "straight")
+    assert os.path.exists(os.path.join(run_dir, "samples", "0000004.png"))  # previews by caption
+    ckpt = os.path.join(run_dir, "checkpoints", "0000004.pt")
 
     def sample(name: str, batch: int) -> str:
         generate.main(generate.parse_args([

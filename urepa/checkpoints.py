@@ -869,6 +869,8 @@ RESUMABLE_CHANGES = frozenset(
         "eval_every", "eval_samples", "eval_ref", "eval_preset", "eval_num_steps",
         "eval_batch_size", "eval_fd_dinov2", "inception_weights", "dinov2_weights",
         "eval_standins_for_tests",
+        # a captioned dataset's text encoder, recorded by train.py: the dataset's identity holds it
+        "text_encoder",
     }
 )  # fmt: skip
 
