@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_FUNCTION_LINES = 60
 # Entry points: run from the command line, import components, imported by nothing but tests,
 # other entry points and bench/.
-SCRIPTS = {"train", "generate", "quickstart", "preprocessing.prepare", "curves"}
+SCRIPTS = {"train", "generate", "sample", "share", "quickstart", "curves", "preprocessing.prepare"}
 # Components: what the entry points are built from.
 COMPONENTS = [
     "urepa", "models", "loss.py", "samplers.py", "dataset.py", "preprocessing/sources.py",
@@ -254,7 +254,7 @@ ENTRY_POINT_FLAGS = {"train": {"parse_args", "take_from_dataset"}, "generate": {
 
 @pytest.mark.parametrize("package", ["urepa", "bench"])
 def test_the_library_and_the_benchmarks_import_no_entry_point(package):
-    entry_points = {"train", "generate", "quickstart", "curves", "sample"}
+    entry_points = SCRIPTS
     for path in (p for p in python_files() if p.startswith(package + "/")):
         for node in ast.walk(parse(path)):
             if isinstance(node, ast.Import):
