@@ -55,7 +55,13 @@ from tqdm import tqdm
 from dataset import LatentDataset
 from models.base import AlignedDiffusionTransformer
 from models.layers import sdpa_backend
-from urepa.captions import dataset_captions, dataset_contexts, is_text_to_image
+from urepa.captions import (
+    CaptionFeatures,
+    caption_features,
+    dataset_captions,
+    is_text_to_image,
+    open_caption_set,
+)
 from urepa.checkpoints import trained_vae
 from urepa.cli import (
     DefaultsHelpFormatter,
@@ -75,7 +81,6 @@ from urepa.hub import load_pretrained
 from urepa.sampling import (
     PIXELS,
     SAMPLE_SEED,
-    CaptionFeatures,
     balanced_labels,
     generate_latents,
     sampling_model,
@@ -83,7 +88,7 @@ from urepa.sampling import (
     to_uint8,
 )
 from urepa.settings import PRESETS, SAMPLING_DEFAULTS, SamplerSettings, SamplingSpeed
-from urepa.shards import DatasetError, dataset_identity
+from urepa.shards import dataset_identity
 from urepa.speed import report_compile_times
 from urepa.utils import (
     InputError,
@@ -398,25 +403,7 @@ def open_captions(
             raise InputError(f"--captions-from is for text-to-image models; {args.ckpt} is "
                              "class-conditional")  # fmt: skip
         return None
-    try:
-        dataset = LatentDataset(args.captions_from, encoders=[])
-    except DatasetError as err:
-        raise InputError(str(err)) from err
-    if not dataset.captioned or dataset.context_dim != model.context_dim:
-        raise InputError(
-            f"--captions-from {args.captions_from} must be a captioned dataset with "
-            f"{model.context_dim}-wide caption features (the model's); prepare it with "
-            "preprocessing/prepare.py --captions and the text encoder the model was trained with"
-        )
-    return dataset
-
-
-def caption_features(dataset: LatentDataset) -> CaptionFeatures:
-    """Sample indices -> their captions' features and the empty caption's."""
-    return lambda indices: (
-        dataset_contexts(dataset, torch.tensor(indices, dtype=torch.int64)),
-        dataset.empty_context,
-    )
+    return open_caption_set(args.captions_from, "--captions-from", model)
 
 
 def write_captions(dataset: LatentDataset, num_samples: int, npz_path: str) -> str:

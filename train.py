@@ -75,7 +75,12 @@ from urepa.model_setup import (
     model_arguments,
     text_to_image_arguments,
 )
-from urepa.periodic_eval import PeriodicEvaluation, check_eval_settings, create_evaluation
+from urepa.periodic_eval import (
+    PeriodicEvaluation,
+    check_eval_captions,
+    check_eval_settings,
+    create_evaluation,
+)
 from urepa.run_log import (
     add_log_file,
     close_logger,
@@ -287,6 +292,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-ref", metavar="REF.npz", default=None,
                    help="reference batch: ADM's VIRTUAL_imagenet256_labeled.npz, or one made by "
                         "evaluations/make_reference.py")
+    g.add_argument("--eval-captions-from", metavar="DATA_DIR", default=None,
+                   help="text-to-image runs (required there): the captioned validation set "
+                        "(preprocessing/prepare.py --captions) whose captions the samples take, "
+                        "in generate.py --captions-from's order")
     g.add_argument("--eval-preset", choices=sorted(EVAL_PRESETS), default="ablation",
                    help="sampler: ablation: Euler ODE 50 steps, cfg 1.8 on [0, 0.7]; "
                         "paper-main: SDE 250 steps, cfg 1.65 on [0, 0.7]; no-guidance: SDE 250 "
@@ -479,11 +488,7 @@ def setup(
     check_model_matches_data(args.model, dataset.captioned, args.data_dir)
     if dataset.captioned:  # in the checkpoints' flags: sample.py --prompts encodes with it
         args.text_encoder = dataset.manifest["captions"]["text_encoder"]
-    if dataset.captioned and args.eval_every > 0:
-        raise TrainingError(
-            "--eval-every evaluates class-conditional runs only; evaluate a text-to-image run's "
-            "checkpoints with generate.py --captions-from and evaluations/evaluator.py"
-        )
+    check_eval_captions(EvalSettings.from_flags(vars(args)), dataset.captioned)
     try:
         plan = BatchPlan(
             len(dataset),

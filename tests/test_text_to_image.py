@@ -17,6 +17,7 @@ from test_faults import kill_when, start
 from test_train import TIMINGS, assert_states_equal, checkpoint, metrics, optimizer_tensors, run
 
 import generate
+import train
 from dataset import LatentDataset
 from evaluations.clip_score import (
     CLIP_STANDIN,
@@ -35,9 +36,12 @@ from preprocessing.prepare import main as prepare_main
 from preprocessing.prepare import parse_args as prepare_args
 from urepa import shards
 from urepa.captions import ContextTable, caption_of_sample
+from urepa.checkpoints import TrainingError
 from urepa.data_plan import BatchPlan, StepDraws, TrainingBatches, caption_choice
 from urepa.encoders import ENCODER_STANDIN
+from urepa.periodic_eval import check_eval_captions, eval_captions
 from urepa.prompts import recorded_text_encoder
+from urepa.settings import EVAL_FILE, EvalSettings
 from urepa.text_encoders import TEXT_ENCODER_STANDIN
 from urepa.toy_shapes import NUM_CLASSES, toy_captions, write_caption_dataset
 from urepa.utils import InputError
@@ -255,3 +259,71 @@ def test_caption_set_end_to_end_generate_from_captions_and_evaluate(toy_coco, st
     with pytest.raises(InputError, match="--captions-from"):
         generate.main(generate.parse_args(["--ckpt", ckpt, "--sample-dir", str(tmp_path / "x"),
                                            "--num-fid-samples", "2"]))  # fmt: skip
+
+
+# Evaluation during training of a text-to-image run: 6 samples (the first caption of each toy
+# image's first 6) by the ablation preset with 3 steps, the stand-in Inception.
+def eval_flags(data_dir: str, ref: str) -> list[str]:
+    return ["--eval-every", "2", "--eval-samples", "6", "--eval-batch-size", "4",
+            "--eval-preset", "ablation", "--eval-num-steps", "3", "--eval-ref", ref,
+            "--eval-captions-from", data_dir, "--eval-standins-for-tests"]  # fmt: skip
+
+
+def eval_rows(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, EVAL_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_evaluation_during_training_equals_generate_from_captions_then_the_evaluator(
+    toy_coco, tmp_path
+):
+    """A run evaluated at step 2, then resumed to step 4: the row of step 2 is kept, not redone;
+    step 4's metrics are those of generate.py --captions-from (same seed, preset, captions) on
+    checkpoint 4's EMA, then the evaluator."""
+    ref = str(tmp_path / "ref.npz")
+    make_reference(toy_coco[0], ref, TinyInceptionForTests(), resolution=RES)
+    flags = eval_flags(toy_coco[2], ref)
+    run(*t2i_argv(toy_coco[2], tmp_path, "evaluated", *flags, "--max-train-steps", "2"))
+    first = eval_rows(tmp_path / "evaluated")
+    assert [row["step"] for row in first] == [2]
+    run(*t2i_argv(toy_coco[2], tmp_path, "evaluated", *flags, "--resume", "auto"))
+    rows = eval_rows(tmp_path / "evaluated")
+    assert [row["step"] for row in rows] == [2, 4] and rows[0] == first[0]
+    assert rows[1]["eval_captions"] == os.path.abspath(toy_coco[2])
+    sample_dir = str(tmp_path / "samples")
+    generate.main(generate.parse_args([
+        "--ckpt", str(tmp_path / "evaluated" / "checkpoints" / "0000004.pt"),
+        "--sample-dir", sample_dir, "--captions-from", toy_coco[2], "--preset", "ablation",
+        "--num-steps", "3", "--num-fid-samples", "6", "--per-proc-batch-size", "4",
+        "--global-seed", "0",
+    ]))  # fmt: skip
+    net = TinyInceptionForTests()
+    stats = load_reference_statistics(ref, net.pool_dim, net.spatial_dim)
+    with pytest.warns(UserWarning, match="fewer than 50000"):
+        offline = evaluate(stats, ref, f"{sample_dir}.npz", net)
+    assert rows[0]["fid"] != rows[1]["fid"]  # the EMA moved: the comparison can tell steps apart
+    for key, value in offline.items():
+        assert rows[1][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_evaluation_captions_are_required_for_text_to_image_and_refused_otherwise(
+    toy_coco, tmp_path
+):
+    def settings(*extra: str) -> EvalSettings:
+        argv = t2i_argv(toy_coco[2], tmp_path, "x", "--eval-ref", "ref.npz", *extra)
+        return EvalSettings.from_flags(vars(train.parse_args(argv)))
+
+    captions = ("--eval-captions-from", toy_coco[2])
+    check_eval_captions(settings("--eval-every", "2", *captions), captioned=True)  # accepted
+    with pytest.raises(TrainingError, match="needs --eval-captions-from DATA_DIR"):
+        run(*t2i_argv(toy_coco[2], tmp_path, "no-captions", "--eval-every", "2",
+                      "--eval-ref", "ref.npz"))  # fmt: skip
+    with pytest.raises(TrainingError, match="--eval-captions-from is for --eval-every on a"):
+        check_eval_captions(settings("--eval-every", "2", *captions), captioned=False)
+    with pytest.raises(TrainingError, match="--eval-captions-from is for --eval-every on a"):
+        check_eval_captions(settings(*captions), captioned=True)
+    not_a_dataset = settings("--eval-every", "2", "--eval-captions-from", str(tmp_path))
+    with pytest.raises(InputError, match="--eval-captions-from: "):
+        eval_captions(not_a_dataset, SimpleNamespace(context_dim=8))
+    with pytest.raises(InputError, match="--eval-captions-from .* 3-wide caption features"):
+        eval_captions(settings("--eval-every", "2", *captions), SimpleNamespace(context_dim=3))

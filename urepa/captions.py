@@ -13,13 +13,19 @@ fixed by the dataset alone, whatever the number of processes or the batch size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from dataset import LatentDataset
 from models import TEXT_TO_IMAGE_MODELS
+from urepa.shards import DatasetError
 from urepa.utils import InputError
+
+# Sample indices -> their captions' features (n, L, D) and the empty caption's (L, D).
+CaptionFeatures = Callable[[list[int]], tuple[Tensor, Tensor]]
 
 
 class ContextTable:
@@ -79,3 +85,28 @@ def dataset_captions(dataset: Any, indices: Tensor) -> list[str]:
     counts = torch.tensor([len(t) for t in texts])
     images, captions = caption_of_sample(indices, counts)
     return [texts[i][j] for i, j in zip(images.tolist(), captions.tolist(), strict=True)]
+
+
+def open_caption_set(data_dir: str, flag: str, model: Any) -> LatentDataset:
+    """The captioned dataset that `flag` names, whose caption features must be as wide as the
+    text-to-image `model`'s; anything else is refused in one line."""
+    context_dim = model.context_dim
+    try:
+        dataset = LatentDataset(data_dir, encoders=[])
+    except DatasetError as err:
+        raise InputError(f"{flag}: {err}") from err
+    if not dataset.captioned or dataset.context_dim != context_dim:
+        raise InputError(
+            f"{flag} {data_dir} must be a captioned dataset with "
+            f"{context_dim}-wide caption features (the model's); prepare it with "
+            "preprocessing/prepare.py --captions and the text encoder the model was trained with"
+        )
+    return dataset
+
+
+def caption_features(dataset: LatentDataset) -> CaptionFeatures:
+    """Sample indices -> their captions' features (`dataset_contexts`) and the empty caption's."""
+    return lambda indices: (
+        dataset_contexts(dataset, torch.tensor(indices, dtype=torch.int64)),
+        dataset.empty_context,
+    )

@@ -6,6 +6,8 @@ every --eval-every steps, on every process, written to `eval.jsonl` in the run d
   do not depend on the number of processes or --eval-batch-size (beyond float rounding), and
   every evaluation uses the same noise. `generate.py --global-seed 0 --label-sampling balanced
   --num-fid-samples K` with the same preset samples the same images from a checkpoint's EMA.
+  A text-to-image run conditions sample i on the caption of --eval-captions-from that
+  `captions.caption_of_sample` gives it, as `generate.py --captions-from` does.
 * The metrics are `evaluations/`'s, computed on the main process from the Inception (and DINOv2)
   features of every process, gathered in sample order. No image is written.
 * FID-10K is not FID-50K. With fewer samples FID is biased upwards (roughly like 1/N): a
@@ -50,6 +52,7 @@ from evaluations.metrics import GaussianAccumulator, frechet_distance
 from models.base import AlignedDiffusionTransformer
 from models.summary import count_macs
 from samplers import guidance_active
+from urepa.captions import CaptionFeatures, caption_features, open_caption_set
 from urepa.checkpoints import TrainingError, rng_state, set_rng_state
 from urepa.run_log import append_jsonl, read_jsonl
 from urepa.sampling import balanced_labels, generate_latents, to_uint8
@@ -90,6 +93,19 @@ def check_eval_settings(settings: EvalSettings, cfg_prob: float) -> None:
                          "null class: use --eval-preset no-guidance")  # fmt: skip
 
 
+def check_eval_captions(settings: EvalSettings, captioned: bool) -> None:
+    """A text-to-image run is evaluated on the captions of --eval-captions-from (a validation set
+    prepared with preprocessing/prepare.py --captions); a class-conditional one on its labels."""
+    flag = settings.eval_captions_from
+    if captioned and settings.eval_every and flag is None:
+        raise TrainingError("--eval-every on a captioned dataset needs --eval-captions-from "
+                            "DATA_DIR, a validation set prepared with preprocessing/prepare.py "
+                            "--captions and the training set's text encoder")  # fmt: skip
+    if flag is not None and not (captioned and settings.eval_every):
+        raise TrainingError("--eval-captions-from is for --eval-every on a captioned dataset "
+                            "(text-to-image); drop it")  # fmt: skip
+
+
 def row_settings(settings: EvalSettings) -> dict[str, Any]:
     """What an evaluation's numbers depend on besides the weights; recorded in each row."""
     assert settings.eval_ref is not None  # (check_eval_settings)
@@ -98,7 +114,15 @@ def row_settings(settings: EvalSettings) -> dict[str, Any]:
         "sampler_steps": settings.sampler.num_steps,
         "num_samples": settings.eval_samples,
         "eval_ref": os.path.abspath(settings.eval_ref),
-    }
+    } | caption_row_settings(settings)
+
+
+def caption_row_settings(settings: EvalSettings) -> dict[str, Any]:
+    """The captions of a text-to-image evaluation, in its rows (none for a class-conditional
+    one, whose rows stay as they were)."""
+    if settings.eval_captions_from is None:
+        return {}
+    return {"eval_captions": os.path.abspath(settings.eval_captions_from)}
 
 
 def read_done_steps(run_dir: str, settings: dict[str, Any]) -> set[int]:
@@ -297,22 +321,26 @@ class PeriodicEvaluation:
     nets: FeatureNets
     reference: Reference
     denoiser_macs: int  # forward MACs per image, projector heads left out (sampling skips them)
-    labels: torch.Tensor = field(init=False)
+    captions: CaptionFeatures | None = None  # a text-to-image run's: no labels then
+    labels: torch.Tensor | None = field(init=False)
     done: set[int] = field(init=False)
     seconds_per_mac: float | None = None  # measured by the last evaluation
     clock: tuple[float, int] = field(init=False)  # (time, step) since which training ran alone
 
     def __post_init__(self) -> None:
-        samples, num_classes = self.settings.eval_samples, self.ema.num_classes
-        if samples % num_classes:
-            raise TrainingError(f"--eval-samples {samples} is not a multiple of the "
-                                f"{num_classes} classes (the labels are balanced)")  # fmt: skip
+        samples = self.settings.eval_samples
+        self.labels = None
+        if self.captions is None:  # class-conditional: balanced labels
+            num_classes = self.ema.num_classes
+            if samples % num_classes:
+                raise TrainingError(f"--eval-samples {samples} is not a multiple of the "
+                                    f"{num_classes} classes (the labels are balanced)")  # fmt: skip
+            self.labels = balanced_labels(samples, num_classes, EVAL_SEED)
         # the features of every sample are gathered on the main process (float32, at least)
         per_sample = 4 * sum(self.nets.dims) + 16
         require(f"--eval-samples {samples}", samples * per_sample,
                 available_memory(torch.device("cpu")), "memory for the features of every "
                 "sample", "lower --eval-samples (10000: FID-10K)")  # fmt: skip
-        self.labels = balanced_labels(samples, num_classes, EVAL_SEED)
         row = row_settings(self.settings)
         main = self.accelerator.is_main_process
         done = [read_done_steps(self.run_dir, row) if main else None]
@@ -385,7 +413,7 @@ class PeriodicEvaluation:
         rows = FeatureRows(self.nets)
         try:
             for indices, latents in generate_latents(
-                ema, ema.latent_shape, todo, self.sampler, self.labels, acc.device
+                ema, ema.latent_shape, todo, self.sampler, self.labels, acc.device, self.captions
             ):
                 rows.add(self.nets(to_uint8(self.vae.decode(latents.float()))[: len(indices)]))
         except torch.cuda.OutOfMemoryError as err:
@@ -467,4 +495,14 @@ def create_evaluation(
     reference = Reference.load(settings.eval_ref, nets)
     macs = count_macs(ema, ema.latent_shape[-1], include_projectors=False)
     return PeriodicEvaluation(settings, accelerator, ema, start_step, vae, run_dir, logger,
-                              nets, reference, macs)  # fmt: skip
+                              nets, reference, macs, eval_captions(settings, ema))  # fmt: skip
+
+
+def eval_captions(
+    settings: EvalSettings, ema: AlignedDiffusionTransformer
+) -> CaptionFeatures | None:
+    """The captions of --eval-captions-from, checked against the model (None without it)."""
+    if settings.eval_captions_from is None:
+        return None
+    flag = "--eval-captions-from"
+    return caption_features(open_caption_set(settings.eval_captions_from, flag, ema))

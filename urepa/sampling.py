@@ -9,7 +9,7 @@ it lands in or its place there (see `generate.py`'s docstring for the full contr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +26,7 @@ from samplers import (
     euler_maruyama_sampler,
     euler_sampler,
 )
-from urepa.captions import ContextTable
+from urepa.captions import CaptionFeatures, ContextTable
 from urepa.settings import SamplerSettings, SamplingSpeed
 from urepa.speed import prepare_model_for_sampling
 from urepa.utils import InputError, hash_seed
@@ -145,11 +145,6 @@ def sampling_model(
         model, precision, speed.compile, speed.cuda_graphs and on_gpu, speed.bf16_weights
     )
     return cast(AlignedModel, prepared)
-
-
-# A text-to-image run's conditioning: sample indices -> (their caption features (n, L, D), the
-# empty caption's (L, D)).
-CaptionFeatures = Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def captioned_batch(

@@ -222,6 +222,7 @@ class EvalSettings:
     eval_preset: str
     eval_batch_size: int
     eval_ref: str | None
+    eval_captions_from: str | None  # a text-to-image run's captions (a prepared captioned set)
     eval_fd_dinov2: bool
     inception_weights: str | None
     dinov2_weights: str | None
