@@ -335,12 +335,13 @@ class PeriodicEvaluation:
             if samples % num_classes:
                 raise TrainingError(f"--eval-samples {samples} is not a multiple of the "
                                     f"{num_classes} classes (the labels are balanced)")  # fmt: skip
-            self.labels = balanced_labels(samples, num_classes, EVAL_SEED)
         # the features of every sample are gathered on the main process (float32, at least)
         per_sample = 4 * sum(self.nets.dims) + 16
         require(f"--eval-samples {samples}", samples * per_sample,
                 available_memory(torch.device("cpu")), "memory for the features of every "
                 "sample", "lower --eval-samples (10000: FID-10K)")  # fmt: skip
+        if self.captions is None:  # (after the check of their size)
+            self.labels = balanced_labels(samples, self.ema.num_classes, EVAL_SEED)
         row = row_settings(self.settings)
         main = self.accelerator.is_main_process
         done = [read_done_steps(self.run_dir, row) if main else None]
